@@ -1,0 +1,68 @@
+import dataclasses
+
+import pytest
+
+from kvjax.eviction import PRIORITY_DEFAULT, PrioritizedLRU, check_priority
+
+
+@dataclasses.dataclass(eq=False)
+class Item:
+    name: str
+    priority: int = PRIORITY_DEFAULT
+
+
+def test_lowest_priority_goes_first_then_least_recent():
+    lru = PrioritizedLRU()
+    a, b, c, d = Item("a"), Item("b", 10), Item("c"), Item("d", 90)
+    for item in (a, b, c, d):
+        lru.push(item)
+    lru.check_invariants()
+    assert [item.name for item in lru] == ["b", "a", "c", "d"]
+    assert lru.peek() is b
+    assert [lru.pop().name for _ in range(4)] == ["b", "a", "c", "d"]
+    assert len(lru) == 0
+    with pytest.raises(IndexError):
+        lru.pop()
+
+
+def test_evict_first_pushes_to_the_front_of_its_priority():
+    lru = PrioritizedLRU()
+    a, b, c = Item("a"), Item("b"), Item("c", 0)
+    lru.push(a)
+    lru.push(b, evict_first=True)
+    lru.push(c)
+    assert [item.name for item in lru] == ["c", "b", "a"]
+
+
+def test_remove_keeps_order_of_the_rest_and_membership():
+    lru = PrioritizedLRU()
+    items = [Item(str(i), priority=i % 3) for i in range(9)]
+    for item in items:
+        lru.push(item)
+    lru.remove(items[3])
+    lru.remove(items[0])
+    lru.remove(items[6])  # priority 0 is now empty
+    lru.check_invariants()
+    assert items[3] not in lru and items[4] in lru
+    assert [item.name for item in lru] == ["1", "4", "7", "2", "5", "8"]
+    with pytest.raises(KeyError):
+        lru.remove(items[3])
+    with pytest.raises(ValueError, match="already queued"):
+        lru.push(items[4])
+
+
+def test_pop_many_is_all_or_nothing():
+    lru = PrioritizedLRU()
+    items = [Item(str(i)) for i in range(3)]
+    for item in items:
+        lru.push(item)
+    assert lru.pop_many(4) is None
+    assert len(lru) == 3 and list(lru) == items
+    assert lru.pop_many(2) == items[:2]
+    assert list(lru) == items[2:]
+
+
+@pytest.mark.parametrize("priority", [-1, 101, 1.5, True])
+def test_priorities_outside_range_are_rejected(priority):
+    with pytest.raises(ValueError, match="priority"):
+        check_priority(priority)
