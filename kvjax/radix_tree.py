@@ -1,0 +1,459 @@
+"""Block radix tree: committed blocks of every reuse scope, found again by chained key.
+
+One root per reuse scope; below it each node is a block whose key chains its parent's key with
+its tokens. Interior blocks are full; only leaves may be partial. Matching walks full blocks by key
+(and compares the stored payload, so a hash collision cannot serve wrong KV), then, with partial
+reuse, takes the longest common token prefix among the children of the last matched node. Nodes
+with many children keep them sorted by their tagged payload, so that prefix search is a bisection
+instead of a scan (the original skips it past 32 children).
+
+The tree only knows blocks; `TieredPages` links blocks to pages and frees pages of removed blocks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import enum
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kvjax.keys import (
+    BlockHasher,
+    BlockKey,
+    ReuseScope,
+    Token,
+    block_payloads,
+    decode_payload,
+    encode_block,
+    is_tagged,
+    iter_block_keys,
+    tagged_payload,
+)
+
+if TYPE_CHECKING:
+    from kvjax.pages import Page
+
+__all__ = ["Block", "BlockRadixTree", "InsertOutcome", "InsertResult", "MatchResult", "RootBlock"]
+
+
+class _Node:
+    """Children of a root or block: by key, plus the partial ones and an optional sorted index."""
+
+    __slots__ = ("_index", "_partial", "children", "key")
+
+    def __init__(self, key: BlockKey) -> None:
+        self.key = key
+        self.children: dict[BlockKey, Block] = {}
+        self._partial: dict[BlockKey, Block] | None = None  # partial children, by key
+        self._index: _SortedChildren | None = None
+
+
+class RootBlock(_Node):
+    """The root of one reuse scope; it exists in the tree while it has children."""
+
+    __slots__ = ("is_attached", "scope")
+    ordinal = -1
+    is_full = True
+
+    def __init__(self, scope: ReuseScope) -> None:
+        super().__init__(scope.root_key)
+        self.scope = scope
+        self.is_attached = False
+
+
+class Block(_Node):
+    """One committed block: `num_tokens` tokens (`tokens_per_block` unless it is a partial leaf).
+
+    Attributes:
+        payload: the encoded tokens (see `kvjax.keys.encode_block`).
+        parent: the block or root before it; None once the block left the tree.
+        page: its page on some tier, set by `TieredPages`.
+    """
+
+    __slots__ = ("is_full", "num_tokens", "ordinal", "page", "parent", "payload")
+
+    def __init__(
+        self, key: BlockKey, payload: bytes, num_tokens: int, parent: _Node, is_full: bool
+    ) -> None:
+        super().__init__(key)
+        self.payload = payload
+        self.num_tokens = num_tokens
+        self.parent: _Node | None = parent
+        self.ordinal: int = parent.ordinal + 1
+        self.is_full = is_full
+        self.page: Page | None = None
+
+    @property
+    def is_attached(self) -> bool:
+        return self.parent is not None
+
+    @property
+    def tokens(self) -> list[Token]:
+        return decode_payload(self.payload, self.num_tokens)
+
+    def __repr__(self) -> str:
+        state = "" if self.is_attached else ", detached"
+        return f"Block(#{self.ordinal}, {self.num_tokens} tokens, {self.key[:4].hex()}{state})"
+
+
+class _SortedChildren:
+    """Children ordered by tagged payload: token prefixes are contiguous in this order.
+
+    For a query q, the child with the longest common prefix is next to q's insertion point, and the
+    children that q is a prefix of start right at it.
+    """
+
+    __slots__ = ("blocks", "order_keys")
+
+    def __init__(self, blocks: Sequence[Block]) -> None:
+        pairs = sorted((_order_key(block), block) for block in blocks)
+        self.order_keys = [order_key for order_key, _ in pairs]
+        self.blocks = [block for _, block in pairs]
+
+    def add(self, block: Block) -> None:
+        order_key = _order_key(block)
+        at = bisect.bisect_left(self.order_keys, order_key)
+        self.order_keys.insert(at, order_key)
+        self.blocks.insert(at, block)
+
+    def remove(self, block: Block) -> None:
+        at = bisect.bisect_left(self.order_keys, _order_key(block))
+        assert self.blocks[at] is block, "sorted children out of sync"
+        del self.order_keys[at], self.blocks[at]
+
+    def neighbors(self, order_key: bytes) -> list[Block]:
+        at = bisect.bisect_left(self.order_keys, order_key)
+        return self.blocks[max(at - 1, 0) : at + 1]
+
+    def first_extending(self, order_key: bytes) -> Block | None:
+        at = bisect.bisect_left(self.order_keys, order_key)
+        if at < len(self.order_keys) and self.order_keys[at].startswith(order_key):
+            return self.blocks[at]
+        return None
+
+
+def _order_key(block: Block) -> bytes:
+    return tagged_payload(block.payload, block.num_tokens)
+
+
+def _common_bytes(a: bytes, b: bytes) -> int:
+    size = min(len(a), len(b))
+    if a[:size] == b[:size]:
+        return size
+    low, high = 0, size  # a[:low] == b[:low] and a[:high] != b[:high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def _common_tokens(a: bytes, a_tokens: int, b: bytes, b_tokens: int) -> int:
+    """Length in tokens of the common prefix of two payloads."""
+    if not is_tagged(a, a_tokens) and not is_tagged(b, b_tokens):
+        return _common_bytes(a, b) >> 2
+    common = 0
+    for x, y in zip(decode_payload(a, a_tokens), decode_payload(b, b_tokens), strict=False):
+        if x != y:
+            break
+        common += 1
+    return common
+
+
+class InsertOutcome(enum.Enum):
+    NEW = "new"  # the block entered the tree
+    EXISTING = "existing"  # an identical block was there; use it
+    COVERED = "covered"  # partial, and a sibling already holds these tokens and more: useless
+
+
+@dataclasses.dataclass(frozen=True)
+class InsertResult:
+    """What `insert` did: the block now standing for the tokens, and partial siblings it replaced.
+
+    Replaced blocks have left the tree; the caller releases their pages.
+    """
+
+    block: Block
+    outcome: InsertOutcome
+    replaced: tuple[Block, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchResult:
+    """The reusable prefix: its blocks in order and its length. The last block may be used only
+    in part (a partial match), when `num_tokens` ends before that block does."""
+
+    blocks: tuple[Block, ...]
+    num_tokens: int
+
+
+class BlockRadixTree:
+    """Committed blocks of all reuse scopes.
+
+    Args:
+        tokens_per_block: tokens of a full block.
+        enable_partial_reuse: also match the first mismatching block at token granularity.
+        index_threshold: nodes with more children than this keep a sorted index of them.
+    """
+
+    def __init__(
+        self, tokens_per_block: int, *, enable_partial_reuse: bool = True, index_threshold: int = 8
+    ) -> None:
+        if tokens_per_block < 1:
+            raise ValueError(f"tokens_per_block={tokens_per_block} must be >= 1")
+        self.tokens_per_block = tokens_per_block
+        self.enable_partial_reuse = enable_partial_reuse
+        self.index_threshold = index_threshold
+        self.num_blocks = 0
+        self._roots: dict[BlockKey, RootBlock] = {}
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def root(self, scope: ReuseScope) -> RootBlock | None:
+        """The root of `scope`, or None while no block of it is in the tree."""
+        return self._roots.get(scope.root_key)
+
+    def roots(self) -> list[RootBlock]:
+        return list(self._roots.values())
+
+    def match(self, scope: ReuseScope, tokens: Sequence[Token] | np.ndarray) -> MatchResult:
+        """The longest reusable prefix of `tokens` in `scope`.
+
+        Raises:
+            ValueError: a bad token (see `kvjax.keys.encode_block`).
+        """
+        tpb = self.tokens_per_block
+        payloads = block_payloads(tokens, tpb)
+        node: _Node | None = self._roots.get(scope.root_key)
+        if node is None:
+            return MatchResult((), 0)
+        blocks: list[Block] = []
+        for (payload, count), key in zip(
+            payloads, iter_block_keys(node.key, payloads), strict=True
+        ):
+            if count != tpb:
+                break
+            child = node.children.get(key)
+            if child is None or child.payload != payload:  # a miss, or a hash collision
+                break
+            blocks.append(child)
+            node = child
+        num_tokens = len(blocks) * tpb
+        if len(blocks) < len(payloads) and self.enable_partial_reuse:
+            # The first block that did not match fully (or the query's partial tail): the child
+            # with the longest common prefix, an equal partial leaf included.
+            best, common = self._longest_common_child(node, *payloads[len(blocks)])
+            if best is not None:
+                blocks.append(best)
+                num_tokens += common
+        return MatchResult(tuple(blocks), num_tokens)
+
+    def _longest_common_child(
+        self, node: _Node, payload: bytes, count: int
+    ) -> tuple[Block | None, int]:
+        if node._index is not None:
+            candidates = node._index.neighbors(tagged_payload(payload, count))
+        else:
+            candidates = node.children.values()
+        best, best_common = None, 0
+        for child in candidates:
+            common = _common_tokens(child.payload, child.num_tokens, payload, count)
+            if common > best_common:
+                best, best_common = child, common
+        return best, best_common
+
+    def insert(self, parent: Block | ReuseScope, tokens: Sequence[Token]) -> InsertResult:
+        """Adds the block of `tokens` under `parent` (a block, or a scope for the first block).
+
+        A duplicate returns the existing block; a partial block whose tokens a sibling already
+        starts with is covered (useless); a new block replaces the partial siblings it extends.
+
+        Raises:
+            ValueError: the parent is partial or no longer in the tree, the token count is outside
+                `[1, tokens_per_block]`, or a token is bad.
+        """
+        node = self._parent_node(parent)
+        count = len(tokens)
+        if not 1 <= count <= self.tokens_per_block:
+            raise ValueError(f"a block holds 1 to {self.tokens_per_block} tokens, not {count}")
+        payload = encode_block(tokens)
+        hasher = BlockHasher()
+        key = hasher(node.key, payload, count)
+        existing = node.children.get(key)
+        if existing is not None:
+            if existing.payload != payload:
+                raise RuntimeError(f"blake3 collision between two blocks under key {key.hex()}")
+            return InsertResult(existing, InsertOutcome.EXISTING)
+        is_full = count == self.tokens_per_block
+        if not is_full:
+            covering = self._covering_child(node, payload, count)
+            if covering is not None:
+                return InsertResult(covering, InsertOutcome.COVERED)
+        replaced = self._extended_partials(node, payload, count)
+        for sibling in replaced:
+            self._unlink(sibling)
+            self._detach_subtree(sibling)
+        block = Block(key, payload, count, node, is_full)
+        self._link(node, block)
+        if isinstance(node, RootBlock) and not node.is_attached:
+            node.is_attached = True
+            self._roots[node.key] = node
+        return InsertResult(block, InsertOutcome.NEW, tuple(replaced))
+
+    def _parent_node(self, parent: Block | ReuseScope) -> _Node:
+        if isinstance(parent, ReuseScope):
+            return self._roots.get(parent.root_key) or RootBlock(parent)
+        if not isinstance(parent, Block):
+            raise ValueError(f"parent {parent!r} is neither a Block nor a ReuseScope")
+        if not parent.is_attached:
+            raise ValueError(f"parent {parent!r} is no longer in the tree")
+        if not parent.is_full:
+            raise ValueError(f"parent {parent!r} is partial; only leaves may be partial")
+        return parent
+
+    def _covering_child(self, node: _Node, payload: bytes, count: int) -> Block | None:
+        if node._index is not None:
+            return node._index.first_extending(tagged_payload(payload, count))
+        for child in node.children.values():
+            if (
+                child.num_tokens > count
+                and _common_tokens(child.payload, child.num_tokens, payload, count) == count
+            ):
+                return child
+        return None
+
+    def _extended_partials(self, node: _Node, payload: bytes, count: int) -> list[Block]:
+        """Partial children whose tokens are a proper prefix of the new block's."""
+        partial = node._partial
+        if not partial:
+            return []
+        if len(partial) < count:
+            candidates = list(partial.values())
+        else:  # many partial siblings: look up each proper prefix by key instead
+            tokens = decode_payload(payload, count)
+            hasher = BlockHasher()
+            candidates = []
+            for length in range(1, count):
+                prefix = encode_block(tokens[:length])
+                found = partial.get(hasher(node.key, prefix, length))
+                if found is not None:
+                    candidates.append(found)
+        return [
+            child
+            for child in candidates
+            if child.num_tokens < count
+            and _common_tokens(child.payload, child.num_tokens, payload, count) == child.num_tokens
+        ]
+
+    def _link(self, node: _Node, block: Block) -> None:
+        node.children[block.key] = block
+        if not block.is_full:
+            if node._partial is None:
+                node._partial = {}
+            node._partial[block.key] = block
+        if node._index is not None:
+            node._index.add(block)
+        elif len(node.children) > self.index_threshold:
+            node._index = _SortedChildren(list(node.children.values()))
+        self.num_blocks += 1
+
+    def _unlink(self, block: Block) -> None:
+        node = block.parent
+        del node.children[block.key]
+        if not block.is_full:
+            del node._partial[block.key]
+        if node._index is not None:
+            node._index.remove(block)
+        if isinstance(node, RootBlock) and not node.children:
+            del self._roots[node.key]
+            node.is_attached = False
+
+    def _detach_subtree(self, block: Block) -> list[Block]:
+        removed = []
+        stack = [block]
+        while stack:
+            current = stack.pop()
+            removed.append(current)
+            stack.extend(reversed(current.children.values()))
+            current.children = {}
+            current._partial = current._index = None
+            current.parent = None
+        self.num_blocks -= len(removed)
+        return removed
+
+    def remove(self, block: Block) -> list[Block]:
+        """Takes `block` and its subtree out of the tree (their prefix can no longer be served).
+
+        Returns:
+            The removed blocks, `block` first, then its descendants depth first.
+        """
+        if not block.is_attached:
+            raise ValueError(f"{block!r} is not in the tree")
+        self._unlink(block)
+        return self._detach_subtree(block)
+
+    def clear(self) -> list[Block]:
+        """Removes every block; returns them."""
+        removed = []
+        for root in list(self._roots.values()):
+            for child in list(root.children.values()):
+                removed += self.remove(child)
+        return removed
+
+    def iter_blocks(self) -> Iterator[Block]:
+        """Every block in the tree, parents before children."""
+        stack: list[_Node] = list(self._roots.values())
+        while stack:
+            node = stack.pop()
+            if isinstance(node, Block):
+                yield node
+            stack.extend(node.children.values())
+
+    def check_invariants(self) -> None:
+        """Raises `AssertionError` on a broken link, key, index, count or insertion rule."""
+        count = 0
+        for root_key, root in self._roots.items():
+            assert root.key == root_key == root.scope.root_key, "root filed under a wrong key"
+            assert root.is_attached and root.children, "an empty or detached root stayed"
+        hasher = BlockHasher()
+        stack: list[_Node] = list(self._roots.values())
+        while stack:
+            node = stack.pop()
+            self._check_children(node, hasher)
+            count += len(node.children)
+            stack.extend(node.children.values())
+        assert count == self.num_blocks, f"num_blocks={self.num_blocks}, tree holds {count}"
+
+    def _check_children(self, node: _Node, hasher: BlockHasher) -> None:
+        tpb = self.tokens_per_block
+        for key, child in node.children.items():
+            assert child.parent is node and child.key == key, f"{child!r} linked wrongly"
+            assert child.ordinal == node.ordinal + 1, f"{child!r} has a wrong ordinal"
+            assert 1 <= child.num_tokens <= tpb and child.is_full == (child.num_tokens == tpb)
+            assert key == hasher(node.key, child.payload, child.num_tokens), f"{child!r} key"
+            assert child.is_full or not child.children, f"partial {child!r} has children"
+        partial = {key: child for key, child in node.children.items() if not child.is_full}
+        assert partial == (node._partial or {}), "partial children index out of sync"
+        if len(node.children) > self.index_threshold:
+            assert node._index is not None, "a large node lacks its sorted index"
+        if node._index is not None:
+            assert node._index.order_keys == sorted(node._index.order_keys), "index unsorted"
+            assert {id(block) for block in node._index.blocks} == {
+                id(child) for child in node.children.values()
+            }, "index names other blocks than the children"
+        for leaf in partial.values():
+            for sibling in node.children.values():
+                covers = sibling is not leaf and sibling.num_tokens > leaf.num_tokens
+                assert not (
+                    covers
+                    and _common_tokens(
+                        sibling.payload, sibling.num_tokens, leaf.payload, leaf.num_tokens
+                    )
+                    == leaf.num_tokens
+                ), f"partial {leaf!r} is covered by sibling {sibling!r}"
