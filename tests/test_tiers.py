@@ -1,0 +1,251 @@
+import pytest
+
+from kvjax import BlockRadixTree, InsertOutcome, PageMove, PageStatus, ReuseScope, Tier, TieredPages
+
+DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
+SCOPE = ReuseScope()
+
+
+def make(tpb=1, device=4, host=0, disk=0):
+    return TieredPages(BlockRadixTree(tpb), device, host, disk)
+
+
+def commit_chain(pool, pages, tokens):
+    """Commits `tokens` block by block into `pages` like a cache; returns the blocks."""
+    tpb, parent, blocks = pool.tree.tokens_per_block, SCOPE, []
+    for page, start in zip(pages, range(0, len(tokens), tpb), strict=True):
+        result = pool.commit(page, parent, tokens[start : start + tpb])
+        assert result.outcome is InsertOutcome.NEW
+        parent = result.block
+        blocks.append(parent)
+    pool.check_invariants()
+    return blocks
+
+
+def close(pool, pages):
+    """Releases pages last to first, as a closing cache does, so leaves are evicted first."""
+    for page in reversed(pages):
+        pool.unlock(page)
+        pool.release(page)
+    pool.check_invariants()
+
+
+def ids(pages):
+    return [page.page_id for page in pages]
+
+
+def state(pool):
+    return (
+        {tier: (pool.num_free(tier), ids(pool.eviction_order(tier))) for tier in pool.tiers},
+        len(pool.tree),
+        pool.num_dropped_blocks,
+    )
+
+
+def test_committed_pages_stay_cached_and_leaves_are_dropped_first():
+    pool = make(tpb=2, device=5)
+    pages = pool.allocate(3)
+    assert ids(pages) == [1, 2, 3]
+    assert all(page.status is PageStatus.LOCKED for page in pages)
+    commit_chain(pool, pages, [1, 2, 3, 4, 5])
+    close(pool, pages)
+    assert all(page.status is PageStatus.DROPPABLE for page in pages)
+    assert ids(pool.eviction_order(DEVICE)) == [3, 2, 1]
+    assert ids(pool.allocate(2)) == [4, 3]  # page 3 (the partial leaf) was dropped
+    assert pool.num_dropped_blocks == 1
+    assert pool.tree.match(SCOPE, [1, 2, 3, 4, 5]).num_tokens == 4
+    pool.check_invariants()
+
+
+def test_dropping_a_block_frees_its_subtree_in_order():
+    pool = make(tpb=2, device=5)
+    pages = pool.allocate(3)
+    commit_chain(pool, pages, [1, 2, 3, 4, 5])
+    for page in pages:  # released first to last: the root block is the oldest
+        pool.unlock(page)
+        pool.release(page)
+    assert ids(pool.allocate(2)) == [4, 1]  # dropping block 0 freed pages 1, 2, 3 in that order
+    assert pool.num_dropped_blocks == 3 and len(pool.tree) == 0
+    assert pool.num_free(DEVICE) == 2
+    pool.check_invariants()
+
+
+def test_eviction_cascades_device_to_host_to_disk_with_ordered_moves():
+    pool = make(tpb=1, device=4, host=2, disk=2)
+    pages = pool.allocate(3)
+    blocks = commit_chain(pool, pages, [10, 11, 12])
+    close(pool, pages)
+    first = pool.allocate(1)
+    assert ids(first) == [3]
+    assert pool.take_moves() == [PageMove(DEVICE, 3, HOST, 0)]
+    second = pool.allocate(2)
+    assert ids(second) == [2, 1]
+    assert pool.take_moves() == [
+        PageMove(HOST, 0, DISK, 0),  # runs first: it vacates host page 0
+        PageMove(DEVICE, 2, HOST, 1),
+        PageMove(DEVICE, 1, HOST, 0),
+    ]
+    assert [(b.page.tier, b.page.page_id) for b in blocks] == [(HOST, 0), (HOST, 1), (DISK, 0)]
+    assert pool.tree.match(SCOPE, [10, 11, 12]).num_tokens == 3  # nothing was dropped
+    assert pool.allocate(1) is None  # device is all locked
+    pool.check_invariants()
+    close(pool, first + second)  # uncommitted pages are simply freed
+    assert pool.num_free(DEVICE) == 3 and pool.take_moves() == []
+    pool.check_invariants()
+
+
+def test_last_tier_drops_droppable_pages_and_refuses_held_ones():
+    pool = make(tpb=1, device=3, host=1)
+    cached = pool.allocate(1)
+    commit_chain(pool, cached, [7])
+    close(pool, cached)
+    suspended = pool.allocate(1)
+    commit_chain(pool, suspended, [8])
+    pool.unlock(suspended[0])  # HELD: may go to the host, never be dropped
+    assert ids(pool.eviction_order(DEVICE)) == [1, 2]
+    assert ids(pool.allocate(1)) == [1]
+    assert pool.take_moves() == [PageMove(DEVICE, 1, HOST, 0)]
+    assert ids(pool.allocate(1)) == [2]  # host's droppable page 0 was dropped for the held one
+    assert pool.take_moves() == [PageMove(DEVICE, 2, HOST, 0)]
+    assert pool.num_dropped_blocks == 1 and pool.tree.match(SCOPE, [7]).num_tokens == 0
+    assert suspended[0].tier is HOST and suspended[0].status is PageStatus.HELD
+    assert pool.eviction_order(HOST) == []  # HELD on the last tier: not evictable
+    assert pool.make_room(DEVICE, 1) is False
+    pool.check_invariants()
+
+
+def test_device_only_pool_never_evicts_held_pages():
+    pool = make(tpb=1, device=3)
+    pages = pool.allocate(2)
+    commit_chain(pool, pages, [1, 2])
+    for page in pages:
+        pool.unlock(page)
+    assert pool.eviction_order(DEVICE) == []
+    assert pool.allocate(1) is None
+    pool.check_invariants()
+
+
+def test_failed_make_room_changes_nothing():
+    pool = make(tpb=1, device=4, host=2)
+    pages = pool.allocate(3)
+    commit_chain(pool, pages, [1, 2, 3])
+    close(pool, pages[1:])
+    pool.unlock(pages[0])
+    before = state(pool)
+    assert pool.make_room(DEVICE, 4) is False
+    assert pool.allocate(4) is None
+    assert state(pool) == before and pool.take_moves() == []
+    pool.check_invariants()
+
+
+def test_drops_droppable_pages_in_place_when_colder_tiers_are_full_of_held_pages():
+    pool = make(tpb=1, device=3, host=1)
+    suspended = pool.allocate(1)
+    commit_chain(pool, suspended, [10])
+    pool.unlock(suspended[0])
+    cached = pool.allocate(1)
+    pool.commit(cached[0], SCOPE, [20])
+    close(pool, cached)
+    assert pool.make_room(DEVICE, 2) is True
+    assert pool.take_moves() == [PageMove(DEVICE, 1, HOST, 0)]
+    assert pool.num_free(DEVICE) == 2 and pool.num_dropped_blocks == 1
+    assert pool.tree.match(SCOPE, [20]).num_tokens == 0
+    assert pool.tree.match(SCOPE, [10]).num_tokens == 1
+    pool.check_invariants()
+
+
+def test_lower_priority_is_evicted_first():
+    pool = make(tpb=1, device=4)
+    high = pool.allocate(1, priority=80)
+    low = pool.allocate(1, priority=10)
+    default = pool.allocate(1)
+    for page, token in zip(high + low + default, (1, 2, 3), strict=True):
+        pool.commit(page, SCOPE, [token])
+        close(pool, [page])
+    assert [page.priority for page in pool.eviction_order(DEVICE)] == [10, 35, 80]
+    assert ids(pool.allocate(1)) == [2]
+
+
+def test_new_holder_refreshes_recency_and_last_release_requeues():
+    pool = make(tpb=1, device=4)
+    pages = pool.allocate(2)
+    pool.commit(pages[0], SCOPE, [1])
+    pool.commit(pages[1], SCOPE, [2])
+    close(pool, pages)
+    assert ids(pool.eviction_order(DEVICE)) == [2, 1]
+    pool.hold(pages[1])  # a suspended cache reuses block [2]: HELD on the last tier
+    assert ids(pool.eviction_order(DEVICE)) == [1]
+    pool.release(pages[1])  # cached again, now the most recent
+    assert ids(pool.eviction_order(DEVICE)) == [1, 2]
+    pool.hold(pages[0])
+    pool.lock(pages[0])
+    assert ids(pool.eviction_order(DEVICE)) == [2]
+    pool.check_invariants()
+
+
+def test_replaced_partial_block_page_is_an_orphan_until_released():
+    pool = make(tpb=2, device=4)
+    partial = pool.allocate(1)
+    pool.commit(partial[0], SCOPE, [1])
+    full = pool.allocate(1)
+    result = pool.commit(full[0], SCOPE, [1, 2])
+    assert result.replaced == (partial[0].block,)
+    assert partial[0].is_committed and not partial[0].is_cached
+    pool.check_invariants()
+    close(pool, partial)  # an orphan is freed, not cached
+    assert pool.num_free(DEVICE) == 2 and partial[0].block is None
+    close(pool, full)
+    assert ids(pool.eviction_order(DEVICE)) == [2]
+    pool.check_invariants()
+
+
+def test_drop_block_and_clear():
+    pool = make(tpb=1, device=5)
+    pages = pool.allocate(3)
+    blocks = commit_chain(pool, pages, [1, 2, 3])
+    close(pool, pages[2:])
+    removed = pool.drop_block(blocks[1])
+    assert removed == blocks[1:]
+    assert pool.num_free(DEVICE) == 2  # page 3 freed; page 2 is held, so an orphan
+    close(pool, pages[:2])
+    assert pool.num_free(DEVICE) == 3
+    assert len(pool.clear()) == 1 and pool.num_free(DEVICE) == 4
+    pool.check_invariants()
+
+
+def test_misuse_raises_and_changes_nothing():
+    pool = make(tpb=1, device=3, host=2)
+    pages = pool.allocate(2)
+    commit_chain(pool, pages[:1], [1])
+    with pytest.raises(ValueError, match="unlock it first"):
+        pool.release(pages[0])
+    with pytest.raises(ValueError, match="no unlocked holder to lock"):
+        pool.lock(pages[0])
+    with pytest.raises(ValueError, match="already committed"):
+        pool.commit(pages[0], SCOPE, [2])
+    close(pool, pages[1:])
+    with pytest.raises(ValueError, match="not a live page"):
+        pool.hold(pages[1])
+    pool.unlock(pages[0])
+    with pytest.raises(ValueError, match="is not locked"):
+        pool.unlock(pages[0])
+    pool.make_room(DEVICE, 2)
+    assert pages[0].tier is HOST
+    with pytest.raises(ValueError, match="on the device to be locked"):
+        pool.lock(pages[0])
+    with pytest.raises(ValueError, match="count=-1"):
+        pool.allocate(-1)
+    with pytest.raises(ValueError, match="priority=101"):
+        pool.allocate(1, priority=101)
+    with pytest.raises(ValueError, match="num_device_pages=1"):
+        make(device=1)
+    pool.check_invariants()
+
+
+def test_utilization_counts_free_and_evictable_as_available():
+    pool = make(tpb=1, device=5)
+    pages = pool.allocate(3)
+    assert pool.utilization() == 0.75
+    pool.commit(pages[0], SCOPE, [1])
+    close(pool, pages[:1])
+    assert pool.utilization() == 0.5
