@@ -1,12 +1,24 @@
-"""Eviction order of one tier: a least-recently-used queue per priority, lowest priority first."""
+"""Eviction order of one tier: a least-recently-used queue per priority, lowest priority first.
+
+`PrioritizedLRU` is the generic queue; `EvictionQueue` keeps a tier's HELD and DROPPABLE pages in
+two of them, merged in one eviction order, so that victims of either kind are found in O(1).
+"""
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
-__all__ = ["PRIORITY_DEFAULT", "PRIORITY_MAX", "PRIORITY_MIN", "PrioritizedLRU", "check_priority"]
+__all__ = [
+    "PRIORITY_DEFAULT",
+    "PRIORITY_MAX",
+    "PRIORITY_MIN",
+    "EvictionQueue",
+    "PrioritizedLRU",
+    "check_priority",
+]
 
 PRIORITY_MIN = 0
 PRIORITY_MAX = 100
@@ -54,7 +66,10 @@ class PrioritizedLRU[T: Prioritized]:
 
     def push(self, item: T, *, evict_first: bool = False) -> None:
         """Queues `item` as the most recent of its priority, or as the next victim of it."""
-        queue = self._queues[item.priority]
+        priority = item.priority
+        if type(priority) is not int or not PRIORITY_MIN <= priority <= PRIORITY_MAX:
+            check_priority(priority)  # raises, naming the value and the range
+        queue = self._queues[priority]
         if item in queue:
             raise ValueError(f"{item!r} is already queued for eviction")
         queue[item] = None
@@ -105,3 +120,84 @@ class PrioritizedLRU[T: Prioritized]:
             assert bool(queue) == bool(self._nonempty >> priority & 1), f"mask wrong at {priority}"
             for item in queue:
                 assert item.priority == priority, f"{item!r} queued under priority {priority}"
+
+
+class Queued(Prioritized, Protocol):
+    """A page as `EvictionQueue` sees it: a priority, and when it was queued (set by the queue)."""
+
+    queued_at: int
+
+
+class EvictionQueue[T: Queued]:
+    """Evictable pages of one tier, next victim first: lowest priority, then least recent.
+
+    HELD pages (which may only move to a colder tier) and DROPPABLE ones (which may also be
+    dropped) wait in separate LRUs, so a tier whose colder tiers are full can skip to its next
+    DROPPABLE victim in O(1). `queued_at` stamps give the merged order: pushes to the back count
+    up, pushes to the front (`evict_first`) count down.
+    """
+
+    def __init__(self) -> None:
+        self.held: PrioritizedLRU[T] = PrioritizedLRU()
+        self.droppable: PrioritizedLRU[T] = PrioritizedLRU()
+        self._back = 0
+        self._front = 0
+
+    def __len__(self) -> int:
+        return len(self.held) + len(self.droppable)
+
+    def __contains__(self, item: T) -> bool:
+        return item in self.held or item in self.droppable
+
+    def __iter__(self) -> Iterator[T]:
+        """Both kinds in one eviction order."""
+        return heapq.merge(self.held, self.droppable, key=_eviction_rank)
+
+    def push(self, item: T, *, held: bool, evict_first: bool = False) -> None:
+        """Queues `item` as the most recent of its priority, or as the next victim of it."""
+        if evict_first:
+            self._front -= 1
+            stamp = self._front
+        else:
+            self._back += 1
+            stamp = self._back
+        (self.held if held else self.droppable).push(item, evict_first=evict_first)
+        item.queued_at = stamp
+
+    def remove(self, item: T) -> None:
+        """Takes `item` out; raises `KeyError` when it is not queued."""
+        if item in self.held:
+            self.held.remove(item)
+        else:
+            self.droppable.remove(item)
+
+    def pop_victims(self, count: int, *, max_held: int) -> list[T] | None:
+        """Removes the next `count` victims in eviction order, taking at most `max_held` HELD
+        ones (skipping the rest); None, with nothing changed, when fewer qualify."""
+        if count > len(self.droppable) + min(len(self.held), max_held):
+            return None
+        victims = []
+        num_held = 0
+        for _ in range(count):
+            held_next = self.held.peek() if self.held and num_held < max_held else None
+            droppable_next = self.droppable.peek() if self.droppable else None
+            if droppable_next is None or (
+                held_next is not None and _eviction_rank(held_next) < _eviction_rank(droppable_next)
+            ):
+                victims.append(self.held.pop())
+                num_held += 1
+            else:
+                victims.append(self.droppable.pop())
+        return victims
+
+    def check_invariants(self) -> None:
+        """Raises `AssertionError` when a queue is broken or its order disagrees with the stamps."""
+        for lru in (self.held, self.droppable):
+            lru.check_invariants()
+            ranks = [_eviction_rank(item) for item in lru]
+            assert ranks == sorted(ranks), "queue order disagrees with the stamps"
+        assert not any(item in self.droppable for item in self.held), "queued twice"
+
+
+def _eviction_rank(item: Queued) -> tuple[int, int]:
+    return item.priority, item.queued_at

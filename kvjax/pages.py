@@ -106,7 +106,7 @@ class Page:
     holder instead of being cached.
     """
 
-    __slots__ = ("block", "num_holders", "num_locks", "page_id", "priority", "tier")
+    __slots__ = ("block", "num_holders", "num_locks", "page_id", "priority", "queued_at", "tier")
 
     def __init__(self, tier: Tier, page_id: int, priority: int) -> None:
         self.tier = tier
@@ -115,6 +115,7 @@ class Page:
         self.block: Block | None = None
         self.num_holders = 0
         self.num_locks = 0
+        self.queued_at = 0  # eviction order stamp, set when queued
 
     @property
     def status(self) -> PageStatus:

@@ -1,10 +1,11 @@
 """Page bookkeeping of every tier: allocation, users, eviction order and the eviction cascade.
 
-Making room on a tier evicts its least valuable pages to the next colder tier (recursively making
-room there); pages that nothing colder can take are dropped when DROPPABLE, which removes their
-block and its subtree from the radix tree. Every such decision is recorded as a `PageMove` for the
-storage layer to carry out in order. `make_room` checks feasibility first, so it either succeeds or
-changes nothing.
+Making room on a tier evicts its least valuable pages (lowest priority, least recent) to the next
+colder tier, recursively making room there. When the colder tiers cannot take every victim (they
+are full of HELD pages), the HELD victims get the room and the least valuable DROPPABLE victims are
+dropped, which removes their block and its subtree from the radix tree. Every move is recorded as
+a `PageMove` for the storage layer to carry out in order. `make_room` checks feasibility first, so
+it either succeeds or changes nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 
-from kvjax.eviction import PRIORITY_DEFAULT, PrioritizedLRU, check_priority
+from kvjax.eviction import PRIORITY_DEFAULT, EvictionQueue, check_priority
 from kvjax.keys import ReuseScope, Token
 from kvjax.pages import NULL_PAGE, Page, PageAllocator, Tier
 from kvjax.radix_tree import Block, BlockRadixTree, InsertOutcome, InsertResult
@@ -37,7 +38,7 @@ class TieredPages:
     A user of a page holds it (`hold`) and, while active, locks it on the device (`lock`). Pages
     nobody holds stay cached when committed to a block in the tree and are freed otherwise.
     Evictable pages (DROPPABLE committed ones, and HELD ones above the coldest tier) wait in their
-    tier's prioritized LRU.
+    tier's `EvictionQueue`.
 
     Args:
         tree: the radix tree whose blocks these pages store.
@@ -52,16 +53,15 @@ class TieredPages:
         num_host_pages: int = 0,
         num_disk_pages: int = 0,
     ) -> None:
-        if num_device_pages < 2:
-            raise ValueError(f"num_device_pages={num_device_pages} must be >= 2 (NULL_PAGE + 1)")
         sizes = {
-            Tier.DEVICE: num_device_pages,
-            Tier.HOST: num_host_pages,
-            Tier.DISK: num_disk_pages,
+            Tier.DEVICE: _check_count("num_device_pages", num_device_pages),
+            Tier.HOST: _check_count("num_host_pages", num_host_pages),
+            Tier.DISK: _check_count("num_disk_pages", num_disk_pages),
         }
-        for tier, size in sizes.items():
-            if size < 0:
-                raise ValueError(f"{tier.name.lower()} tier size {size} must be >= 0")
+        if sizes[Tier.DEVICE] < 2:
+            raise ValueError(f"num_device_pages={num_device_pages} must be >= 2 (NULL_PAGE + 1)")
+        if not isinstance(tree, BlockRadixTree):
+            raise ValueError(f"tree={tree!r} is not a BlockRadixTree")
         self.tree = tree
         self.tiers: tuple[Tier, ...] = tuple(tier for tier, size in sizes.items() if size > 0)
         self._next = dict(zip(self.tiers, self.tiers[1:], strict=False))
@@ -70,8 +70,7 @@ class TieredPages:
             for tier in self.tiers
         }
         self._pages: dict[Tier, list[Page | None]] = {t: [None] * sizes[t] for t in self.tiers}
-        self._lru: dict[Tier, PrioritizedLRU[Page]] = {t: PrioritizedLRU() for t in self.tiers}
-        self._num_queued_droppable = dict.fromkeys(self.tiers, 0)
+        self._queues: dict[Tier, EvictionQueue[Page]] = {t: EvictionQueue() for t in self.tiers}
         self._moves: list[PageMove] = []
         self.num_dropped_blocks = 0  # blocks removed from the tree to make room
 
@@ -79,13 +78,13 @@ class TieredPages:
 
     def num_pages(self, tier: Tier) -> int:
         """Pages of `tier` that can be handed out (`NULL_PAGE` excluded)."""
-        return self._allocators[tier].num_usable
+        return self._allocators[self._check_tier(tier)].num_usable
 
     def num_free(self, tier: Tier) -> int:
-        return self._allocators[tier].num_free
+        return self._allocators[self._check_tier(tier)].num_free
 
     def num_evictable(self, tier: Tier) -> int:
-        return len(self._lru[tier])
+        return len(self._queues[self._check_tier(tier)])
 
     def utilization(self, tier: Tier = Tier.DEVICE) -> float:
         """Fraction of `tier` that is neither free nor evictable."""
@@ -94,14 +93,14 @@ class TieredPages:
 
     def page(self, tier: Tier, page_id: int) -> Page | None:
         """The live page at `page_id` of `tier`, or None when that page is free."""
-        return self._pages[tier][page_id]
+        return self._pages[self._check_tier(tier)][page_id]
 
     def live_pages(self, tier: Tier) -> Iterator[Page]:
-        return (page for page in self._pages[tier] if page is not None)
+        return (page for page in self._pages[self._check_tier(tier)] if page is not None)
 
     def eviction_order(self, tier: Tier) -> list[Page]:
         """Evictable pages of `tier`, next victim first."""
-        return list(self._lru[tier])
+        return list(self._queues[self._check_tier(tier)])
 
     def take_moves(self) -> list[PageMove]:
         """The page moves recorded since the last call, in the order they must run."""
@@ -118,8 +117,6 @@ class TieredPages:
             cannot free enough.
         """
         check_priority(priority)
-        if count < 0:
-            raise ValueError(f"count={count} must be >= 0")
         if not self.make_room(Tier.DEVICE, count):
             return None
         pages = []
@@ -131,7 +128,10 @@ class TieredPages:
         return pages
 
     def hold(self, page: Page) -> None:
-        """Adds a user that needs the page kept but not on the device (e.g. a suspended cache)."""
+        """Adds a user that needs the page kept but not on the device (e.g. a suspended cache).
+
+        A new user counts as a use: the page becomes the most recent of its queue.
+        """
         self._check_live(page)
         self._dequeue(page)
         page.num_holders += 1
@@ -153,15 +153,22 @@ class TieredPages:
         if not page.num_locks:
             raise ValueError(f"{page!r} is not locked")
         page.num_locks -= 1
-        self._enqueue(page, evict_first=evict_first)
+        if not page.num_locks:
+            self._enqueue(page, evict_first=evict_first)
 
     def release(self, page: Page, *, evict_first: bool = False) -> None:
-        """Removes an unlocked holder; an unheld page is then cached if committed, else freed."""
+        """Removes an unlocked holder; an unheld page is then cached if committed, else freed.
+
+        `evict_first` queues the page as the next victim of its priority once nobody holds it.
+        """
         self._check_live(page)
         if page.num_holders <= page.num_locks:
             raise ValueError(f"{page!r} has no unlocked holder to release; unlock it first")
+        if page.num_holders > 1:  # other users still hold it: its place in the queue stays
+            page.num_holders -= 1
+            return
         self._dequeue(page)
-        page.num_holders -= 1
+        page.num_holders = 0
         self._enqueue(page, evict_first=evict_first)
 
     def commit(
@@ -190,6 +197,8 @@ class TieredPages:
 
         Held pages stay with their holders (as orphans) and are freed by the last release.
         """
+        if not isinstance(block, Block):
+            raise ValueError(f"{block!r} is not a block; roots leave with their last child")
         removed = self.tree.remove(block)
         self._forget_pages(removed)
         return removed
@@ -204,6 +213,8 @@ class TieredPages:
 
     def make_room(self, tier: Tier, count: int) -> bool:
         """Makes `count` pages of `tier` free by evicting, or returns False and changes nothing."""
+        self._check_tier(tier)
+        _check_count("count", count)
         if count > self.num_free(tier) + self._num_freeable(tier):
             return False
         self._make_room(tier, count)
@@ -216,50 +227,53 @@ class TieredPages:
         return self.num_free(tier) + self._num_freeable(tier)
 
     def _num_freeable(self, tier: Tier) -> int:
-        # DROPPABLE pages can always go (dropped or moved); HELD ones only to a colder tier.
-        droppable = self._num_queued_droppable[tier]
-        held = len(self._lru[tier]) - droppable
-        return droppable + min(held, self._num_acceptable(self._next.get(tier)))
+        # DROPPABLE pages can always go (moved or dropped); HELD ones only to a colder tier.
+        queue = self._queues[tier]
+        return len(queue.droppable) + min(
+            len(queue.held), self._num_acceptable(self._next.get(tier))
+        )
 
     def _make_room(self, tier: Tier, count: int) -> None:
         shortfall = count - self.num_free(tier)
         if shortfall <= 0:
             return
         colder = self._next.get(tier)
-        if shortfall <= self._num_acceptable(colder):
-            self._make_room(colder, shortfall)
-            # Drops below may have pruned pages of this tier, so count again.
-            shortfall = count - self.num_free(tier)
-            self._move_down(self._pop(tier, shortfall))
-            return
-        # Colder tiers cannot take every victim: move HELD ones while they can, drop DROPPABLE ones.
         room_below = self._num_acceptable(colder)
-        to_move, to_drop = [], []
-        for page in self._lru[tier]:
-            if len(to_move) + len(to_drop) == shortfall:
-                break
-            if page.num_holders:
-                if len(to_move) < room_below:
-                    to_move.append(page)
-            else:
-                to_drop.append(page)
-        if to_move:
-            self._make_room(colder, len(to_move))
+        victims = self._queues[tier].pop_victims(shortfall, max_held=room_below)
+        assert victims is not None, "feasibility was checked by make_room"
+        # The room below goes to the HELD victims (they cannot be dropped), then to the most
+        # recent DROPPABLE ones; the least valuable DROPPABLE victims are dropped.
+        droppable = [page for page in victims if not page.num_holders]
+        to_drop = droppable[: max(len(victims) - room_below, 0)]
+        dropping = set(map(id, to_drop))
+        # Make room below one page at a time: a drop down there may prune pages of this tier
+        # (victims included), so each step counts again what is still needed. Moves go before
+        # drops, since a move keeps the data.
+        moving: list[Page] = []
+        for page in victims:
+            if id(page) in dropping or count - self.num_free(tier) - len(moving) <= 0:
+                continue
+            if not self._is_live(page):
+                continue
+            free_before = self.num_free(tier)
+            self._make_room(colder, len(moving) + 1)
+            if self.num_free(tier) != free_before:  # pruned here: chosen victims may be gone
+                moving = [chosen for chosen in moving if self._is_live(chosen)]
+            if self._is_live(page):
+                moving.append(page)
+        self._move_down(moving)
         for page in to_drop:
-            if self._pages[page.tier][page.page_id] is page:  # not pruned by an earlier drop
-                self._dequeue(page)
+            if self.num_free(tier) >= count:
+                break
+            if self._is_live(page):  # an earlier drop may have pruned it
                 self._drop(page)
-        for page in to_move:
-            self._dequeue(page)
-        self._move_down(to_move)
-
-    def _pop(self, tier: Tier, count: int) -> list[Page]:
-        victims = []
-        for _ in range(count):
-            page = self._lru[tier].peek()
-            self._dequeue(page)
-            victims.append(page)
-        return victims
+        # Victims no longer needed go back to the front of their queues, in their order.
+        rank = {id(page): position for position, page in enumerate(victims)}
+        moved = set(map(id, moving))
+        unused = [page for page in victims if id(page) not in moved and self._is_live(page)]
+        for page in sorted(unused, key=lambda page: rank[id(page)], reverse=True):
+            if page.tier is tier and page not in self._queues[tier]:
+                self._enqueue(page, evict_first=True)
 
     def _move_down(self, victims: list[Page]) -> None:
         """Moves dequeued victims of one tier to the next colder one, which has room for them."""
@@ -295,16 +309,12 @@ class TieredPages:
         if not page.num_holders and not page.is_cached:
             self._free(page)
         elif self._is_evictable(page):
-            self._lru[page.tier].push(page, evict_first=evict_first)
-            if not page.num_holders:
-                self._num_queued_droppable[page.tier] += 1
+            self._queues[page.tier].push(page, held=page.num_holders > 0, evict_first=evict_first)
 
     def _dequeue(self, page: Page) -> None:
-        lru = self._lru[page.tier]
-        if page in lru:
-            lru.remove(page)
-            if not page.num_holders:
-                self._num_queued_droppable[page.tier] -= 1
+        queue = self._queues[page.tier]
+        if page in queue:
+            queue.remove(page)
 
     def _free(self, page: Page) -> None:
         self._dequeue(page)
@@ -321,10 +331,20 @@ class TieredPages:
             if page is not None and not page.num_holders:
                 self._free(page)
 
-    def _check_live(self, page: Page) -> None:
+    def _is_live(self, page: Page) -> bool:
         pages = self._pages.get(page.tier)
-        if pages is None or pages[page.page_id] is not page:
+        return pages is not None and 0 <= page.page_id < len(pages) and pages[page.page_id] is page
+
+    def _check_live(self, page: Page) -> None:
+        if not isinstance(page, Page) or not self._is_live(page):
             raise ValueError(f"{page!r} is not a live page of this pool")
+
+    def _check_tier(self, tier: Tier) -> Tier:
+        if tier not in self._allocators:
+            names = ", ".join(t.name for t in self.tiers)
+            name = getattr(tier, "name", repr(tier))
+            raise ValueError(f"tier {name} is not configured here; tiers are {names}")
+        return tier
 
     def check_invariants(self) -> None:
         """Raises `AssertionError` unless every page is in exactly one place, counts and queues
@@ -332,10 +352,10 @@ class TieredPages:
         self.tree.check_invariants()
         seen: set[int] = set()
         for tier in self.tiers:
-            allocator, lru = self._allocators[tier], self._lru[tier]
+            allocator, queue = self._allocators[tier], self._queues[tier]
             allocator.check_invariants()
-            lru.check_invariants()
-            queued = droppable = 0
+            queue.check_invariants()
+            queued = 0
             for page_id, page in enumerate(self._pages[tier]):
                 if page is None:
                     reserved = tier is Tier.DEVICE and page_id == NULL_PAGE
@@ -346,12 +366,13 @@ class TieredPages:
                 assert page.tier is tier and page.page_id == page_id, f"{page!r} misfiled"
                 assert not allocator.is_free(page_id), f"{page!r} is also free"
                 self._check_page(page)
-                in_queue = page in lru
+                in_queue = page in queue
                 assert in_queue == self._is_evictable(page), f"{page!r} queued={in_queue}"
+                if in_queue:
+                    kind = queue.held if page.num_holders else queue.droppable
+                    assert page in kind, f"{page!r} is queued as the wrong kind"
                 queued += in_queue
-                droppable += in_queue and not page.num_holders
-            assert queued == len(lru), f"{tier.name} queue holds pages that are not live"
-            assert droppable == self._num_queued_droppable[tier], "droppable count drifted"
+            assert queued == len(queue), f"{tier.name} queue holds pages that are not live"
         for block in self.tree.iter_blocks():
             page = block.page
             assert page is not None and page.block is block, f"{block!r} lost its page"
@@ -363,3 +384,11 @@ class TieredPages:
         assert not page.num_locks or page.tier is Tier.DEVICE, f"{page!r} locked off the device"
         assert page.num_holders or page.is_cached, f"{page!r} should have been freed"
         assert page.block is None or page.block.page is page, f"{page!r} block link is one-way"
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an int")
+    if value < 0:
+        raise ValueError(f"{name}={value} must be >= 0")
+    return value

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from kvjax.eviction import PRIORITY_DEFAULT, PrioritizedLRU, check_priority
+from kvjax.eviction import PRIORITY_DEFAULT, EvictionQueue, PrioritizedLRU, check_priority
 
 
 @dataclasses.dataclass(eq=False)
@@ -66,3 +66,34 @@ def test_pop_many_is_all_or_nothing():
 def test_priorities_outside_range_are_rejected(priority):
     with pytest.raises(ValueError, match="priority"):
         check_priority(priority)
+
+
+@dataclasses.dataclass(eq=False)
+class Page:
+    name: str
+    priority: int = PRIORITY_DEFAULT
+    queued_at: int = 0
+
+
+def test_eviction_queue_merges_held_and_droppable_in_one_order():
+    queue = EvictionQueue()
+    a, b, c, d = Page("a"), Page("b"), Page("c", 10), Page("d")
+    queue.push(a, held=True)
+    queue.push(b, held=False)
+    queue.push(c, held=True)
+    queue.push(d, held=False, evict_first=True)
+    queue.check_invariants()
+    assert [page.name for page in queue] == ["c", "d", "a", "b"]
+    assert len(queue) == 4 and a in queue and len(queue.held) == 2
+
+
+def test_pop_victims_skips_held_pages_beyond_the_room_below():
+    queue = EvictionQueue()
+    pages = [Page(str(i)) for i in range(5)]
+    for i, page in enumerate(pages):
+        queue.push(page, held=i < 3)  # 0, 1, 2 held; 3, 4 droppable
+    assert queue.pop_victims(4, max_held=1) is None  # only 1 held + 2 droppable qualify
+    assert len(queue) == 5
+    assert [page.name for page in queue.pop_victims(3, max_held=1)] == ["0", "3", "4"]
+    assert [page.name for page in queue] == ["1", "2"]
+    queue.check_invariants()

@@ -249,3 +249,110 @@ def test_utilization_counts_free_and_evictable_as_available():
     pool.commit(pages[0], SCOPE, [1])
     close(pool, pages[:1])
     assert pool.utilization() == 0.5
+
+
+def test_colder_room_is_used_before_dropping():
+    """Two cached blocks must leave a full device; the host has one free page: one moves."""
+    pool = make(tpb=1, device=3, host=1)
+    pages = pool.allocate(2)
+    pool.commit(pages[0], SCOPE, [1])
+    pool.commit(pages[1], SCOPE, [2])
+    close(pool, pages)  # LRU [2, 1]: block [2] is the least recent
+    assert pool.make_room(DEVICE, 2)
+    assert pool.take_moves() == [PageMove(DEVICE, 1, HOST, 0)]  # the more recent one is kept
+    assert pool.tree.match(SCOPE, [1]).num_tokens == 1
+    assert pool.tree.match(SCOPE, [2]).num_tokens == 0
+    pool.check_invariants()
+
+
+def test_colder_tier_sheds_its_low_priority_block_for_a_warmer_victim():
+    pool = make(tpb=1, device=3, host=1)
+    low = pool.allocate(1, priority=0)
+    pool.commit(low[0], SCOPE, [1])
+    close(pool, low)
+    assert pool.make_room(DEVICE, 2) and low[0].tier is HOST
+    high = pool.allocate(2, priority=100)
+    pool.commit(high[0], SCOPE, [2])
+    pool.commit(high[1], SCOPE, [3])
+    close(pool, high[::-1])  # LRU [2, 3]
+    pool.take_moves()
+    kept = high[1].page_id
+    assert pool.make_room(DEVICE, 2)
+    assert pool.take_moves() == [PageMove(DEVICE, kept, HOST, 0)]
+    cached = [pool.tree.match(SCOPE, [token]).num_tokens for token in (1, 2, 3)]
+    assert cached == [0, 0, 1]  # the priority-0 block went, one priority-100 block stayed
+    pool.check_invariants()
+
+
+def test_moves_before_drops_so_pruning_below_saves_cached_blocks():
+    pool = make(tpb=1, device=4, host=1)
+    parent, child = pool.allocate(2)
+    commit_chain(pool, [parent, child], [5, 6])
+    for page in (parent, child):  # released first to last: LRU [parent, child]
+        pool.unlock(page)
+        pool.release(page)
+    assert pool.make_room(DEVICE, 2) and parent.tier is HOST
+    suspended, cached = pool.allocate(2)
+    pool.commit(suspended, SCOPE, [7])
+    pool.unlock(suspended)  # HELD: must move, never be dropped
+    pool.commit(cached, SCOPE, [8])
+    close(pool, [cached])
+    pool.hold(child)
+    pool.release(child)  # device LRU [suspended, cached, child]; host [parent]
+    pool.take_moves()
+    assert pool.make_room(DEVICE, 2)
+    # Room on the host for the HELD page drops [5], which prunes [5, 6] from the device: that
+    # is enough, so the cached block [8] survives.
+    assert pool.num_free(DEVICE) == 2 and suspended.tier is HOST
+    assert pool.tree.match(SCOPE, [8]).num_tokens == 1
+    assert pool.num_dropped_blocks == 2
+    pool.check_invariants()
+
+
+def test_pruned_victims_are_not_counted_as_moves():
+    """A drop on the colder tier prunes a victim already chosen to move: others must replace it."""
+    pool = make(tpb=1, device=5, disk=3)
+    chain = pool.allocate(3)
+    a, b, c = commit_chain(pool, chain, [1, 2, 3])
+    close(pool, chain)
+    pool.hold(chain[2])
+    pool.release(chain[2])  # LRU [b, a, c]
+    assert pool.make_room(DEVICE, 3)  # b and a go to the disk; c stays
+    assert (a.page.tier, b.page.tier, c.page.tier) == (DISK, DISK, DEVICE)
+    held = pool.allocate(3)
+    for page in held:
+        pool.unlock(page)  # device full: c, then three HELD pages
+    pool.take_moves()
+    first_two = ids(held[:2])
+    assert pool.make_room(DEVICE, 3)
+    assert pool.num_free(DEVICE) == 3
+    assert not c.is_attached and not b.is_attached and a.is_attached  # dropping b pruned c
+    assert [move.src_page for move in pool.take_moves()] == first_two
+    pool.check_invariants()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda pool: pool.allocate(1.5), "count=1.5"),
+        (lambda pool: pool.allocate(True), "count=True"),
+        (lambda pool: pool.make_room(DEVICE, -3), "count=-3"),
+        (lambda pool: pool.make_room(DISK, 1), "DISK is not configured"),
+        (lambda pool: pool.num_free(DISK), "DISK is not configured"),
+        (lambda pool: pool.hold(object()), "not a live page"),
+        (lambda pool: pool.drop_block(pool.tree.roots()[0]), "not a block"),
+        (lambda pool: TieredPages(pool.tree, 4.5), "num_device_pages=4.5"),
+        (lambda pool: TieredPages(pool.tree, 4, 2.5), "num_host_pages=2.5"),
+        (lambda pool: TieredPages(None, 4), "not a BlockRadixTree"),
+    ],
+)
+def test_bad_arguments_raise_value_error_and_change_nothing(call, message):
+    pool = make(tpb=1, device=3, host=1)
+    pages = pool.allocate(2)
+    commit_chain(pool, pages, [1, 2])
+    close(pool, pages)
+    before = state(pool)
+    with pytest.raises(ValueError, match=message):
+        call(pool)
+    assert state(pool) == before
+    pool.check_invariants()

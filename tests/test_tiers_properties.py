@@ -1,4 +1,5 @@
-"""Random cache life cycles on tiny tiers: eviction never loses a held page nor leaks one."""
+"""Random cache life cycles on tiny tiers: eviction never loses a held page nor leaks one, every
+failed call changes nothing, and the recorded moves carry every page's bytes along."""
 
 import pytest
 from hypothesis import HealthCheck, given, settings, target
@@ -7,17 +8,22 @@ from hypothesis import strategies as st
 from kvjax import BlockRadixTree, InsertOutcome, ReuseScope, Tier, TieredPages
 
 TPB = 2
-SCOPE = ReuseScope()
-sequence = st.lists(st.integers(0, 7), min_size=1, max_size=3 * TPB)
-run = st.tuples(st.just("run"), sequence, st.integers(0, 100))  # a new cache computes and commits
+SCOPES = [ReuseScope(), ReuseScope(salt=1)]
+index = st.integers(0, 10**6)
+flag = st.booleans()
+sequence = st.lists(st.integers(0, 3), min_size=1, max_size=4 * TPB)
+run = st.tuples(st.just("run"), st.tuples(sequence, st.integers(0, 100), index))
 operation = st.one_of(
     run,
-    run,
-    st.tuples(st.just("suspend"), st.integers(0, 10**6), st.integers(0, 100)),
-    st.tuples(st.just("reuse"), sequence, st.integers(0, 100)),  # a new suspended cache reuses
-    st.tuples(st.just("suspend"), st.integers(0, 10**6), st.integers(0, 100)),
-    st.tuples(st.just("close"), st.integers(0, 10**6), st.integers(0, 100)),
-    st.tuples(st.just("make_room"), st.sampled_from(list(Tier)), st.integers(0, 8)),
+    run,  # a new cache allocates, computes and commits
+    st.tuples(st.just("reuse"), st.tuples(sequence, index)),  # a suspended cache reuses a prefix
+    st.tuples(st.just("suspend"), st.tuples(index, flag)),
+    st.tuples(st.just("resume"), st.tuples(index)),
+    st.tuples(st.just("share"), st.tuples(index)),  # another holder of the same pages
+    st.tuples(st.just("close"), st.tuples(index, flag)),
+    st.tuples(st.just("close"), st.tuples(index, flag)),
+    st.tuples(st.just("make_room"), st.tuples(st.sampled_from(list(Tier)), st.integers(0, 8))),
+    st.tuples(st.just("drop"), st.tuples(index)),
 )
 
 
@@ -26,12 +32,11 @@ class FakeStorage(dict):
 
     deep_moves = 0
 
-
-def apply_moves(pool, storage):
-    """Carries out the recorded moves, in order, on the fake storage."""
-    for move in pool.take_moves():
-        storage[move.dst_tier, move.dst_page] = storage[move.src_tier, move.src_page]
-        storage.deep_moves += move.src_tier is not Tier.DEVICE
+    def apply(self, pool):
+        """Carries out the recorded moves, in order."""
+        for move in pool.take_moves():
+            self[move.dst_tier, move.dst_page] = self[move.src_tier, move.src_page]
+            self.deep_moves += move.src_tier is not Tier.DEVICE
 
 
 class FakeCache:
@@ -41,10 +46,16 @@ class FakeCache:
 
 
 def snapshot(pool):
-    return [(pool.num_free(t), [id(p) for p in pool.eviction_order(t)]) for t in pool.tiers]
+    pages = sorted(
+        (id(p), p.tier, p.page_id, p.num_holders, p.num_locks)
+        for tier in pool.tiers
+        for p in pool.live_pages(tier)
+    )
+    order = [[id(p) for p in pool.eviction_order(tier)] for tier in pool.tiers]
+    return pages, order, len(pool.tree), pool.num_dropped_blocks
 
 
-def run_cache(pool, tokens, priority, storage):
+def run_cache(pool, storage, tokens, priority, scope):
     """Allocates a page per block, commits blocks until one is not new; None when out of pages."""
     blocks = [tokens[i : i + TPB] for i in range(0, len(tokens), TPB)]
     before = snapshot(pool)
@@ -52,10 +63,10 @@ def run_cache(pool, tokens, priority, storage):
     if pages is None:
         assert snapshot(pool) == before and pool.take_moves() == []  # all or nothing
         return None
-    apply_moves(pool, storage)  # eviction's moves run before the new pages are written
+    storage.apply(pool)  # eviction's moves run before the new pages are written
     for page in pages:
         storage[Tier.DEVICE, page.page_id] = id(page)  # the cache writes its KV
-    parent = SCOPE
+    parent = scope
     for page, block in zip(pages, blocks, strict=True):
         result = pool.commit(page, parent, block)
         if result.outcome is not InsertOutcome.NEW:
@@ -64,45 +75,65 @@ def run_cache(pool, tokens, priority, storage):
     return FakeCache(pages, locked=True)
 
 
-def reuse_cache(pool, tokens):
-    match = pool.tree.match(SCOPE, tokens)
+def reuse_cache(pool, tokens, scope):
+    match = pool.tree.match(scope, tokens)
+    served = [token for block in match.blocks for token in block.tokens]
+    assert served[: match.num_tokens] == tokens[: match.num_tokens]
     pages = [block.page for block in match.blocks]
     for page in pages:
         pool.hold(page)
     return FakeCache(pages, locked=False)
 
 
-@pytest.mark.parametrize(("device", "host", "disk"), [(5, 0, 0), (5, 3, 0), (4, 2, 2), (4, 0, 3)])
+def step(pool, storage, caches, kind, args):
+    pick = caches[args[0] % len(caches)] if caches and isinstance(args[0], int) else None
+    if kind == "run":
+        cache = run_cache(pool, storage, args[0], args[1], SCOPES[args[2] % 2])
+        if cache is not None:
+            caches.append(cache)
+    elif kind == "reuse":
+        caches.append(reuse_cache(pool, args[0], SCOPES[args[1] % 2]))
+    elif kind == "share" and pick is not None:
+        for page in pick.pages:
+            pool.hold(page)
+        caches.append(FakeCache(list(pick.pages), locked=False))
+    elif kind == "resume" and pick is not None and not pick.locked:
+        if all(page.tier is Tier.DEVICE for page in pick.pages):
+            for page in pick.pages:
+                pool.lock(page)
+            pick.locked = True
+    elif kind in ("suspend", "close") and pick is not None:
+        if pick.locked:
+            for page in pick.pages:
+                pool.unlock(page, evict_first=args[1])
+            pick.locked = False
+        if kind == "close":
+            caches.remove(pick)
+            for page in reversed(pick.pages):
+                pool.release(page, evict_first=args[1])
+    elif kind == "make_room" and args[0] in pool.tiers:
+        before = snapshot(pool)
+        if pool.make_room(*args):
+            assert pool.num_free(args[0]) >= args[1]
+        else:
+            assert snapshot(pool) == before and pool.take_moves() == []
+    elif kind == "drop" and len(pool.tree):
+        blocks = sorted(pool.tree.iter_blocks(), key=lambda block: block.key)
+        pool.drop_block(blocks[args[0] % len(blocks)])
+
+
+@pytest.mark.parametrize(
+    ("device", "host", "disk"), [(5, 0, 0), (5, 3, 0), (4, 2, 2), (4, 0, 3), (7, 3, 2)]
+)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(operations=st.lists(operation, max_size=50))
+@given(operations=st.lists(operation, max_size=80))
 def test_random_life_cycles_keep_every_page_accounted_for(device, host, disk, operations):
     pool = TieredPages(BlockRadixTree(TPB), device, host, disk)
     caches, storage = [], FakeStorage()
-    for kind, first, second in operations:
-        if kind == "run":
-            cache = run_cache(pool, first, second, storage)
-            if cache is not None:
-                caches.append(cache)
-        elif kind == "reuse":
-            caches.append(reuse_cache(pool, first))
-        elif kind in ("suspend", "close") and caches:
-            cache = caches[first % len(caches)]
-            if cache.locked:
-                for page in cache.pages:
-                    pool.unlock(page)
-                cache.locked = False
-            if kind == "close":
-                caches.remove(cache)
-                for page in reversed(cache.pages):
-                    pool.release(page)
-        elif kind == "make_room" and first in pool.tiers:
-            before = pool.num_free(first)
-            if not pool.make_room(first, second):
-                assert pool.num_free(first) == before
-            else:
-                assert pool.num_free(first) >= second
+    for kind, args in operations:
+        step(pool, storage, caches, kind, args)
         pool.check_invariants()
-        apply_moves(pool, storage)
+        storage.apply(pool)
         for tier in pool.tiers:  # every live page's bytes followed it through the moves
             for page in pool.live_pages(tier):
                 assert storage[tier, page.page_id] == id(page), page
