@@ -12,13 +12,13 @@ The tree only knows blocks; `TieredPages` links blocks to pages and frees pages 
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import enum
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+from sortedcontainers import SortedDict
 
 from kvjax.keys import (
     BlockHasher,
@@ -103,35 +103,33 @@ class _SortedChildren:
     """Children ordered by tagged payload: token prefixes are contiguous in this order.
 
     For a query q, the child with the longest common prefix is next to q's insertion point, and the
-    children that q is a prefix of start right at it.
+    children that q is a prefix of start right at it. A `SortedDict` keeps add and remove at
+    O(log n) even for a root with a million children (a list insert would be O(n)).
     """
 
-    __slots__ = ("blocks", "order_keys")
+    __slots__ = ("by_order",)
 
     def __init__(self, blocks: Sequence[Block]) -> None:
-        pairs = sorted((_order_key(block), block) for block in blocks)
-        self.order_keys = [order_key for order_key, _ in pairs]
-        self.blocks = [block for _, block in pairs]
+        self.by_order: SortedDict[bytes, Block] = SortedDict(
+            (_order_key(block), block) for block in blocks
+        )
 
     def add(self, block: Block) -> None:
-        order_key = _order_key(block)
-        at = bisect.bisect_left(self.order_keys, order_key)
-        self.order_keys.insert(at, order_key)
-        self.blocks.insert(at, block)
+        self.by_order[_order_key(block)] = block
 
     def remove(self, block: Block) -> None:
-        at = bisect.bisect_left(self.order_keys, _order_key(block))
-        assert self.blocks[at] is block, "sorted children out of sync"
-        del self.order_keys[at], self.blocks[at]
+        removed = self.by_order.pop(_order_key(block))
+        assert removed is block, "sorted children out of sync"
 
     def neighbors(self, order_key: bytes) -> list[Block]:
-        at = bisect.bisect_left(self.order_keys, order_key)
-        return self.blocks[max(at - 1, 0) : at + 1]
+        after = next(self.by_order.irange(minimum=order_key), None)
+        before = next(self.by_order.irange(maximum=order_key, reverse=True), None)
+        return [self.by_order[key] for key in (before, after) if key is not None]
 
     def first_extending(self, order_key: bytes) -> Block | None:
-        at = bisect.bisect_left(self.order_keys, order_key)
-        if at < len(self.order_keys) and self.order_keys[at].startswith(order_key):
-            return self.blocks[at]
+        after = next(self.by_order.irange(minimum=order_key), None)
+        if after is not None and after.startswith(order_key):
+            return self.by_order[after]
         return None
 
 
@@ -163,6 +161,12 @@ def _common_tokens(a: bytes, a_tokens: int, b: bytes, b_tokens: int) -> int:
             break
         common += 1
     return common
+
+
+def _check_scope(scope: object) -> ReuseScope:
+    if not isinstance(scope, ReuseScope):
+        raise ValueError(f"scope={scope!r} is not a ReuseScope")
+    return scope
 
 
 class InsertOutcome(enum.Enum):
@@ -204,8 +208,14 @@ class BlockRadixTree:
     def __init__(
         self, tokens_per_block: int, *, enable_partial_reuse: bool = True, index_threshold: int = 8
     ) -> None:
-        if tokens_per_block < 1:
-            raise ValueError(f"tokens_per_block={tokens_per_block} must be >= 1")
+        for name, value, minimum in (
+            ("tokens_per_block", tokens_per_block, 1),
+            ("index_threshold", index_threshold, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+        if not isinstance(enable_partial_reuse, bool):
+            raise ValueError(f"enable_partial_reuse={enable_partial_reuse!r} must be a bool")
         self.tokens_per_block = tokens_per_block
         self.enable_partial_reuse = enable_partial_reuse
         self.index_threshold = index_threshold
@@ -217,7 +227,7 @@ class BlockRadixTree:
 
     def root(self, scope: ReuseScope) -> RootBlock | None:
         """The root of `scope`, or None while no block of it is in the tree."""
-        return self._roots.get(scope.root_key)
+        return self._roots.get(_check_scope(scope).root_key)
 
     def roots(self) -> list[RootBlock]:
         return list(self._roots.values())
@@ -228,6 +238,7 @@ class BlockRadixTree:
         Raises:
             ValueError: a bad token (see `kvjax.keys.encode_block`).
         """
+        _check_scope(scope)
         tpb = self.tokens_per_block
         payloads = block_payloads(tokens, tpb)
         node: _Node | None = self._roots.get(scope.root_key)
@@ -279,6 +290,8 @@ class BlockRadixTree:
                 `[1, tokens_per_block]`, or a token is bad.
         """
         node = self._parent_node(parent)
+        if not isinstance(tokens, Sequence | np.ndarray):
+            tokens = list(tokens)
         count = len(tokens)
         if not 1 <= count <= self.tokens_per_block:
             raise ValueError(f"a block holds 1 to {self.tokens_per_block} tokens, not {count}")
@@ -393,6 +406,8 @@ class BlockRadixTree:
         Returns:
             The removed blocks, `block` first, then its descendants depth first.
         """
+        if not isinstance(block, Block):
+            raise ValueError(f"{block!r} is not a block; roots leave with their last child")
         if not block.is_attached:
             raise ValueError(f"{block!r} is not in the tree")
         self._unlink(block)
@@ -443,10 +458,12 @@ class BlockRadixTree:
         if len(node.children) > self.index_threshold:
             assert node._index is not None, "a large node lacks its sorted index"
         if node._index is not None:
-            assert node._index.order_keys == sorted(node._index.order_keys), "index unsorted"
-            assert {id(block) for block in node._index.blocks} == {
+            assert {id(block) for block in node._index.by_order.values()} == {
                 id(child) for child in node.children.values()
             }, "index names other blocks than the children"
+            assert all(key == _order_key(block) for key, block in node._index.by_order.items()), (
+                "index filed a block under a wrong key"
+            )
         for leaf in partial.values():
             for sibling in node.children.values():
                 covers = sibling is not leaf and sibling.num_tokens > leaf.num_tokens

@@ -161,6 +161,34 @@ def test_bad_inserts_raise_and_change_nothing():
     tree.check_invariants()
 
 
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda tree: tree.match(None, [1]), "scope=None is not a ReuseScope"),
+        (lambda tree: tree.match("tenant-a", [1]), "scope='tenant-a' is not a ReuseScope"),
+        (lambda tree: tree.remove(tree.roots()[0]), "not a block"),
+        (lambda tree: tree.insert(SCOPE, b"\x01\x02"), "not bytes"),
+        (lambda tree: BlockRadixTree(2.5), "tokens_per_block=2.5"),
+        (lambda tree: BlockRadixTree(True), "tokens_per_block=True"),
+        (lambda tree: BlockRadixTree(4, index_threshold=None), "index_threshold=None"),
+        (lambda tree: BlockRadixTree(4, enable_partial_reuse=1), "enable_partial_reuse=1"),
+    ],
+)
+def test_bad_arguments_raise_value_error(call, message):
+    tree = BlockRadixTree(4)
+    commit(tree, [1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match=message):
+        call(tree)
+    assert len(tree) == 2
+    tree.check_invariants()
+
+
+def test_insert_takes_any_iterable_of_tokens():
+    tree = BlockRadixTree(4)
+    result = tree.insert(SCOPE, iter([1, 2]))
+    assert result.outcome is InsertOutcome.NEW and result.block.tokens == [1, 2]
+
+
 SCOPES = [
     ReuseScope(),
     ReuseScope(lora_id=0),
