@@ -40,6 +40,8 @@ def _resolve_dtype(value: object) -> np.dtype:
         raise ValueError(f"dtype={value!r} is not a dtype; use one of {KV_DTYPES}") from error
     if dtype.name not in KV_DTYPES:
         raise ValueError(f"dtype={dtype.name} is not supported; use one of {KV_DTYPES}")
+    if not dtype.isnative:
+        raise ValueError(f"dtype={dtype.str} is not in native byte order")
     return dtype
 
 
@@ -140,6 +142,8 @@ class CacheConfig:
             if quota_given:
                 raise ValueError(f"a disk quota ({self._quota_text('disk')}) needs disk_dir")
             return
+        if str(self.disk_dir) == "":
+            raise ValueError("disk_dir='' names no directory")
         path = Path(self.disk_dir)
         if not path.is_dir():
             raise ValueError(f"disk_dir={str(path)!r} is not an existing directory")

@@ -112,6 +112,12 @@ def _check_token(index: int, token: object) -> None:
 
 def _encode_ids(tokens: Sequence[Token] | np.ndarray) -> bytes | None:
     """uint32-LE bytes of all tokens when every one is an in-range int id; None when some is not."""
+    if isinstance(tokens, bytes | bytearray | memoryview | str):
+        # A bytes object is a buffer to `array`, not a sequence of token ids.
+        raise ValueError(
+            f"tokens must be a sequence of token ids, not {type(tokens).__name__}; "
+            "wrap a digest token in a list"
+        )
     if isinstance(tokens, np.ndarray):
         if tokens.ndim != 1 or tokens.dtype.kind not in "iuO":
             raise ValueError(
@@ -272,6 +278,8 @@ def block_keys(
     scope: ReuseScope, tokens: Sequence[Token] | np.ndarray, tokens_per_block: int
 ) -> list[BlockKey]:
     """Keys of every block of `tokens` under `scope`, the last one possibly of a partial block."""
+    if isinstance(tokens_per_block, bool) or not isinstance(tokens_per_block, int):
+        raise ValueError(f"tokens_per_block={tokens_per_block!r} must be an int")
     if tokens_per_block < 1:
         raise ValueError(f"tokens_per_block={tokens_per_block} must be >= 1")
     encoded = _encode_ids(tokens)

@@ -25,6 +25,14 @@ def _digest_of(digest: object) -> bytes:
     return digest
 
 
+def _check_int(name: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an int")
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
 def multimodal_key_tokens(
     digest: bytes, length: int, vocab_size: int, token_offset: int = 0
 ) -> list[Token]:
@@ -40,11 +48,11 @@ def multimodal_key_tokens(
             would pass `MAX_TOKEN_ID`.
     """
     _digest_of(digest)
-    for name, value in (("length", length), ("vocab_size", vocab_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an int >= 1")
-    if not isinstance(token_offset, int) or not 0 <= token_offset <= length:
-        raise ValueError(f"token_offset={token_offset!r} must be in [0, length={length}]")
+    _check_int("length", length, minimum=1)
+    _check_int("vocab_size", vocab_size, minimum=1)
+    _check_int("token_offset", token_offset, minimum=0)
+    if token_offset > length:
+        raise ValueError(f"token_offset={token_offset} must be in [0, length={length}]")
     if vocab_size + length - 1 > MAX_TOKEN_ID:
         raise ValueError(
             f"vocab_size={vocab_size} + length={length} passes the largest token id {MAX_TOKEN_ID}"
@@ -70,10 +78,8 @@ class MultimodalItem:
 
     def __post_init__(self) -> None:
         _digest_of(self.digest)
-        if not isinstance(self.position, int) or self.position < 0:
-            raise ValueError(f"multimodal item position={self.position!r} must be an int >= 0")
-        if not isinstance(self.length, int) or self.length < 1:
-            raise ValueError(f"multimodal item length={self.length!r} must be an int >= 1")
+        _check_int("multimodal item position", self.position, minimum=0)
+        _check_int("multimodal item length", self.length, minimum=1)
 
     @classmethod
     def from_content(cls, content: bytes, position: int, length: int) -> MultimodalItem:
@@ -107,15 +113,19 @@ def splice_multimodal_tokens(
     Raises:
         ValueError: a range, item or token that does not fit, naming the value and the limit.
     """
+    _check_int("vocab_size", vocab_size, minimum=1)
     num_tokens = len(tokens)
     end = num_tokens if end is None else end
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= num_tokens):
+    _check_int("start", start, minimum=0)
+    _check_int("end", end, minimum=0)
+    if not start <= end <= num_tokens:
         raise ValueError(f"range [{start}, {end}) must lie within [0, {num_tokens}]")
+    for item in items:
+        if not isinstance(item, MultimodalItem):
+            raise ValueError(f"{item!r} is not a MultimodalItem")
     ordered = sorted(items, key=lambda item: item.position)
     previous_end = 0
     for item in ordered:
-        if not isinstance(item, MultimodalItem):
-            raise ValueError(f"{item!r} is not a MultimodalItem")
         if item.end > num_tokens:
             raise ValueError(
                 f"multimodal item at {item.position} of length {item.length} ends at {item.end}, "

@@ -69,6 +69,8 @@ def test_disk_tier(tmp_path):
         (dict(max_util_for_resume=1.5), "max_util_for_resume"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(vocab_size=2**32), "vocab_size"),
+        (dict(dtype=">f2"), "native byte order"),
+        (dict(disk_dir="", disk_pages=3), "disk_dir"),
     ],
 )
 def test_invalid_values_name_the_field(overrides, field):

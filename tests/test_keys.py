@@ -114,6 +114,8 @@ def test_block_payloads_splits_mixed_sequences_per_block():
         (np.array([1.0, 2.0]), "dtype float64"),
         (np.array([[1, 2]]), "shape \\(1, 2\\)"),
         (np.array([3, -4]), "token -4 at index 1"),
+        (b"\x01\x02\x03\x04", "not bytes; wrap a digest token in a list"),
+        ("abcd", "not str"),
     ],
 )
 def test_bad_tokens_raise_naming_index_and_limit(tokens, message):
@@ -134,3 +136,9 @@ def test_bad_tokens_raise_naming_index_and_limit(tokens, message):
 def test_bad_scopes_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ReuseScope(**kwargs)
+
+
+@pytest.mark.parametrize("tokens_per_block", [0, 2.0, True])
+def test_bad_tokens_per_block_raises(tokens_per_block):
+    with pytest.raises(ValueError, match="tokens_per_block"):
+        block_keys(ReuseScope(), [1, 2], tokens_per_block)

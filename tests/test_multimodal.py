@@ -66,6 +66,9 @@ def test_different_images_behind_same_placeholders_never_match_past_item_start()
         (lambda: MultimodalItem(CAT, 0, 0), "length=0"),
         (lambda: MultimodalItem(CAT[:16], 0, 2), "16 bytes"),
         (lambda: MultimodalItem.from_content("text", 0, 2), "must be bytes"),
+        (lambda: MultimodalItem(CAT, True, 2), "position=True must be an int"),
+        (lambda: multimodal_key_tokens(CAT, 3, None), "vocab_size=None must be an int"),
+        (lambda: splice_multimodal_tokens([1], [], 0), "vocab_size=0 must be >= 1"),
     ],
 )
 def test_bad_items_raise(call, message):
@@ -83,6 +86,9 @@ def test_bad_items_raise(call, message):
         ([1, VOCAB, 3], [], 0, None, "token 1000 at index 1 is outside the vocabulary"),
         ([1, -2, 3], [], 0, None, "token -2 at index 1"),
         ([1, 2.0, 3], [], 0, None, "token 2.0 at index 1 is not an int"),
+        ([1, 2, 3], [(CAT, 0, 2)], 0, None, "is not a MultimodalItem"),
+        ([1, 2, 3], [None], 0, None, "None is not a MultimodalItem"),
+        ([1, 2, 3], [], True, None, "start=True must be an int"),
     ],
 )
 def test_bad_splices_raise(tokens, items, start, end, message):
