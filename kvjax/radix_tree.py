@@ -54,14 +54,19 @@ class _Node:
 class RootBlock(_Node):
     """The root of one reuse scope; it exists in the tree while it has children."""
 
-    __slots__ = ("is_attached", "scope")
+    __slots__ = ("is_attached", "scope", "tree")
     ordinal = -1
     is_full = True
 
-    def __init__(self, scope: ReuseScope) -> None:
+    def __init__(self, scope: ReuseScope, tree: BlockRadixTree) -> None:
         super().__init__(scope.root_key)
         self.scope = scope
+        self.tree = tree  # blocks of another tree must never become parents here
         self.is_attached = False
+
+    @property
+    def root(self) -> RootBlock:
+        return self
 
 
 class Block(_Node):
@@ -73,7 +78,7 @@ class Block(_Node):
         page: its page on some tier, set by `TieredPages`.
     """
 
-    __slots__ = ("is_full", "num_tokens", "ordinal", "page", "parent", "payload")
+    __slots__ = ("is_full", "num_tokens", "ordinal", "page", "parent", "payload", "root")
 
     def __init__(
         self, key: BlockKey, payload: bytes, num_tokens: int, parent: _Node, is_full: bool
@@ -82,6 +87,7 @@ class Block(_Node):
         self.payload = payload
         self.num_tokens = num_tokens
         self.parent: _Node | None = parent
+        self.root: RootBlock = parent.root
         self.ordinal: int = parent.ordinal + 1
         self.is_full = is_full
         self.page: Page | None = None
@@ -321,9 +327,11 @@ class BlockRadixTree:
 
     def _parent_node(self, parent: Block | ReuseScope) -> _Node:
         if isinstance(parent, ReuseScope):
-            return self._roots.get(parent.root_key) or RootBlock(parent)
+            return self._roots.get(parent.root_key) or RootBlock(parent, self)
         if not isinstance(parent, Block):
             raise ValueError(f"parent {parent!r} is neither a Block nor a ReuseScope")
+        if parent.root.tree is not self:
+            raise ValueError(f"parent {parent!r} belongs to another tree")
         if not parent.is_attached:
             raise ValueError(f"parent {parent!r} is no longer in the tree")
         if not parent.is_full:
@@ -408,7 +416,7 @@ class BlockRadixTree:
         """
         if not isinstance(block, Block):
             raise ValueError(f"{block!r} is not a block; roots leave with their last child")
-        if not block.is_attached:
+        if block.root.tree is not self or not block.is_attached:
             raise ValueError(f"{block!r} is not in the tree")
         self._unlink(block)
         return self._detach_subtree(block)
@@ -449,6 +457,7 @@ class BlockRadixTree:
         tpb = self.tokens_per_block
         for key, child in node.children.items():
             assert child.parent is node and child.key == key, f"{child!r} linked wrongly"
+            assert child.root is node.root and node.root.tree is self, f"{child!r} wrong root"
             assert child.ordinal == node.ordinal + 1, f"{child!r} has a wrong ordinal"
             assert 1 <= child.num_tokens <= tpb and child.is_full == (child.num_tokens == tpb)
             assert key == hasher(node.key, child.payload, child.num_tokens), f"{child!r} key"

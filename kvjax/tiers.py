@@ -268,12 +268,10 @@ class TieredPages:
             if self._is_live(page):  # an earlier drop may have pruned it
                 self._drop(page)
         # Victims no longer needed go back to the front of their queues, in their order.
-        rank = {id(page): position for position, page in enumerate(victims)}
         moved = set(map(id, moving))
         unused = [page for page in victims if id(page) not in moved and self._is_live(page)]
-        for page in sorted(unused, key=lambda page: rank[id(page)], reverse=True):
-            if page.tier is tier and page not in self._queues[tier]:
-                self._enqueue(page, evict_first=True)
+        for page in reversed(unused):
+            self._enqueue(page, evict_first=True)
 
     def _move_down(self, victims: list[Page]) -> None:
         """Moves dequeued victims of one tier to the next colder one, which has room for them."""

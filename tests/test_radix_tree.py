@@ -236,3 +236,14 @@ def test_prefix_search_over_many_children_agrees_with_a_scan(threshold):
     ]:
         assert tree.match(SCOPE, query).num_tokens == expected, query
     assert tree.insert(SCOPE, [3, 1]).outcome is InsertOutcome.COVERED
+
+
+def test_blocks_of_another_tree_are_refused():
+    tree, other = BlockRadixTree(4), BlockRadixTree(4)
+    foreign = commit(other, [1, 2, 3, 4])[0].block
+    with pytest.raises(ValueError, match="belongs to another tree"):
+        tree.insert(foreign, [5])
+    with pytest.raises(ValueError, match="not in the tree"):
+        tree.remove(foreign)
+    assert len(tree) == 0 and len(other) == 1
+    assert foreign.root.scope == SCOPE and foreign.root.tree is other
