@@ -1,6 +1,7 @@
 import blake3
 import numpy as np
 import pytest
+from scopes import DISTINCT_SCOPES
 
 from kvjax.keys import (
     DIGEST_SIZE,
@@ -14,13 +15,7 @@ from kvjax.keys import (
     tagged_payload,
 )
 
-SCOPES = [
-    ReuseScope(),
-    ReuseScope(lora_id=0),
-    ReuseScope(salt=0),
-    ReuseScope(lora_id=0, salt=0),
-    ReuseScope(lora_id=7, salt=11),
-]
+SCOPES = DISTINCT_SCOPES
 DIGEST = blake3.blake3(b"an image").digest()
 
 

@@ -1,4 +1,5 @@
 import pytest
+from scopes import DISTINCT_SCOPES
 
 from kvjax import BlockRadixTree, InsertOutcome, ReuseScope
 from kvjax.keys import encode_block
@@ -189,13 +190,7 @@ def test_insert_takes_any_iterable_of_tokens():
     assert result.outcome is InsertOutcome.NEW and result.block.tokens == [1, 2]
 
 
-SCOPES = [
-    ReuseScope(),
-    ReuseScope(lora_id=0),
-    ReuseScope(salt=0),
-    ReuseScope(lora_id=0, salt=0),
-    ReuseScope(lora_id=7, salt=11),
-]
+SCOPES = DISTINCT_SCOPES
 
 
 @pytest.mark.parametrize("partial", [True, False])
