@@ -99,16 +99,12 @@ def bench_tree(rng, num_blocks: int, tokens_per_block: int, repeats: int) -> dic
     match_us = statistics.median(median_time(lambda q=q: tree.match(SCOPE, q), 1) for q in queries)
     assert tree.match(SCOPE, queries[0]).num_tokens == len(queries[0])
 
-    # Insert: new blocks under random existing blocks, timed one batch at a time, then removed.
-    blocks = list(tree.iter_blocks()) if num_blocks <= 100_000 else None
+    # Insert: new blocks under random blocks of random sequences, timed one batch at a time, then
+    # removed so the tree keeps its size.
     insert_times = []
     for _ in range(repeats):
-        parents = (
-            [blocks[i] for i in rng.integers(0, len(blocks), size=100)]
-            if blocks is not None
-            else [tree.match(SCOPE, full[i]).blocks[-1] for i in rng.integers(0, len(full), 100)]
-        )
-        parents = [p for p in parents if p.is_full]
+        chains = [tree.match(SCOPE, full[i]).blocks for i in rng.integers(0, len(full), 100)]
+        parents = [chain[rng.integers(0, len(chain))] for chain in chains]
         new_tokens = [random_tokens(rng, tokens_per_block) for _ in parents]
         begin = time.perf_counter()
         inserted = [tree.insert(p, t).block for p, t in zip(parents, new_tokens, strict=True)]

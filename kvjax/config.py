@@ -13,6 +13,8 @@ from pathlib import Path
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so it can be named by string)
 import numpy as np
 
+from kvjax.checks import check_int
+
 __all__ = ["KV_DTYPES", "CacheConfig"]
 
 # The dtypes the attention kernels read; fp8 would need per-page scales the pool does not carry.
@@ -21,16 +23,8 @@ KV_DTYPES = ("float32", "float16", "bfloat16")
 _MAX_TOKEN_ID = 2**32 - 1  # keys encode token ids as uint32
 
 
-def _check_int(field: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{field}={value!r} must be an int")
-    if value < minimum:
-        raise ValueError(f"{field}={value} must be >= {minimum}")
-    return int(value)
-
-
 def _check_optional_int(field: str, value: object, *, minimum: int) -> int | None:
-    return None if value is None else _check_int(field, value, minimum=minimum)
+    return None if value is None else check_int(field, value, minimum=minimum)
 
 
 def _resolve_dtype(value: object) -> np.dtype:
@@ -83,7 +77,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         set_field = object.__setattr__.__get__(self)
         for field in ("num_layers", "num_kv_heads", "head_dim", "tokens_per_block"):
-            set_field(field, _check_int(field, getattr(self, field), minimum=1))
+            set_field(field, check_int(field, getattr(self, field), minimum=1))
         tpb = self.tokens_per_block
         if tpb & (tpb - 1):
             # Triton tiles need power-of-two extents, and a page is one tile of tokens.
@@ -96,7 +90,7 @@ class CacheConfig:
         if isinstance(util, bool) or not isinstance(util, int | float) or not 0 < util <= 1:
             raise ValueError(f"max_util_for_resume={util!r} must be a number in (0, 1]")
         if self.vocab_size is not None:
-            vocab = _check_int("vocab_size", self.vocab_size, minimum=1)
+            vocab = check_int("vocab_size", self.vocab_size, minimum=1)
             if vocab > _MAX_TOKEN_ID:
                 raise ValueError(f"vocab_size={vocab} must be <= {_MAX_TOKEN_ID}")
             set_field("vocab_size", vocab)
@@ -200,5 +194,5 @@ class CacheConfig:
         MAX_UTILIZATION scheduling suspends requests to make room; without a host tier their pages
         would have nowhere to go and the scheduler would deadlock (the seed PR's fix).
         """
-        available = _check_int("available_host_bytes", available_host_bytes, minimum=0)
+        available = check_int("available_host_bytes", available_host_bytes, minimum=0)
         return min(self.num_device_pages, available // 2 // self.page_bytes)

@@ -11,6 +11,8 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
+from kvjax.checks import check_int
+
 __all__ = [
     "PRIORITY_DEFAULT",
     "PRIORITY_MAX",
@@ -27,11 +29,7 @@ PRIORITY_DEFAULT = 35
 
 def check_priority(priority: int) -> int:
     """Returns `priority` when it is an int in `[PRIORITY_MIN, PRIORITY_MAX]`; raises otherwise."""
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise ValueError(f"priority={priority!r} must be an int")
-    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
-        raise ValueError(f"priority={priority} must be in [{PRIORITY_MIN}, {PRIORITY_MAX}]")
-    return priority
+    return check_int("priority", priority, minimum=PRIORITY_MIN, maximum=PRIORITY_MAX)
 
 
 class Prioritized(Protocol):

@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 import blake3
 import numpy as np
 
+from kvjax.checks import check_int
+
 __all__ = [
     "DIGEST_SIZE",
     "MAX_TOKEN_ID",
@@ -278,10 +280,7 @@ def block_keys(
     scope: ReuseScope, tokens: Sequence[Token] | np.ndarray, tokens_per_block: int
 ) -> list[BlockKey]:
     """Keys of every block of `tokens` under `scope`, the last one possibly of a partial block."""
-    if isinstance(tokens_per_block, bool) or not isinstance(tokens_per_block, int):
-        raise ValueError(f"tokens_per_block={tokens_per_block!r} must be an int")
-    if tokens_per_block < 1:
-        raise ValueError(f"tokens_per_block={tokens_per_block} must be >= 1")
+    check_int("tokens_per_block", tokens_per_block, minimum=1)
     encoded = _encode_ids(tokens)
     if encoded is None:
         return list(iter_block_keys(scope.root_key, block_payloads(tokens, tokens_per_block)))

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import blake3
 import numpy as np
 
+from kvjax.checks import check_int
 from kvjax.keys import DIGEST_SIZE, MAX_TOKEN_ID, Token
 
 __all__ = ["MultimodalItem", "multimodal_key_tokens", "splice_multimodal_tokens"]
@@ -23,14 +24,6 @@ def _digest_of(digest: object) -> bytes:
         size = f"{len(digest)} bytes" if isinstance(digest, bytes) else type(digest).__name__
         raise ValueError(f"multimodal digest is {size}; expected {DIGEST_SIZE} bytes")
     return digest
-
-
-def _check_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}={value!r} must be an int")
-    if value < minimum:
-        raise ValueError(f"{name}={value} must be >= {minimum}")
-    return value
 
 
 def multimodal_key_tokens(
@@ -48,9 +41,9 @@ def multimodal_key_tokens(
             would pass `MAX_TOKEN_ID`.
     """
     _digest_of(digest)
-    _check_int("length", length, minimum=1)
-    _check_int("vocab_size", vocab_size, minimum=1)
-    _check_int("token_offset", token_offset, minimum=0)
+    check_int("length", length, minimum=1)
+    check_int("vocab_size", vocab_size, minimum=1)
+    check_int("token_offset", token_offset, minimum=0)
     if token_offset > length:
         raise ValueError(f"token_offset={token_offset} must be in [0, length={length}]")
     if vocab_size + length - 1 > MAX_TOKEN_ID:
@@ -78,8 +71,8 @@ class MultimodalItem:
 
     def __post_init__(self) -> None:
         _digest_of(self.digest)
-        _check_int("multimodal item position", self.position, minimum=0)
-        _check_int("multimodal item length", self.length, minimum=1)
+        check_int("multimodal item position", self.position, minimum=0)
+        check_int("multimodal item length", self.length, minimum=1)
 
     @classmethod
     def from_content(cls, content: bytes, position: int, length: int) -> MultimodalItem:
@@ -113,11 +106,11 @@ def splice_multimodal_tokens(
     Raises:
         ValueError: a range, item or token that does not fit, naming the value and the limit.
     """
-    _check_int("vocab_size", vocab_size, minimum=1)
+    check_int("vocab_size", vocab_size, minimum=1)
     num_tokens = len(tokens)
     end = num_tokens if end is None else end
-    _check_int("start", start, minimum=0)
-    _check_int("end", end, minimum=0)
+    check_int("start", start, minimum=0)
+    check_int("end", end, minimum=0)
     if not start <= end <= num_tokens:
         raise ValueError(f"range [{start}, {end}) must lie within [0, {num_tokens}]")
     for item in items:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sortedcontainers import SortedDict
 
+from kvjax.checks import check_int
 from kvjax.keys import (
     BlockHasher,
     BlockKey,
@@ -214,12 +215,8 @@ class BlockRadixTree:
     def __init__(
         self, tokens_per_block: int, *, enable_partial_reuse: bool = True, index_threshold: int = 8
     ) -> None:
-        for name, value, minimum in (
-            ("tokens_per_block", tokens_per_block, 1),
-            ("index_threshold", index_threshold, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+        check_int("tokens_per_block", tokens_per_block, minimum=1)
+        check_int("index_threshold", index_threshold, minimum=0)
         if not isinstance(enable_partial_reuse, bool):
             raise ValueError(f"enable_partial_reuse={enable_partial_reuse!r} must be a bool")
         self.tokens_per_block = tokens_per_block
@@ -316,8 +313,7 @@ class BlockRadixTree:
                 return InsertResult(covering, InsertOutcome.COVERED)
         replaced = self._extended_partials(node, payload, count)
         for sibling in replaced:
-            self._unlink(sibling)
-            self._detach_subtree(sibling)
+            self.remove(sibling)
         block = Block(key, payload, count, node, is_full)
         self._link(node, block)
         if isinstance(node, RootBlock) and not node.is_attached:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 
+from kvjax.checks import check_int
 from kvjax.eviction import PRIORITY_DEFAULT, EvictionQueue, check_priority
 from kvjax.keys import ReuseScope, Token
 from kvjax.pages import NULL_PAGE, Page, PageAllocator, Tier
@@ -54,9 +55,9 @@ class TieredPages:
         num_disk_pages: int = 0,
     ) -> None:
         sizes = {
-            Tier.DEVICE: _check_count("num_device_pages", num_device_pages),
-            Tier.HOST: _check_count("num_host_pages", num_host_pages),
-            Tier.DISK: _check_count("num_disk_pages", num_disk_pages),
+            Tier.DEVICE: check_int("num_device_pages", num_device_pages, minimum=0),
+            Tier.HOST: check_int("num_host_pages", num_host_pages, minimum=0),
+            Tier.DISK: check_int("num_disk_pages", num_disk_pages, minimum=0),
         }
         if sizes[Tier.DEVICE] < 2:
             raise ValueError(f"num_device_pages={num_device_pages} must be >= 2 (NULL_PAGE + 1)")
@@ -214,7 +215,7 @@ class TieredPages:
     def make_room(self, tier: Tier, count: int) -> bool:
         """Makes `count` pages of `tier` free by evicting, or returns False and changes nothing."""
         self._check_tier(tier)
-        _check_count("count", count)
+        check_int("count", count, minimum=0)
         if count > self.num_free(tier) + self._num_freeable(tier):
             return False
         self._make_room(tier, count)
@@ -382,11 +383,3 @@ class TieredPages:
         assert not page.num_locks or page.tier is Tier.DEVICE, f"{page!r} locked off the device"
         assert page.num_holders or page.is_cached, f"{page!r} should have been freed"
         assert page.block is None or page.block.page is page, f"{page!r} block link is one-way"
-
-
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name}={value!r} must be an int")
-    if value < 0:
-        raise ValueError(f"{name}={value} must be >= 0")
-    return value

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 HOST_MODULES = [
+    "kvjax.checks",
     "kvjax.config",
     "kvjax.keys",
     "kvjax.multimodal",
