@@ -30,6 +30,7 @@ __all__ = [
     "block_key",
     "block_keys",
     "block_payloads",
+    "check_tokens",
     "decode_payload",
     "encode_block",
     "is_tagged",
@@ -110,6 +111,13 @@ def _check_token(index: int, token: object) -> None:
             raise _token_error(index, token)
     elif not isinstance(token, int | np.integer) or not 0 <= token <= MAX_TOKEN_ID:
         raise _token_error(index, token)
+
+
+def check_tokens(tokens: Sequence[Token], first_index: int = 0) -> None:
+    """Raises `ValueError` naming the first token that is neither an id in `[0, MAX_TOKEN_ID]`
+    nor a 32-byte digest (`first_index` offsets the index in the message)."""
+    for index, token in enumerate(tokens, first_index):
+        _check_token(index, token)
 
 
 def _encode_ids(tokens: Sequence[Token] | np.ndarray) -> bytes | None:

@@ -76,6 +76,33 @@ class PageAllocator:
             self._is_free[page_id] = 0
         return page_ids
 
+    def allocate_below(self, limit: int, count: int) -> list[int] | None:
+        """Takes `count` free pages with ids below `limit` (for relocation before a shrink), or
+        returns None and changes nothing when fewer are free there."""
+        page_ids = [page_id for page_id in self._free if page_id < limit][:count]
+        if len(page_ids) < count:
+            return None
+        taken = set(page_ids)
+        self._free = deque(page_id for page_id in self._free if page_id not in taken)
+        for page_id in page_ids:
+            self._is_free[page_id] = 0
+        return page_ids
+
+    def resize(self, num_pages: int) -> None:
+        """Grows (new ids join the free queue) or shrinks (every id past the end must be free)."""
+        if num_pages < self.first_page:
+            raise ValueError(f"num_pages={num_pages} must be >= {self.first_page}")
+        busy = [i for i in range(num_pages, self.num_pages) if not self._is_free[i]]
+        if busy:
+            raise ValueError(f"pages {busy} are in use past the new end {num_pages}")
+        if num_pages < self.num_pages:
+            self._free = deque(page_id for page_id in self._free if page_id < num_pages)
+            del self._is_free[num_pages:]
+        else:
+            self._free.extend(range(self.num_pages, num_pages))
+            self._is_free.extend(b"\x01" * (num_pages - self.num_pages))
+        self.num_pages = num_pages
+
     def free(self, page_ids: Iterable[int]) -> None:
         """Returns pages to the back of the free queue; checks them all before changing anything."""
         page_ids = list(page_ids)

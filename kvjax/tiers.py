@@ -11,7 +11,8 @@ it either succeeds or changes nothing.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 
 from kvjax.checks import check_int
 from kvjax.eviction import PRIORITY_DEFAULT, EvictionQueue, check_priority
@@ -74,12 +75,18 @@ class TieredPages:
         self._queues: dict[Tier, EvictionQueue[Page]] = {t: EvictionQueue() for t in self.tiers}
         self._moves: list[PageMove] = []
         self.num_dropped_blocks = 0  # blocks removed from the tree to make room
+        # Called with the blocks that left the tree (dropped, replaced or cleared), for KV events.
+        self.on_blocks_removed: Callable[[Sequence[Block]], None] | None = None
 
     # -- queries ------------------------------------------------------------------------------
 
     def num_pages(self, tier: Tier) -> int:
         """Pages of `tier` that can be handed out (`NULL_PAGE` excluded)."""
         return self._allocators[self._check_tier(tier)].num_usable
+
+    def size(self, tier: Tier) -> int:
+        """Pages of `tier`, `NULL_PAGE` included: the length of its storage array."""
+        return self._allocators[self._check_tier(tier)].num_pages
 
     def num_free(self, tier: Tier) -> int:
         return self._allocators[self._check_tier(tier)].num_free
@@ -117,16 +124,55 @@ class TieredPages:
             The new private (uncommitted) pages, or None, with nothing changed, when even eviction
             cannot free enough.
         """
+        return self.acquire((), check_int("count", count, minimum=0), priority=priority)
+
+    def acquire(
+        self, pages: Sequence[Page], num_new: int = 0, *, priority: int = PRIORITY_DEFAULT
+    ) -> list[Page] | None:
+        """Locks held `pages` on the device and takes `num_new` fresh locked pages, all or nothing.
+
+        Pages on colder tiers move up (recorded as moves); room is made by evicting pages other
+        than `pages`. Each page must have a holder that is not locked yet (the caller's).
+
+        Returns:
+            The `num_new` new private pages, or None, with nothing changed, when the device cannot
+            take them all.
+        """
         check_priority(priority)
-        if not self.make_room(Tier.DEVICE, count):
+        check_int("num_new", num_new, minimum=0)
+        if len({id(page) for page in pages}) != len(pages):
+            raise ValueError("pages names a page twice")
+        for page in pages:
+            self._check_live(page)
+            if page.num_locks >= page.num_holders:
+                raise ValueError(f"{page!r} has no unlocked holder to lock; hold it first")
+        # The targets must not be chosen as victims: count the room without them first.
+        excluded = Counter(page.tier for page in pages if page in self._queues[page.tier])
+        rising = [page for page in pages if page.tier is not Tier.DEVICE]
+        needed = num_new + len(rising)
+        if needed > self.num_free(Tier.DEVICE) + self._num_freeable(Tier.DEVICE, excluded):
             return None
-        pages = []
-        for page_id in self._allocators[Tier.DEVICE].allocate(count):
+        for page in pages:
+            self._dequeue(page)
+        self._make_room(Tier.DEVICE, needed)
+        self._move_up(sorted(rising, key=lambda page: page.tier))
+        for page in pages:
+            page.num_locks += 1
+        new_pages = []
+        for page_id in self._allocators[Tier.DEVICE].allocate(num_new):
             page = Page(Tier.DEVICE, page_id, priority)
             page.num_holders = page.num_locks = 1
             self._pages[Tier.DEVICE][page_id] = page
-            pages.append(page)
-        return pages
+            new_pages.append(page)
+        return new_pages
+
+    def record_copy(self, source: Page, target: Page) -> None:
+        """Records a device-to-device copy of `source`'s bytes into `target` (copy-on-write)."""
+        for page in (source, target):
+            self._check_live(page)
+            if page.tier is not Tier.DEVICE or not page.num_locks:
+                raise ValueError(f"{page!r} must be locked on the device to be copied")
+        self._moves.append(PageMove(Tier.DEVICE, source.page_id, Tier.DEVICE, target.page_id))
 
     def hold(self, page: Page) -> None:
         """Adds a user that needs the page kept but not on the device (e.g. a suspended cache).
@@ -221,17 +267,19 @@ class TieredPages:
         self._make_room(tier, count)
         return True
 
-    def _num_acceptable(self, tier: Tier | None) -> int:
+    def _num_acceptable(self, tier: Tier | None, excluded: Counter[Tier] | None = None) -> int:
         """Pages `tier` could take in from above: free ones plus those it can shed."""
         if tier is None:
             return 0
-        return self.num_free(tier) + self._num_freeable(tier)
+        return self.num_free(tier) + self._num_freeable(tier, excluded)
 
-    def _num_freeable(self, tier: Tier) -> int:
+    def _num_freeable(self, tier: Tier, excluded: Counter[Tier] | None = None) -> int:
+        """Pages of `tier` that eviction can free, not counting `excluded[tier]` HELD ones."""
         # DROPPABLE pages can always go (moved or dropped); HELD ones only to a colder tier.
         queue = self._queues[tier]
+        num_held = len(queue.held) - (excluded[tier] if excluded else 0)
         return len(queue.droppable) + min(
-            len(queue.held), self._num_acceptable(self._next.get(tier))
+            num_held, self._num_acceptable(self._next.get(tier), excluded)
         )
 
     def _make_room(self, tier: Tier, count: int) -> None:
@@ -290,9 +338,58 @@ class TieredPages:
             self._pages[target][target_id] = page
             self._enqueue(page)
 
+    def _move_up(self, pages: list[Page]) -> None:
+        """Moves dequeued pages of colder tiers to the device, which has room for them."""
+        device_ids = self._allocators[Tier.DEVICE].allocate(len(pages))
+        assert device_ids is not None, "make room on the device first"
+        for page, device_id in zip(pages, device_ids, strict=True):
+            self._moves.append(PageMove(page.tier, page.page_id, Tier.DEVICE, device_id))
+            self._allocators[page.tier].free([page.page_id])
+            self._pages[page.tier][page.page_id] = None
+            page.tier, page.page_id = Tier.DEVICE, device_id
+            self._pages[Tier.DEVICE][device_id] = page
+
     def _drop(self, page: Page) -> None:
         """Drops a dequeued DROPPABLE cached page: its block and subtree leave the tree."""
         self.num_dropped_blocks += len(self.drop_block(page.block))
+
+    # -- quotas -------------------------------------------------------------------------------
+
+    def resize_tier(self, tier: Tier, num_pages: int) -> bool:
+        """Changes the number of pages of `tier` (`NULL_PAGE` included on the device).
+
+        Shrinking evicts the least valuable pages down the cascade until the survivors fit, then
+        relocates survivors with ids past the new end into free ids below it (recorded as moves
+        within the tier, which the storage must run before it shrinks its array). No page may be
+        locked: suspend every cache first.
+
+        Returns:
+            False, with nothing changed, when the pages that must stay do not fit.
+        """
+        self._check_tier(tier)
+        check_int("num_pages", num_pages, minimum=2 if tier is Tier.DEVICE else 1)
+        locked = next((page for page in self.live_pages(tier) if page.num_locks), None)
+        if locked is not None:
+            raise RuntimeError(f"cannot resize {tier.name} while {locked!r} is locked")
+        allocator = self._allocators[tier]
+        old_num_pages = allocator.num_pages
+        if num_pages < old_num_pages:
+            if not self.make_room(tier, old_num_pages - num_pages):
+                return False
+            survivors = [page for page in self._pages[tier][num_pages:] if page is not None]
+            new_ids = allocator.allocate_below(num_pages, len(survivors))
+            assert new_ids is not None, "make_room left enough free pages below the new end"
+            for page, new_id in zip(survivors, new_ids, strict=True):
+                self._moves.append(PageMove(tier, page.page_id, tier, new_id))
+                allocator.free([page.page_id])
+                self._pages[tier][page.page_id] = None
+                page.page_id = new_id
+                self._pages[tier][new_id] = page
+        allocator.resize(num_pages)
+        pages = self._pages[tier]
+        del pages[num_pages:]
+        pages.extend([None] * (num_pages - len(pages)))
+        return True
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -325,6 +422,8 @@ class TieredPages:
 
     def _forget_pages(self, blocks: Sequence[Block]) -> None:
         """Frees the unheld pages of blocks that left the tree; held ones become orphans."""
+        if blocks and self.on_blocks_removed is not None:
+            self.on_blocks_removed(blocks)
         for block in blocks:
             page = block.page
             if page is not None and not page.num_holders:
