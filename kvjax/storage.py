@@ -1,0 +1,323 @@
+"""Storage: the bytes of every tier (device pool, host array, disk memmap) and the page moves.
+
+Device side: imports JAX. `KVStorage.apply` carries out the `PageMove`s that `TieredPages`
+records, in order, batching consecutive moves of one kind into one jitted op and one host transfer.
+Page counts are padded to power-of-two buckets, with the live count passed as an int32 array, so
+varying counts reuse compiled code.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.checks import check_int
+from kvjax.config import KV_DTYPES
+from kvjax.pages import NULL_PAGE, Tier
+
+if TYPE_CHECKING:
+    from kvjax.tiers import PageMove
+
+__all__ = ["KVStorage", "copy_pages", "gather_pages", "page_bucket", "scatter_pages"]
+
+
+def page_bucket(count: int) -> int:
+    """Smallest power of two >= max(count, 1): the padded page count of a batched device op."""
+    return 1 << max(check_int("count", count, minimum=0) - 1, 0).bit_length()
+
+
+def _check_ids(*ids: jax.Array) -> None:
+    if any(a.shape != ids[0].shape or a.ndim != 1 or a.dtype != jnp.int32 for a in ids):
+        raise ValueError(f"page ids {[f'{a.dtype}{list(a.shape)}' for a in ids]} must be int32[n]")
+
+
+def _gather(pool: jax.Array, page_ids: jax.Array, num_valid: jax.Array) -> jax.Array:
+    index = jnp.arange(page_ids.shape[0], dtype=jnp.int32)
+    return pool[jnp.where(index < num_valid, page_ids, NULL_PAGE)]
+
+
+def _scatter(pool: jax.Array, pages: jax.Array, page_ids: jax.Array, num_valid) -> jax.Array:
+    # Padding rows point past the pool, one distinct index each, so `mode="drop"` discards them
+    # and the real destinations (distinct by contract) let XLA scatter without ordering.
+    index = jnp.arange(page_ids.shape[0], dtype=jnp.int32)
+    dst = jnp.where(index < num_valid, page_ids, pool.shape[0] + index)
+    return pool.at[dst].set(pages, mode="drop", unique_indices=True)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def copy_pages(pool, src, dst, num_valid):
+    """Copies `pool[src[i]]` to `pool[dst[i]]` for `i < num_valid`, all sources read first.
+
+    Args:
+        pool: dtype[num_pages, *page_shape], donated; the updated pool is returned.
+        src, dst: int32[bucket]; `dst[:num_valid]` distinct; entries from `num_valid` are ignored.
+        num_valid: int32[] live entries.
+    """
+    _check_ids(src, dst)
+    return _scatter(pool, _gather(pool, src, num_valid), dst, num_valid)
+
+
+@jax.jit
+def gather_pages(pool, page_ids, num_valid):
+    """Returns staging dtype[bucket, *page_shape]: row i is `pool[page_ids[i]]` for i < num_valid.
+
+    Args:
+        pool: dtype[num_pages, *page_shape].
+        page_ids: int32[bucket]; entries from `num_valid` are ignored (their rows are junk).
+        num_valid: int32[] live entries.
+    """
+    _check_ids(page_ids)
+    return _gather(pool, page_ids, num_valid)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def scatter_pages(pool, staging, page_ids, num_valid):
+    """Writes `staging[i]` to `pool[page_ids[i]]` for `i < num_valid`; other rows touch nothing.
+
+    Args:
+        pool: dtype[num_pages, *page_shape], donated; the updated pool is returned.
+        staging: dtype[bucket, *page_shape].
+        page_ids: int32[bucket]; `page_ids[:num_valid]` distinct.
+        num_valid: int32[] live entries.
+    """
+    _check_ids(page_ids)
+    if staging.shape != (page_ids.shape[0], *pool.shape[1:]) or staging.dtype != pool.dtype:
+        raise ValueError(
+            f"staging {staging.dtype}{list(staging.shape)} must be {pool.dtype}"
+            f"{[page_ids.shape[0], *pool.shape[1:]]} for pool {pool.dtype}{list(pool.shape)}"
+        )
+    return _scatter(pool, staging, page_ids, num_valid)
+
+
+def _padded(page_ids: list[int]) -> np.ndarray:
+    """int32[page_bucket(n)]: the ids, then NULL_PAGE (masked out by num_valid)."""
+    padded = np.full(page_bucket(len(page_ids)), NULL_PAGE, np.int32)
+    padded[: len(page_ids)] = page_ids
+    return padded
+
+
+class KVStorage:
+    """Pages of every tier: `pool` on the device, `host` in RAM, `disk` in a memmapped temp file.
+
+    Each tier is an array `[num_pages, *page_shape]` of `dtype`. Page 0 of the device is
+    `NULL_PAGE`: never a move's destination.
+
+    Args:
+        page_shape: `(num_layers, 2, num_kv_heads, tokens_per_block, head_dim)`.
+        dtype: one of `KV_DTYPES`.
+        num_device_pages: device pool size, `NULL_PAGE` included (>= 2).
+        num_host_pages, num_disk_pages: sizes of the colder tiers; 0 leaves a tier out.
+        disk_dir: directory of the disk tier's anonymous file; required when num_disk_pages > 0.
+    """
+
+    def __init__(
+        self,
+        page_shape: Sequence[int],
+        dtype: str | np.dtype,
+        num_device_pages: int,
+        num_host_pages: int = 0,
+        num_disk_pages: int = 0,
+        disk_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.page_shape = tuple(check_int("page_shape", d, minimum=1) for d in page_shape)
+        if len(self.page_shape) != 5:
+            raise ValueError(f"page_shape={self.page_shape} must have 5 dimensions")
+        self.dtype = np.dtype(dtype)
+        if self.dtype.name not in KV_DTYPES:
+            raise ValueError(f"dtype={self.dtype.name} is not supported; use one of {KV_DTYPES}")
+        check_int("num_device_pages", num_device_pages, minimum=NULL_PAGE + 2)
+        for name, value in (("num_host_pages", num_host_pages), ("num_disk_pages", num_disk_pages)):
+            check_int(name, value, minimum=0)
+        if num_disk_pages and disk_dir is None:
+            raise ValueError(f"num_disk_pages={num_disk_pages} needs disk_dir")
+        self._disk_dir = disk_dir
+        self._pool = jnp.zeros((num_device_pages, *self.page_shape), self.dtype)
+        host_shape = (num_host_pages, *self.page_shape)
+        self._host = np.zeros(host_shape, self.dtype) if num_host_pages else None
+        self._disk_file = self._disk = None
+        if num_disk_pages:
+            self._disk_file, self._disk = self._new_disk(num_disk_pages)
+        self._closed = False
+
+    # -- tiers --------------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> jax.Array:
+        """The device pool, dtype[num_device_pages, *page_shape]; donated by every update."""
+        self._check_open()
+        return self._pool
+
+    @pool.setter
+    def pool(self, value: jax.Array) -> None:
+        self._check_open()
+        old = self._pool
+        if not isinstance(value, jax.Array) or (value.shape, value.dtype) != (old.shape, old.dtype):
+            got = f"{value.dtype}{list(value.shape)}" if hasattr(value, "shape") else repr(value)
+            raise ValueError(f"pool {got} must be a jax.Array {old.dtype}{list(old.shape)}")
+        self._pool = value
+
+    @property
+    def host(self) -> np.ndarray | None:
+        """The host tier, dtype[num_host_pages, *page_shape], or None when absent."""
+        self._check_open()
+        return self._host
+
+    @property
+    def disk(self) -> np.memmap | None:
+        """The disk tier, dtype[num_disk_pages, *page_shape], or None when absent."""
+        self._check_open()
+        return self._disk
+
+    @property
+    def page_bytes(self) -> int:
+        return math.prod(self.page_shape) * self.dtype.itemsize
+
+    def num_pages(self, tier: Tier) -> int:
+        """Pages of `tier`, `NULL_PAGE` included; 0 when the tier is absent."""
+        array = self._array(Tier(tier))
+        return 0 if array is None else array.shape[0]
+
+    def nbytes(self, tier: Tier) -> int:
+        return self.num_pages(tier) * self.page_bytes
+
+    def read_pages(self, tier: Tier, page_ids: Sequence[int]) -> np.ndarray:
+        """A host copy of the pages, dtype[len(page_ids), *page_shape] (for tests and debugging)."""
+        tier = self._check_tier(tier)
+        ids = np.array([self._check_page(tier, p, "page_ids") for p in page_ids], np.int32)
+        if tier is Tier.DEVICE:
+            return np.array(jax.device_get(jnp.take(self._pool, jnp.asarray(ids), axis=0)))
+        return np.array(self._array(tier)[ids])
+
+    def resize(self, tier: Tier, num_pages: int) -> None:
+        """Grows (new pages zero) or shrinks (keeps pages `[0, num_pages)`) a present tier.
+
+        The caller has moved the live pages below `num_pages` first.
+        """
+        tier = self._check_tier(tier)
+        minimum = NULL_PAGE + 2 if tier is Tier.DEVICE else 1
+        num_pages = check_int("num_pages", num_pages, minimum=minimum)
+        keep = min(num_pages, self.num_pages(tier))
+        if tier is Tier.DEVICE:
+            pool, self._pool = self._pool, None  # the old pool is freed once dropped here
+            grow = jnp.zeros((num_pages - keep, *self.page_shape), self.dtype)
+            self._pool = jnp.concatenate([pool[:keep], grow]) if num_pages > keep else pool[:keep]
+        elif tier is Tier.HOST:
+            host, self._host = self._host, np.zeros((num_pages, *self.page_shape), self.dtype)
+            self._host[:keep] = host[:keep]
+        else:
+            file, disk = self._disk_file, self._disk
+            self._disk_file, self._disk = self._new_disk(num_pages)
+            self._disk[:keep] = disk[:keep]
+            del disk
+            file.close()
+
+    def close(self) -> None:
+        """Drops every tier and closes the disk file; later use raises `RuntimeError`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._pool = self._host = self._disk = None
+        if self._disk_file is not None:
+            self._disk_file.close()
+            self._disk_file = None
+
+    # -- moves --------------------------------------------------------------------------------
+
+    def apply(self, moves: Sequence[PageMove]) -> dict[tuple[Tier, Tier], int]:
+        """Carries out the moves in order; checks them all before changing anything.
+
+        Consecutive moves of one (src_tier, dst_tier) kind run as one batch, cut before a move
+        that reads a page the batch writes or writes a page it reads or writes. So no batch reads
+        a page it writes or writes a page twice: its copies may run in any order (as a kernel
+        copying page by page would) and still equal running the moves one by one.
+
+        Returns:
+            Pages moved per (src_tier, dst_tier).
+        """
+        self._check_open()
+        moves = list(moves)
+        for move in moves:
+            self._check_move(move)
+        counts: dict[tuple[Tier, Tier], int] = {}
+        batch: list[PageMove] = []
+        read: set[tuple[Tier, int]] = set()
+        written: set[tuple[Tier, int]] = set()
+        batch_kind = None
+        for move in moves:
+            kind = (move.src_tier, move.dst_tier)
+            src, dst = (move.src_tier, move.src_page), (move.dst_tier, move.dst_page)
+            if batch and (kind != batch_kind or src in written or dst in read or dst in written):
+                self._run_batch(batch)
+                batch, read, written = [], set(), set()
+            batch_kind = kind
+            batch.append(move)
+            read.add(src)
+            written.add(dst)
+            counts[kind] = counts.get(kind, 0) + 1
+        if batch:
+            self._run_batch(batch)
+        return counts
+
+    def _run_batch(self, batch: list[PageMove]) -> None:
+        src_tier, dst_tier = batch[0].src_tier, batch[0].dst_tier
+        src_ids = [move.src_page for move in batch]
+        dst_ids = [move.dst_page for move in batch]
+        num_valid = np.int32(len(batch))
+        if src_tier is Tier.DEVICE and dst_tier is Tier.DEVICE:
+            self._pool = copy_pages(self._pool, _padded(src_ids), _padded(dst_ids), num_valid)
+        elif src_tier is Tier.DEVICE:
+            staging = gather_pages(self._pool, _padded(src_ids), num_valid)
+            self._array(dst_tier)[dst_ids] = np.asarray(jax.device_get(staging))[: len(batch)]
+        elif dst_tier is Tier.DEVICE:
+            staging = np.empty((page_bucket(len(batch)), *self.page_shape), self.dtype)
+            # mode="clip" lets take write straight into `out` (ids are checked already).
+            np.take(self._array(src_tier), src_ids, axis=0, out=staging[: len(batch)], mode="clip")
+            staging[len(batch) :] = 0  # dropped by scatter_pages; zeroed to stay deterministic
+            staging = jax.device_put(staging)
+            self._pool = scatter_pages(self._pool, staging, _padded(dst_ids), num_valid)
+        else:
+            self._array(dst_tier)[dst_ids] = self._array(src_tier)[src_ids]
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def _new_disk(self, num_pages: int):
+        # Anonymous file: removed by the OS once closed, so nothing is left in disk_dir.
+        file = tempfile.TemporaryFile(dir=self._disk_dir)  # noqa: SIM115  (lives with self)
+        shape = (num_pages, *self.page_shape)
+        return file, np.memmap(file, dtype=self.dtype, mode="w+", shape=shape)
+
+    def _array(self, tier: Tier) -> jax.Array | np.ndarray | None:
+        self._check_open()
+        return {Tier.DEVICE: self._pool, Tier.HOST: self._host, Tier.DISK: self._disk}[tier]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("KVStorage is closed")
+
+    def _check_tier(self, tier: object) -> Tier:
+        if not isinstance(tier, Tier) or self._array(tier) is None:
+            raise ValueError(f"tier={tier!r} is not one of this storage's tiers")
+        return tier
+
+    def _check_page(self, tier: Tier, page_id: object, name: str) -> int:
+        return check_int(name, page_id, minimum=0, maximum=self.num_pages(tier) - 1)
+
+    def _check_move(self, move: PageMove) -> None:
+        try:
+            for tier, page_id, name in (
+                (move.src_tier, move.src_page, "src_page"),
+                (move.dst_tier, move.dst_page, "dst_page"),
+            ):
+                self._check_page(self._check_tier(tier), page_id, f"{tier.name} {name}")
+        except ValueError as error:
+            raise ValueError(f"{move}: {error}") from None
+        if move.dst_tier is Tier.DEVICE and move.dst_page == NULL_PAGE:
+            raise ValueError(f"{move}: NULL_PAGE={NULL_PAGE} is never a destination")

@@ -1,0 +1,360 @@
+"""KVStorage and the page ops: byte-exact copies on every tier, in-order moves, no recompiles,
+donated pools."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kvjax import storage as storage_module
+from kvjax.pages import NULL_PAGE, Tier
+from kvjax.storage import KVStorage, copy_pages, gather_pages, page_bucket, scatter_pages
+from kvjax.tiers import PageMove
+
+PAGE_SHAPE = (2, 2, 2, 4, 8)  # num_layers, K/V, num_kv_heads, tokens_per_block, head_dim
+DTYPES = [np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)]
+D, H, K = Tier.DEVICE, Tier.HOST, Tier.DISK  # K: the disk tier
+
+
+def random_pages(rng, num_pages, dtype):
+    """Random bit patterns (NaNs with payloads included): a copy that converts values shows."""
+    bits = rng.integers(0, 2 ** (8 * dtype.itemsize), (num_pages, *PAGE_SHAPE), dtype=np.uint64)
+    return bits.astype(f"u{dtype.itemsize}").view(dtype)
+
+
+def assert_same_bytes(actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8))
+
+
+def padded_ids(ids, bucket, padding):
+    """int32[bucket]: the ids, then `padding` (real page ids, which the op must not touch)."""
+    return np.array([*ids, *padding[: bucket - len(ids)]], np.int32)
+
+
+@pytest.mark.parametrize(("count", "bucket"), [(0, 1), (1, 1), (2, 2), (3, 4), (8, 8), (9, 16)])
+def test_page_bucket(count, bucket):
+    assert page_bucket(count) == bucket
+
+
+# -- the jitted ops ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_valid", [1, 5, 8])
+def test_copy_pages_is_a_parallel_copy_of_the_valid_entries(dtype, num_valid):
+    rng = np.random.default_rng(num_valid)
+    pool = random_pages(rng, 16, dtype)
+    src = rng.permutation(16)[:num_valid]
+    dst = rng.permutation(np.arange(1, 16))[:num_valid]  # overlaps src: reads must come first
+    expected = pool.copy()
+    expected[dst] = pool[src]
+    padding = [NULL_PAGE, 15, 3, 9, 1, 2, 4]
+    out = copy_pages(
+        jnp.asarray(pool), padded_ids(src, 8, padding), padded_ids(dst, 8, padding), num_valid
+    )
+    assert_same_bytes(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_valid", [1, 3, 4])
+def test_gather_pages_reads_the_valid_entries(dtype, num_valid):
+    rng = np.random.default_rng(num_valid)
+    pool = random_pages(rng, 8, dtype)
+    ids = rng.permutation(8)[:num_valid]
+    staging = gather_pages(jnp.asarray(pool), padded_ids(ids, 4, [5, 6, 7]), np.int32(num_valid))
+    assert staging.shape == (4, *PAGE_SHAPE)
+    assert_same_bytes(np.asarray(staging)[:num_valid], pool[ids])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_valid", [1, 3, 4])
+def test_scatter_pages_writes_only_the_valid_entries(dtype, num_valid):
+    rng = np.random.default_rng(num_valid)
+    pool = random_pages(rng, 8, dtype)
+    staging = random_pages(rng, 4, dtype)
+    ids = rng.permutation(np.arange(1, 8))[:num_valid]
+    expected = pool.copy()
+    expected[ids] = staging[:num_valid]
+    padding = [NULL_PAGE, 7, 2]
+    out = scatter_pages(
+        jnp.asarray(pool), jnp.asarray(staging), padded_ids(ids, 4, padding), np.int32(num_valid)
+    )
+    assert_same_bytes(out, expected)
+
+
+def test_ops_refuse_mismatched_shapes():
+    pool = jnp.zeros((4, *PAGE_SHAPE), jnp.float32)
+    ids = np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match="int32"):
+        copy_pages(pool, ids, np.zeros(4, np.int32), 1)
+    with pytest.raises(ValueError, match="staging"):
+        scatter_pages(pool, jnp.zeros((4, *PAGE_SHAPE), jnp.float32), ids, 1)
+
+
+def pool_sized_copies(compiled_text, shape):
+    pool_type = f"f32[{','.join(map(str, shape))}]"
+    return [line for line in compiled_text.splitlines() if pool_type in line and " copy(" in line]
+
+
+@pytest.mark.parametrize("op", ["copy_pages", "scatter_pages"])
+def test_pool_is_donated_and_updated_in_place(op):
+    shape = (64, 2, 2, 2, 16, 64)
+    pool = jax.ShapeDtypeStruct(shape, jnp.float32)
+    ids = jax.ShapeDtypeStruct((8,), jnp.int32)
+    num_valid = jax.ShapeDtypeStruct((), jnp.int32)
+    if op == "copy_pages":
+        fn, args = copy_pages, (pool, ids, ids, num_valid)
+    else:
+        staging = jax.ShapeDtypeStruct((8, *shape[1:]), jnp.float32)
+        fn, args = scatter_pages, (pool, staging, ids, num_valid)
+    text = fn.lower(*args).compile().as_text()
+    assert "input_output_alias" in text
+    assert pool_sized_copies(text, shape) == []
+    # The same op without donation must fail both checks, or the checks prove nothing.
+    undonated = jax.jit(fn.__wrapped__).lower(*args).compile().as_text()
+    assert "input_output_alias" not in undonated
+    assert pool_sized_copies(undonated, shape) != []
+
+
+# -- KVStorage ---------------------------------------------------------------------------------
+
+
+def make_storage(tmp_path, dtype=DTYPES[0], seed=0):
+    """Storage of 8 device, 6 host and 5 disk pages, each page a distinct random pattern."""
+    storage = KVStorage(PAGE_SHAPE, dtype, 8, 6, 5, disk_dir=tmp_path)
+    rng = np.random.default_rng(seed)
+    storage.pool = jnp.asarray(random_pages(rng, 8, dtype))
+    storage.host[:] = random_pages(rng, 6, dtype)
+    storage.disk[:] = random_pages(rng, 5, dtype)
+    return storage
+
+
+def snapshot(storage):
+    """Host copies of every tier, the model that reference moves run on."""
+    return {
+        D: np.array(storage.pool),
+        H: storage.host.copy(),
+        K: np.array(storage.disk),
+    }
+
+
+def run_one_by_one(model, moves):
+    for move in moves:
+        model[move.dst_tier][move.dst_page] = model[move.src_tier][move.src_page]
+
+
+def assert_matches(storage, model):
+    assert_same_bytes(storage.pool, model[D])
+    assert_same_bytes(storage.host, model[H])
+    assert_same_bytes(storage.disk, model[K])
+
+
+def moves_of(*specs):
+    return [PageMove(*spec) for spec in specs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_apply_runs_moves_in_order_across_every_tier_pair(tmp_path, dtype):
+    storage = make_storage(tmp_path, dtype)
+    model = snapshot(storage)
+    steps = [
+        # Offload, then onload into another page; the second D->H writes host 0 again.
+        moves_of((D, 5, H, 0), (D, 6, H, 1), (D, 7, H, 0), (H, 0, D, 4)),
+        # A chain: page 3 must end as the old page 1; then a swap that must not swap.
+        moves_of((D, 1, D, 2), (D, 2, D, 3), (D, 2, D, 5), (D, 5, D, 2)),
+        moves_of((H, 2, K, 0), (H, 3, K, 1), (K, 0, H, 4), (K, 1, D, 6), (K, 2, D, 7)),
+        moves_of((D, 3, K, 3), (D, 0, K, 4), (K, 3, K, 2), (H, 5, H, 0), (D, 6, H, 5)),
+    ]
+    counts = {}
+    for moves in steps:
+        for kind, count in storage.apply(moves).items():
+            counts[kind] = counts.get(kind, 0) + count
+        run_one_by_one(model, moves)
+        assert_matches(storage, model)
+    assert counts == {
+        (D, H): 4,
+        (H, D): 1,
+        (D, D): 4,
+        (H, K): 2,
+        (K, H): 1,
+        (K, D): 2,
+        (D, K): 2,
+        (K, K): 1,
+        (H, H): 1,
+    }
+
+
+def test_apply_chain_copies_the_old_page(tmp_path):
+    storage = make_storage(tmp_path)
+    old_page_1 = storage.read_pages(D, [1])
+    storage.apply(moves_of((D, 1, D, 2), (D, 2, D, 3)))
+    assert_same_bytes(storage.read_pages(D, [2, 3]), np.concatenate([old_page_1, old_page_1]))
+
+
+def test_apply_random_moves_match_one_by_one(tmp_path):
+    rng = np.random.default_rng(7)
+    storage = make_storage(tmp_path, DTYPES[1])
+    model = snapshot(storage)
+    sizes = {D: 8, H: 6, K: 5}
+    for _ in range(12):
+        moves = []
+        while len(moves) < 16:  # runs of one kind, so batches form and get cut
+            src_tier, dst_tier = rng.choice(list(Tier), 2)
+            for _ in range(rng.integers(1, 6)):
+                dst_first = 1 if dst_tier == D else 0
+                moves.append(
+                    PageMove(
+                        Tier(src_tier),
+                        int(rng.integers(sizes[Tier(src_tier)])),
+                        Tier(dst_tier),
+                        int(rng.integers(dst_first, sizes[Tier(dst_tier)])),
+                    )
+                )
+        storage.apply(moves)
+        run_one_by_one(model, moves)
+        assert_matches(storage, model)
+
+
+def test_device_batches_never_read_a_page_they_write(tmp_path, monkeypatch):
+    calls = []
+
+    def spy(op):
+        def checked(pool, *args):
+            *_, dst, num_valid = args
+            src = args[0][:num_valid] if op is copy_pages else []
+            dst = list(dst[:num_valid])
+            assert len(set(dst)) == len(dst) and not set(src) & set(dst)
+            calls.append(op.__name__)
+            return op(pool, *args)
+
+        return checked
+
+    monkeypatch.setattr(storage_module, "copy_pages", spy(copy_pages))
+    monkeypatch.setattr(storage_module, "scatter_pages", spy(scatter_pages))
+    storage = make_storage(tmp_path)
+    model = snapshot(storage)
+    moves = moves_of(
+        (D, 1, D, 2), (D, 2, D, 3),  # reads a page the batch wrote: cut
+        (D, 4, D, 5), (D, 6, D, 4),  # writes a page the batch read: cut
+        (D, 7, D, 1), (D, 3, D, 1),  # writes a page the batch wrote: cut
+        (H, 0, D, 1), (H, 1, D, 2), (H, 2, D, 1),  # the same for scatter_pages
+    )  # fmt: skip
+    storage.apply(moves)
+    run_one_by_one(model, moves)
+    assert_matches(storage, model)
+    assert calls == ["copy_pages"] * 4 + ["scatter_pages"] * 2
+
+
+@pytest.mark.parametrize(
+    ("op", "kind"), [("gather_pages", (D, H)), ("scatter_pages", (H, D)), ("copy_pages", (D, D))]
+)
+def test_counts_in_one_bucket_reuse_one_compilation(tmp_path, op, kind):
+    storage = make_storage(tmp_path)
+    fn = {"gather_pages": gather_pages, "scatter_pages": scatter_pages, "copy_pages": copy_pages}
+    src, dst = kind
+    storage.apply([PageMove(src, page, dst, page + 1) for page in range(3)])
+    compiled = fn[op]._cache_size()
+    assert storage.apply([PageMove(src, page, dst, page + 1) for page in range(4)]) == {kind: 4}
+    assert fn[op]._cache_size() == compiled
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        PageMove(D, 1, K, 0),  # no disk tier
+        PageMove(D, 8, H, 0),
+        PageMove(D, 1, H, 6),
+        PageMove(H, -1, D, 1),
+        PageMove(D, 2, D, NULL_PAGE),
+        PageMove(H, 0, D, NULL_PAGE),
+        PageMove(1, 0, D, 1),
+    ],
+    ids=str,
+)
+def test_bad_move_raises_and_changes_nothing(bad):
+    storage = KVStorage(PAGE_SHAPE, np.float32, 8, 6)
+    storage.pool = jnp.asarray(random_pages(np.random.default_rng(0), 8, np.dtype(np.float32)))
+    pool, host = np.array(storage.pool), storage.host.copy()
+    with pytest.raises(ValueError, match="PageMove"):
+        storage.apply([PageMove(D, 1, H, 2), PageMove(D, 3, D, 4), bad])
+    assert_same_bytes(storage.pool, pool)
+    assert_same_bytes(storage.host, host)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        jnp.zeros((7, *PAGE_SHAPE), jnp.float32),
+        jnp.zeros((8, *PAGE_SHAPE), jnp.bfloat16),
+        np.zeros((8, *PAGE_SHAPE), np.float32),
+    ],
+    ids=["shape", "dtype", "numpy"],
+)
+def test_pool_setter_refuses_another_shape_or_dtype(value):
+    storage = KVStorage(PAGE_SHAPE, np.float32, 8)
+    pool = storage.pool
+    with pytest.raises(ValueError, match=r"float32\[8, 2, 2, 2, 4, 8\]"):
+        storage.pool = value
+    assert storage.pool is pool
+
+
+def test_construction_errors_and_sizes(tmp_path):
+    with pytest.raises(ValueError, match="disk_dir"):
+        KVStorage(PAGE_SHAPE, np.float32, 8, num_disk_pages=2)
+    with pytest.raises(ValueError, match="float64"):
+        KVStorage(PAGE_SHAPE, np.float64, 8)
+    with pytest.raises(ValueError, match="num_device_pages"):
+        KVStorage(PAGE_SHAPE, np.float32, 1)
+    storage = KVStorage(PAGE_SHAPE, ml_dtypes.bfloat16, 8, 0, 3, disk_dir=tmp_path)
+    assert storage.page_bytes == 2 * 2 * 2 * 4 * 8 * 2
+    assert [storage.num_pages(tier) for tier in Tier] == [8, 0, 3]
+    assert [storage.nbytes(tier) for tier in Tier] == [8 * 512, 0, 3 * 512]
+    assert storage.host is None
+    assert list(tmp_path.iterdir()) == []  # the disk file is anonymous
+
+
+@pytest.mark.parametrize("tier", list(Tier), ids=str)
+def test_resize_keeps_the_kept_pages(tmp_path, tier):
+    storage = make_storage(tmp_path)
+    size = storage.num_pages(tier)
+    before = storage.read_pages(tier, range(size))
+    storage.resize(tier, size + 3)
+    after = storage.read_pages(tier, range(size + 3))
+    assert_same_bytes(after[:size], before)
+    assert not after[size:].any()
+    storage.resize(tier, 2)
+    assert storage.num_pages(tier) == 2
+    assert_same_bytes(storage.read_pages(tier, [0, 1]), before[:2])
+    storage.apply([PageMove(tier, 1, D, 1)])  # the resized tier still works
+    assert_same_bytes(storage.read_pages(D, [1]), before[1:2])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resize_errors(tmp_path):
+    storage = KVStorage(PAGE_SHAPE, np.float32, 8, 4)
+    with pytest.raises(ValueError, match="tier"):
+        storage.resize(K, 4)
+    with pytest.raises(ValueError, match="num_pages"):
+        storage.resize(D, 1)
+    with pytest.raises(ValueError, match="num_pages"):
+        storage.resize(H, 0)
+    assert [storage.num_pages(tier) for tier in Tier] == [8, 4, 0]
+
+
+def test_close_is_idempotent_and_later_use_raises(tmp_path):
+    storage = make_storage(tmp_path)
+    storage.close()
+    storage.close()
+    for use in (
+        lambda: storage.pool,
+        lambda: storage.host,
+        lambda: storage.num_pages(D),
+        lambda: storage.apply([PageMove(D, 1, H, 0)]),
+        lambda: storage.read_pages(H, [0]),
+        lambda: storage.resize(H, 2),
+    ):
+        with pytest.raises(RuntimeError, match="closed"):
+            use()
