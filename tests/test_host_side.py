@@ -10,6 +10,10 @@ HOST_MODULES = [
     "kvjax.eviction",
     "kvjax.radix_tree",
     "kvjax.tiers",
+    "kvjax.kv_cache",
+    "kvjax.stats",
+    "kvjax.manager",
+    "kvjax",
 ]
 
 
