@@ -183,7 +183,8 @@ class KVCacheManager:
         scope = ReuseScope(lora_id, salt)
         tokens = [] if tokens is None else tokens
         match = self._tree.match(scope, tokens)
-        reused = [t if isinstance(t, bytes) else int(t) for t in tokens[: match.num_tokens]]
+        prefix = tokens[: match.num_tokens]
+        reused = prefix.tolist() if isinstance(prefix, np.ndarray) else list(prefix)
         cache = KVCache(self, scope, match.blocks, reused, priority)
         tpb = self.config.tokens_per_block
         partial = int(match.num_tokens % tpb != 0)

@@ -146,16 +146,18 @@ class TieredPages:
             self._check_live(page)
             if page.num_locks >= page.num_holders:
                 raise ValueError(f"{page!r} has no unlocked holder to lock; hold it first")
-        # The targets must not be chosen as victims: count the room without them first.
-        excluded = Counter(page.tier for page in pages if page in self._queues[page.tier])
         rising = [page for page in pages if page.tier is not Tier.DEVICE]
         needed = num_new + len(rising)
-        if needed > self.num_free(Tier.DEVICE) + self._num_freeable(Tier.DEVICE, excluded):
-            return None
+        if needed > self.num_free(Tier.DEVICE):
+            # The targets must not be chosen as victims: count the room without them.
+            excluded = Counter(page.tier for page in pages if page in self._queues[page.tier])
+            if needed > self.num_free(Tier.DEVICE) + self._num_freeable(Tier.DEVICE, excluded):
+                return None
         for page in pages:
             self._dequeue(page)
         self._make_room(Tier.DEVICE, needed)
-        self._move_up(sorted(rising, key=lambda page: page.tier))
+        if rising:
+            self._move_up(sorted(rising, key=lambda page: page.tier))
         for page in pages:
             page.num_locks += 1
         new_pages = []

@@ -211,7 +211,7 @@ def test_multimodal_reuse_stops_where_the_image_differs():
     assert reader.num_reused_tokens == 6
 
 
-def test_continuous_batching_reuse_and_quota_resize_across_tiers(tmp_path):
+def test_quota_resize_across_tiers(tmp_path):
     manager, engine = make(tpb=4, device=9, host=8, disk=8, disk_dir=tmp_path)
     for base in range(0, 60, 12):  # cached blocks on every tier
         cache = start(manager, engine)

@@ -49,3 +49,20 @@ def test_status_is_derived_from_holders_and_locks():
     assert page.status is PageStatus.HELD
     page.num_locks = 1
     assert page.status is PageStatus.LOCKED
+
+
+def test_allocate_below_and_resize():
+    allocator = PageAllocator(6, reserve_null_page=True)
+    assert allocator.allocate(5) == [1, 2, 3, 4, 5]
+    allocator.free([5, 2, 1])
+    assert allocator.allocate_below(3, 3) is None  # only 2 and 1 lie below 3
+    assert allocator.allocate_below(3, 2) == [2, 1]
+    with pytest.raises(ValueError, match=r"pages \[3, 4\] are in use"):
+        allocator.resize(3)
+    allocator.free([3, 4])
+    allocator.resize(5)  # page 5 was free: it goes
+    assert allocator.num_pages == 5 and allocator.allocate(3) is None
+    assert allocator.allocate(2) == [3, 4]
+    allocator.resize(7)
+    assert allocator.allocate(2) == [5, 6]
+    allocator.check_invariants()

@@ -356,3 +356,99 @@ def test_bad_arguments_raise_value_error_and_change_nothing(call, message):
         call(pool)
     assert state(pool) == before
     pool.check_invariants()
+
+
+def suspend(pool, pages):
+    for page in reversed(pages):
+        pool.unlock(page)
+    pool.check_invariants()
+
+
+def test_acquire_brings_held_pages_back_and_evicts_others():
+    pool = make(device=4, host=5)  # device pages 1..3 usable
+    mine = pool.allocate(2)
+    suspend(pool, mine)
+    other = pool.allocate(3)  # the tail of mine leaves first
+    assert [(p.tier, p.page_id) for p in mine] == [(HOST, 1), (HOST, 0)]
+    assert pool.take_moves() == [PageMove(DEVICE, 2, HOST, 0), PageMove(DEVICE, 1, HOST, 1)]
+    assert ids(other) == [3, 2, 1]
+    suspend(pool, other)
+    new = pool.acquire(mine, 1)
+    pool.check_invariants()
+    assert [(p.tier, p.page_id, p.status) for p in mine] == [
+        (DEVICE, 1, PageStatus.LOCKED),
+        (DEVICE, 2, PageStatus.LOCKED),
+    ]
+    assert ids(new) == [3] and new[0].status is PageStatus.LOCKED
+    assert [p.tier for p in other] == [HOST] * 3
+    assert pool.take_moves() == [
+        PageMove(DEVICE, 1, HOST, 2),
+        PageMove(DEVICE, 2, HOST, 3),
+        PageMove(DEVICE, 3, HOST, 4),
+        PageMove(HOST, 1, DEVICE, 1),
+        PageMove(HOST, 0, DEVICE, 2),
+    ]
+    before = state(pool)
+    assert pool.acquire(other) is None  # the device is all locked: nothing changes
+    assert state(pool) == before and pool.take_moves() == []
+    pool.record_copy(mine[0], new[0])
+    assert pool.take_moves() == [PageMove(DEVICE, 1, DEVICE, 3)]
+    with pytest.raises(ValueError, match="locked on the device to be copied"):
+        pool.record_copy(other[0], new[0])
+    with pytest.raises(ValueError, match="no unlocked holder"):
+        pool.acquire(mine)
+    with pytest.raises(ValueError, match="twice"):
+        pool.acquire([other[0], other[0]])
+
+
+def test_acquire_fails_when_the_targets_fill_the_room_below():
+    pool = make(device=4, host=3)
+    mine = pool.allocate(2)
+    suspend(pool, mine)
+    other = pool.allocate(3)
+    suspend(pool, other)
+    pool.take_moves()
+    before = state(pool)
+    # Mine sit on host pages that only free up after they move: no room for other's pages.
+    assert pool.acquire(mine) is None
+    assert state(pool) == before and pool.take_moves() == []
+
+
+def test_resize_tier_relocates_survivors_and_evicts_the_rest():
+    pool = make(tpb=1, device=6, host=4)
+    cached = pool.allocate(3)  # device 1, 2, 3
+    commit_chain(pool, cached, [1, 2, 3])
+    close(pool, cached)
+    held = pool.allocate(2)  # device 4, 5
+    suspend(pool, held)
+    assert pool.resize_tier(DEVICE, 3)  # 2 usable pages: the cached ones leave, held ones stay
+    pool.check_invariants()
+    assert pool.take_moves() == [
+        PageMove(DEVICE, 3, HOST, 0),
+        PageMove(DEVICE, 2, HOST, 1),
+        PageMove(DEVICE, 1, HOST, 2),
+        PageMove(DEVICE, 4, DEVICE, 2),
+        PageMove(DEVICE, 5, DEVICE, 1),
+    ]
+    assert [(p.tier, p.page_id) for p in held] == [(DEVICE, 2), (DEVICE, 1)]
+    assert pool.size(DEVICE) == 3 and pool.num_free(DEVICE) == 0
+    assert pool.resize_tier(HOST, 1)  # drops the two leaves; the root block moves to host page 0
+    pool.check_invariants()
+    assert pool.size(HOST) == 1 and pool.num_dropped_blocks == 2
+    assert pool.take_moves() == [PageMove(HOST, 2, HOST, 0)]
+    assert pool.resize_tier(DEVICE, 8)
+    assert pool.num_free(DEVICE) == 5
+    pool.check_invariants()
+
+
+def test_resize_tier_refuses_when_held_pages_would_not_fit():
+    pool = make(tpb=1, device=4, host=1)
+    held = pool.allocate(3)
+    with pytest.raises(RuntimeError, match="is locked"):
+        pool.resize_tier(DEVICE, 3)
+    suspend(pool, held)
+    before = state(pool)
+    assert not pool.resize_tier(DEVICE, 2)  # 3 held pages, room for 1 here and 1 on host
+    assert state(pool) == before and pool.size(DEVICE) == 4 and pool.take_moves() == []
+    with pytest.raises(ValueError, match="num_pages=1 must be >= 2"):
+        pool.resize_tier(DEVICE, 1)
