@@ -347,3 +347,14 @@ def test_misuse_raises_and_changes_nothing():
         manager.page_table([cache], 1)
     engine.check_all()
     assert manager.tiers.num_free(DEVICE) + manager.tiers.num_evictable(DEVICE) == 7
+
+
+def test_host_tier_is_provisioned_automatically_unless_turned_off():
+    config = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, device_pages=6)
+    manager = KVCacheManager(config)
+    # min(device quota, half of the available host memory): a test machine has far more than 6.
+    assert manager.tiers.tiers == (DEVICE, HOST) and manager.tiers.size(HOST) == 6
+    assert manager.storage.host.shape == (6, *config.page_shape)
+    assert KVCacheManager(config, auto_host_tier=False).tiers.tiers == (DEVICE,)
+    explicit = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, device_pages=6, host_pages=0)
+    assert KVCacheManager(explicit).tiers.tiers == (DEVICE,)
