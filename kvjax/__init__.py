@@ -8,7 +8,7 @@ loads when it builds its storage.
 from kvjax.config import KV_DTYPES, CacheConfig
 from kvjax.eviction import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, PrioritizedLRU
 from kvjax.keys import DIGEST_SIZE, MAX_TOKEN_ID, ReuseScope, Token, block_keys
-from kvjax.kv_cache import CacheStatus, CommitState, KVCache
+from kvjax.kv_cache import CacheStatus, CommitState, KVCache, OutOfPagesError
 from kvjax.manager import KVCacheManager
 from kvjax.multimodal import MultimodalItem, multimodal_key_tokens, splice_multimodal_tokens
 from kvjax.pages import NULL_PAGE, Page, PageAllocator, PageStatus, Tier
@@ -39,6 +39,7 @@ __all__ = [
     "KVEvent",
     "MatchResult",
     "MultimodalItem",
+    "OutOfPagesError",
     "Page",
     "PageAllocator",
     "PageMove",

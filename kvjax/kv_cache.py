@@ -13,6 +13,8 @@ import enum
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from kvjax.keys import ReuseScope, Token, check_tokens
 from kvjax.pages import NULL_PAGE, Page, Tier
 from kvjax.radix_tree import Block, InsertOutcome
@@ -20,7 +22,11 @@ from kvjax.radix_tree import Block, InsertOutcome
 if TYPE_CHECKING:
     from kvjax.manager import KVCacheManager
 
-__all__ = ["CacheStatus", "CommitState", "KVCache"]
+__all__ = ["CacheStatus", "CommitState", "KVCache", "OutOfPagesError"]
+
+
+class OutOfPagesError(RuntimeError):
+    """The `capacity` setter could not get pages (`resize` returns False instead)."""
 
 
 class CacheStatus(enum.Enum):
@@ -110,6 +116,16 @@ class KVCache:
     def capacity(self) -> int:
         return self._capacity
 
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        """`resize(capacity=value)`, raising `OutOfPagesError` when the device is full."""
+        if not self.resize(capacity=value):
+            raise OutOfPagesError(f"no device pages for capacity={value}")
+
+    @history_length.setter
+    def history_length(self, value: int) -> None:
+        self.resize(history_length=value)
+
     @property
     def num_blocks(self) -> int:
         return len(self._pages)
@@ -149,9 +165,13 @@ class KVCache:
         """
         self._require(CacheStatus.SUSPENDED, "resume")
         tiers = self._tiers
-        if tiers.utilization(Tier.DEVICE) > self._manager.config.max_util_for_resume:
-            return False
         num_copies = int(self._shared_ordinal is not None)
+        # The threshold keeps a nearly full device from thrashing; a resume that takes no new
+        # device page (everything still there) is always allowed, or a device full of
+        # suspended caches without a colder tier could never run again.
+        needs_room = num_copies or any(page.tier is not Tier.DEVICE for page in self._pages)
+        if needs_room and tiers.utilization(Tier.DEVICE) > self._manager.config.max_util_for_resume:
+            return False
         new_pages = tiers.acquire(self._pages, num_copies, priority=self.priority)
         if new_pages is None:
             return False
@@ -200,6 +220,12 @@ class KVCache:
         if new_capacity < history:
             raise ValueError(f"capacity={new_capacity} must be >= history_length={history}")
         num_blocks = -(-new_capacity // self._tpb)
+        max_blocks = self._manager.max_blocks
+        if num_blocks > max_blocks:
+            raise ValueError(
+                f"capacity={new_capacity} needs {num_blocks} blocks > max_blocks={max_blocks} "
+                f"({max_blocks * self._tpb} tokens; see KVCacheManager(max_seq_len=))"
+            )
         have = len(self._pages)
         if num_blocks > have:
             new_pages = self._tiers.allocate(num_blocks - have, priority=self.priority)
@@ -232,7 +258,11 @@ class KVCache:
         self._require(CacheStatus.ACTIVE, "commit")
         if self._commit_state is CommitState.USER_STOP:
             raise RuntimeError("commit() after stop_committing(); use resize(history_length=)")
-        tokens = list(tokens)
+        if isinstance(tokens, bytes | str):
+            raise ValueError(
+                f"tokens={tokens[:8]!r}... is not a token sequence; wrap a digest: [d]"
+            )
+        tokens = tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
         old_length = len(self._tokens)
         check_tokens(tokens, old_length)
         new_length = old_length + len(tokens)

@@ -53,7 +53,8 @@ class KVCacheManager:
             min(device quota, half of available host memory); False leaves it out.
         max_seq_len: the longest sequence the page tables must fit (clamped to what the device
             holds; default: what the device holds); with `num_extra_kv_tokens` and
-            `max_total_draft_tokens` it sets `max_blocks`, the width of `page_table`.
+            `max_total_draft_tokens` it sets `max_blocks`, the width of `page_table` and the
+            most blocks a cache may have. Lookups longer than `max_seq_len` are refused.
         max_events: KV events kept for `take_events` (0 turns them off).
         storage: the page bytes; default a `KVStorage` built from `config`.
     """
@@ -99,11 +100,17 @@ class KVCacheManager:
         self._events = EventBuffer(check_int("max_events", max_events, minimum=0))
         self._num_dropped_seen = 0
         self._is_shut_down = False
-        if max_seq_len is None:
-            max_seq_len = self._tiers.num_pages(Tier.DEVICE) * config.tokens_per_block
-        self.max_blocks = self.max_blocks_per_seq(
-            max_seq_len, num_extra_kv_tokens, max_total_draft_tokens
-        )
+        if max_seq_len is not None:
+            check_int("max_seq_len", max_seq_len, minimum=1)
+        self._requested_lengths = (max_seq_len, num_extra_kv_tokens, max_total_draft_tokens)
+        self._set_max_lengths()
+
+    def _set_max_lengths(self) -> None:
+        """`max_seq_len` clamped to the device (default: all of it) and `max_blocks` from it."""
+        requested, extra, draft = self._requested_lengths
+        device_tokens = self._tiers.num_pages(Tier.DEVICE) * self.config.tokens_per_block
+        self.max_seq_len = self.clamp_max_seq_len(1, requested or device_tokens)
+        self.max_blocks = self.max_blocks_per_seq(self.max_seq_len, extra, draft)
 
     # -- the pool and the tiers ---------------------------------------------------------------
 
@@ -139,7 +146,8 @@ class KVCacheManager:
         """Changes the size of a tier while every cache is suspended.
 
         Shrinking evicts down the cascade (and drops cached blocks from the coldest tier) until
-        the held pages fit. A device resize gives the pool a new shape, so jitted steps recompile.
+        the held pages fit. A device resize gives the pool a new shape (jitted steps recompile)
+        and recomputes `max_seq_len` and `max_blocks`.
 
         Returns:
             False, with nothing changed, when the held pages would not fit.
@@ -147,8 +155,11 @@ class KVCacheManager:
         self._require_running()
         if (num_pages is None) == (num_bytes is None):
             raise ValueError(f"give exactly one of num_pages={num_pages} and num_bytes={num_bytes}")
+        page_bytes = self.config.page_bytes
+        minimum = 2 if tier is Tier.DEVICE else 1
         if num_pages is None:
-            num_pages = check_int("num_bytes", num_bytes, minimum=0) // self.config.page_bytes
+            check_int("num_bytes", num_bytes, minimum=minimum * page_bytes)
+            num_pages = num_bytes // page_bytes
         active = next((cache for cache in self._caches.values() if cache.is_active), None)
         if active is not None:
             raise RuntimeError(f"resize_quota needs every cache suspended; {active!r} is active")
@@ -156,6 +167,8 @@ class KVCacheManager:
             return False
         self._flush()  # relocations run before the array shrinks
         self._storage.resize(tier, num_pages)
+        if tier is Tier.DEVICE:
+            self._set_max_lengths()
         return True
 
     # -- caches -------------------------------------------------------------------------------
@@ -182,6 +195,8 @@ class KVCacheManager:
         priority = PRIORITY_DEFAULT if priority is None else check_priority(priority)
         scope = ReuseScope(lora_id, salt)
         tokens = [] if tokens is None else tokens
+        if len(tokens) > self.max_seq_len:
+            raise ValueError(f"{len(tokens)} lookup tokens exceed max_seq_len={self.max_seq_len}")
         match = self._tree.match(scope, tokens)
         prefix = tokens[: match.num_tokens]
         reused = prefix.tolist() if isinstance(prefix, np.ndarray) else list(prefix)

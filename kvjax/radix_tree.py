@@ -248,17 +248,15 @@ class BlockRadixTree:
         if node is None:
             return MatchResult((), 0)
         blocks: list[Block] = []
-        for (payload, count), key in zip(
+        for (payload, _count), key in zip(
             payloads, iter_block_keys(node.key, payloads), strict=True
         ):
-            if count != tpb:
-                break
             child = node.children.get(key)
             if child is None or child.payload != payload:  # a miss, or a hash collision
                 break
-            blocks.append(child)
+            blocks.append(child)  # a full block, or an identical partial leaf (the query's tail)
             node = child
-        num_tokens = len(blocks) * tpb
+        num_tokens = sum(count for _, count in payloads[: len(blocks)])
         if len(blocks) < len(payloads) and self.enable_partial_reuse:
             # The first block that did not match fully (or the query's partial tail): the child
             # with the longest common prefix, an equal partial leaf included.

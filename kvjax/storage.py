@@ -304,7 +304,8 @@ class KVStorage:
 
     def _check_tier(self, tier: object) -> Tier:
         if not isinstance(tier, Tier) or self._array(tier) is None:
-            raise ValueError(f"tier={tier!r} is not one of this storage's tiers")
+            present = [t.name for t in Tier if self._array(t) is not None]
+            raise ValueError(f"tier={tier!r} is not one of this storage's tiers {present}")
         return tier
 
     def _check_page(self, tier: Tier, page_id: object, name: str) -> int:

@@ -2,7 +2,8 @@
 
 For every token it "computes", it writes a pattern into the token's slot of the device pool: a
 function of layer, K/V, head, dim and a hash of the token ids up to and including it. Before every
-write, and whenever a test asks, it checks every history token of every ACTIVE cache: so a page
+write it checks the history of the cache it writes to; `check_all` checks every history token of
+every live cache on whichever tier its page is, and every token of every tree block: so a page
 that moved, was copied, rebased or reused must still carry exactly the bytes its tokens produced.
 Patterns are integers below 2**24, exact in float32.
 """
@@ -15,6 +16,8 @@ import numpy as np
 from kvjax import KVCacheManager
 from kvjax.keys import Token
 from kvjax.kv_cache import KVCache
+from kvjax.pages import Tier
+from kvjax.radix_tree import Block
 
 
 def _token_hash(previous: int, token: Token) -> int:
@@ -91,11 +94,42 @@ class FillCheckEngine:
             )
 
     def check_all(self) -> None:
-        pool = np.asarray(self.manager.pool)
+        """Checks every history token of every live cache (on whichever tier its page is, so
+        suspended caches too), the tokens of every tree block, and the manager's invariants."""
+        storage = self.manager.storage
+        tiers = {Tier.DEVICE: np.asarray(storage.pool), Tier.HOST: storage.host}
+        tiers[Tier.DISK] = storage.disk
         for cache in self.manager.live_caches:
-            if id(cache) in self._tokens:
-                self.check(cache, pool)
+            if id(cache) not in self._tokens:
+                continue
+            hashes, pages = self._prefix_hashes[id(cache)], cache.pages()
+            for position in range(cache.history_length):
+                page = pages[position // self.tpb]
+                got = tiers[page.tier][page.page_id, :, :, :, position % self.tpb, :]
+                assert np.array_equal(got, self.pattern(hashes[position])), (
+                    f"{cache!r}: position {position} in {page!r} holds wrong bytes"
+                )
+        for block in self.manager.tiers.tree.iter_blocks():
+            self._check_block(block, tiers)
         self.manager.check_invariants()
+
+    def _check_block(self, block, tiers) -> None:
+        chain = []
+        node = block
+        while isinstance(node, Block):
+            chain.append(node)
+            node = node.parent
+        prefix_hash = 0
+        for ancestor in reversed(chain[1:]):
+            for token in ancestor.tokens:
+                prefix_hash = _token_hash(prefix_hash, token)
+        page = block.page
+        for offset, token in enumerate(block.tokens):
+            prefix_hash = _token_hash(prefix_hash, token)
+            got = tiers[page.tier][page.page_id, :, :, :, offset, :]
+            assert np.array_equal(got, self.pattern(prefix_hash)), (
+                f"tree {block!r} offset {offset} in {page!r} holds wrong bytes"
+            )
 
     def run_step(self, cache: KVCache, tokens, *, commit: bool = True) -> bool:
         """Grows capacity for `tokens`, writes them and commits them; False when out of pages."""

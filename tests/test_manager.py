@@ -6,6 +6,7 @@ token of every active cache, plus `check_invariants()`, after each operation.
 
 import math
 
+import numpy as np
 import pytest
 
 from kvjax import (
@@ -14,6 +15,7 @@ from kvjax import (
     CacheStatus,
     KVCacheManager,
     MultimodalItem,
+    OutOfPagesError,
     Tier,
     splice_multimodal_tokens,
 )
@@ -358,3 +360,53 @@ def test_host_tier_is_provisioned_automatically_unless_turned_off():
     assert KVCacheManager(config, auto_host_tier=False).tiers.tiers == (DEVICE,)
     explicit = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, device_pages=6, host_pages=0)
     assert KVCacheManager(explicit).tiers.tiers == (DEVICE,)
+
+
+def test_caches_that_fill_a_device_without_colder_tiers_resume_again():
+    manager, engine = make(tpb=4, device=9)  # no host tier: suspended pages stay on the device
+    first, second = start(manager, engine), start(manager, engine)
+    prefill(engine, first, range(16))
+    prefill(engine, second, range(100, 116))
+    first.suspend()
+    second.suspend()
+    assert manager.tiers.utilization() == 1.0
+    assert first.resume() and second.resume()  # they take no new page, so they always may
+    engine.check_all()
+
+
+def test_commit_token_forms_and_the_length_setters():
+    manager, engine = make(tpb=4, device=9)
+    cache = start(manager, engine)
+    with pytest.raises(ValueError, match="not a token sequence"):
+        cache.commit(bytes(range(32)))  # a digest must be wrapped: [digest]
+    cache.capacity = 6
+    engine.write(cache, [5, 6, 7, 8, 9, bytes(range(32))])
+    cache.commit(np.array([5, 6, 7, 8, 9]))
+    cache.commit([bytes(range(32))])
+    assert cache.committed_tokens == (5, 6, 7, 8, 9, bytes(range(32)))
+    assert all(type(token) is int for token in cache.committed_tokens[:5])
+    cache.history_length = 6
+    engine.check_all()
+    with pytest.raises(ValueError, match=r"capacity=37 needs 10 blocks > max_blocks=9"):
+        cache.capacity = 37
+    other = start(manager, engine)
+    other.capacity = 24  # the 6 remaining pages
+    with pytest.raises(OutOfPagesError, match="capacity=25"):
+        other.capacity = 25
+    assert other.capacity == 24
+    with pytest.raises(ValueError, match="33 lookup tokens exceed max_seq_len=32"):
+        manager.create_kv_cache(list(range(33)))
+    engine.check_all()
+
+
+def test_max_seq_len_follows_the_device_quota():
+    manager, _ = make(tpb=4, device=9)
+    assert (manager.max_seq_len, manager.max_blocks) == (32, 9)
+    assert manager.resize_quota(DEVICE, num_pages=17)
+    assert (manager.max_seq_len, manager.max_blocks) == (64, 17)
+    explicit = KVCacheManager(manager.config, max_seq_len=20, max_total_draft_tokens=3)
+    assert (explicit.max_seq_len, explicit.max_blocks) == (20, 6)
+    with pytest.raises(ValueError, match="max_seq_len=0 must be >= 1"):
+        KVCacheManager(manager.config, max_seq_len=0)
+    with pytest.raises(ValueError, match=r"num_bytes=10 must be >= \d+"):
+        manager.resize_quota(DEVICE, num_bytes=10)

