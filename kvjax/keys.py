@@ -117,7 +117,8 @@ def check_tokens(tokens: Sequence[Token], first_index: int = 0) -> None:
     """Raises `ValueError` naming the first token that is neither an id in `[0, MAX_TOKEN_ID]`
     nor a 32-byte digest (`first_index` offsets the index in the message)."""
     for index, token in enumerate(tokens, first_index):
-        _check_token(index, token)
+        if type(token) is not int or not 0 <= token <= MAX_TOKEN_ID:  # fast path: plain ids
+            _check_token(index, token)
 
 
 def _encode_ids(tokens: Sequence[Token] | np.ndarray) -> bytes | None:

@@ -204,7 +204,8 @@ class KVCache:
             RuntimeError: the cache is not ACTIVE.
             ValueError: history would decrease, or capacity fall below history.
         """
-        self._require(CacheStatus.ACTIVE, "resize")
+        if self._status is not CacheStatus.ACTIVE:
+            self._require(CacheStatus.ACTIVE, "resize")
         history = self._history
         if history_length is not None:
             if not _is_int(history_length):
@@ -215,7 +216,7 @@ class KVCache:
                 )
             history = history_length
         new_capacity = self._capacity if capacity is None else capacity
-        if not _is_int(new_capacity):
+        if type(new_capacity) is not int and not _is_int(new_capacity):
             raise ValueError(f"capacity={new_capacity!r} is not an int")
         if new_capacity < history:
             raise ValueError(f"capacity={new_capacity} must be >= history_length={history}")
@@ -255,14 +256,14 @@ class KVCache:
             RuntimeError: the cache is not ACTIVE, or `stop_committing()` was called.
             ValueError: a bad token, or more committed tokens than capacity.
         """
-        self._require(CacheStatus.ACTIVE, "commit")
+        if self._status is not CacheStatus.ACTIVE:
+            self._require(CacheStatus.ACTIVE, "commit")
         if self._commit_state is CommitState.USER_STOP:
             raise RuntimeError("commit() after stop_committing(); use resize(history_length=)")
-        if isinstance(tokens, bytes | str):
-            raise ValueError(
-                f"tokens={tokens[:8]!r}... is not a token sequence; wrap a digest: [d]"
-            )
-        tokens = tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
+        if type(tokens) is not list:  # lists (the common case) are only read
+            if isinstance(tokens, bytes | str):
+                raise ValueError(f"tokens={tokens[:8]!r}... is not a token sequence; use [digest]")
+            tokens = tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
         old_length = len(self._tokens)
         check_tokens(tokens, old_length)
         new_length = old_length + len(tokens)
@@ -273,11 +274,12 @@ class KVCache:
         self._tokens += tokens
         if new_length > self._history:
             self._history = new_length
-        if self._commit_state is CommitState.ALLOWED:
-            for ordinal in range(old_length // self._tpb, new_length // self._tpb):
+        first, end = old_length // self._tpb, new_length // self._tpb
+        if first < end and self._commit_state is CommitState.ALLOWED:
+            for ordinal in range(first, end):
                 if not self._commit_block(ordinal):
                     break
-            self._manager._flush()
+            self._manager._flush()  # a rebase may have brought a tree page up
 
     def stop_committing(self) -> None:
         """Commits a trailing partial block, then refuses further commits. Idempotent."""
@@ -328,7 +330,7 @@ class KVCache:
         result = self._tiers.commit(own, parent, tokens)
         if result.outcome is InsertOutcome.NEW:
             self._tree_blocks[ordinal] = result.block
-            self._manager._block_stored(result.block)
+            self._manager._block_stored(result.block, tokens)
             return True
         both_full = len(tokens) == self._tpb and result.block.is_full
         if (

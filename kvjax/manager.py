@@ -318,12 +318,13 @@ class KVCacheManager:
         for name, delta in deltas.items():
             setattr(self._stats, name, getattr(self._stats, name) + delta)
 
-    def _block_stored(self, block: Block) -> None:
+    def _block_stored(self, block: Block, tokens: Sequence[Token]) -> None:
         self._stats.stored_blocks += 1
-        page = block.page
-        self._events.append(
-            BlockStored(block.key, block.parent.key, tuple(block.tokens), page.tier, page.priority)
-        )
+        if self._events.max_events:
+            page = block.page
+            self._events.append(
+                BlockStored(block.key, block.parent.key, tuple(tokens), page.tier, page.priority)
+            )
 
     def _blocks_removed(self, blocks: Sequence[Block]) -> None:
         for block in blocks:

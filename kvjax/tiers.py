@@ -124,7 +124,10 @@ class TieredPages:
             The new private (uncommitted) pages, or None, with nothing changed, when even eviction
             cannot free enough.
         """
-        return self.acquire((), check_int("count", count, minimum=0), priority=priority)
+        check_int("count", count, minimum=0)
+        if count > self._allocators[Tier.DEVICE].num_free:
+            return self.acquire((), count, priority=priority)
+        return self._new_pages(count, check_priority(priority))
 
     def acquire(
         self, pages: Sequence[Page], num_new: int = 0, *, priority: int = PRIORITY_DEFAULT
@@ -160,11 +163,16 @@ class TieredPages:
             self._move_up(sorted(rising, key=lambda page: page.tier))
         for page in pages:
             page.num_locks += 1
+        return self._new_pages(num_new, priority)
+
+    def _new_pages(self, count: int, priority: int) -> list[Page]:
+        """`count` private device pages, held and locked once; the device has them free."""
         new_pages = []
-        for page_id in self._allocators[Tier.DEVICE].allocate(num_new):
+        device_pages = self._pages[Tier.DEVICE]
+        for page_id in self._allocators[Tier.DEVICE].allocate(count):
             page = Page(Tier.DEVICE, page_id, priority)
             page.num_holders = page.num_locks = 1
-            self._pages[Tier.DEVICE][page_id] = page
+            device_pages[page_id] = page
             new_pages.append(page)
         return new_pages
 

@@ -377,7 +377,7 @@ def test_caches_that_fill_a_device_without_colder_tiers_resume_again():
 def test_commit_token_forms_and_the_length_setters():
     manager, engine = make(tpb=4, device=9)
     cache = start(manager, engine)
-    with pytest.raises(ValueError, match="not a token sequence"):
+    with pytest.raises(ValueError, match="is not a token sequence"):
         cache.commit(bytes(range(32)))  # a digest must be wrapped: [digest]
     cache.capacity = 6
     engine.write(cache, [5, 6, 7, 8, 9, bytes(range(32))])
