@@ -71,7 +71,7 @@ def main() -> None:
 
     # Each cache's own tokens: its first decode token differs, so its blocks are its own. Each
     # round decodes fresh caches; a step's time is divided over the caches it grew.
-    round_means, step_samples = [], []
+    round_means, resize_means, commit_means, step_samples = [], [], [], []
     for _ in range(args.rounds):
         for cache in manager.live_caches:
             cache.close()
@@ -79,15 +79,22 @@ def main() -> None:
         for cache in caches:
             assert cache.resume()
         tokens = rng.integers(0, VOCAB, (live, args.steps)).tolist()
-        samples = []
+        samples, resize_time, commit_time = [], 0.0, 0.0
         for step in range(args.steps):
             start = time.perf_counter()
-            for cache, own in zip(caches, tokens, strict=True):
+            for cache in caches:
                 cache.resize(cache.capacity + 1)
+            middle = time.perf_counter()
+            for cache, own in zip(caches, tokens, strict=True):
                 cache.commit([own[step]])
-            samples.append(time.perf_counter() - start)
+            end = time.perf_counter()
+            samples.append(end - start)
+            resize_time += middle - start
+            commit_time += end - middle
         assert caches[0].num_committed_tokens == len(prompt) + args.steps
         round_means.append(statistics.mean(samples))
+        resize_means.append(resize_time / args.steps)
+        commit_means.append(commit_time / args.steps)
         step_samples += samples
 
     suspend_samples = []
@@ -107,6 +114,8 @@ def main() -> None:
         "prefix_blocks": PREFIX_BLOCKS,
         "create_64_block_hit_us": per_call_us(create_samples, live),
         "decode_step_median_us_per_cache": per_call_us(step_samples, live),
+        "resize_by_one_us": statistics.median(resize_means) / live * 1e6,
+        "commit_one_token_us": statistics.median(commit_means) / live * 1e6,
         "decode_step_mean_us_per_cache": statistics.median(round_means) / live * 1e6,
         "decode_step_p90_us_per_cache": float(np.percentile(step_samples, 90)) / live * 1e6,
         "suspend_resume_us": per_call_us(suspend_samples, live),
@@ -119,6 +128,10 @@ def main() -> None:
         f"{result['decode_step_mean_us_per_cache']:.2f} us/cache mean, "
         f"{result['decode_step_median_us_per_cache']:.2f} median step, "
         f"{result['decode_step_p90_us_per_cache']:.2f} p90 (target <= 5)"
+    )
+    print(
+        f"  of which resize by one {result['resize_by_one_us']:.2f} us, "
+        f"commit of one token {result['commit_one_token_us']:.2f} us (means over steps)"
     )
     print(f"suspend + resume ({blocks_per_cache - 1} blocks): {result['suspend_resume_us']:.1f} us")
     args.out.mkdir(parents=True, exist_ok=True)
