@@ -166,11 +166,13 @@ class KVCache:
         self._require(CacheStatus.SUSPENDED, "resume")
         tiers = self._tiers
         num_copies = int(self._shared_ordinal is not None)
-        # The threshold keeps a nearly full device from thrashing; a resume that takes no new
-        # device page (everything still there) is always allowed, or a device full of
-        # suspended caches without a colder tier could never run again.
-        needs_room = num_copies or any(page.tier is not Tier.DEVICE for page in self._pages)
-        if needs_room and tiers.utilization(Tier.DEVICE) > self._manager.config.max_util_for_resume:
+        # The threshold keeps a nearly full device from thrashing. A resume that takes nothing
+        # others could use (every page on the device and unevictable, no copy) is always
+        # allowed: else suspended caches filling a device with no colder tier never run again.
+        takes_room = num_copies or any(
+            page.tier is not Tier.DEVICE or tiers.is_evictable(page) for page in self._pages
+        )
+        if takes_room and tiers.utilization(Tier.DEVICE) > self._manager.config.max_util_for_resume:
             return False
         new_pages = tiers.acquire(self._pages, num_copies, priority=self.priority)
         if new_pages is None:

@@ -106,6 +106,11 @@ class TieredPages:
     def live_pages(self, tier: Tier) -> Iterator[Page]:
         return (page for page in self._pages[self._check_tier(tier)] if page is not None)
 
+    def is_evictable(self, page: Page) -> bool:
+        """Whether eviction may move or drop `page` to make room (it waits in a queue)."""
+        self._check_live(page)
+        return page in self._queues[page.tier]
+
     def eviction_order(self, tier: Tier) -> list[Page]:
         """Evictable pages of `tier`, next victim first."""
         return list(self._queues[self._check_tier(tier)])

@@ -410,3 +410,16 @@ def test_max_seq_len_follows_the_device_quota():
         KVCacheManager(manager.config, max_seq_len=0)
     with pytest.raises(ValueError, match=r"num_bytes=10 must be >= \d+"):
         manager.resize_quota(DEVICE, num_bytes=10)
+
+
+def test_resume_refuses_above_max_util_for_resume():
+    manager, engine = make(tpb=4, device=5, host=4, max_util_for_resume=0.5)
+    busy, waiting = start(manager, engine), start(manager, engine)
+    prefill(engine, busy, range(12))
+    prefill(engine, waiting, range(50, 54))
+    waiting.suspend()  # its page stays on the device but becomes evictable
+    assert manager.tiers.utilization() == 0.75
+    assert not waiting.resume() and waiting.status is CacheStatus.SUSPENDED
+    busy.suspend()
+    assert waiting.resume()
+    engine.check_all()
