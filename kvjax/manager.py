@@ -94,6 +94,18 @@ class KVCacheManager:
                 config.num_disk_pages,
                 config.disk_dir,
             )
+        layout, wanted = (
+            (tuple(storage.page_shape), storage.dtype),
+            (config.page_shape, config.dtype),
+        )
+        if layout != wanted:
+            raise ValueError(f"storage pages are {layout}; config needs {wanted}")
+        for tier in Tier:
+            size = self._tiers.size(tier) if tier in self._tiers.tiers else 0
+            if storage.num_pages(tier) != size:
+                raise ValueError(
+                    f"storage has {storage.num_pages(tier)} {tier.name} pages; config needs {size}"
+                )
         self._storage = storage
         self._caches: dict[int, KVCache] = {}  # live caches by id(), in creation order
         self._stats = CacheStats()

@@ -423,3 +423,13 @@ def test_resume_refuses_above_max_util_for_resume():
     busy.suspend()
     assert waiting.resume()
     engine.check_all()
+
+
+def test_given_storage_must_match_the_config():
+    from kvjax.storage import KVStorage
+
+    config = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, device_pages=6, host_pages=2)
+    storage = KVStorage(config.page_shape, config.dtype, 6, 2)
+    assert KVCacheManager(config, storage=storage).storage is storage
+    with pytest.raises(ValueError, match="storage has 0 HOST pages; config needs 2"):
+        KVCacheManager(config, storage=KVStorage(config.page_shape, config.dtype, 6))
