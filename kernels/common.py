@@ -1,0 +1,60 @@
+"""Shared pieces of the kernels: backend choice, Triton compiler parameters, input checks.
+
+Imports nothing of kvjax: page 0 of a pool is the null page by convention (`NULL_PAGE` there).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as pl_triton
+
+NULL_PAGE = 0  # the pool's scratch page: padding rows read and write only here
+IMPLS = ("pallas", "xla")
+
+
+def resolve_interpret(interpret: bool | None) -> bool:
+    """`None` means interpret mode on CPU (the only way Pallas GPU kernels run there)."""
+    return jax.default_backend() == "cpu" if interpret is None else interpret
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
+    return impl
+
+
+def compiler_params(num_warps: int = 4, num_stages: int = 2) -> pl_triton.CompilerParams:
+    """Explicit Triton parameters: they also select the Triton lowering over Mosaic GPU."""
+    return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def check_pool(kv_pool: jax.Array, *, layer: int | None = None) -> tuple[int, ...]:
+    """`kv_pool[num_pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim]`; returns the
+    shape. Triton tiles need power-of-two tokens per block and head dims."""
+    if kv_pool.ndim != 6 or kv_pool.shape[2] != 2:
+        raise ValueError(
+            f"kv_pool {list(kv_pool.shape)} must be [pages, layers, 2, kv_heads, tokens, head_dim]"
+        )
+    _, num_layers, _, _, page_size, head_dim = kv_pool.shape
+    if not is_power_of_two(page_size) or not is_power_of_two(head_dim):
+        raise ValueError(
+            f"tokens_per_block={page_size} and head_dim={head_dim} must be powers of two"
+        )
+    if layer is not None and not 0 <= layer < num_layers:
+        raise ValueError(f"layer={layer} is outside [0, {num_layers})")
+    return kv_pool.shape
+
+
+def check_int32(name: str, array: jax.Array, ndim: int) -> None:
+    if array.ndim != ndim or array.dtype != jnp.int32:
+        raise ValueError(f"{name} {array.dtype}{list(array.shape)} must be int32 with {ndim} dims")
+
+
+def num_valid_array(num_valid) -> jax.Array:
+    """The live count as int32[1] (a device value: changing it never recompiles)."""
+    return jnp.asarray(num_valid, jnp.int32).reshape(1)

@@ -1,0 +1,192 @@
+"""Paged decode attention (one query token per sequence), GQA, split-K over pages.
+
+Grid `(batch, kv_heads, splits)`: a program takes the query heads of one KV group (padded to a
+power of two, not to 16) and one range of pages of its sequence, walks them one page at a time with
+an online softmax, and writes its partial (max, sum, output) to its own slot; a few jnp ops merge
+the splits. Pages past `kv_len` are never read; keys past it are masked and their values zeroed,
+so NaN in unused pages cannot leak. The layer and head are selected inside the kernel from the
+whole pool (slicing it outside would copy it). The mixed-batch kernel is `ragged_paged_attention`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kernels.attention_tiles import empty_state, online_softmax_step, page_scores
+from kernels.common import (
+    check_impl,
+    check_int32,
+    check_pool,
+    compiler_params,
+    resolve_interpret,
+)
+from kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
+
+__all__ = [
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
+]
+
+_MIN_PROGRAMS = 264  # two waves of an H100's 132 SMs
+
+
+def _decode_kernel(
+    page_table_ref, kv_lens_ref, q_ref, pool_ref, out_ref, max_ref, sum_ref, *, layer, sm_scale,
+    soft_cap, pages_per_split,
+):  # fmt: skip
+    # page_table_ref: int32[batch, max_blocks]; kv_lens_ref: int32[batch]
+    # q_ref: [group, head_dim] query heads of one KV group; pool_ref: the whole pool
+    # out_ref: f32[group, head_dim]; max_ref, sum_ref: f32[group] (this split's partials)
+    seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    page_size, max_blocks = pool_ref.shape[4], page_table_ref.shape[1]
+    kv_len = kv_lens_ref[seq]
+    first = split * pages_per_split
+    end = jnp.minimum(jnp.minimum(first + pages_per_split, pl.cdiv(kv_len, page_size)), max_blocks)
+    q = q_ref[...]
+
+    def fold_page(block, state):
+        page = page_table_ref[seq, block]
+        keys = pool_ref[page, layer, 0, head]
+        values = pool_ref[page, layer, 1, head]
+        valid = block * page_size + jnp.arange(page_size) < kv_len
+        scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap)
+        return online_softmax_step(state, scores, valid[None, :], values, valid)
+
+    state = jax.lax.fori_loop(
+        first, jnp.maximum(first, end), fold_page, empty_state(*q_ref.shape)
+    )
+    max_ref[...], sum_ref[...], out_ref[...] = state
+
+
+def _num_splits(batch: int, num_kv_heads: int, max_blocks: int) -> int:
+    """Enough splits for two waves of programs, never more than pages."""
+    wanted = pl.cdiv(_MIN_PROGRAMS, batch * num_kv_heads)
+    return max(1, min(pl.next_power_of_2(wanted), max_blocks))
+
+
+def _check(q, kv_pool, page_table, kv_lens, layer):
+    _, _, _, num_kv_heads, _, head_dim = check_pool(kv_pool, layer=layer)
+    check_int32("page_table", page_table, 2)
+    check_int32("kv_lens", kv_lens, 1)
+    if q.ndim != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads:
+        raise ValueError(
+            f"q {list(q.shape)} must be [batch, q_heads, {head_dim}] with q_heads a multiple of "
+            f"kv_heads={num_kv_heads}"
+        )
+    if page_table.shape[0] != q.shape[0] or kv_lens.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"page_table {list(page_table.shape)} and kv_lens {list(kv_lens.shape)} need "
+            f"{q.shape[0]} rows, one per query"
+        )
+
+
+def _merge_splits(out, running_max, running_sum):
+    """out f32[..., splits, group, head_dim], max and sum f32[..., splits, group] -> [..., group,
+    head_dim]: rescale every split to the common max, add, normalize (0 where no key)."""
+    common = jnp.max(running_max, axis=-2, keepdims=True)
+    scale = jnp.exp(running_max - common)
+    total = jnp.sum(running_sum * scale, axis=-2)
+    merged = jnp.sum(out * scale[..., None], axis=-3)
+    return merged / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("layer", "sm_scale", "soft_cap", "num_splits", "impl", "interpret"),
+)
+def paged_decode_attention(
+    q, kv_pool, page_table, kv_lens, *, layer, sm_scale, soft_cap=None, num_splits=None,
+    impl="pallas", interpret=None,
+):  # fmt: skip
+    """Attention of one new query token per sequence over its paged context.
+
+    Args:
+        q: [batch, q_heads, head_dim]; q_heads a multiple of kv_heads (GQA).
+        kv_pool: [pages, layers, 2, kv_heads, tokens_per_block, head_dim], same dtype as q.
+        page_table: int32[batch, max_blocks]; row b holds the pages of sequence b.
+        kv_lens: int32[batch]; keys of sequence b (the new token's included); 0 for padding rows,
+            which give zeros.
+        layer, sm_scale, soft_cap: static; soft_cap caps logits with `cap * tanh(x / cap)`.
+        num_splits: static page splits per sequence (default: enough for two waves of programs).
+
+    Returns:
+        [batch, q_heads, head_dim] in q's dtype.
+    """
+    _check(q, kv_pool, page_table, kv_lens, layer)
+    if check_impl(impl) == "xla":
+        return paged_decode_attention_reference(
+            q, kv_pool, page_table, kv_lens, layer=layer, sm_scale=sm_scale, soft_cap=soft_cap
+        )
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads, max_blocks = kv_pool.shape[3], page_table.shape[1]
+    group = num_q_heads // num_kv_heads
+    group_pad = pl.next_power_of_2(group)  # Triton tiles are powers of two
+    splits = num_splits or _num_splits(batch, num_kv_heads, max_blocks)
+    grouped = q.reshape(batch, num_kv_heads, group, head_dim)
+    grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
+    partial_shape = (batch, num_kv_heads, splits, group_pad)
+    out, running_max, running_sum = pl.pallas_call(
+        functools.partial(
+            _decode_kernel,
+            layer=layer,
+            sm_scale=sm_scale,
+            soft_cap=soft_cap,
+            pages_per_split=pl.cdiv(max_blocks, splits),
+        ),
+        grid=(batch, num_kv_heads, splits),
+        in_specs=[
+            pl.no_block_spec,
+            pl.no_block_spec,
+            pl.BlockSpec((None, None, group_pad, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            pl.no_block_spec,
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, group_pad, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, group_pad), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, group_pad), lambda b, h, s: (b, h, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+            jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+        ],
+        compiler_params=compiler_params(num_warps=4, num_stages=2),
+        interpret=resolve_interpret(interpret),
+    )(page_table, kv_lens, grouped, kv_pool)
+    merged = _merge_splits(out, running_max, running_sum)[:, :, :group]
+    return merged.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
+
+
+def paged_decode_attention_reference(
+    q, kv_pool, page_table, kv_lens, *, layer, sm_scale, soft_cap=None
+):
+    """Dense jnp attention over the gathered pages, float32 inside (`impl="xla"`)."""
+    batch, num_q_heads, head_dim = q.shape
+    _, _, _, num_kv_heads, page_size, _ = kv_pool.shape
+    group = num_q_heads // num_kv_heads
+    # [batch, max_blocks, kv_heads, page, head_dim] -> [batch, kv_heads, context, head_dim]
+    keys, values = (
+        kv_pool[page_table, layer, kind]
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(batch, num_kv_heads, -1, head_dim)
+        .astype(jnp.float32)
+        for kind in (0, 1)
+    )
+    valid = jnp.arange(keys.shape[2])[None, :] < kv_lens[:, None]  # [batch, context]
+    values = jnp.where(valid[:, None, :, None], values, 0.0)
+    grouped = q.reshape(batch, num_kv_heads, group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("bhgd,bhcd->bhgc", grouped, keys) * sm_scale
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
+    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.where(valid[:, None, None, :], weights, 0.0)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bhgc,bhcd->bhgd", weights / jnp.where(total > 0, total, 1.0), values)
+    return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)

@@ -1,0 +1,194 @@
+"""Ragged paged attention: one call for a mixed batch of decode rows, prefill chunks over a cached
+prefix, and verification rows of speculative decoding (q_len = 1 + draft).
+
+Queries of all sequences are concatenated: sequence s owns rows `cu_q_lens[s]:cu_q_lens[s + 1]`,
+and its row r sits at position `kv_len - q_len + r`, so it sees keys up to there (causal). Grid
+`(tokens // block_q + seqs, kv_heads)` is static: sequence s starts a fresh block of `block_q`
+rows at program `cu_q_lens[s] // block_q + s`, each program binary-searches its sequence, and
+programs without rows exit at once (the design of vLLM's Triton unified attention). Rows of a
+program are `block_q` positions times the query heads of one KV group. Outputs are stored under a
+row mask, so a program never writes rows of another sequence; rows past `cu_q_lens[num_seqs]` are
+left unwritten (unspecified).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from kernels.attention_tiles import empty_state, finish, online_softmax_step, page_scores
+from kernels.common import check_impl, check_int32, check_pool, compiler_params, resolve_interpret
+
+__all__ = ["ragged_paged_attention", "ragged_paged_attention_reference"]
+
+
+def _ragged_kernel(
+    cu_q_lens_ref, kv_lens_ref, num_seqs_ref, page_table_ref, q_ref, pool_ref, out_ref, *,
+    layer, sm_scale, soft_cap, block_q, group, search_steps,
+):  # fmt: skip
+    # cu_q_lens_ref: int32[seqs + 1]; kv_lens_ref: int32[seqs]; num_seqs_ref: int32[1]
+    # page_table_ref: int32[seqs, max_blocks]; q_ref, out_ref: [tokens, q_heads, head_dim]
+    # pool_ref: the whole pool [pages, layers, 2, kv_heads, tokens_per_block, head_dim]
+    program, head = pl.program_id(0), pl.program_id(1)
+    num_seqs = num_seqs_ref[0]
+    page_size, head_dim = pool_ref.shape[4], pool_ref.shape[5]
+    group_pad = pl.next_power_of_2(group)
+
+    def search(_, bounds):  # the last sequence whose first program is at or before this one
+        low, high = bounds
+        middle = (low + high) // 2
+        right = cu_q_lens_ref[middle] // block_q + middle <= program
+        return jnp.where(right, middle, low), jnp.where(right, high, middle)
+
+    seq, _ = jax.lax.fori_loop(0, search_steps, search, (0, jnp.maximum(num_seqs, 1)))
+    q_start = cu_q_lens_ref[seq]
+    q_len = cu_q_lens_ref[seq + 1] - q_start
+    first_row = (program - (q_start // block_q + seq)) * block_q
+
+    @pl.when((num_seqs > 0) & (first_row < q_len))
+    def _():
+        kv_len = kv_lens_ref[seq]
+        rows = jnp.arange(block_q * group_pad)
+        positions = kv_len - q_len + first_row + rows // group_pad  # position of each row
+        token_ok = first_row + jnp.arange(block_q) < q_len
+        head_ok = jnp.arange(group_pad) < group
+        mask = (token_ok[:, None] & head_ok[None, :])[:, :, None]
+        mask = jnp.broadcast_to(mask, (block_q, group_pad, head_dim))
+        window = (pl.ds(q_start + first_row, block_q), pl.ds(head * group, group_pad))
+        q = pl_triton.load(q_ref.at[window[0], window[1], :], mask=mask, other=0)
+        q = q.reshape(block_q * group_pad, head_dim)
+        last_position = kv_len - q_len + jnp.minimum(first_row + block_q, q_len) - 1
+
+        def fold_page(block, state):
+            page = page_table_ref[seq, block]
+            keys = pool_ref[page, layer, 0, head]
+            values = pool_ref[page, layer, 1, head]
+            key_positions = block * page_size + jnp.arange(page_size)
+            valid = key_positions < kv_len
+            visible = valid[None, :] & (key_positions[None, :] <= positions[:, None])
+            scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap)
+            return online_softmax_step(state, scores, visible, values, valid)
+
+        num_pages = jnp.minimum(last_position // page_size + 1, page_table_ref.shape[1])
+        state = jax.lax.fori_loop(0, num_pages, fold_page, empty_state(*q.shape))
+        out = finish(state).reshape(block_q, group_pad, head_dim).astype(out_ref.dtype)
+        pl_triton.store(out_ref.at[window[0], window[1], :], out, mask=mask)
+
+
+def _check(q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, layer):
+    _, _, _, num_kv_heads, _, head_dim = check_pool(kv_pool, layer=layer)
+    for name, array, ndim in (
+        ("page_table", page_table, 2),
+        ("kv_lens", kv_lens, 1),
+        ("cu_q_lens", cu_q_lens, 1),
+        ("num_seqs", num_seqs, 1),
+    ):
+        check_int32(name, array, ndim)
+    if q.ndim != 3 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads:
+        raise ValueError(
+            f"q {list(q.shape)} must be [tokens, q_heads, {head_dim}] with q_heads a multiple "
+            f"of kv_heads={num_kv_heads}"
+        )
+    seqs = page_table.shape[0]
+    if kv_lens.shape != (seqs,) or cu_q_lens.shape != (seqs + 1,) or num_seqs.shape != (1,):
+        raise ValueError(
+            f"kv_lens {list(kv_lens.shape)}, cu_q_lens {list(cu_q_lens.shape)} and num_seqs "
+            f"{list(num_seqs.shape)} must be [{seqs}], [{seqs + 1}] and [1] for page_table "
+            f"{list(page_table.shape)}"
+        )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("layer", "sm_scale", "soft_cap", "block_q", "impl", "interpret")
+)
+def ragged_paged_attention(
+    q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, *, layer, sm_scale, soft_cap=None,
+    block_q=None, impl="pallas", interpret=None,
+):  # fmt: skip
+    """Causal attention of a mixed batch of new tokens over their paged contexts.
+
+    Args:
+        q: [tokens, q_heads, head_dim], the new tokens of all sequences back to back (padded).
+        kv_pool: [pages, layers, 2, kv_heads, tokens_per_block, head_dim]; holds the new tokens'
+            K/V already (written by `write_kv`).
+        page_table: int32[seqs, max_blocks].
+        kv_lens: int32[seqs]; keys of each sequence, its new tokens included (>= its q_len).
+        cu_q_lens: int32[seqs + 1]; query rows of sequence s are `cu_q_lens[s]:cu_q_lens[s + 1]`.
+        num_seqs: int32[1]; live sequences; metadata past them is never read.
+        block_q: static query positions per program (default: 32 rows of positions x heads).
+
+    Returns:
+        [tokens, q_heads, head_dim] in q's dtype; rows past `cu_q_lens[num_seqs]` unspecified.
+    """
+    _check(q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, layer)
+    if check_impl(impl) == "xla":
+        return ragged_paged_attention_reference(
+            q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs,
+            layer=layer, sm_scale=sm_scale, soft_cap=soft_cap,
+        )  # fmt: skip
+    num_tokens, num_q_heads, _ = q.shape
+    seqs = page_table.shape[0]
+    group = num_q_heads // kv_pool.shape[3]
+    block_q = block_q or max(1, 32 // pl.next_power_of_2(group))
+    if block_q & (block_q - 1):
+        raise ValueError(f"block_q={block_q} must be a power of two")
+    return pl.pallas_call(
+        functools.partial(
+            _ragged_kernel,
+            layer=layer,
+            sm_scale=sm_scale,
+            soft_cap=soft_cap,
+            block_q=block_q,
+            group=group,
+            search_steps=max(1, math.ceil(math.log2(seqs))) + 1,
+        ),
+        grid=(num_tokens // block_q + seqs, kv_pool.shape[3]),
+        in_specs=[pl.no_block_spec] * 6,
+        out_specs=pl.no_block_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=compiler_params(num_warps=4, num_stages=2),
+        interpret=resolve_interpret(interpret),
+    )(cu_q_lens, kv_lens, num_seqs, page_table, q, kv_pool)
+
+
+def ragged_paged_attention_reference(
+    q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, *, layer, sm_scale, soft_cap=None
+):
+    """Dense jnp version over every token, float32 inside (`impl="xla"`): each token finds its
+    sequence, gathers that sequence's pages, and attends causally. Rows of no live sequence
+    give zeros."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    _, _, _, num_kv_heads, page_size, _ = kv_pool.shape
+    group = num_q_heads // num_kv_heads
+    token = jnp.arange(num_tokens)
+    seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], token, side="right"), 0, kv_lens.shape[0] - 1)
+    live = token < cu_q_lens[num_seqs[0]]
+    q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
+    position = kv_lens[seq] - q_len + token - cu_q_lens[seq]  # [tokens]
+    # [tokens, max_blocks, kv_heads, page, head_dim] -> [tokens, kv_heads, context, head_dim]
+    keys, values = (
+        kv_pool[page_table[seq], layer, kind]
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(num_tokens, num_kv_heads, -1, head_dim)
+        .astype(jnp.float32)
+        for kind in (0, 1)
+    )
+    key_position = jnp.arange(keys.shape[2])
+    in_sequence = key_position[None, :] < kv_lens[seq][:, None]  # [tokens, context]
+    visible = in_sequence & (key_position[None, :] <= position[:, None]) & live[:, None]
+    values = jnp.where(in_sequence[:, None, :, None], values, 0.0)
+    grouped = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("thgd,thcd->thgc", grouped, keys) * sm_scale
+    if soft_cap is not None:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
+    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
+    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    weights = jnp.where(visible[:, None, None, :], weights, 0.0)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("thgc,thcd->thgd", weights / jnp.where(total > 0, total, 1.0), values)
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
