@@ -26,9 +26,7 @@ def _uses_dot(rows: int, cols: int, depth: int) -> bool:
 def page_scores(q, k, *, sm_scale: float, soft_cap: float | None):
     """float32[rows, tokens] scores of q[rows, head_dim] against k[tokens, head_dim]."""
     if _uses_dot(q.shape[0], k.shape[0], q.shape[1]):
-        scores = lax.dot_general(
-            q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        scores = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     else:
         scores = jnp.sum(
             q[:, None, :].astype(jnp.float32) * k[None, :, :].astype(jnp.float32), axis=-1

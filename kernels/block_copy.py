@@ -75,7 +75,7 @@ def _scatter_kernel(num_valid_ref, ids_ref, staging_ref, pool_ref, out_ref):
 
 
 def _tile_spec(kv_pool: jax.Array) -> pl.BlockSpec:
-    """One `[tokens, head_dim]` tile of a `[bucket, layers, 2, kv_heads, tokens, head_dim]` array."""
+    """A `[tokens, head_dim]` tile of a `[bucket, layers, 2, kv_heads, tokens, head_dim]` array."""
     _, _, _, num_kv_heads, page_size, head_dim = kv_pool.shape
     return pl.BlockSpec(
         (None, None, None, None, page_size, head_dim),

@@ -58,9 +58,7 @@ def _decode_kernel(
         scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap)
         return online_softmax_step(state, scores, valid[None, :], values, valid)
 
-    state = jax.lax.fori_loop(
-        first, jnp.maximum(first, end), fold_page, empty_state(*q_ref.shape)
-    )
+    state = jax.lax.fori_loop(first, jnp.maximum(first, end), fold_page, empty_state(*q_ref.shape))
     max_ref[...], sum_ref[...], out_ref[...] = state
 
 
@@ -168,7 +166,7 @@ def paged_decode_attention_reference(
 ):
     """Dense jnp attention over the gathered pages, float32 inside (`impl="xla"`)."""
     batch, num_q_heads, head_dim = q.shape
-    _, _, _, num_kv_heads, page_size, _ = kv_pool.shape
+    num_kv_heads = kv_pool.shape[3]
     group = num_q_heads // num_kv_heads
     # [batch, max_blocks, kv_heads, page, head_dim] -> [batch, kv_heads, context, head_dim]
     keys, values = (

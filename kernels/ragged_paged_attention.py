@@ -163,7 +163,7 @@ def ragged_paged_attention_reference(
     sequence, gathers that sequence's pages, and attends causally. Rows of no live sequence
     give zeros."""
     num_tokens, num_q_heads, head_dim = q.shape
-    _, _, _, num_kv_heads, page_size, _ = kv_pool.shape
+    num_kv_heads = kv_pool.shape[3]
     group = num_q_heads // num_kv_heads
     token = jnp.arange(num_tokens)
     seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], token, side="right"), 0, kv_lens.shape[0] - 1)

@@ -1,14 +1,14 @@
 """Storage: the bytes of every tier (device pool, host array, disk memmap) and the page moves.
 
 Device side: imports JAX. `KVStorage.apply` carries out the `PageMove`s that `TieredPages`
-records, in order, batching consecutive moves of one kind into one jitted op and one host transfer.
-Page counts are padded to power-of-two buckets, with the live count passed as an int32 array, so
-varying counts reuse compiled code.
+records, in order, batching consecutive moves of one kind into one device op of
+`kernels.block_copy` (Pallas on a GPU, XLA elsewhere) and one host transfer. Page counts are padded
+to power-of-two buckets, with the live count passed as a device scalar, so varying counts reuse
+compiled code.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import tempfile
@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.block_copy import copy_pages, gather_pages, scatter_pages
 from kvjax.checks import check_int
 from kvjax.config import KV_DTYPES
 from kvjax.pages import NULL_PAGE, Tier
@@ -26,7 +27,7 @@ from kvjax.pages import NULL_PAGE, Tier
 if TYPE_CHECKING:
     from kvjax.tiers import PageMove
 
-__all__ = ["KVStorage", "copy_pages", "gather_pages", "page_bucket", "scatter_pages"]
+__all__ = ["KVStorage", "default_impl", "page_bucket"]
 
 
 def page_bucket(count: int) -> int:
@@ -34,67 +35,9 @@ def page_bucket(count: int) -> int:
     return 1 << max(check_int("count", count, minimum=0) - 1, 0).bit_length()
 
 
-def _check_ids(*ids: jax.Array) -> None:
-    if any(a.shape != ids[0].shape or a.ndim != 1 or a.dtype != jnp.int32 for a in ids):
-        raise ValueError(f"page ids {[f'{a.dtype}{list(a.shape)}' for a in ids]} must be int32[n]")
-
-
-def _gather(pool: jax.Array, page_ids: jax.Array, num_valid: jax.Array) -> jax.Array:
-    index = jnp.arange(page_ids.shape[0], dtype=jnp.int32)
-    return pool[jnp.where(index < num_valid, page_ids, NULL_PAGE)]
-
-
-def _scatter(pool: jax.Array, pages: jax.Array, page_ids: jax.Array, num_valid) -> jax.Array:
-    # Padding rows point past the pool, one distinct index each, so `mode="drop"` discards them
-    # and the real destinations (distinct by contract) let XLA scatter without ordering.
-    index = jnp.arange(page_ids.shape[0], dtype=jnp.int32)
-    dst = jnp.where(index < num_valid, page_ids, pool.shape[0] + index)
-    return pool.at[dst].set(pages, mode="drop", unique_indices=True)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def copy_pages(pool, src, dst, num_valid):
-    """Copies `pool[src[i]]` to `pool[dst[i]]` for `i < num_valid`, all sources read first.
-
-    Args:
-        pool: dtype[num_pages, *page_shape], donated; the updated pool is returned.
-        src, dst: int32[bucket]; `dst[:num_valid]` distinct; entries from `num_valid` are ignored.
-        num_valid: int32[] live entries.
-    """
-    _check_ids(src, dst)
-    return _scatter(pool, _gather(pool, src, num_valid), dst, num_valid)
-
-
-@jax.jit
-def gather_pages(pool, page_ids, num_valid):
-    """Returns staging dtype[bucket, *page_shape]: row i is `pool[page_ids[i]]` for i < num_valid.
-
-    Args:
-        pool: dtype[num_pages, *page_shape].
-        page_ids: int32[bucket]; entries from `num_valid` are ignored (their rows are junk).
-        num_valid: int32[] live entries.
-    """
-    _check_ids(page_ids)
-    return _gather(pool, page_ids, num_valid)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def scatter_pages(pool, staging, page_ids, num_valid):
-    """Writes `staging[i]` to `pool[page_ids[i]]` for `i < num_valid`; other rows touch nothing.
-
-    Args:
-        pool: dtype[num_pages, *page_shape], donated; the updated pool is returned.
-        staging: dtype[bucket, *page_shape].
-        page_ids: int32[bucket]; `page_ids[:num_valid]` distinct.
-        num_valid: int32[] live entries.
-    """
-    _check_ids(page_ids)
-    if staging.shape != (page_ids.shape[0], *pool.shape[1:]) or staging.dtype != pool.dtype:
-        raise ValueError(
-            f"staging {staging.dtype}{list(staging.shape)} must be {pool.dtype}"
-            f"{[page_ids.shape[0], *pool.shape[1:]]} for pool {pool.dtype}{list(pool.shape)}"
-        )
-    return _scatter(pool, staging, page_ids, num_valid)
+def default_impl() -> str:
+    """The Pallas kernels on a GPU; XLA elsewhere (interpret mode is a test vehicle, not a path)."""
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 def _padded(page_ids: list[int]) -> np.ndarray:
@@ -116,6 +59,7 @@ class KVStorage:
         num_device_pages: device pool size, `NULL_PAGE` included (>= 2).
         num_host_pages, num_disk_pages: sizes of the colder tiers; 0 leaves a tier out.
         disk_dir: directory of the disk tier's anonymous file; required when num_disk_pages > 0.
+        impl: device ops of `kernels.block_copy`: "pallas" or "xla"; default `default_impl()`.
     """
 
     def __init__(
@@ -126,6 +70,8 @@ class KVStorage:
         num_host_pages: int = 0,
         num_disk_pages: int = 0,
         disk_dir: str | os.PathLike | None = None,
+        *,
+        impl: str | None = None,
     ) -> None:
         self.page_shape = tuple(check_int("page_shape", d, minimum=1) for d in page_shape)
         if len(self.page_shape) != 5:
@@ -139,6 +85,15 @@ class KVStorage:
         if num_disk_pages and disk_dir is None:
             raise ValueError(f"num_disk_pages={num_disk_pages} needs disk_dir")
         self._disk_dir = disk_dir
+        self.impl = default_impl() if impl is None else impl
+        if self.impl not in ("pallas", "xla"):
+            raise ValueError(f"impl={impl!r} must be 'pallas', 'xla' or None (the default)")
+        page_size, head_dim = self.page_shape[3], self.page_shape[4]
+        if self.impl == "pallas" and (page_size & (page_size - 1) or head_dim & (head_dim - 1)):
+            raise ValueError(
+                f"impl='pallas' needs power-of-two tokens_per_block={page_size} and "
+                f"head_dim={head_dim} (Triton tiles); use impl='xla'"
+            )
         self._pool = jnp.zeros((num_device_pages, *self.page_shape), self.dtype)
         host_shape = (num_host_pages, *self.page_shape)
         self._host = np.zeros(host_shape, self.dtype) if num_host_pages else None
@@ -272,9 +227,11 @@ class KVStorage:
         dst_ids = [move.dst_page for move in batch]
         num_valid = np.int32(len(batch))
         if src_tier is Tier.DEVICE and dst_tier is Tier.DEVICE:
-            self._pool = copy_pages(self._pool, _padded(src_ids), _padded(dst_ids), num_valid)
+            self._pool = copy_pages(
+                self._pool, _padded(src_ids), _padded(dst_ids), num_valid, impl=self.impl
+            )
         elif src_tier is Tier.DEVICE:
-            staging = gather_pages(self._pool, _padded(src_ids), num_valid)
+            staging = gather_pages(self._pool, _padded(src_ids), num_valid, impl=self.impl)
             self._array(dst_tier)[dst_ids] = np.asarray(jax.device_get(staging))[: len(batch)]
         elif dst_tier is Tier.DEVICE:
             staging = np.empty((page_bucket(len(batch)), *self.page_shape), self.dtype)
@@ -282,7 +239,9 @@ class KVStorage:
             np.take(self._array(src_tier), src_ids, axis=0, out=staging[: len(batch)], mode="clip")
             staging[len(batch) :] = 0  # dropped by scatter_pages; zeroed to stay deterministic
             staging = jax.device_put(staging)
-            self._pool = scatter_pages(self._pool, staging, _padded(dst_ids), num_valid)
+            self._pool = scatter_pages(
+                self._pool, staging, _padded(dst_ids), num_valid, impl=self.impl
+            )
         else:
             self._array(dst_tier)[dst_ids] = self._array(src_tier)[src_ids]
 
