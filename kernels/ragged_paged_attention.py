@@ -166,7 +166,10 @@ def ragged_paged_attention_reference(
     num_kv_heads = kv_pool.shape[3]
     group = num_q_heads // num_kv_heads
     token = jnp.arange(num_tokens)
-    seq = jnp.clip(jnp.searchsorted(cu_q_lens[1:], token, side="right"), 0, kv_lens.shape[0] - 1)
+    seqs = kv_lens.shape[0]
+    # Ends of the live sequences; metadata past num_seqs may be garbage, so it is masked.
+    ends = jnp.where(jnp.arange(seqs) < num_seqs[0], cu_q_lens[1:], jnp.iinfo(jnp.int32).max)
+    seq = jnp.clip(jnp.searchsorted(ends, token, side="right"), 0, seqs - 1)
     live = token < cu_q_lens[num_seqs[0]]
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     position = kv_lens[seq] - q_len + token - cu_q_lens[seq]  # [tokens]

@@ -1,0 +1,91 @@
+"""Every kernel lowers for the GPU (Triton, against an abstract H100) at real shapes: the
+power-of-two and supported-primitive rules interpret mode does not check."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels.block_copy import copy_pages, gather_pages, scatter_pages
+from kernels.kv_write import write_kv
+from kernels.paged_attention import paged_decode_attention
+from kernels.ragged_paged_attention import ragged_paged_attention
+from tests.gpu_lowering import lower_for_gpu, num_triton_kernels
+
+S = jax.ShapeDtypeStruct
+I32 = jnp.int32
+# (q_heads, kv_heads, head_dim, tokens_per_block, dtype): Llama-3-8B and -70B style GQA, MHA,
+# a group that is not a power of two, small pages, and each KV dtype.
+ATTENTION_SHAPES = [
+    (32, 8, 128, 16, jnp.bfloat16),
+    (64, 8, 128, 16, jnp.bfloat16),
+    (32, 32, 128, 16, jnp.float16),
+    (48, 4, 128, 32, jnp.bfloat16),
+    (32, 8, 64, 8, jnp.float32),
+]
+
+
+def pool_struct(kv_heads, head_dim, page_size, dtype, num_pages=8192, num_layers=32):
+    return S((num_pages, num_layers, 2, kv_heads, page_size, head_dim), dtype)
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 128])
+def test_decode_attention_lowers(shape, batch):
+    q_heads, kv_heads, head_dim, page_size, dtype = shape
+    max_blocks = 32768 // page_size
+    fn = functools.partial(
+        paged_decode_attention, layer=31, sm_scale=head_dim**-0.5, soft_cap=50.0,
+        interpret=False,
+    )  # fmt: skip
+    args = (
+        S((batch, q_heads, head_dim), dtype),
+        pool_struct(kv_heads, head_dim, page_size, dtype),
+        S((batch, max_blocks), I32),
+        S((batch,), I32),
+    )
+    assert num_triton_kernels(lower_for_gpu(fn, *args)) == 1
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+@pytest.mark.parametrize(("tokens", "seqs", "block_q"), [(2048, 64, None), (256, 256, 1)])
+def test_ragged_attention_lowers(shape, tokens, seqs, block_q):
+    q_heads, kv_heads, head_dim, page_size, dtype = shape
+    fn = functools.partial(
+        ragged_paged_attention, layer=0, sm_scale=head_dim**-0.5, block_q=block_q,
+        interpret=False,
+    )  # fmt: skip
+    args = (
+        S((tokens, q_heads, head_dim), dtype),
+        pool_struct(kv_heads, head_dim, page_size, dtype),
+        S((seqs, 8192 // page_size), I32),
+        S((seqs,), I32),
+        S((seqs + 1,), I32),
+        S((1,), I32),
+    )
+    assert num_triton_kernels(lower_for_gpu(fn, *args)) == 1
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("bucket", [1, 512])
+def test_block_copies_lower(dtype, bucket):
+    pool = pool_struct(8, 128, 16, dtype, num_pages=2048)
+    ids, count = S((bucket,), I32), S((), I32)
+    staging = S((bucket, *pool.shape[1:]), dtype)
+    for fn, args in (
+        (copy_pages, (pool, ids, ids, count)),
+        (gather_pages, (pool, ids, count)),
+        (scatter_pages, (pool, staging, ids, count)),
+    ):
+        lowered = lower_for_gpu(functools.partial(fn, interpret=False), *args)
+        assert num_triton_kernels(lowered) == 1
+
+
+@pytest.mark.parametrize("tokens", [1, 8192])
+def test_kv_write_lowers(tokens):
+    pool = pool_struct(8, 128, 16, jnp.bfloat16)
+    new = S((tokens, 8, 128), jnp.bfloat16)
+    fn = functools.partial(write_kv, layer=5, interpret=False)
+    lowered = lower_for_gpu(fn, pool, new, new, S((tokens,), I32))
+    assert num_triton_kernels(lowered) == 1
