@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # One prepared call for a lent GPU: the compiled kernel tests, then the kernel benchmark.
-# Writes everything under $OUT (default ./results/gpu); prints the benchmark table last.
+# The device machine reaches no package registry: it uses its own python3 (jax 0.11.2 with CUDA,
+# flax, numpy, hypothesis, sortedcontainers), plus wheels carried in wheels/ for what it lacks
+# (blake3: `pip download blake3 --only-binary=:all: --python-version 3.12 -d wheels`).
+# Writes everything under $OUT (default results/gpu) and prints the benchmark table last.
 set -uo pipefail
 out="${OUT:-results/gpu}"
 mkdir -p "$out"
+py=python3
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv > "$out/card.csv" 2>&1
-scripts/venv.sh > "$out/setup.log" 2>&1 || { tail -20 "$out/setup.log"; exit 1; }
-# The GPU machine's jax must see CUDA: install the plugin matching the pinned jaxlib.
-.venv/bin/pip install -q "jax[cuda13]==0.11.2" >> "$out/setup.log" 2>&1 \
-  || .venv/bin/pip install -q "jax[cuda12]==0.11.2" >> "$out/setup.log" 2>&1
-.venv/bin/python -c "import jax; print(jax.devices())" | tee "$out/devices.txt"
-timeout 240 .venv/bin/python -m pytest -q -m gpu -p no:cacheprovider > "$out/pytest_gpu.log" 2>&1
-echo "pytest -m gpu exit $?; $(tail -1 "$out/pytest_gpu.log")"
-timeout 300 .venv/bin/python -m benchmarks.bench_kernels --out "$out" > "$out/bench.log" 2>&1
-echo "bench exit $?"
+if ! "$py" -c "import blake3" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --find-links wheels blake3 > "$out/setup.log" 2>&1
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$py" -c "import jax; print(jax.__version__, jax.devices())" | tee "$out/devices.txt"
+timeout 240 "$py" -m pytest -q -m gpu -p no:cacheprovider > "$out/pytest_gpu.log" 2>&1
+echo "pytest -m gpu: exit $?; $(tail -1 "$out/pytest_gpu.log")"
+timeout 300 "$py" -m benchmarks.bench_kernels --out "$out" > "$out/bench.log" 2>&1
+echo "bench_kernels: exit $?"
 tail -40 "$out/bench.log"
