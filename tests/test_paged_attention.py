@@ -8,6 +8,7 @@ import pytest
 from kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
 from tests.attention_cases import (
     BF16,
+    F16,
     F32,
     GPU_TOLERANCE,
     TOLERANCE,
@@ -26,6 +27,7 @@ CASES = [
     (8, 128, 8, BF16),
     (3, 64, 16, F32),  # a group that is not a power of two
     (16, 64, 16, F32),  # wide enough for the dot path
+    (2, 64, 16, F16),
 ]
 
 

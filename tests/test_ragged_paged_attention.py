@@ -12,6 +12,7 @@ from kernels.ragged_paged_attention import (
 )
 from tests.attention_cases import (
     BF16,
+    F16,
     F32,
     GPU_TOLERANCE,
     TOLERANCE,
@@ -27,6 +28,7 @@ CASES = [
     (8, 64, 16, F32),
     (4, 64, 8, BF16),
     (3, 64, 16, F32),
+    (2, 64, 16, F16),
 ]
 
 
