@@ -40,6 +40,9 @@ def check_pool(kv_pool: jax.Array, *, layer: int | None = None) -> tuple[int, ..
         raise ValueError(
             f"kv_pool {list(kv_pool.shape)} must be [pages, layers, 2, kv_heads, tokens, head_dim]"
         )
+    if kv_pool.dtype.itemsize not in (2, 4):
+        # Triton switches to 64-bit offsets by bytes, so 1-byte pools over 2 GiB would overflow.
+        raise ValueError(f"kv_pool dtype {kv_pool.dtype} must be float32, float16 or bfloat16")
     _, num_layers, _, _, page_size, head_dim = kv_pool.shape
     if not is_power_of_two(page_size) or not is_power_of_two(head_dim):
         raise ValueError(
@@ -58,3 +61,9 @@ def check_int32(name: str, array: jax.Array, ndim: int) -> None:
 def num_valid_array(num_valid) -> jax.Array:
     """The live count as int32[1] (a device value: changing it never recompiles)."""
     return jnp.asarray(num_valid, jnp.int32).reshape(1)
+
+
+def check_soft_cap(soft_cap: float | None) -> None:
+    """None turns the cap off; 0 would silently flatten every score (0 * tanh(x / 0))."""
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap={soft_cap} must be > 0, or None for no cap")

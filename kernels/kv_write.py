@@ -1,7 +1,8 @@
 """Writes the new K and V of a step's tokens into their slots of the pool, in place.
 
 A slot is `page_id * tokens_per_block + offset`. Padding tokens carry slots inside `NULL_PAGE`, the
-scratch page nobody reads, so a padded batch needs no mask. The Pallas kernel writes one token's
+scratch page nobody reads, so a padded batch needs no mask; slots outside the pool (-1 included)
+are sent there too. The Pallas kernel writes one token's
 `[head_dim]` row of K and of V per program, grid `(tokens, kv_heads)`; the XLA scatter is the
 reference and fallback.
 """
@@ -11,9 +12,17 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.common import check_impl, check_int32, check_pool, compiler_params, resolve_interpret
+from kernels.common import (
+    NULL_PAGE,
+    check_impl,
+    check_int32,
+    check_pool,
+    compiler_params,
+    resolve_interpret,
+)
 
 __all__ = ["write_kv", "write_kv_reference"]
 
@@ -25,6 +34,9 @@ def _write_kernel(slots_ref, k_ref, v_ref, pool_ref, out_ref, *, layer: int):
     token, head = pl.program_id(0), pl.program_id(1)
     page_size = out_ref.shape[4]
     slot = slots_ref[token]
+    # A slot outside the pool (vLLM pads with -1) goes to the null page, never past the buffer.
+    in_pool = (slot >= 0) & (slot < out_ref.shape[0] * page_size)
+    slot = jnp.where(in_pool, slot, NULL_PAGE * page_size)
     page, offset = slot // page_size, slot % page_size
     out_ref[page, layer, 0, head, offset] = k_ref[...]
     out_ref[page, layer, 1, head, offset] = v_ref[...]
@@ -75,6 +87,8 @@ def write_kv(kv_pool, k, v, slots, *, layer, impl="pallas", interpret=None):
 def write_kv_reference(kv_pool, k, v, slots, *, layer):
     """XLA scatter of the same writes (`impl="xla"`)."""
     page_size = kv_pool.shape[4]
+    in_pool = (slots >= 0) & (slots < kv_pool.shape[0] * page_size)
+    slots = jnp.where(in_pool, slots, NULL_PAGE * page_size)
     pages, offsets = slots // page_size, slots % page_size
     # Advanced indices on axes 0 and 4 put the token axis first: [tokens, kv_heads, head_dim].
     kv_pool = kv_pool.at[pages, layer, 0, :, offsets].set(k)

@@ -21,6 +21,7 @@ from kernels.common import (
     check_impl,
     check_int32,
     check_pool,
+    check_soft_cap,
     compiler_params,
     resolve_interpret,
 )
@@ -117,6 +118,7 @@ def paged_decode_attention(
         [batch, q_heads, head_dim] in q's dtype.
     """
     _check(q, kv_pool, page_table, kv_lens, layer)
+    check_soft_cap(soft_cap)
     if check_impl(impl) == "xla":
         return paged_decode_attention_reference(
             q, kv_pool, page_table, kv_lens, layer=layer, sm_scale=sm_scale, soft_cap=soft_cap

@@ -22,7 +22,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from kernels.attention_tiles import empty_state, finish, online_softmax_step, page_scores
-from kernels.common import check_impl, check_int32, check_pool, compiler_params, resolve_interpret
+from kernels.common import (
+    check_impl,
+    check_int32,
+    check_pool,
+    check_soft_cap,
+    compiler_params,
+    resolve_interpret,
+)
 
 __all__ = ["ragged_paged_attention", "ragged_paged_attention_reference"]
 
@@ -35,7 +42,7 @@ def _ragged_kernel(
     # page_table_ref: int32[seqs, max_blocks]; q_ref, out_ref: [tokens, q_heads, head_dim]
     # pool_ref: the whole pool [pages, layers, 2, kv_heads, tokens_per_block, head_dim]
     program, head = pl.program_id(0), pl.program_id(1)
-    num_seqs = num_seqs_ref[0]
+    num_seqs = jnp.minimum(num_seqs_ref[0], kv_lens_ref.shape[0])  # never read past the arrays
     page_size, head_dim = pool_ref.shape[4], pool_ref.shape[5]
     group_pad = pl.next_power_of_2(group)
 
@@ -50,7 +57,7 @@ def _ragged_kernel(
     q_len = cu_q_lens_ref[seq + 1] - q_start
     first_row = (program - (q_start // block_q + seq)) * block_q
 
-    @pl.when((num_seqs > 0) & (first_row < q_len))
+    @pl.when((num_seqs > 0) & (first_row >= 0) & (first_row < q_len))
     def _():
         kv_len = kv_lens_ref[seq]
         rows = jnp.arange(block_q * group_pad)
@@ -126,6 +133,7 @@ def ragged_paged_attention(
         [tokens, q_heads, head_dim] in q's dtype; rows past `cu_q_lens[num_seqs]` unspecified.
     """
     _check(q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, layer)
+    check_soft_cap(soft_cap)
     if check_impl(impl) == "xla":
         return ragged_paged_attention_reference(
             q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs,

@@ -56,3 +56,20 @@ def test_bad_inputs_name_the_shapes():
         write_kv(pool, k, k, slots, layer=2)
     with pytest.raises(ValueError, match="slots"):
         write_kv(pool, k, k, slots.astype(jnp.float32), layer=0)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_slots_outside_the_pool_go_to_the_null_page(impl, interpret):
+    rng = np.random.default_rng(1)
+    pool = random_bits(rng, (3, 1, 2, 1, 8, 16), DTYPES[0])
+    new = random_bits(rng, (3, 1, 16), DTYPES[0])
+    slots = np.array([-1, 3 * 8, 9], np.int32)  # vLLM's -1 padding, one past the end, a real one
+    out = np.asarray(
+        write_kv(
+            jnp.asarray(pool), jnp.asarray(new), jnp.asarray(new), jnp.asarray(slots), layer=0,
+            impl=impl, interpret=interpret,
+        )
+    )  # fmt: skip
+    expected = pool.copy()
+    expected[1, 0, :, 0, 1] = new[2]
+    np.testing.assert_array_equal(out[1:].view(np.uint8), expected[1:].view(np.uint8))

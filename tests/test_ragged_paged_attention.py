@@ -112,16 +112,31 @@ def test_every_query_block_gives_the_same_answer(block_q, interpret):
     assert relative_error(out[:valid], golden[:valid]) <= (1e-5 if interpret else 1e-3)
 
 
-def test_padding_rows_never_write_outside_their_own_output(interpret):
-    """With no live sequence nothing is written: the output keeps what the buffer held."""
-    rng = np.random.default_rng(0)
-    batch, q, cu_q_lens, _ = mixed_batch(rng, 2, 64, 8, F32, num_tokens=16)
-    cu_q_lens[:] = 0
+@pytest.mark.parametrize("num_live", [0, 1, 2, 3, 4, 5])
+def test_programs_never_write_rows_past_the_live_sequences(num_live):
+    """Interpret mode runs programs in order and leaves unwritten rows NaN: with the first
+    `num_live` sequences live, every row past them must stay NaN (a missing row mask in the store
+    would spill the last live sequence's block into them), and the live rows must be right."""
+    rng = np.random.default_rng(num_live)
+    batch, q, cu_q_lens, _ = mixed_batch(rng, 2, 64, 8, F32, num_tokens=48)
+    golden = golden_ragged(batch, q, cu_q_lens, num_live, layer=0, sm_scale=0.1)
     out = run(
-        ragged_paged_attention, batch, q, cu_q_lens, 0, layer=0, sm_scale=0.1,
-        interpret=interpret,
+        ragged_paged_attention, batch, q, cu_q_lens, num_live, layer=0, sm_scale=0.1,
+        block_q=4, interpret=True,
     )  # fmt: skip
-    assert out.shape == q.shape  # rows past cu_q_lens[num_seqs] are unspecified: only the shape
+    out = np.asarray(out)
+    live = int(cu_q_lens[num_live])
+    assert np.isnan(out[live:]).all(), "a program wrote rows past its sequence"
+    if live:
+        assert relative_error(out[:live], golden[:live]) <= TOLERANCE[F32]
+
+
+def test_soft_cap_must_be_positive():
+    rng = np.random.default_rng(0)
+    batch, q, cu_q_lens, num_seqs = mixed_batch(rng, 2, 64, 8, F32, num_tokens=48)
+    with pytest.raises(ValueError, match=r"soft_cap=0\.0 must be > 0"):
+        run(ragged_paged_attention, batch, q, cu_q_lens, num_seqs, layer=0, sm_scale=0.1,
+            soft_cap=0.0)  # fmt: skip
 
 
 @pytest.mark.parametrize(("group", "head_dim", "page_size", "dtype"), CASES[:2], ids=str)
