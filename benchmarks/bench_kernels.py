@@ -100,8 +100,9 @@ def bench_decode(batch, context, args, interpret, ceiling) -> dict:
         for seed in range(2 if useful < (1 << 30) else 1)  # rotate sets smaller than 1 GiB
     ]
     ours = functools.partial(
-        paged_decode_attention, layer=0, sm_scale=sm_scale, interpret=interpret
-    )
+        paged_decode_attention, layer=0, sm_scale=sm_scale, interpret=interpret,
+        pages_per_chunk=args.pages_per_chunk, num_warps=args.num_warps,
+    )  # fmt: skip
     row = {"batch": batch, "context": context, "useful_mb": useful / 1e6}
     row["ours_us"] = 1e6 * median_seconds(
         rotating([functools.partial(ours, *inputs) for inputs in sets]), args.repeats
@@ -230,17 +231,21 @@ def markdown(result: dict) -> str:
             f"{r.get('speedup_vs_xla', float('nan')):.2f} | "
             f"{r.get('speedup_vs_jax_pallas', float('nan')):.2f} |"
         )
-    m = result["mixed"]
-    lines += [
-        "",
-        f"Mixed: {m['decode_rows']} decode rows at {m['context']} + a {m['prefill_chunk']}-token "
-        f"chunk: {m['ours_us']:.1f} us ({m['tflop_s']:.1f} TFLOP/s), XLA "
-        f"{m.get('xla_us', float('nan')):.1f} us.",
-        "",
-        "| pages | MB | copy us | GB/s | of copy | vs xla | gather vs xla | scatter vs xla |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["copies"]:
+    m = result.get("mixed")
+    lines += (
+        []
+        if m is None
+        else [
+            "",
+            f"Mixed: {m['decode_rows']} decode rows at {m['context']} + a "
+            f"{m['prefill_chunk']}-token chunk: {m['ours_us']:.1f} us "
+            f"({m['tflop_s']:.1f} TFLOP/s), XLA {m.get('xla_us', float('nan')):.1f} us.",
+            "",
+            "| pages | MB | copy us | GB/s | of copy | vs xla | gather vs xla | scatter vs xla |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    )
+    for r in result.get("copies", []):
         lines.append(
             f"| {r['pages']} | {r['mb']:.1f} | {r['copy_pallas_us']:.1f} | "
             f"{r['copy_pallas_gb_s']:.0f} | {r['copy_fraction_of_copy']:.0%} | "
@@ -255,6 +260,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; checks the script")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--pages-per-chunk", type=int, default=None, help="decode tuning")
+    parser.add_argument("--num-warps", type=int, default=4, help="decode tuning")
+    parser.add_argument(
+        "--sections", nargs="+", default=["decode", "mixed", "copies"], help="what to run"
+    )
     args = parser.parse_args()
     smoke = args.smoke
     args.repeats = args.repeats or (3 if smoke else 20)
@@ -280,12 +290,15 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=2))
 
     result["decode"], result["copies"] = [], []
-    for batch in batches:
-        for context in contexts:
-            record("decode", bench_decode(batch, context, args, interpret, ceiling))
-    record("mixed", bench_mixed(args, interpret, smoke))
-    for count in [1, 4] if smoke else [1, 8, 64, 512]:
-        record("copies", bench_copies(count, args, interpret, ceiling, smoke))
+    if "decode" in args.sections:
+        for batch in batches:
+            for context in contexts:
+                record("decode", bench_decode(batch, context, args, interpret, ceiling))
+    if "mixed" in args.sections:
+        record("mixed", bench_mixed(args, interpret, smoke))
+    if "copies" in args.sections:
+        for count in [1, 4] if smoke else [1, 8, 64, 512]:
+            record("copies", bench_copies(count, args, interpret, ceiling, smoke))
     table = markdown(result)
     (args.out / "bench_kernels.md").write_text(table)
     print(table)

@@ -1,11 +1,12 @@
 """Paged decode attention (one query token per sequence), GQA, split-K over pages.
 
-Grid `(batch, kv_heads, splits)`: a program takes the query heads of one KV group (padded to a
-power of two, not to 16) and one range of pages of its sequence, walks them one page at a time with
-an online softmax, and writes its partial (max, sum, output) to its own slot; a few jnp ops merge
-the splits. Pages past `kv_len` are never read; keys past it are masked and their values zeroed,
-so NaN in unused pages cannot leak. The layer and head are selected inside the kernel from the
-whole pool (slicing it outside would copy it). The mixed-batch kernel is `ragged_paged_attention`.
+Grid `(batch, kv_heads, splits)`: a program takes the query heads of one KV group and one range of
+pages of its sequence, gathers them `pages_per_chunk` at a time (one vector load of page ids, one of
+keys, one of values) and folds them in with an online softmax, then writes its partial (max, sum,
+output) to its own slot; a few jnp ops merge the splits. Pages past `kv_len` are never read (their
+table entries become `NULL_PAGE`); keys past it are masked and their values zeroed, so NaN in unused
+pages cannot leak. BlockSpecs select the layer and KV head of the whole pool (slicing it outside
+would copy it). The mixed-batch kernel is `ragged_paged_attention`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jax.experimental import pallas as pl
 
 from kernels.attention_tiles import empty_state, online_softmax_step, page_scores
 from kernels.common import (
+    NULL_PAGE,
     check_impl,
     check_int32,
     check_pool,
@@ -38,35 +40,40 @@ _MIN_PROGRAMS = 264  # two waves of an H100's 132 SMs
 
 
 def _decode_kernel(
-    page_table_ref, kv_lens_ref, q_ref, pool_ref, out_ref, max_ref, sum_ref, *, layer, sm_scale,
-    soft_cap, pages_per_split,
+    page_table_ref, kv_lens_ref, q_ref, keys_ref, values_ref, out_ref, max_ref, sum_ref, *,
+    sm_scale, soft_cap, pages_per_chunk, chunks_per_split,
 ):  # fmt: skip
-    # page_table_ref: int32[batch, max_blocks]; kv_lens_ref: int32[batch]
-    # q_ref: [group, head_dim] query heads of one KV group; pool_ref: the whole pool
-    # out_ref: f32[group, head_dim]; max_ref, sum_ref: f32[group] (this split's partials)
-    seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    page_size, max_blocks = pool_ref.shape[4], page_table_ref.shape[1]
+    # page_table_ref: int32[batch, splits * chunks_per_split * pages_per_chunk] (NULL_PAGE padded)
+    # kv_lens_ref: int32[batch]; q_ref: [rows, head_dim] query heads of one KV group (zero rows
+    # pad it); keys_ref, values_ref: [pages, tokens_per_block, head_dim] of this layer and KV head
+    # out_ref: f32[rows, head_dim]; max_ref, sum_ref: f32[rows] (this split's partials)
+    seq, split = pl.program_id(0), pl.program_id(2)
+    page_size, head_dim = keys_ref.shape[1], keys_ref.shape[2]
+    chunk_tokens = pages_per_chunk * page_size
     kv_len = kv_lens_ref[seq]
-    first = split * pages_per_split
-    end = jnp.minimum(jnp.minimum(first + pages_per_split, pl.cdiv(kv_len, page_size)), max_blocks)
+    num_pages = pl.cdiv(kv_len, page_size)
+    first = split * chunks_per_split
+    end = jnp.minimum(first + chunks_per_split, pl.cdiv(num_pages, pages_per_chunk))
     q = q_ref[...]
 
-    def fold_page(block, state):
-        page = page_table_ref[seq, block]
-        keys = pool_ref[page, layer, 0, head]
-        values = pool_ref[page, layer, 1, head]
-        valid = block * page_size + jnp.arange(page_size) < kv_len
+    def fold_chunk(chunk, state):
+        page_index = chunk * pages_per_chunk + jnp.arange(pages_per_chunk)
+        pages = page_table_ref[seq, pl.ds(chunk * pages_per_chunk, pages_per_chunk)]
+        pages = jnp.where(page_index < num_pages, pages, NULL_PAGE)  # never a stale id
+        keys = keys_ref[pages].reshape(chunk_tokens, head_dim)
+        values = values_ref[pages].reshape(chunk_tokens, head_dim)
+        valid = chunk * chunk_tokens + jnp.arange(chunk_tokens) < kv_len
         scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap)
         return online_softmax_step(state, scores, valid[None, :], values, valid)
 
-    state = jax.lax.fori_loop(first, jnp.maximum(first, end), fold_page, empty_state(*q_ref.shape))
+    state = jax.lax.fori_loop(first, jnp.maximum(first, end), fold_chunk, empty_state(*q_ref.shape))
     max_ref[...], sum_ref[...], out_ref[...] = state
 
 
-def _num_splits(batch: int, num_kv_heads: int, max_blocks: int) -> int:
-    """Enough splits for two waves of programs, never more than pages."""
+def _num_splits(batch: int, num_kv_heads: int, num_chunks: int) -> int:
+    """Enough splits for two waves of programs, never more than chunks of pages."""
     wanted = pl.cdiv(_MIN_PROGRAMS, batch * num_kv_heads)
-    return max(1, min(pl.next_power_of_2(wanted), max_blocks))
+    return max(1, min(pl.next_power_of_2(wanted), num_chunks))
 
 
 def _check(q, kv_pool, page_table, kv_lens, layer):
@@ -97,11 +104,20 @@ def _merge_splits(out, running_max, running_sum):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("layer", "sm_scale", "soft_cap", "num_splits", "impl", "interpret"),
+    static_argnames=(
+        "layer",
+        "sm_scale",
+        "soft_cap",
+        "num_splits",
+        "pages_per_chunk",
+        "num_warps",
+        "impl",
+        "interpret",
+    ),
 )
 def paged_decode_attention(
     q, kv_pool, page_table, kv_lens, *, layer, sm_scale, soft_cap=None, num_splits=None,
-    impl="pallas", interpret=None,
+    pages_per_chunk=None, num_warps=4, impl="pallas", interpret=None,
 ):  # fmt: skip
     """Attention of one new query token per sequence over its paged context.
 
@@ -113,6 +129,7 @@ def paged_decode_attention(
             which give zeros.
         layer, sm_scale, soft_cap: static; soft_cap caps logits with `cap * tanh(x / cap)`.
         num_splits: static page splits per sequence (default: enough for two waves of programs).
+        pages_per_chunk: static pages gathered per loop step (default up to 8: 128 keys of 16).
 
     Returns:
         [batch, q_heads, head_dim] in q's dtype.
@@ -124,41 +141,58 @@ def paged_decode_attention(
             q, kv_pool, page_table, kv_lens, layer=layer, sm_scale=sm_scale, soft_cap=soft_cap
         )
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads, max_blocks = kv_pool.shape[3], page_table.shape[1]
+    num_pages, _, _, num_kv_heads, page_size, _ = kv_pool.shape
+    max_blocks = page_table.shape[1]
     group = num_q_heads // num_kv_heads
-    group_pad = pl.next_power_of_2(group)  # Triton tiles are powers of two
-    splits = num_splits or _num_splits(batch, num_kv_heads, max_blocks)
+    # The dot needs 16 rows: a smaller group is padded with zero rows. Decode is bound by
+    # reading K/V, so the idle tensor-core rows cost nothing, while the alternative
+    # (broadcast-multiply on CUDA cores, one page at a time) measured 2-5x slower on an H200.
+    rows = max(pl.next_power_of_2(group), 16)
+    pages_per_chunk = pages_per_chunk or max(1, min(8, pl.next_power_of_2(max_blocks)))
+    chunks = pl.cdiv(max_blocks, pages_per_chunk)
+    splits = min(num_splits or _num_splits(batch, num_kv_heads, chunks), chunks)
+    chunks_per_split = pl.cdiv(chunks, splits)
+    columns = splits * chunks_per_split * pages_per_chunk
+    table = jnp.pad(page_table, ((0, 0), (0, columns - max_blocks)))  # NULL_PAGE columns
     grouped = q.reshape(batch, num_kv_heads, group, head_dim)
-    grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, group_pad - group), (0, 0)))
-    partial_shape = (batch, num_kv_heads, splits, group_pad)
+    grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    partial_shape = (batch, num_kv_heads, splits, rows)
+
+    def kv_view(kind):  # one layer and KV head of K or V, selected without copying the pool
+        return pl.BlockSpec(
+            (num_pages, None, None, None, page_size, head_dim),
+            lambda b, h, s: (0, layer, kind, h, 0, 0),
+        )
+
     out, running_max, running_sum = pl.pallas_call(
         functools.partial(
             _decode_kernel,
-            layer=layer,
             sm_scale=sm_scale,
             soft_cap=soft_cap,
-            pages_per_split=pl.cdiv(max_blocks, splits),
+            pages_per_chunk=pages_per_chunk,
+            chunks_per_split=chunks_per_split,
         ),
         grid=(batch, num_kv_heads, splits),
         in_specs=[
             pl.no_block_spec,
             pl.no_block_spec,
-            pl.BlockSpec((None, None, group_pad, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pl.no_block_spec,
+            pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            kv_view(0),
+            kv_view(1),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, group_pad, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, group_pad), lambda b, h, s: (b, h, s, 0)),
-            pl.BlockSpec((None, None, None, group_pad), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
         ],
         out_shape=[
             jax.ShapeDtypeStruct((*partial_shape, head_dim), jnp.float32),
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
         ],
-        compiler_params=compiler_params(num_warps=4, num_stages=2),
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=2),
         interpret=resolve_interpret(interpret),
-    )(page_table, kv_lens, grouped, kv_pool)
+    )(table, kv_lens, grouped, kv_pool, kv_pool)
     merged = _merge_splits(out, running_max, running_sum)[:, :, :group]
     return merged.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 
