@@ -102,6 +102,7 @@ def bench_decode(batch, context, args, interpret, ceiling) -> dict:
     ours = functools.partial(
         paged_decode_attention, layer=0, sm_scale=sm_scale, interpret=interpret,
         pages_per_chunk=args.pages_per_chunk, num_warps=args.num_warps,
+        num_stages=args.num_stages, num_splits=splits_for(args.waves, batch, kv_heads, context),
     )  # fmt: skip
     row = {"batch": batch, "context": context, "useful_mb": useful / 1e6}
     row["ours_us"] = 1e6 * median_seconds(
@@ -119,6 +120,14 @@ def bench_decode(batch, context, args, interpret, ceiling) -> dict:
         if row.get(f"{other}_us"):
             row[f"speedup_vs_{other}"] = row[f"{other}_us"] / row["ours_us"]
     return row
+
+
+def splits_for(waves: int | None, batch: int, kv_heads: int, context: int) -> int | None:
+    """Page splits giving about `waves` programs per SM of an H100/H200 (None: the default)."""
+    if not waves:
+        return None
+    wanted = -(-waves * 132 // (batch * kv_heads))
+    return max(1, min(1 << (wanted - 1).bit_length(), context // (16 * 8)))
 
 
 def bench_upstream_decode(sets, sm_scale, interpret, repeats) -> float | None:
@@ -262,6 +271,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--pages-per-chunk", type=int, default=None, help="decode tuning")
     parser.add_argument("--num-warps", type=int, default=4, help="decode tuning")
+    parser.add_argument("--num-stages", type=int, default=2, help="decode tuning")
+    parser.add_argument("--waves", type=int, default=None, help="decode splits: programs per SM")
     parser.add_argument(
         "--sections", nargs="+", default=["decode", "mixed", "copies"], help="what to run"
     )

@@ -117,7 +117,7 @@ def _merge_splits(out, running_max, running_sum):
 )
 def paged_decode_attention(
     q, kv_pool, page_table, kv_lens, *, layer, sm_scale, soft_cap=None, num_splits=None,
-    pages_per_chunk=None, num_warps=4, impl="pallas", interpret=None,
+    pages_per_chunk=None, num_warps=4, num_stages=2, impl="pallas", interpret=None,
 ):  # fmt: skip
     """Attention of one new query token per sequence over its paged context.
 
@@ -190,7 +190,7 @@ def paged_decode_attention(
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
             jax.ShapeDtypeStruct(partial_shape, jnp.float32),
         ],
-        compiler_params=compiler_params(num_warps=num_warps, num_stages=2),
+        compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=resolve_interpret(interpret),
     )(table, kv_lens, grouped, kv_pool, kv_pool)
     merged = _merge_splits(out, running_max, running_sum)[:, :, :group]
