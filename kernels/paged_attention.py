@@ -111,6 +111,7 @@ def _merge_splits(out, running_max, running_sum):
         "num_splits",
         "pages_per_chunk",
         "num_warps",
+        "num_stages",
         "impl",
         "interpret",
     ),
