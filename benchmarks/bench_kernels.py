@@ -271,7 +271,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--pages-per-chunk", type=int, default=None, help="decode tuning")
     parser.add_argument("--num-warps", type=int, default=4, help="decode tuning")
-    parser.add_argument("--num-stages", type=int, default=2, help="decode tuning")
+    parser.add_argument("--num-stages", type=int, default=3, help="decode tuning")
     parser.add_argument("--waves", type=int, default=None, help="decode splits: programs per SM")
     parser.add_argument(
         "--sections", nargs="+", default=["decode", "mixed", "copies"], help="what to run"

@@ -118,7 +118,7 @@ def _merge_splits(out, running_max, running_sum):
 )
 def paged_decode_attention(
     q, kv_pool, page_table, kv_lens, *, layer, sm_scale, soft_cap=None, num_splits=None,
-    pages_per_chunk=None, num_warps=4, num_stages=2, impl="pallas", interpret=None,
+    pages_per_chunk=None, num_warps=4, num_stages=3, impl="pallas", interpret=None,
 ):  # fmt: skip
     """Attention of one new query token per sequence over its paged context.
 
