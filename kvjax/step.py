@@ -1,0 +1,224 @@
+"""Compiled step functions over allowed-shape buckets: the JAX replacement for CUDA graphs.
+
+A step's shapes are its bucket key: (sequences, tokens). `Buckets` lists the allowed keys and pads
+a batch up to the smallest that fits. `StepRegistry` compiles one executable per key ahead of time
+(`warmup`, from shapes only, so warm-up never runs with stale page tables) inside
+`allow_compile()`, with the pool donated. Outside `allow_compile()` an unseen key never compiles
+(the seed PR's "no capture on the fly"): the batch is padded up to the smallest compiled key that
+holds it and that executable runs; the fallback is counted in `stats`. A batch no compiled key holds
+raises. Inputs are built and padded on the host (numpy), so a served step never traces.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from kvjax.checks import check_int
+from kvjax.pages import NULL_PAGE
+
+__all__ = [
+    "BucketKey",
+    "Buckets",
+    "StepInputs",
+    "StepRegistry",
+    "StepStats",
+    "enable_persistent_cache",
+    "pad_to_bucket",
+]
+
+
+def pad_to_bucket(buckets: Sequence[int], n: int) -> int:
+    """The smallest bucket >= n; raises naming the largest bucket when none is."""
+    index = bisect.bisect_left(buckets, n)
+    if index == len(buckets):
+        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[index]
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class BucketKey:
+    """Static shapes of one compiled step."""
+
+    num_seqs: int
+    num_tokens: int
+
+
+def _sorted_sizes(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
+    sizes = tuple(sorted({check_int(name, value, minimum=minimum) for value in values}))
+    if not sizes:
+        raise ValueError(f"{name} is empty")
+    return sizes
+
+
+class Buckets:
+    """Allowed step shapes.
+
+    Args:
+        batch_sizes: sequence counts a step may be padded to.
+        token_counts: token counts of mixed or prefill steps.
+        draft_lengths: draft tokens per sequence of decode steps; each adds the exact decode
+            shapes `(b, b * (1 + draft))` so verification rows need no token padding.
+    """
+
+    def __init__(
+        self,
+        batch_sizes: Sequence[int],
+        token_counts: Sequence[int],
+        draft_lengths: Sequence[int] = (0,),
+    ) -> None:
+        self.batch_sizes = _sorted_sizes("batch_sizes", batch_sizes, 1)
+        self.token_counts = _sorted_sizes("token_counts", token_counts, 1)
+        self.draft_lengths = _sorted_sizes("draft_lengths", draft_lengths, 0)
+        keys = {
+            BucketKey(batch, tokens)
+            for batch, tokens in itertools.product(self.batch_sizes, self.token_counts)
+            if tokens >= batch
+        }
+        keys |= {
+            BucketKey(batch, batch * (1 + draft))
+            for batch, draft in itertools.product(self.batch_sizes, self.draft_lengths)
+        }
+        self.keys: tuple[BucketKey, ...] = tuple(sorted(keys))
+
+    def pad(self, num_seqs: int, num_tokens: int) -> BucketKey:
+        """The smallest allowed key holding the batch (fewest tokens, then fewest sequences)."""
+        return smallest_holding(self.keys, num_seqs, num_tokens, "allowed")
+
+
+def smallest_holding(keys, num_seqs: int, num_tokens: int, what: str) -> BucketKey:
+    fits = [k for k in keys if k.num_seqs >= num_seqs and k.num_tokens >= num_tokens]
+    if not fits:
+        largest = max(keys, key=lambda k: (k.num_tokens, k.num_seqs), default=None)
+        raise ValueError(
+            f"a step of {num_seqs} sequences and {num_tokens} tokens fits no {what} bucket; "
+            f"the largest is {largest}"
+        )
+    return min(fits, key=lambda k: (k.num_tokens, k.num_seqs))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """One step's batch: plain arrays (numpy on the host, then on the device).
+
+    Only the first `num_seqs[0]` sequences are live; rows past them are padding.
+    """
+
+    tokens: Any  # int32[num_tokens]; padding 0
+    page_table: Any  # int32[num_seqs_bucket, max_blocks]; padding rows NULL_PAGE
+    kv_lens: Any  # int32[num_seqs_bucket]; keys after this step's tokens are written; padding 0
+    cu_q_lens: Any  # int32[num_seqs_bucket + 1]
+    num_seqs: Any  # int32[1]
+    logits_indices: Any  # int32[num_seqs_bucket]: the token row whose logits each sequence needs
+
+    @property
+    def key(self) -> BucketKey:
+        return BucketKey(self.kv_lens.shape[0], self.tokens.shape[0])
+
+    def padded(self, key: BucketKey) -> StepInputs:
+        """The same batch with shapes `key` (host arrays; extra rows are padding)."""
+        extra_seqs = key.num_seqs - self.kv_lens.shape[0]
+        extra_tokens = key.num_tokens - self.tokens.shape[0]
+        if extra_seqs < 0 or extra_tokens < 0:
+            raise ValueError(f"inputs of {self.key} do not fit {key}")
+        cu_q_lens = np.asarray(self.cu_q_lens)
+        return StepInputs(
+            tokens=np.pad(np.asarray(self.tokens), (0, extra_tokens)),
+            page_table=np.pad(
+                np.asarray(self.page_table), ((0, extra_seqs), (0, 0)), constant_values=NULL_PAGE
+            ),
+            kv_lens=np.pad(np.asarray(self.kv_lens), (0, extra_seqs)),
+            cu_q_lens=np.pad(cu_q_lens, (0, extra_seqs), mode="edge"),
+            num_seqs=np.asarray(self.num_seqs),
+            logits_indices=np.pad(np.asarray(self.logits_indices), (0, extra_seqs)),
+        )
+
+    def shape_structs(self) -> StepInputs:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.int32), self)
+
+
+@dataclasses.dataclass
+class StepStats:
+    compiled: int = 0  # executables built (warm-up and allowed compiles)
+    runs: int = 0
+    fallbacks: int = 0  # steps of an uncompiled key, padded up to a compiled one
+
+
+_compile_allowed = [False]
+
+
+@contextlib.contextmanager
+def allow_compile() -> Iterator[None]:
+    """Compiling a new step executable is allowed only inside this block (warm-up)."""
+    previous, _compile_allowed[0] = _compile_allowed[0], True
+    try:
+        yield
+    finally:
+        _compile_allowed[0] = previous
+
+
+class StepRegistry:
+    """Compiled executables of `step_fn(params, pool, inputs) -> (logits, pool)`, one per key.
+
+    Args:
+        step_fn: the step; the pool (argument 1) is donated.
+    """
+
+    def __init__(self, step_fn: Callable) -> None:
+        self._jitted = jax.jit(step_fn, donate_argnums=1)
+        self._executables: dict[BucketKey, Any] = {}
+        self.stats = StepStats()
+        self.allow_compile = allow_compile
+
+    @property
+    def keys(self) -> list[BucketKey]:
+        return sorted(self._executables)
+
+    def warmup(self, params, pool, example: Callable[[BucketKey], StepInputs], keys) -> None:
+        """Compiles every key from shapes alone (nothing runs); must be inside `allow_compile()`.
+
+        Args:
+            params, pool: arrays or `jax.ShapeDtypeStruct`s of the real ones.
+            example: builds host inputs of a key (only their shapes are used).
+        """
+        for key in keys:
+            self._compile(key, params, pool, example(key))
+
+    def _compile(self, key, params, pool, inputs) -> Any:
+        if not _compile_allowed[0]:
+            raise RuntimeError(f"compiling step {key} outside allow_compile()")
+        structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
+        pool_struct = jax.ShapeDtypeStruct(pool.shape, pool.dtype)
+        executable = self._jitted.lower(structs, pool_struct, inputs.shape_structs()).compile()
+        self._executables[key] = executable
+        self.stats.compiled += 1
+        return executable
+
+    def __call__(self, params, pool, inputs: StepInputs):
+        """Runs the step on host `inputs`; returns `(logits, pool)` (the pool was donated)."""
+        key = inputs.key
+        executable = self._executables.get(key)
+        if executable is None and _compile_allowed[0]:
+            executable = self._compile(key, params, pool, inputs)
+        elif executable is None:
+            key = smallest_holding(self._executables, key.num_seqs, key.num_tokens, "compiled")
+            inputs = inputs.padded(key)
+            executable = self._executables[key]
+            self.stats.fallbacks += 1
+        self.stats.runs += 1
+        device_inputs = jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.int32)), inputs)
+        return executable(params, pool, device_inputs)
+
+
+def enable_persistent_cache(path: str, *, min_compile_seconds: float = 0.0) -> None:
+    """Keeps compiled steps on disk across processes (JAX's persistent compilation cache)."""
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)

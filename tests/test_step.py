@@ -1,0 +1,110 @@
+"""Buckets and the step registry: ahead-of-time compilation, no compile while serving, padding
+fallback for unseen keys, and a donated pool."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.step import BucketKey, Buckets, StepInputs, StepRegistry, allow_compile, pad_to_bucket
+
+MAX_BLOCKS = 4
+POOL_SHAPE = (16, 2, 2, 1, 4, 8)
+
+
+def toy_step(params, pool, inputs):
+    """Logits from the tokens each sequence needs; the pool gains the step's token sum."""
+    live = jnp.arange(inputs.kv_lens.shape[0]) < inputs.num_seqs[0]
+    picked = inputs.tokens[inputs.logits_indices].astype(jnp.float32)
+    logits = jnp.where(live, picked, 0.0)[:, None] * params["w"][None, :]
+    total = jnp.sum(inputs.tokens).astype(pool.dtype)
+    return logits, pool.at[1].add(total)
+
+
+def host_inputs(q_lens, num_seqs_bucket=None, num_tokens=None):
+    """Inputs of sequences with these query lengths, optionally padded by hand."""
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    num_seqs_bucket = num_seqs_bucket or len(q_lens)
+    num_tokens = num_tokens or int(cu[-1])
+    tokens = np.zeros(num_tokens, np.int32)
+    tokens[: cu[-1]] = np.arange(1, cu[-1] + 1)
+    pad = num_seqs_bucket - len(q_lens)
+    return StepInputs(
+        tokens=tokens,
+        page_table=np.pad(np.ones((len(q_lens), MAX_BLOCKS), np.int32), ((0, pad), (0, 0))),
+        kv_lens=np.pad(np.array(q_lens, np.int32), (0, pad)),
+        cu_q_lens=np.pad(cu, (0, pad), mode="edge"),
+        num_seqs=np.array([len(q_lens)], np.int32),
+        logits_indices=np.pad(cu[1:] - 1, (0, pad)),
+    )
+
+
+def example(key: BucketKey) -> StepInputs:
+    return host_inputs([1] * key.num_seqs, key.num_seqs, key.num_tokens)
+
+
+def test_pad_to_bucket_and_buckets():
+    assert pad_to_bucket((1, 2, 4, 8), 3) == 4
+    with pytest.raises(ValueError, match="9 exceeds the largest bucket 8"):
+        pad_to_bucket((1, 2, 4, 8), 9)
+    buckets = Buckets(batch_sizes=[4, 1, 2], token_counts=[16, 8], draft_lengths=[0, 3])
+    assert buckets.batch_sizes == (1, 2, 4)
+    assert BucketKey(2, 8) in buckets.keys and BucketKey(4, 16) in buckets.keys
+    assert BucketKey(2, 2) in buckets.keys  # decode: one token per sequence
+    assert BucketKey(4, 4 * 4) in buckets.keys  # verification: 1 + 3 draft tokens each
+    assert buckets.pad(3, 3) == BucketKey(4, 4)
+    assert buckets.pad(1, 9) == BucketKey(1, 16)
+    with pytest.raises(ValueError, match="fits no allowed bucket; the largest is"):
+        buckets.pad(5, 5)
+    with pytest.raises(ValueError, match="batch_sizes=0 must be >= 1"):
+        Buckets(batch_sizes=[0], token_counts=[8])
+
+
+def test_after_warmup_a_varied_workload_never_compiles():
+    buckets = Buckets(batch_sizes=[1, 2, 4], token_counts=[8, 16])
+    registry = StepRegistry(toy_step)
+    params = {"w": jnp.arange(3, dtype=jnp.float32)}
+    pool = jnp.zeros(POOL_SHAPE, jnp.float32)
+    with registry.allow_compile():
+        registry.warmup(params, pool, example, buckets.keys)
+    assert registry.stats.compiled == len(buckets.keys)
+    expected_total = 0
+    with jax.no_tracing():
+        for q_lens in ([1], [1, 1], [3, 5], [1, 1, 1, 1], [2, 9, 1], [4]):
+            key = buckets.pad(len(q_lens), sum(q_lens))
+            inputs = host_inputs(q_lens, key.num_seqs, key.num_tokens)
+            logits, pool = registry(params, pool, inputs)
+            expected_total += sum(range(1, sum(q_lens) + 1))
+            ends = np.cumsum(q_lens)
+            np.testing.assert_array_equal(np.asarray(logits)[: len(q_lens), 2], 2.0 * ends)
+    assert registry.stats.compiled == len(buckets.keys)
+    assert registry.stats.fallbacks == 0
+    assert float(pool[1, 0, 0, 0, 0, 0]) == expected_total
+
+
+def test_an_unseen_key_pads_up_to_a_compiled_one_and_is_counted():
+    registry = StepRegistry(toy_step)
+    params = {"w": jnp.ones(2)}
+    pool = jnp.zeros(POOL_SHAPE, jnp.float32)
+    with allow_compile():
+        registry.warmup(params, pool, example, [BucketKey(4, 16)])
+    with jax.no_tracing():
+        logits, pool = registry(params, pool, host_inputs([2, 3]))  # key (2, 5): not compiled
+    assert logits.shape == (4, 2) and np.asarray(logits)[:2, 0].tolist() == [2.0, 5.0]
+    assert registry.stats.fallbacks == 1 and registry.stats.compiled == 1
+    with pytest.raises(ValueError, match="fits no compiled bucket"):
+        registry(params, pool, host_inputs([9, 9]))
+    with pytest.raises(RuntimeError, match="outside allow_compile"):
+        registry.warmup(params, pool, example, [BucketKey(1, 1)])
+
+
+def test_the_compiled_step_updates_the_donated_pool_in_place():
+    registry = StepRegistry(toy_step)
+    params = {"w": jnp.ones(2)}
+    pool = jax.ShapeDtypeStruct((256, 4, 2, 2, 16, 64), jnp.float32)
+    with allow_compile():
+        registry.warmup(params, pool, example, [BucketKey(2, 8)])
+    text = registry._executables[BucketKey(2, 8)].as_text()
+    assert "input_output_alias" in text
+    pool_type = "f32[256,4,2,2,16,64]"
+    assert not [line for line in text.splitlines() if pool_type in line and " copy(" in line]
