@@ -1,12 +1,12 @@
 """Compiled step functions over allowed-shape buckets: the JAX replacement for CUDA graphs.
 
-A step's shapes are its bucket key: (sequences, tokens). `Buckets` lists the allowed keys and pads
-a batch up to the smallest that fits. `StepRegistry` compiles one executable per key ahead of time
-(`warmup`, from shapes only, so warm-up never runs with stale page tables) inside
+A step's shapes are its bucket key: (sequences, tokens, logit rows). `Buckets` lists the allowed
+keys and pads a batch up to the smallest that fits. `StepRegistry` compiles one executable per key
+ahead of time (`warmup`, from shapes only, so warm-up never runs with stale page tables) inside
 `allow_compile()`, with the pool donated. Outside `allow_compile()` an unseen key never compiles
 (the seed PR's "no capture on the fly"): the batch is padded up to the smallest compiled key that
-holds it and that executable runs; the fallback is counted in `stats`. A batch no compiled key holds
-raises. Inputs are built and padded on the host (numpy), so a served step never traces.
+holds it and that executable runs; the fallback is counted in `stats`. A batch no compiled key
+holds raises. Inputs are built and padded on the host (numpy), so a served step never traces.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class BucketKey:
 
     num_seqs: int
     num_tokens: int
+    num_logits: int  # rows of logits: one per sequence, or every row of a verification step
 
 
 def _sorted_sizes(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
@@ -78,30 +79,38 @@ class Buckets:
         self.token_counts = _sorted_sizes("token_counts", token_counts, 1)
         self.draft_lengths = _sorted_sizes("draft_lengths", draft_lengths, 0)
         keys = {
-            BucketKey(batch, tokens)
+            BucketKey(batch, tokens, batch)
             for batch, tokens in itertools.product(self.batch_sizes, self.token_counts)
             if tokens >= batch
         }
-        keys |= {
-            BucketKey(batch, batch * (1 + draft))
+        keys |= {  # decode and verification: logits for every row
+            BucketKey(batch, batch * (1 + draft), batch * (1 + draft))
             for batch, draft in itertools.product(self.batch_sizes, self.draft_lengths)
         }
         self.keys: tuple[BucketKey, ...] = tuple(sorted(keys))
 
-    def pad(self, num_seqs: int, num_tokens: int) -> BucketKey:
-        """The smallest allowed key holding the batch (fewest tokens, then fewest sequences)."""
-        return smallest_holding(self.keys, num_seqs, num_tokens, "allowed")
+    def pad(self, num_seqs: int, num_tokens: int, num_logits: int | None = None) -> BucketKey:
+        """The smallest allowed key holding the batch (fewest tokens, then fewest sequences);
+        `num_logits` defaults to one row per sequence."""
+        wanted = BucketKey(num_seqs, num_tokens, num_seqs if num_logits is None else num_logits)
+        return smallest_holding(self.keys, wanted, "allowed")
 
 
-def smallest_holding(keys, num_seqs: int, num_tokens: int, what: str) -> BucketKey:
-    fits = [k for k in keys if k.num_seqs >= num_seqs and k.num_tokens >= num_tokens]
+def smallest_holding(keys, wanted: BucketKey, what: str) -> BucketKey:
+    fits = [
+        k
+        for k in keys
+        if k.num_seqs >= wanted.num_seqs
+        and k.num_tokens >= wanted.num_tokens
+        and k.num_logits >= wanted.num_logits
+    ]
     if not fits:
         largest = max(keys, key=lambda k: (k.num_tokens, k.num_seqs), default=None)
         raise ValueError(
-            f"a step of {num_seqs} sequences and {num_tokens} tokens fits no {what} bucket; "
-            f"the largest is {largest}"
+            f"a step of {wanted.num_seqs} sequences, {wanted.num_tokens} tokens and "
+            f"{wanted.num_logits} logit rows fits no {what} bucket; the largest is {largest}"
         )
-    return min(fits, key=lambda k: (k.num_tokens, k.num_seqs))
+    return min(fits, key=lambda k: (k.num_tokens, k.num_seqs, k.num_logits))
 
 
 @jax.tree_util.register_dataclass
@@ -117,17 +126,18 @@ class StepInputs:
     kv_lens: Any  # int32[num_seqs_bucket]; keys after this step's tokens are written; padding 0
     cu_q_lens: Any  # int32[num_seqs_bucket + 1]
     num_seqs: Any  # int32[1]
-    logits_indices: Any  # int32[num_seqs_bucket]: the token row whose logits each sequence needs
+    logits_indices: Any  # int32[num_logits]: token rows whose logits the step returns
 
     @property
     def key(self) -> BucketKey:
-        return BucketKey(self.kv_lens.shape[0], self.tokens.shape[0])
+        return BucketKey(self.kv_lens.shape[0], self.tokens.shape[0], self.logits_indices.shape[0])
 
     def padded(self, key: BucketKey) -> StepInputs:
         """The same batch with shapes `key` (host arrays; extra rows are padding)."""
         extra_seqs = key.num_seqs - self.kv_lens.shape[0]
         extra_tokens = key.num_tokens - self.tokens.shape[0]
-        if extra_seqs < 0 or extra_tokens < 0:
+        extra_logits = key.num_logits - self.logits_indices.shape[0]
+        if min(extra_seqs, extra_tokens, extra_logits) < 0:
             raise ValueError(f"inputs of {self.key} do not fit {key}")
         cu_q_lens = np.asarray(self.cu_q_lens)
         return StepInputs(
@@ -138,7 +148,7 @@ class StepInputs:
             kv_lens=np.pad(np.asarray(self.kv_lens), (0, extra_seqs)),
             cu_q_lens=np.pad(cu_q_lens, (0, extra_seqs), mode="edge"),
             num_seqs=np.asarray(self.num_seqs),
-            logits_indices=np.pad(np.asarray(self.logits_indices), (0, extra_seqs)),
+            logits_indices=np.pad(np.asarray(self.logits_indices), (0, extra_logits)),
         )
 
     def shape_structs(self) -> StepInputs:
@@ -209,7 +219,7 @@ class StepRegistry:
         if executable is None and _compile_allowed[0]:
             executable = self._compile(key, params, pool, inputs)
         elif executable is None:
-            key = smallest_holding(self._executables, key.num_seqs, key.num_tokens, "compiled")
+            key = smallest_holding(self._executables, key, "compiled")
             inputs = inputs.padded(key)
             executable = self._executables[key]
             self.stats.fallbacks += 1

@@ -16,7 +16,8 @@ def toy_step(params, pool, inputs):
     """Logits from the tokens each sequence needs; the pool gains the step's token sum."""
     live = jnp.arange(inputs.kv_lens.shape[0]) < inputs.num_seqs[0]
     picked = inputs.tokens[inputs.logits_indices].astype(jnp.float32)
-    logits = jnp.where(live, picked, 0.0)[:, None] * params["w"][None, :]
+    logits = picked[:, None] * params["w"][None, :]
+    del live
     total = jnp.sum(inputs.tokens).astype(pool.dtype)
     return logits, pool.at[1].add(total)
 
@@ -40,7 +41,8 @@ def host_inputs(q_lens, num_seqs_bucket=None, num_tokens=None):
 
 
 def example(key: BucketKey) -> StepInputs:
-    return host_inputs([1] * key.num_seqs, key.num_seqs, key.num_tokens)
+    inputs = host_inputs([1] * key.num_seqs, key.num_seqs, key.num_tokens)
+    return inputs.padded(key)
 
 
 def test_pad_to_bucket_and_buckets():
@@ -49,11 +51,12 @@ def test_pad_to_bucket_and_buckets():
         pad_to_bucket((1, 2, 4, 8), 9)
     buckets = Buckets(batch_sizes=[4, 1, 2], token_counts=[16, 8], draft_lengths=[0, 3])
     assert buckets.batch_sizes == (1, 2, 4)
-    assert BucketKey(2, 8) in buckets.keys and BucketKey(4, 16) in buckets.keys
-    assert BucketKey(2, 2) in buckets.keys  # decode: one token per sequence
-    assert BucketKey(4, 4 * 4) in buckets.keys  # verification: 1 + 3 draft tokens each
-    assert buckets.pad(3, 3) == BucketKey(4, 4)
-    assert buckets.pad(1, 9) == BucketKey(1, 16)
+    assert BucketKey(2, 8, 2) in buckets.keys and BucketKey(4, 16, 4) in buckets.keys
+    assert BucketKey(2, 2, 2) in buckets.keys  # decode: one token per sequence
+    assert BucketKey(4, 16, 16) in buckets.keys  # verification: 1 + 3 draft tokens each
+    assert buckets.pad(3, 3) == BucketKey(4, 4, 4)
+    assert buckets.pad(1, 9) == BucketKey(1, 16, 1)
+    assert buckets.pad(2, 8, 8) == BucketKey(2, 8, 8)
     with pytest.raises(ValueError, match="fits no allowed bucket; the largest is"):
         buckets.pad(5, 5)
     with pytest.raises(ValueError, match="batch_sizes=0 must be >= 1"):
@@ -72,7 +75,7 @@ def test_after_warmup_a_varied_workload_never_compiles():
     with jax.no_tracing():
         for q_lens in ([1], [1, 1], [3, 5], [1, 1, 1, 1], [2, 9, 1], [4]):
             key = buckets.pad(len(q_lens), sum(q_lens))
-            inputs = host_inputs(q_lens, key.num_seqs, key.num_tokens)
+            inputs = host_inputs(q_lens, key.num_seqs, key.num_tokens).padded(key)
             logits, pool = registry(params, pool, inputs)
             expected_total += sum(range(1, sum(q_lens) + 1))
             ends = np.cumsum(q_lens)
@@ -87,7 +90,7 @@ def test_an_unseen_key_pads_up_to_a_compiled_one_and_is_counted():
     params = {"w": jnp.ones(2)}
     pool = jnp.zeros(POOL_SHAPE, jnp.float32)
     with allow_compile():
-        registry.warmup(params, pool, example, [BucketKey(4, 16)])
+        registry.warmup(params, pool, example, [BucketKey(4, 16, 4)])
     with jax.no_tracing():
         logits, pool = registry(params, pool, host_inputs([2, 3]))  # key (2, 5): not compiled
     assert logits.shape == (4, 2) and np.asarray(logits)[:2, 0].tolist() == [2.0, 5.0]
@@ -95,7 +98,7 @@ def test_an_unseen_key_pads_up_to_a_compiled_one_and_is_counted():
     with pytest.raises(ValueError, match="fits no compiled bucket"):
         registry(params, pool, host_inputs([9, 9]))
     with pytest.raises(RuntimeError, match="outside allow_compile"):
-        registry.warmup(params, pool, example, [BucketKey(1, 1)])
+        registry.warmup(params, pool, example, [BucketKey(1, 1, 1)])
 
 
 def test_the_compiled_step_updates_the_donated_pool_in_place():
@@ -103,8 +106,8 @@ def test_the_compiled_step_updates_the_donated_pool_in_place():
     params = {"w": jnp.ones(2)}
     pool = jax.ShapeDtypeStruct((256, 4, 2, 2, 16, 64), jnp.float32)
     with allow_compile():
-        registry.warmup(params, pool, example, [BucketKey(2, 8)])
-    text = registry._executables[BucketKey(2, 8)].as_text()
+        registry.warmup(params, pool, example, [BucketKey(2, 8, 2)])
+    text = registry._executables[BucketKey(2, 8, 2)].as_text()
     assert "input_output_alias" in text
     pool_type = "f32[256,4,2,2,16,64]"
     assert not [line for line in text.splitlines() if pool_type in line and " copy(" in line]

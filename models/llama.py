@@ -1,0 +1,165 @@
+"""A Flax NNX Llama family model (Llama 2/3, Qwen2, Mistral) that attends through the paged pool.
+
+One forward is one serving step: the new tokens of all sequences back to back (`StepInputs`), the
+device pool, and optionally embeddings that replace the token embedding at some rows (multimodal
+placeholders). Each layer writes its new K/V into the pool (`kernels.kv_write`) and attends over
+the pages (`kernels.ragged_paged_attention`); the forward returns the logits of each sequence's
+`logits_indices` row and the new pool.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kernels.kv_write import write_kv
+from kernels.ragged_paged_attention import ragged_paged_attention
+from kvjax.page_table import slot_mapping, token_positions
+from kvjax.step import StepInputs
+from models.config import LlamaConfig, rope_frequencies
+
+__all__ = ["Llama", "apply_rope"]
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding in Hugging Face's half-split layout.
+
+    Args:
+        x: [tokens, heads, head_dim]; positions: int32[tokens]; inv_freq: f32[head_dim // 2].
+    """
+    angles = positions[:, None].astype(jnp.float32) * inv_freq[None, :]  # [tokens, head_dim/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    out = x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> None:
+        hidden, head_dim = config.hidden_size, config.head_dim
+        bias = config.attention_bias
+
+        def linear(out_features, use_bias):
+            return nnx.Linear(
+                hidden, out_features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, rngs=rngs
+            )
+
+        self.q_proj = linear(config.num_heads * head_dim, bias)
+        self.k_proj = linear(config.num_kv_heads * head_dim, bias)
+        self.v_proj = linear(config.num_kv_heads * head_dim, bias)
+        self.o_proj = nnx.Linear(
+            config.num_heads * head_dim, hidden, use_bias=False, dtype=dtype, param_dtype=dtype,
+            rngs=rngs,
+        )  # fmt: skip
+        self.config = config
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> None:
+        hidden, inner = config.hidden_size, config.intermediate_size
+        kwargs = {"use_bias": False, "dtype": dtype, "param_dtype": dtype, "rngs": rngs}
+        self.gate_proj = nnx.Linear(hidden, inner, **kwargs)
+        self.up_proj = nnx.Linear(hidden, inner, **kwargs)
+        self.down_proj = nnx.Linear(inner, hidden, **kwargs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> None:
+        norm = {"epsilon": config.rms_norm_eps, "dtype": dtype, "param_dtype": dtype, "rngs": rngs}
+        self.input_layernorm = nnx.RMSNorm(config.hidden_size, **norm)
+        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, **norm)
+        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+
+class Llama(nnx.Module):
+    """The model; `config` travels with it. Parameters follow Hugging Face's names."""
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.norm = nnx.RMSNorm(
+            config.hidden_size, epsilon=config.rms_norm_eps, dtype=dtype, param_dtype=dtype,
+            rngs=rngs,
+        )  # fmt: skip
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+                param_dtype=dtype, rngs=rngs,
+            )  # fmt: skip
+        self.inv_freq = nnx.Variable(jnp.asarray(rope_frequencies(config)))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """f32[rows, vocab] from final hidden states [rows, hidden_size]."""
+        hidden = self.norm(hidden)
+        if self.lm_head is None:
+            return hidden.astype(jnp.float32) @ self.embed_tokens.embedding.value.T.astype(
+                jnp.float32
+            )
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(
+        self,
+        inputs: StepInputs,
+        kv_pool: jax.Array,
+        *,
+        embeddings: jax.Array | None = None,
+        embedding_mask: jax.Array | None = None,
+        impl: str = "pallas",
+        interpret: bool | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """One step.
+
+        Args:
+            inputs: device `StepInputs`; `kv_lens` count the keys once this step's are written.
+            kv_pool: [pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim].
+            embeddings, embedding_mask: optional [tokens, hidden_size] and bool[tokens]: rows
+                where the mask is set take these embeddings instead of the token's (images).
+            impl, interpret: passed to the kernels.
+
+        Returns:
+            (f32[num_seqs_bucket, vocab] logits of each sequence's `logits_indices` row, pool).
+        """
+        config = self.config
+        num_tokens = inputs.tokens.shape[0]
+        page_size = kv_pool.shape[4]
+        args = (inputs.cu_q_lens, inputs.kv_lens, inputs.num_seqs)
+        positions = token_positions(*args, num_tokens)
+        slots = slot_mapping(inputs.page_table, *args, num_tokens, page_size)
+        x = self.embed_tokens(inputs.tokens)
+        if embeddings is not None:
+            x = jnp.where(embedding_mask[:, None], embeddings.astype(x.dtype), x)
+        sm_scale = config.head_dim**-0.5
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).reshape(num_tokens, config.num_heads, config.head_dim)
+            k = attn.k_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
+            v = attn.v_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
+            q = apply_rope(q, positions, self.inv_freq.value)
+            k = apply_rope(k, positions, self.inv_freq.value)
+            kv_pool = write_kv(
+                kv_pool, k.astype(kv_pool.dtype), v.astype(kv_pool.dtype), slots, layer=index,
+                impl=impl, interpret=interpret,
+            )  # fmt: skip
+            out = ragged_paged_attention(
+                q.astype(kv_pool.dtype), kv_pool, inputs.page_table, inputs.kv_lens,
+                inputs.cu_q_lens, inputs.num_seqs, layer=index, sm_scale=sm_scale, impl=impl,
+                interpret=interpret,
+            )  # fmt: skip
+            x = x + attn.o_proj(out.reshape(num_tokens, -1).astype(x.dtype))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.logits(x[inputs.logits_indices]), kv_pool
