@@ -94,7 +94,7 @@ class Llama(nnx.Module):
             config.hidden_size, epsilon=config.rms_norm_eps, dtype=dtype, param_dtype=dtype,
             rngs=rngs,
         )  # fmt: skip
-        self.lm_head = None
+        self.lm_head = nnx.data(None)  # tied: logits use the embedding table
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(
                 config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
@@ -106,7 +106,7 @@ class Llama(nnx.Module):
         """f32[rows, vocab] from final hidden states [rows, hidden_size]."""
         hidden = self.norm(hidden)
         if self.lm_head is None:
-            return hidden.astype(jnp.float32) @ self.embed_tokens.embedding.value.T.astype(
+            return hidden.astype(jnp.float32) @ self.embed_tokens.embedding.get_value().T.astype(
                 jnp.float32
             )
         return self.lm_head(hidden).astype(jnp.float32)
@@ -149,8 +149,8 @@ class Llama(nnx.Module):
             q = attn.q_proj(h).reshape(num_tokens, config.num_heads, config.head_dim)
             k = attn.k_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
             v = attn.v_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
-            q = apply_rope(q, positions, self.inv_freq.value)
-            k = apply_rope(k, positions, self.inv_freq.value)
+            q = apply_rope(q, positions, self.inv_freq.get_value())
+            k = apply_rope(k, positions, self.inv_freq.get_value())
             kv_pool = write_kv(
                 kv_pool, k.astype(kv_pool.dtype), v.astype(kv_pool.dtype), slots, layer=index,
                 impl=impl, interpret=interpret,

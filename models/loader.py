@@ -1,0 +1,122 @@
+"""Loading a local Hugging Face checkpoint directory into a `Llama` (and writing one, for tests and
+for users who fine-tune in JAX).
+
+A directory holds `config.json` and `model.safetensors`, or shards named by
+`model.safetensors.index.json`. Hugging Face stores linear weights `[out, in]`; NNX kernels are
+`[in, out]`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from models.config import LlamaConfig
+from models.llama import Llama
+
+__all__ = ["hf_tensors", "load_hf_checkpoint", "save_hf_checkpoint"]
+
+
+def _targets(model: Llama) -> dict[str, tuple[nnx.Variable, bool]]:
+    """Hugging Face name -> (the model's variable, whether the tensor is a transposed kernel)."""
+    targets = {"model.embed_tokens.weight": (model.embed_tokens.embedding, False)}
+    targets["model.norm.weight"] = (model.norm.scale, False)
+    if model.lm_head is not None:
+        targets["lm_head.weight"] = (model.lm_head.kernel, True)
+    for index, layer in enumerate(model.layers):
+        prefix = f"model.layers.{index}."
+        targets[prefix + "input_layernorm.weight"] = (layer.input_layernorm.scale, False)
+        targets[prefix + "post_attention_layernorm.weight"] = (
+            layer.post_attention_layernorm.scale,
+            False,
+        )
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linear = getattr(layer.self_attn, name)
+            targets[f"{prefix}self_attn.{name}.weight"] = (linear.kernel, True)
+            if linear.bias is not None:
+                targets[f"{prefix}self_attn.{name}.bias"] = (linear.bias, False)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            targets[f"{prefix}mlp.{name}.weight"] = (getattr(layer.mlp, name).kernel, True)
+    return targets
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        return load_file(single)
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors: dict[str, np.ndarray] = {}
+        for shard in shards:
+            tensors.update(load_file(path / shard))
+        return tensors
+    raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+
+
+def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16) -> Llama:
+    """A `Llama` with the checkpoint's weights cast to `dtype`; its config travels with it.
+
+    Raises:
+        ValueError: an unsupported architecture, a missing file, or a missing or misshapen tensor
+            (named, with the expected shape).
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise ValueError(f"{path} has no config.json")
+    config = LlamaConfig.from_hf(json.loads(config_path.read_text()))
+    model = Llama(config, dtype=dtype, rngs=nnx.Rngs(0))
+    tensors = _read_tensors(path)
+    for name, (variable, transposed) in _targets(model).items():
+        shape = variable.get_value().shape
+        hf_shape = list(shape[::-1] if transposed else shape)
+        if name not in tensors:
+            raise ValueError(f"{path}: tensor {name} is missing (shape {hf_shape})")
+        value = tensors[name].T if transposed else tensors[name]
+        if value.shape != shape:
+            raise ValueError(
+                f"{path}: tensor {name} has shape {list(tensors[name].shape)}; the config "
+                f"needs {hf_shape}"
+            )
+        variable.set_value(jnp.asarray(value, dtype))
+    return model
+
+
+def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
+    """The model's weights under Hugging Face names and layouts (float32 numpy)."""
+    return {
+        name: np.ascontiguousarray(
+            np.asarray(variable.get_value(), np.float32).T if transposed else variable.get_value()
+        ).astype(np.float32)
+        for name, (variable, transposed) in _targets(model).items()
+    }
+
+
+def save_hf_checkpoint(model: Llama, path: str | Path, *, model_type: str = "llama") -> None:
+    """Writes `config.json` and `model.safetensors` that `load_hf_checkpoint` (and Hugging Face
+    transformers) read."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    hf_config = {
+        "model_type": model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim,
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": c.rope_scaling,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias,
+    }
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
+    save_file(hf_tensors(model), path / "model.safetensors")

@@ -1,0 +1,62 @@
+"""The Llama forward in plain jnp with full causal attention and no paging: the reference the paged
+model is checked against. Reads the NNX model's parameters; float32 throughout."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.llama import Llama, apply_rope
+
+
+def _rms_norm(x, scale, eps):
+    x = x.astype(jnp.float32)
+    return x * jnp.reciprocal(jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)) * scale
+
+
+def _linear(x, module):
+    out = x @ module.kernel.get_value().astype(jnp.float32)
+    return out if module.bias is None else out + module.bias.get_value().astype(jnp.float32)
+
+
+def dense_logits(model: Llama, tokens, embeddings=None, embedding_mask=None) -> np.ndarray:
+    """f32[len(tokens), vocab]: logits at every position of one sequence."""
+    c = model.config
+    tokens = jnp.asarray(tokens, jnp.int32)
+    length = tokens.shape[0]
+    positions = jnp.arange(length, dtype=jnp.int32)
+    x = model.embed_tokens.embedding.get_value().astype(jnp.float32)[tokens]
+    if embeddings is not None:
+        x = jnp.where(jnp.asarray(embedding_mask)[:, None], jnp.asarray(embeddings, x.dtype), x)
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    group = c.num_heads // c.num_kv_heads
+    for layer in model.layers:
+        attn = layer.self_attn
+        h = _rms_norm(x, layer.input_layernorm.scale.get_value(), c.rms_norm_eps)
+        q = _linear(h, attn.q_proj).reshape(length, c.num_heads, c.head_dim)
+        k = _linear(h, attn.k_proj).reshape(length, c.num_kv_heads, c.head_dim)
+        v = _linear(h, attn.v_proj).reshape(length, c.num_kv_heads, c.head_dim)
+        q = apply_rope(q, positions, model.inv_freq.get_value())
+        k = jnp.repeat(apply_rope(k, positions, model.inv_freq.get_value()), group, axis=1)
+        v = jnp.repeat(v, group, axis=1)
+        scores = jnp.einsum("qhd,khd->hqk", q, k) * c.head_dim**-0.5
+        weights = jax_softmax(jnp.where(causal[None], scores, -jnp.inf))
+        out = jnp.einsum("hqk,khd->qhd", weights, v).reshape(length, -1)
+        x = x + _linear(out, attn.o_proj)
+        h = _rms_norm(x, layer.post_attention_layernorm.scale.get_value(), c.rms_norm_eps)
+        mlp = layer.mlp
+        x = x + _linear(
+            jnp.asarray(_silu(_linear(h, mlp.gate_proj))) * _linear(h, mlp.up_proj), mlp.down_proj
+        )
+    x = _rms_norm(x, model.norm.scale.get_value(), c.rms_norm_eps)
+    if model.lm_head is None:
+        return np.asarray(x @ model.embed_tokens.embedding.get_value().astype(jnp.float32).T)
+    return np.asarray(_linear(x, model.lm_head))
+
+
+def jax_softmax(scores):
+    scores = scores - jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True)
+
+
+def _silu(x):
+    return x / (1 + jnp.exp(-x))

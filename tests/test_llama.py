@@ -1,0 +1,183 @@
+"""The paged Llama forward equals the dense reference for prefill, chunked prefill over a cached
+prefix, decode, verification rows and embedding overrides; the HF loader round-trips."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kvjax.step import StepInputs
+from models.config import LlamaConfig, rope_frequencies
+from models.llama import Llama
+from models.loader import load_hf_checkpoint, save_hf_checkpoint
+from tests.dense_llama import dense_logits
+
+TPB, MAX_BLOCKS = 4, 6
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+
+def tiny_config(**overrides):
+    fields = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, rope_theta=500.0, rope_scaling=LLAMA3_SCALING,
+    )  # fmt: skip
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def random_model(config, dtype=jnp.float32, seed=0):
+    model = Llama(config, dtype=dtype, rngs=nnx.Rngs(seed))
+    # Norm scales start at one; perturb them so a wrong norm weight shows.
+    for _, variable in nnx.iter_graph(model):
+        if isinstance(variable, nnx.Param) and variable.get_value().ndim == 1:
+            noise = jax.random.uniform(jax.random.key(seed), variable.get_value().shape, minval=0.5)
+            variable.set_value((noise * 1.5).astype(variable.get_value().dtype))
+    return model
+
+
+class Sequences:
+    """Each sequence owns MAX_BLOCKS pages of a permuted pool; tracks its tokens."""
+
+    def __init__(self, count, rng):
+        pages = 1 + rng.permutation(count * MAX_BLOCKS)
+        self.tables = pages.reshape(count, MAX_BLOCKS).astype(np.int32)
+        self.tokens = [[] for _ in range(count)]
+
+    def step(self, new_tokens, all_logits=()):
+        """Host inputs appending `new_tokens[i]` to sequence i; logits of each sequence's last
+        row, or of every new row for the sequences in `all_logits`."""
+        q_lens = [len(t) for t in new_tokens]
+        cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        rows = []
+        for seq in range(len(q_lens)):
+            rows += list(range(cu[seq], cu[seq + 1])) if seq in all_logits else [cu[seq + 1] - 1]
+            self.tokens[seq] += list(new_tokens[seq])
+        return StepInputs(
+            tokens=jnp.asarray(np.concatenate(new_tokens).astype(np.int32)),
+            page_table=jnp.asarray(self.tables),
+            kv_lens=jnp.asarray([len(t) for t in self.tokens], jnp.int32),
+            cu_q_lens=jnp.asarray(cu),
+            num_seqs=jnp.array([len(q_lens)], jnp.int32),
+            logits_indices=jnp.asarray(rows, jnp.int32),
+        )
+
+
+def make_forward(model, impl):
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def forward(state, pool, inputs, embeddings=None, mask=None):
+        return nnx.merge(graphdef, state)(
+            inputs, pool, embeddings=embeddings, embedding_mask=mask, impl=impl
+        )
+
+    return functools.partial(forward, state)
+
+
+def expected_rows(model, seqs, new_tokens, all_logits=(), overrides=None):
+    """Dense logits at the rows a step returns."""
+    rows = []
+    for seq, new in enumerate(new_tokens):
+        dense = dense_logits(model, seqs.tokens[seq], *(overrides or {}).get(seq, ()))
+        rows += list(dense[-len(new) :]) if seq in all_logits else [dense[-1]]
+    return np.stack(rows)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_paged_forward_matches_dense_at_f32(impl):
+    rng = np.random.default_rng(0)
+    config = tiny_config()
+    model = random_model(config)
+    forward = make_forward(model, impl)
+    pool = jnp.full((1 + 2 * MAX_BLOCKS, 2, 2, 2, TPB, 16), jnp.nan, jnp.float32)
+    seqs = Sequences(2, rng)
+    image = rng.standard_normal((3, config.hidden_size)).astype(np.float32)
+
+    # Sequence 0's positions 2..4 carry an image's embeddings (given in the first step only).
+    image_embeddings = np.zeros((64, config.hidden_size), np.float32)
+    image_embeddings[2:5] = image
+    image_mask = np.zeros(64, bool)
+    image_mask[2:5] = True
+
+    def check(new_tokens, all_logits=(), with_image=False):
+        nonlocal pool
+        inputs = seqs.step(new_tokens, all_logits)
+        embeddings = mask = None
+        if with_image:
+            embeddings = np.zeros((inputs.tokens.shape[0], config.hidden_size), np.float32)
+            mask = np.zeros(inputs.tokens.shape[0], bool)
+            count = len(new_tokens[0])
+            embeddings[:count], mask[:count] = image_embeddings[:count], image_mask[:count]
+        logits, pool = forward(pool, inputs, embeddings, mask)
+        length = len(seqs.tokens[0])
+        overrides = {0: (image_embeddings[:length], image_mask[:length])}
+        expected = expected_rows(model, seqs, new_tokens, all_logits, overrides)
+        assert np.allclose(np.asarray(logits), expected, rtol=2e-4, atol=2e-4)
+        assert (np.asarray(logits).argmax(-1) == expected.argmax(-1)).all()  # greedy tokens
+
+    prompts = [rng.integers(0, 64, 10).tolist(), rng.integers(0, 64, 7).tolist()]
+    check(prompts, with_image=True)  # two whole prompts, one with an image
+    check([rng.integers(0, 64, 5).tolist(), [3]])  # a chunk over a cached prefix; a decode row
+    check([rng.integers(0, 64, 3).tolist(), [9]], all_logits=(0,))  # verification rows
+    check([[1], [2]])  # decode
+
+
+def test_paged_forward_at_bf16_is_within_tolerance():
+    rng = np.random.default_rng(1)
+    model = random_model(tiny_config(), dtype=jnp.bfloat16)
+    forward = make_forward(model, "pallas")
+    pool = jnp.zeros((1 + 2 * MAX_BLOCKS, 2, 2, 2, TPB, 16), jnp.bfloat16)
+    seqs = Sequences(2, rng)
+    for new_tokens in ([rng.integers(0, 64, 9).tolist(), [5, 6]], [[7], [8]]):
+        inputs = seqs.step(new_tokens)
+        logits, pool = forward(pool, inputs)
+        expected = expected_rows(model, seqs, new_tokens)
+        error = np.linalg.norm(np.asarray(logits) - expected) / np.linalg.norm(expected)
+        assert error < 3e-2
+
+
+def test_llama3_rope_scaling_slows_only_long_wavelengths():
+    plain = rope_frequencies(tiny_config(rope_scaling=None))
+    scaled = rope_frequencies(tiny_config())
+    wavelength = 2 * np.pi / plain
+    assert np.allclose(scaled[wavelength < 16 / 4], plain[wavelength < 16 / 4])
+    assert np.allclose(scaled[wavelength > 16], plain[wavelength > 16] / 8)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_hf_checkpoint_round_trip(tmp_path, model_type):
+    config = tiny_config(attention_bias=model_type == "qwen2", tie_word_embeddings=True)
+    model = random_model(config, seed=3)
+    save_hf_checkpoint(model, tmp_path, model_type=model_type)
+    loaded = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
+    assert loaded.config == config
+    tokens = [1, 5, 9, 13, 2]
+    np.testing.assert_array_equal(dense_logits(loaded, tokens), dense_logits(model, tokens))
+
+
+def test_hf_loader_rejects_broken_checkpoints(tmp_path):
+    model = random_model(tiny_config(), seed=4)
+    save_hf_checkpoint(model, tmp_path)
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight is missing"):
+        load_hf_checkpoint(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
+        load_hf_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match=r"has no config\.json"):
+        load_hf_checkpoint(tmp_path / "nowhere")
