@@ -19,7 +19,7 @@ from kvjax.page_table import slot_mapping, token_positions
 from kvjax.step import StepInputs
 from models.config import LlamaConfig, rope_frequencies
 
-__all__ = ["Llama", "apply_rope"]
+__all__ = ["Llama", "apply_rope", "make_step"]
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -163,3 +163,14 @@ class Llama(nnx.Module):
             x = x + attn.o_proj(out.reshape(num_tokens, -1).astype(x.dtype))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.logits(x[inputs.logits_indices]), kv_pool
+
+
+def make_step(model: Llama, *, impl: str = "pallas", interpret: bool | None = None):
+    """`(step, params)` for `StepRegistry`: `step(params, pool, inputs) -> (logits, pool)` runs
+    the model whose NNX state is `params` (split once, passed as an argument)."""
+    graphdef, params = nnx.split(model)
+
+    def step(params, kv_pool, inputs: StepInputs):
+        return nnx.merge(graphdef, params)(inputs, kv_pool, impl=impl, interpret=interpret)
+
+    return step, params

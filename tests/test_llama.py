@@ -54,8 +54,8 @@ class Sequences:
         self.tokens = [[] for _ in range(count)]
 
     def step(self, new_tokens, all_logits=()):
-        """Host inputs appending `new_tokens[i]` to sequence i; logits of each sequence's last
-        row, or of every new row for the sequences in `all_logits`."""
+        """Inputs appending `new_tokens[i]` to sequence i (the first len(new_tokens) step); logits
+        of each sequence's last row, or of every new row for the sequences in `all_logits`."""
         q_lens = [len(t) for t in new_tokens]
         cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
         rows = []
@@ -64,8 +64,8 @@ class Sequences:
             self.tokens[seq] += list(new_tokens[seq])
         return StepInputs(
             tokens=jnp.asarray(np.concatenate(new_tokens).astype(np.int32)),
-            page_table=jnp.asarray(self.tables),
-            kv_lens=jnp.asarray([len(t) for t in self.tokens], jnp.int32),
+            page_table=jnp.asarray(self.tables[: len(q_lens)]),
+            kv_lens=jnp.asarray([len(t) for t in self.tokens[: len(q_lens)]], jnp.int32),
             cu_q_lens=jnp.asarray(cu),
             num_seqs=jnp.array([len(q_lens)], jnp.int32),
             logits_indices=jnp.asarray(rows, jnp.int32),
@@ -181,3 +181,51 @@ def test_hf_loader_rejects_broken_checkpoints(tmp_path):
         load_hf_checkpoint(tmp_path)
     with pytest.raises(ValueError, match=r"has no config\.json"):
         load_hf_checkpoint(tmp_path / "nowhere")
+
+
+def test_served_model_steps_never_compile_and_keep_the_pool_in_place():
+    from kvjax.step import Buckets, StepRegistry, allow_compile
+    from models.llama import make_step
+
+    rng = np.random.default_rng(2)
+    model = random_model(tiny_config())
+    step, params = make_step(model, impl="xla")
+    registry = StepRegistry(step)
+    buckets = Buckets(batch_sizes=[1, 2], token_counts=[8, 16], draft_lengths=[0, 2])
+    pool = jnp.zeros((1 + 2 * MAX_BLOCKS, 2, 2, 2, TPB, 16), jnp.float32)
+    seqs = Sequences(2, rng)
+
+    def example(key):
+        return StepInputs(
+            tokens=np.zeros(key.num_tokens, np.int32),
+            page_table=np.zeros((key.num_seqs, MAX_BLOCKS), np.int32),
+            kv_lens=np.zeros(key.num_seqs, np.int32),
+            cu_q_lens=np.zeros(key.num_seqs + 1, np.int32),
+            num_seqs=np.zeros(1, np.int32),
+            logits_indices=np.zeros(key.num_logits, np.int32),
+        )
+
+    with allow_compile():
+        registry.warmup(params, pool, example, buckets.keys)
+    for key in registry.keys:  # the donated pool is updated in place: no pool-sized copy
+        text = registry._executables[key].as_text()
+        assert not [
+            line for line in text.splitlines() if "f32[13,2,2,2,4,16]" in line and " copy(" in line
+        ]
+    compiled = registry.stats.compiled
+    workload = [
+        ([rng.integers(0, 64, 6).tolist()], ()),  # one prompt
+        ([rng.integers(0, 64, 3).tolist(), rng.integers(0, 64, 9).tolist()], ()),  # chunk + prompt
+        ([[1], [2]], ()),  # decode
+        ([[3, 4, 5], [6, 7, 8]], (0, 1)),  # verification rows, 2 draft tokens each
+    ]
+    for new_tokens, all_logits in workload:
+        host = jax.tree.map(np.asarray, seqs.step(new_tokens, all_logits))
+        num_logits = host.logits_indices.shape[0]
+        key = buckets.pad(len(new_tokens), host.tokens.shape[0], num_logits)
+        with jax.no_tracing():  # serving: host inputs in, compiled executable out
+            logits, pool = registry(params, pool, host.padded(key))
+        expected = expected_rows(model, seqs, new_tokens, all_logits)
+        got = np.asarray(logits)[:num_logits]
+        assert np.allclose(got, expected, rtol=2e-4, atol=2e-4)
+    assert registry.stats.compiled == compiled and registry.stats.fallbacks == 0

@@ -1,6 +1,8 @@
 """Buckets and the step registry: ahead-of-time compilation, no compile while serving, padding
 fallback for unseen keys, and a donated pool."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +113,22 @@ def test_the_compiled_step_updates_the_donated_pool_in_place():
     assert "input_output_alias" in text
     pool_type = "f32[256,4,2,2,16,64]"
     assert not [line for line in text.splitlines() if pool_type in line and " copy(" in line]
+
+
+def test_persistent_cache_keeps_compiled_steps_on_disk(tmp_path):
+    """In a subprocess: the cache is process-wide state."""
+    import subprocess
+    import sys
+
+    code = f"""
+import jax, jax.numpy as jnp
+from kvjax.step import BucketKey, StepRegistry, allow_compile, enable_persistent_cache
+from tests.test_step import example, toy_step
+enable_persistent_cache({str(tmp_path)!r})
+registry = StepRegistry(toy_step)
+with allow_compile():
+    pool = jnp.zeros((4, 1, 2, 1, 4, 8))
+    registry.warmup({{"w": jnp.ones(2)}}, pool, example, [BucketKey(2, 4, 2)])
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).parent.parent))
+    assert any(tmp_path.iterdir()), "nothing was written to the compilation cache"
