@@ -51,6 +51,12 @@ class LlamaConfig:
             raise ValueError(
                 f"model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
             )
+        window = hf.get("sliding_window")
+        if window is not None and hf.get("use_sliding_window", True):
+            raise ValueError(
+                f"sliding_window={window} is not supported: every layer attends to its whole "
+                "context (use a checkpoint without a sliding window)"
+            )
         num_heads = hf["num_attention_heads"]
         return cls(
             vocab_size=hf["vocab_size"],

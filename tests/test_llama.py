@@ -229,3 +229,28 @@ def test_served_model_steps_never_compile_and_keep_the_pool_in_place():
         got = np.asarray(logits)[:num_logits]
         assert np.allclose(got, expected, rtol=2e-4, atol=2e-4)
     assert registry.stats.compiled == compiled and registry.stats.fallbacks == 0
+
+
+def test_hf_loader_reads_sharded_checkpoints_and_refuses_sliding_windows(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = random_model(tiny_config(), seed=5)
+    save_hf_checkpoint(model, tmp_path, model_type="mistral")
+    tensors = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
+    weight_map = {}
+    for shard, shard_names in shards.items():
+        save_file({name: tensors[name] for name in shard_names}, tmp_path / shard)
+        weight_map.update(dict.fromkeys(shard_names, shard))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    loaded = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
+    np.testing.assert_array_equal(dense_logits(loaded, [4, 2]), dense_logits(model, [4, 2]))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 4096}))
+    with pytest.raises(ValueError, match="sliding_window=4096 is not supported"):
+        load_hf_checkpoint(tmp_path)
