@@ -37,6 +37,17 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
+def _norm_options(config: LlamaConfig, dtype, rngs: nnx.Rngs) -> dict:
+    # Normalize in float32 whatever the weights' dtype, as Hugging Face does; the next layer
+    # casts back to the model dtype.
+    return {
+        "epsilon": config.rms_norm_eps,
+        "dtype": jnp.float32,
+        "param_dtype": dtype,
+        "rngs": rngs,
+    }
+
+
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> None:
         hidden, head_dim = config.hidden_size, config.head_dim
@@ -71,7 +82,7 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> None:
-        norm = {"epsilon": config.rms_norm_eps, "dtype": dtype, "param_dtype": dtype, "rngs": rngs}
+        norm = _norm_options(config, dtype, rngs)
         self.input_layernorm = nnx.RMSNorm(config.hidden_size, **norm)
         self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, **norm)
@@ -90,10 +101,7 @@ class Llama(nnx.Module):
         self.layers = nnx.List(
             [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
         )
-        self.norm = nnx.RMSNorm(
-            config.hidden_size, epsilon=config.rms_norm_eps, dtype=dtype, param_dtype=dtype,
-            rngs=rngs,
-        )  # fmt: skip
+        self.norm = nnx.RMSNorm(config.hidden_size, **_norm_options(config, dtype, rngs))
         self.lm_head = nnx.data(None)  # tied: logits use the embedding table
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(
