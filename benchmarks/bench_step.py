@@ -122,7 +122,6 @@ def main() -> None:
         "config": {k: getattr(config, k) for k in ("hidden_size", "num_layers", "num_heads")},
         "buckets": rows,
         "padding": waste,
-        "compiles_while_serving": registry.stats.compiled - len(buckets.keys),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_step.json").write_text(json.dumps(result, indent=2))

@@ -61,10 +61,13 @@ def slot_mapping(
     """
     seq = token_sequences(cu_q_lens, num_seqs, num_tokens)
     position = token_positions(cu_q_lens, kv_lens, num_seqs, num_tokens)
-    block = jnp.minimum(position // tokens_per_block, page_table.shape[1] - 1)
+    # A position outside the table (kv_len < q_len, or past max_blocks) must not land in some
+    # other block of the sequence: it goes to the null page like padding.
+    inside = (seq >= 0) & (position >= 0) & (position < page_table.shape[1] * tokens_per_block)
+    block = jnp.clip(position // tokens_per_block, 0, page_table.shape[1] - 1)
     page = page_table[jnp.maximum(seq, 0), block]
     slot = page * tokens_per_block + position % tokens_per_block
-    return jnp.where(seq >= 0, slot, NULL_PAGE * tokens_per_block)
+    return jnp.where(inside, slot, NULL_PAGE * tokens_per_block)
 
 
 def pad_rows(table: jax.Array, num_rows: int) -> jax.Array:

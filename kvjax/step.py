@@ -132,18 +132,27 @@ class StepInputs:
     def key(self) -> BucketKey:
         return BucketKey(self.kv_lens.shape[0], self.tokens.shape[0], self.logits_indices.shape[0])
 
-    def padded(self, key: BucketKey) -> StepInputs:
-        """The same batch with shapes `key` (host arrays; extra rows are padding)."""
+    def padded(self, key: BucketKey, max_blocks: int | None = None) -> StepInputs:
+        """The same batch with shapes `key` (host arrays; extra rows are padding), its page
+        table widened with `NULL_PAGE` columns to `max_blocks` when given."""
         extra_seqs = key.num_seqs - self.kv_lens.shape[0]
         extra_tokens = key.num_tokens - self.tokens.shape[0]
         extra_logits = key.num_logits - self.logits_indices.shape[0]
         if min(extra_seqs, extra_tokens, extra_logits) < 0:
             raise ValueError(f"inputs of {self.key} do not fit {key}")
         cu_q_lens = np.asarray(self.cu_q_lens)
+        width = self.page_table.shape[1]
+        extra_blocks = 0 if max_blocks is None else max_blocks - width
+        if extra_blocks < 0:
+            raise ValueError(
+                f"a page table of {width} blocks is wider than max_blocks={max_blocks}"
+            )
         return StepInputs(
             tokens=np.pad(np.asarray(self.tokens), (0, extra_tokens)),
             page_table=np.pad(
-                np.asarray(self.page_table), ((0, extra_seqs), (0, 0)), constant_values=NULL_PAGE
+                np.asarray(self.page_table),
+                ((0, extra_seqs), (0, extra_blocks)),
+                constant_values=NULL_PAGE,
             ),
             kv_lens=np.pad(np.asarray(self.kv_lens), (0, extra_seqs)),
             cu_q_lens=np.pad(cu_q_lens, (0, extra_seqs), mode="edge"),
@@ -185,6 +194,7 @@ class StepRegistry:
     def __init__(self, step_fn: Callable) -> None:
         self._jitted = jax.jit(step_fn, donate_argnums=1)
         self._executables: dict[BucketKey, Any] = {}
+        self.max_blocks: int | None = None  # page-table width, fixed by the first compile
         self.stats = StepStats()
         self.allow_compile = allow_compile
 
@@ -205,6 +215,10 @@ class StepRegistry:
     def _compile(self, key, params, pool, inputs) -> Any:
         if not _compile_allowed[0]:
             raise RuntimeError(f"compiling step {key} outside allow_compile()")
+        width = inputs.page_table.shape[1]
+        if self.max_blocks is not None and width != self.max_blocks:
+            raise ValueError(f"page tables of {width} blocks; this registry uses {self.max_blocks}")
+        self.max_blocks = width
         structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
         pool_struct = jax.ShapeDtypeStruct(pool.shape, pool.dtype)
         executable = self._jitted.lower(structs, pool_struct, inputs.shape_structs()).compile()
@@ -214,6 +228,8 @@ class StepRegistry:
 
     def __call__(self, params, pool, inputs: StepInputs):
         """Runs the step on host `inputs`; returns `(logits, pool)` (the pool was donated)."""
+        if self.max_blocks is not None and inputs.page_table.shape[1] != self.max_blocks:
+            inputs = inputs.padded(inputs.key, self.max_blocks)  # narrower tables widen
         key = inputs.key
         executable = self._executables.get(key)
         if executable is None and _compile_allowed[0]:

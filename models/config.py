@@ -15,9 +15,13 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LlamaConfig:
-    """Shapes and options of one model. `attention_bias` is Qwen2's q/k/v bias;
-    `rope_scaling` is None or Llama 3's `{"rope_type": "llama3", "factor", "low_freq_factor",
-    "high_freq_factor", "original_max_position_embeddings"}`."""
+    """Shapes and options of one model.
+
+    `qkv_bias` is Qwen2's (and Llama's `attention_bias`) bias on q/k/v; `o_bias` Llama's bias on
+    the output projection under `attention_bias`. `rope_scaling` is None or Llama 3's parameters
+    as sorted `(name, value)` pairs (`factor`, `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings`), so the config stays hashable.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -26,11 +30,12 @@ class LlamaConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int | None = None
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
+    rope_scaling: tuple[tuple[str, Any], ...] | dict | None = None
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -39,25 +44,37 @@ class LlamaConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        scaling = self.rope_scaling
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "llama3":
-            raise ValueError(f"rope_scaling={scaling} is not supported (only llama3)")
+        scaling = dict(self.rope_scaling or {})
+        kind = scaling.pop("rope_type", scaling.pop("type", None))
+        scaling.pop("rope_theta", None)
+        if kind in (None, "default") and not {"factor"} & set(scaling):
+            object.__setattr__(self, "rope_scaling", None)
+        elif kind == "llama3":
+            object.__setattr__(self, "rope_scaling", tuple(sorted(scaling.items())))
+        else:
+            raise ValueError(f"rope_scaling={self.rope_scaling} is not supported (only llama3)")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
-        """From a Hugging Face `config.json` dict; raises naming an unsupported architecture."""
+        """From a Hugging Face `config.json` dict (transformers 4 or 5 layout); raises naming an
+        unsupported architecture or option."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
             )
         window = hf.get("sliding_window")
-        if window is not None and hf.get("use_sliding_window", True):
+        if window is not None and hf.get("use_sliding_window", model_type != "qwen2"):
             raise ValueError(
                 f"sliding_window={window} is not supported: every layer attends to its whole "
                 "context (use a checkpoint without a sliding window)"
             )
+        for key, supported in (("hidden_act", "silu"), ("mlp_bias", False)):
+            if hf.get(key, supported) != supported:
+                raise ValueError(f"{key}={hf[key]!r} is not supported (only {supported!r})")
+        rope = hf.get("rope_parameters") or {}  # transformers 5 moved the RoPE fields here
         num_heads = hf["num_attention_heads"]
+        bias = hf.get("attention_bias", False)
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -66,11 +83,12 @@ class LlamaConfig:
             num_heads=num_heads,
             num_kv_heads=hf.get("num_key_value_heads") or num_heads,
             head_dim=hf.get("head_dim"),
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=hf.get("rope_theta", 10000.0),
-            rope_scaling=hf.get("rope_scaling"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)),
+            rope_scaling=hf.get("rope_scaling") or rope or None,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+            qkv_bias=model_type == "qwen2" or bias,
+            o_bias=model_type != "qwen2" and bias,
         )
 
 
@@ -78,8 +96,8 @@ def rope_frequencies(config: LlamaConfig) -> np.ndarray:
     """float32[head_dim // 2] inverse frequencies, with Llama 3's long-context scaling if set."""
     dim = config.head_dim
     inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    scaling = config.rope_scaling
-    if scaling is not None:
+    if config.rope_scaling is not None:
+        scaling = dict(config.rope_scaling)
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         original = scaling["original_max_position_embeddings"]

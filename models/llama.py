@@ -37,34 +37,33 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
-def _norm_options(config: LlamaConfig, dtype, rngs: nnx.Rngs) -> dict:
-    # Normalize in float32 whatever the weights' dtype, as Hugging Face does; the next layer
-    # casts back to the model dtype.
-    return {
-        "epsilon": config.rms_norm_eps,
-        "dtype": jnp.float32,
-        "param_dtype": dtype,
-        "rngs": rngs,
-    }
+class RMSNorm(nnx.Module):
+    """Hugging Face's order: normalize in float32, cast back to the input dtype, then scale."""
+
+    def __init__(self, size: int, *, epsilon: float, dtype) -> None:
+        self.scale = nnx.Param(jnp.ones((size,), dtype))
+        self.epsilon = epsilon
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return self.scale[...] * normed.astype(x.dtype)
 
 
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> None:
         hidden, head_dim = config.hidden_size, config.head_dim
-        bias = config.attention_bias
 
-        def linear(out_features, use_bias):
+        def linear(in_features, out_features, use_bias):
             return nnx.Linear(
-                hidden, out_features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, rngs=rngs
-            )
+                in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
+                rngs=rngs,
+            )  # fmt: skip
 
-        self.q_proj = linear(config.num_heads * head_dim, bias)
-        self.k_proj = linear(config.num_kv_heads * head_dim, bias)
-        self.v_proj = linear(config.num_kv_heads * head_dim, bias)
-        self.o_proj = nnx.Linear(
-            config.num_heads * head_dim, hidden, use_bias=False, dtype=dtype, param_dtype=dtype,
-            rngs=rngs,
-        )  # fmt: skip
+        self.q_proj = linear(hidden, config.num_heads * head_dim, config.qkv_bias)
+        self.k_proj = linear(hidden, config.num_kv_heads * head_dim, config.qkv_bias)
+        self.v_proj = linear(hidden, config.num_kv_heads * head_dim, config.qkv_bias)
+        self.o_proj = linear(config.num_heads * head_dim, hidden, config.o_bias)
         self.config = config
 
 
@@ -82,10 +81,10 @@ class MLP(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> None:
-        norm = _norm_options(config, dtype, rngs)
-        self.input_layernorm = nnx.RMSNorm(config.hidden_size, **norm)
+        norm = {"epsilon": config.rms_norm_eps, "dtype": dtype}
+        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = nnx.RMSNorm(config.hidden_size, **norm)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
 
@@ -101,7 +100,7 @@ class Llama(nnx.Module):
         self.layers = nnx.List(
             [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
         )
-        self.norm = nnx.RMSNorm(config.hidden_size, **_norm_options(config, dtype, rngs))
+        self.norm = RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, dtype=dtype)
         self.lm_head = nnx.data(None)  # tied: logits use the embedding table
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(
@@ -113,10 +112,9 @@ class Llama(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """f32[rows, vocab] from final hidden states [rows, hidden_size]."""
         hidden = self.norm(hidden)
-        if self.lm_head is None:
-            return hidden.astype(jnp.float32) @ self.embed_tokens.embedding.get_value().T.astype(
-                jnp.float32
-            )
+        if self.lm_head is None:  # tied: the embedding table, without a float32 copy of it
+            table = self.embed_tokens.embedding.get_value()
+            return jnp.dot(hidden.astype(table.dtype), table.T, preferred_element_type=jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
     def __call__(

@@ -53,6 +53,8 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         tensors: dict[str, np.ndarray] = {}
         for shard in shards:
+            if not (path / shard).exists():
+                raise ValueError(f"{path}: shard {shard} named by the index is missing")
             tensors.update(load_file(path / shard))
         return tensors
     raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
@@ -72,7 +74,16 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16) -> Llama:
     config = LlamaConfig.from_hf(json.loads(config_path.read_text()))
     model = Llama(config, dtype=dtype, rngs=nnx.Rngs(0))
     tensors = _read_tensors(path)
-    for name, (variable, transposed) in _targets(model).items():
+    targets = _targets(model)
+    unused = sorted(
+        name
+        for name in set(tensors) - set(targets)
+        if not name.endswith("rotary_emb.inv_freq")
+        and not (name == "lm_head.weight" and config.tie_word_embeddings)
+    )
+    if unused:
+        raise ValueError(f"{path}: tensors the model has no place for: {unused[:5]}")
+    for name, (variable, transposed) in targets.items():
         shape = variable.get_value().shape
         hf_shape = list(shape[::-1] if transposed else shape)
         if name not in tensors:
@@ -114,9 +125,17 @@ def save_hf_checkpoint(model: Llama, path: str | Path, *, model_type: str = "lla
         "head_dim": c.head_dim,
         "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta,
-        "rope_scaling": c.rope_scaling,
+        "rope_scaling": None
+        if c.rope_scaling is None
+        else {"rope_type": "llama3", **dict(c.rope_scaling)},
         "tie_word_embeddings": c.tie_word_embeddings,
-        "attention_bias": c.attention_bias,
+        # Qwen2 always has q/k/v bias; Llama's attention_bias covers q/k/v and o together.
+        "attention_bias": False if model_type == "qwen2" else c.o_bias,
     }
+    qwen2 = model_type == "qwen2"
+    if not ((c.qkv_bias and not c.o_bias) if qwen2 else c.qkv_bias == c.o_bias):
+        raise ValueError(
+            f"model_type={model_type!r} cannot express qkv_bias={c.qkv_bias}, o_bias={c.o_bias}"
+        )
     (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     save_file(hf_tensors(model), path / "model.safetensors")

@@ -4,7 +4,7 @@ model is checked against. Reads the NNX model's parameters; float32 throughout."
 import jax.numpy as jnp
 import numpy as np
 
-from models.llama import Llama, apply_rope
+from models.llama import Llama
 
 
 def _rms_norm(x, scale, eps):
@@ -27,6 +27,7 @@ def dense_logits(model: Llama, tokens, embeddings=None, embedding_mask=None) -> 
     if embeddings is not None:
         x = jnp.where(jnp.asarray(embedding_mask)[:, None], jnp.asarray(embeddings, x.dtype), x)
     causal = jnp.tril(jnp.ones((length, length), bool))
+    inv_freq = _inverse_frequencies(c)
     group = c.num_heads // c.num_kv_heads
     for layer in model.layers:
         attn = layer.self_attn
@@ -34,8 +35,8 @@ def dense_logits(model: Llama, tokens, embeddings=None, embedding_mask=None) -> 
         q = _linear(h, attn.q_proj).reshape(length, c.num_heads, c.head_dim)
         k = _linear(h, attn.k_proj).reshape(length, c.num_kv_heads, c.head_dim)
         v = _linear(h, attn.v_proj).reshape(length, c.num_kv_heads, c.head_dim)
-        q = apply_rope(q, positions, model.inv_freq.get_value())
-        k = jnp.repeat(apply_rope(k, positions, model.inv_freq.get_value()), group, axis=1)
+        q = _rope(q, positions, inv_freq)
+        k = jnp.repeat(_rope(k, positions, inv_freq), group, axis=1)
         v = jnp.repeat(v, group, axis=1)
         scores = jnp.einsum("qhd,khd->hqk", q, k) * c.head_dim**-0.5
         weights = jax_softmax(jnp.where(causal[None], scores, -jnp.inf))
@@ -60,3 +61,32 @@ def jax_softmax(scores):
 
 def _silu(x):
     return x / (1 + jnp.exp(-x))
+
+
+def _rope(x, positions, inv_freq):
+    """Rotate-half RoPE written out: pairs (i, i + d/2) turn by position * inv_freq[i]."""
+    half = x.shape[-1] // 2
+    angle = positions[:, None, None].astype(jnp.float32) * inv_freq[None, None, :]
+    first, second = x[..., :half], x[..., half:]
+    return jnp.concatenate(
+        [first * jnp.cos(angle) - second * jnp.sin(angle),
+         second * jnp.cos(angle) + first * jnp.sin(angle)], axis=-1,
+    )  # fmt: skip
+
+
+def _inverse_frequencies(config):
+    """Hugging Face's `_compute_llama3_parameters`, in float32 like it."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    if config.rope_scaling is None:
+        return jnp.asarray(inv_freq)
+    s = dict(config.rope_scaling)
+    old = s["original_max_position_embeddings"]
+    low_wavelen = old / s["low_freq_factor"]
+    high_wavelen = old / s["high_freq_factor"]
+    wavelen = 2 * np.pi / inv_freq
+    llama = np.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    smooth = (old / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * llama / s["factor"] + smooth * llama
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return jnp.asarray(np.where(medium, smoothed, llama), jnp.float32)

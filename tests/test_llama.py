@@ -156,7 +156,7 @@ def test_llama3_rope_scaling_slows_only_long_wavelengths():
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_hf_checkpoint_round_trip(tmp_path, model_type):
-    config = tiny_config(attention_bias=model_type == "qwen2", tie_word_embeddings=True)
+    config = tiny_config(qkv_bias=True, o_bias=model_type == "llama", tie_word_embeddings=True)
     model = random_model(config, seed=3)
     save_hf_checkpoint(model, tmp_path, model_type=model_type)
     loaded = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
@@ -254,3 +254,58 @@ def test_hf_loader_reads_sharded_checkpoints_and_refuses_sliding_windows(tmp_pat
     (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 4096}))
     with pytest.raises(ValueError, match="sliding_window=4096 is not supported"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_hf_configs_of_transformers_5_and_unsupported_options():
+    base = {
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+    }  # fmt: skip
+    v5 = LlamaConfig.from_hf(
+        {**base, "rope_parameters": {"rope_theta": 500000.0, **LLAMA3_SCALING}}
+    )
+    assert v5.rope_theta == 500000.0 and dict(v5.rope_scaling)["factor"] == 8.0
+    default = LlamaConfig.from_hf({**base, "rope_scaling": {"rope_type": "default"}})
+    assert default.rope_scaling is None and default.rms_norm_eps == 1e-6
+    assert hash(v5) != hash(default)  # hashable: usable as a static argument
+    qwen2 = LlamaConfig.from_hf({**base, "model_type": "qwen2", "sliding_window": 4096})
+    assert qwen2.qkv_bias and not qwen2.o_bias  # Qwen2's window is off unless asked for
+    for key, value in (("hidden_act", "gelu"), ("mlp_bias", True)):
+        with pytest.raises(ValueError, match=f"{key}="):
+            LlamaConfig.from_hf({**base, key: value})
+    with pytest.raises(ValueError, match="only llama3"):
+        LlamaConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_hf_loader_refuses_misshapen_and_unknown_tensors(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = random_model(tiny_config(), seed=6)
+    save_hf_checkpoint(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    good = dict(tensors)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(
+        ValueError, match=r"model.norm.weight has shape \[31\]; the config needs \[32\]"
+    ):
+        load_hf_checkpoint(tmp_path)
+    save_file(
+        {**good, "model.layers.0.mlp.up_proj.bias": np.zeros(64, np.float32)},
+        tmp_path / "model.safetensors",
+    )
+    with pytest.raises(ValueError, match="no place for"):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_tied_qwen2_style_model_through_the_paged_forward():
+    rng = np.random.default_rng(4)
+    config = tiny_config(qkv_bias=True, tie_word_embeddings=True, rope_scaling=None)
+    model = random_model(config, seed=7)
+    forward = make_forward(model, "xla")
+    pool = jnp.full((1 + 2 * MAX_BLOCKS, 2, 2, 2, TPB, 16), jnp.nan, jnp.float32)
+    seqs = Sequences(2, rng)
+    for new_tokens in ([rng.integers(0, 64, 6).tolist(), [1, 2, 3]], [[4], [5]]):
+        logits, pool = forward(pool, seqs.step(new_tokens))
+        expected = expected_rows(model, seqs, new_tokens)
+        assert np.allclose(np.asarray(logits), expected, rtol=2e-4, atol=2e-4)

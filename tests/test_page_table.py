@@ -53,3 +53,17 @@ def test_pad_rows():
     assert pad_rows(table, 4).tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0], [0, 0, 0]]
     with pytest.raises(ValueError, match="more than num_rows=1"):
         pad_rows(table, 1)
+
+
+def test_positions_outside_the_table_write_only_to_the_null_page():
+    table = jnp.array([[3, 7]], jnp.int32)  # room for 8 tokens
+    cu = jnp.array([0, 3], jnp.int32)
+    num_seqs = jnp.array([1], jnp.int32)
+    # kv_len 10 puts the tokens at positions 7, 8, 9: only the first fits the table.
+    assert slot_mapping(table, cu, jnp.array([10], jnp.int32), num_seqs, 3, TPB).tolist() == [
+        7 * TPB + 3, 0, 0,
+    ]  # fmt: skip
+    # kv_len 1 < q_len 3 gives negative positions: never the table's last column.
+    assert slot_mapping(table, cu, jnp.array([1], jnp.int32), num_seqs, 3, TPB).tolist() == [
+        0, 0, 3 * TPB,
+    ]  # fmt: skip

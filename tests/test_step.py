@@ -1,6 +1,7 @@
 """Buckets and the step registry: ahead-of-time compilation, no compile while serving, padding
 fallback for unseen keys, and a donated pool."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -99,6 +100,13 @@ def test_an_unseen_key_pads_up_to_a_compiled_one_and_is_counted():
     assert registry.stats.fallbacks == 1 and registry.stats.compiled == 1
     with pytest.raises(ValueError, match="fits no compiled bucket"):
         registry(params, pool, host_inputs([9, 9]))
+    narrow = host_inputs([2, 3])
+    narrow = dataclasses.replace(narrow, page_table=narrow.page_table[:, :2])
+    logits, pool = registry(params, pool, narrow)  # widened with NULL_PAGE columns
+    assert registry.stats.fallbacks == 2
+    wide = dataclasses.replace(narrow, page_table=np.ones((2, MAX_BLOCKS + 1), np.int32))
+    with pytest.raises(ValueError, match="wider than max_blocks=4"):
+        registry(params, pool, wide)
     with pytest.raises(RuntimeError, match="outside allow_compile"):
         registry.warmup(params, pool, example, [BucketKey(1, 1, 1)])
 
