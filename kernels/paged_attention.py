@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from kernels.attention_reference import dense_paged_attention
 from kernels.attention_tiles import empty_state, online_softmax_step, page_scores
 from kernels.common import (
     NULL_PAGE,
@@ -202,26 +203,8 @@ def paged_decode_attention_reference(
     q, kv_pool, page_table, kv_lens, *, layer, sm_scale, soft_cap=None
 ):
     """Dense jnp attention over the gathered pages, float32 inside (`impl="xla"`)."""
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = kv_pool.shape[3]
-    group = num_q_heads // num_kv_heads
-    # [batch, max_blocks, kv_heads, page, head_dim] -> [batch, kv_heads, context, head_dim]
-    keys, values = (
-        kv_pool[page_table, layer, kind]
-        .transpose(0, 2, 1, 3, 4)
-        .reshape(batch, num_kv_heads, -1, head_dim)
-        .astype(jnp.float32)
-        for kind in (0, 1)
-    )
-    valid = jnp.arange(keys.shape[2])[None, :] < kv_lens[:, None]  # [batch, context]
-    values = jnp.where(valid[:, None, :, None], values, 0.0)
-    grouped = q.reshape(batch, num_kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("bhgd,bhcd->bhgc", grouped, keys) * sm_scale
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
-    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
-    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    weights = jnp.where(valid[:, None, None, :], weights, 0.0)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("bhgc,bhcd->bhgd", weights / jnp.where(total > 0, total, 1.0), values)
-    return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
+    # The new token is the last key: it sees every key of its sequence.
+    return dense_paged_attention(
+        q, kv_pool, page_table, kv_lens, kv_lens - 1, layer=layer, sm_scale=sm_scale,
+        soft_cap=soft_cap,
+    )  # fmt: skip

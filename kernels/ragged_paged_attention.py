@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
+from kernels.attention_reference import dense_paged_attention
 from kernels.attention_tiles import empty_state, finish, online_softmax_step, page_scores
 from kernels.common import (
     check_impl,
@@ -170,36 +171,16 @@ def ragged_paged_attention_reference(
     """Dense jnp version over every token, float32 inside (`impl="xla"`): each token finds its
     sequence, gathers that sequence's pages, and attends causally. Rows of no live sequence
     give zeros."""
-    num_tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = kv_pool.shape[3]
-    group = num_q_heads // num_kv_heads
-    token = jnp.arange(num_tokens)
+    num_tokens = q.shape[0]
     seqs = kv_lens.shape[0]
+    token = jnp.arange(num_tokens)
     # Ends of the live sequences; metadata past num_seqs may be garbage, so it is masked.
     ends = jnp.where(jnp.arange(seqs) < num_seqs[0], cu_q_lens[1:], jnp.iinfo(jnp.int32).max)
     seq = jnp.clip(jnp.searchsorted(ends, token, side="right"), 0, seqs - 1)
     live = token < cu_q_lens[num_seqs[0]]
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
-    position = kv_lens[seq] - q_len + token - cu_q_lens[seq]  # [tokens]
-    # [tokens, max_blocks, kv_heads, page, head_dim] -> [tokens, kv_heads, context, head_dim]
-    keys, values = (
-        kv_pool[page_table[seq], layer, kind]
-        .transpose(0, 2, 1, 3, 4)
-        .reshape(num_tokens, num_kv_heads, -1, head_dim)
-        .astype(jnp.float32)
-        for kind in (0, 1)
-    )
-    key_position = jnp.arange(keys.shape[2])
-    in_sequence = key_position[None, :] < kv_lens[seq][:, None]  # [tokens, context]
-    visible = in_sequence & (key_position[None, :] <= position[:, None]) & live[:, None]
-    values = jnp.where(in_sequence[:, None, :, None], values, 0.0)
-    grouped = q.reshape(num_tokens, num_kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("thgd,thcd->thgc", grouped, keys) * sm_scale
-    if soft_cap is not None:
-        scores = soft_cap * jnp.tanh(scores / soft_cap)
-    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
-    weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    weights = jnp.where(visible[:, None, None, :], weights, 0.0)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    out = jnp.einsum("thgc,thcd->thgd", weights / jnp.where(total > 0, total, 1.0), values)
-    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+    position = kv_lens[seq] - q_len + token - cu_q_lens[seq]
+    return dense_paged_attention(
+        q, kv_pool, page_table[seq], jnp.where(live, kv_lens[seq], 0), position, layer=layer,
+        sm_scale=sm_scale, soft_cap=soft_cap,
+    )  # fmt: skip

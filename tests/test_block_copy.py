@@ -10,6 +10,7 @@ import pytest
 
 from kernels.block_copy import copy_pages, gather_pages, scatter_pages
 from kernels.common import NULL_PAGE
+from tests.bits import assert_same_bytes, padded_ids, random_bits
 from tests.gpu_lowering import lower_for_gpu
 
 PAGE_SHAPE = (2, 2, 2, 4, 8)  # num_layers, K/V, num_kv_heads, tokens_per_block, head_dim
@@ -18,20 +19,7 @@ IMPLS = ["pallas", "xla"]
 
 
 def random_pages(rng, num_pages, dtype):
-    """Random bit patterns (NaNs with payloads included): a copy that converts values shows."""
-    bits = rng.integers(0, 2 ** (8 * dtype.itemsize), (num_pages, *PAGE_SHAPE), dtype=np.uint64)
-    return bits.astype(f"u{dtype.itemsize}").view(dtype)
-
-
-def assert_same_bytes(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8))
-
-
-def padded_ids(ids, bucket, padding):
-    """int32[bucket]: the ids, then `padding` (real page ids, which the op must not touch)."""
-    return np.array([*ids, *padding[: bucket - len(ids)]], np.int32)
+    return random_bits(rng, (num_pages, *PAGE_SHAPE), dtype)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -8,13 +8,9 @@ import pytest
 
 from kernels.common import NULL_PAGE
 from kernels.kv_write import write_kv
+from tests.bits import random_bits
 
 DTYPES = [np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)]
-
-
-def random_bits(rng, shape, dtype):
-    bits = rng.integers(0, 2 ** (8 * dtype.itemsize), shape, dtype=np.uint64)
-    return bits.astype(f"u{dtype.itemsize}").view(dtype)
 
 
 @pytest.mark.parametrize("impl", ["pallas", "xla"])

@@ -11,6 +11,7 @@ from kvjax import storage as storage_module
 from kvjax.pages import NULL_PAGE, Tier
 from kvjax.storage import KVStorage, page_bucket
 from kvjax.tiers import PageMove
+from tests.bits import assert_same_bytes, random_bits
 
 PAGE_SHAPE = (2, 2, 2, 4, 8)  # num_layers, K/V, num_kv_heads, tokens_per_block, head_dim
 DTYPES = [np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)]
@@ -18,20 +19,7 @@ D, H, K = Tier.DEVICE, Tier.HOST, Tier.DISK  # K: the disk tier
 
 
 def random_pages(rng, num_pages, dtype):
-    """Random bit patterns (NaNs with payloads included): a copy that converts values shows."""
-    bits = rng.integers(0, 2 ** (8 * dtype.itemsize), (num_pages, *PAGE_SHAPE), dtype=np.uint64)
-    return bits.astype(f"u{dtype.itemsize}").view(dtype)
-
-
-def assert_same_bytes(actual, expected):
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
-    np.testing.assert_array_equal(actual.view(np.uint8), expected.view(np.uint8))
-
-
-def padded_ids(ids, bucket, padding):
-    """int32[bucket]: the ids, then `padding` (real page ids, which the op must not touch)."""
-    return np.array([*ids, *padding[: bucket - len(ids)]], np.int32)
+    return random_bits(rng, (num_pages, *PAGE_SHAPE), dtype)
 
 
 @pytest.mark.parametrize(("count", "bucket"), [(0, 1), (1, 1), (2, 2), (3, 4), (8, 8), (9, 16)])
