@@ -83,12 +83,15 @@ def _tile_spec(kv_pool: jax.Array) -> pl.BlockSpec:
     )
 
 
-def _call(kernel, kv_pool, bucket, operands, *, out_shape, out_specs, aliases, interpret):
+def _call(
+    kernel, kv_pool, bucket, operands, *, out_shape, out_specs, aliases, interpret, in_specs=None
+):
+    """One program per (page entry, tile of a page); whole arrays unless `in_specs` says."""
     grid = (bucket, kv_pool.shape[1] * 2 * kv_pool.shape[3])
     return pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[pl.no_block_spec] * len(operands),
+        in_specs=in_specs or [pl.no_block_spec] * len(operands),
         out_specs=out_specs,
         out_shape=out_shape,
         input_output_aliases=aliases,
@@ -170,17 +173,17 @@ def scatter_pages(kv_pool, staging, page_ids, num_valid, *, impl="pallas", inter
     num_valid = num_valid_array(num_valid)
     if check_impl(impl) == "xla":
         return scatter_pages_reference(kv_pool, staging, page_ids, num_valid)
-    tile = _tile_spec(kv_pool)
-    return pl.pallas_call(
+    return _call(
         _scatter_kernel,
-        grid=(page_ids.shape[0], kv_pool.shape[1] * 2 * kv_pool.shape[3]),
-        in_specs=[pl.no_block_spec, pl.no_block_spec, tile, pl.no_block_spec],
-        out_specs=pl.no_block_spec,
+        kv_pool,
+        page_ids.shape[0],
+        (num_valid, page_ids, staging, kv_pool),
+        in_specs=[pl.no_block_spec, pl.no_block_spec, _tile_spec(kv_pool), pl.no_block_spec],
         out_shape=jax.ShapeDtypeStruct(kv_pool.shape, kv_pool.dtype),
-        input_output_aliases={3: 0},
-        compiler_params=compiler_params(num_warps=4, num_stages=1),
-        interpret=resolve_interpret(interpret),
-    )(num_valid, page_ids, staging, kv_pool)
+        out_specs=pl.no_block_spec,
+        aliases={3: 0},
+        interpret=interpret,
+    )
 
 
 # -- XLA references (also the `impl="xla"` path) ----------------------------------------------
