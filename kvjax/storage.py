@@ -184,6 +184,25 @@ class KVStorage:
             self._disk_file.close()
             self._disk_file = None
 
+    def warmup(self) -> int:
+        """Compiles the batched page ops for every page-count bucket a move can need, by running
+        each on no page (nothing changes), so serving never compiles one; returns the count."""
+        self._check_open()
+        colder = any(self.num_pages(tier) for tier in (Tier.HOST, Tier.DISK))
+        none = np.int32(0)
+        count, bucket, largest = 0, 1, page_bucket(self.num_pages(Tier.DEVICE))
+        while bucket <= largest:
+            ids = np.full(bucket, NULL_PAGE, np.int32)
+            self._pool = copy_pages(self._pool, ids, ids, none, impl=self.impl)
+            count += 1
+            if colder:
+                jax.block_until_ready(gather_pages(self._pool, ids, none, impl=self.impl))
+                staging = jax.device_put(np.zeros((bucket, *self.page_shape), self.dtype))
+                self._pool = scatter_pages(self._pool, staging, ids, none, impl=self.impl)
+                count += 2
+            bucket *= 2
+        return count
+
     # -- moves --------------------------------------------------------------------------------
 
     def apply(self, moves: Sequence[PageMove]) -> dict[tuple[Tier, Tier], int]:

@@ -13,6 +13,10 @@ HOST_MODULES = [
     "kvjax.kv_cache",
     "kvjax.stats",
     "kvjax.manager",
+    "kvjax.request",
+    "kvjax.scheduler",
+    "kvjax.resources",
+    "kvjax.serving_metrics",
     "kvjax",
 ]
 

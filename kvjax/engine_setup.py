@@ -1,0 +1,140 @@
+"""What the engine sets up before it serves: cache geometry from the model, default buckets,
+ahead-of-time compilation of every step shape, and a count of compilations after that."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from kvjax.config import CacheConfig
+from kvjax.manager import KVCacheManager
+from kvjax.sampling import sample_tokens
+from kvjax.scheduler import SchedulerConfig
+from kvjax.step import BucketKey, Buckets, StepInputs, StepRegistry, allow_compile
+
+__all__ = [
+    "CompileCounter",
+    "cache_config_for",
+    "check_model_geometry",
+    "default_buckets",
+    "warm_up",
+]
+
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+
+
+def cache_config_for(model, *, tokens_per_block: int = 16, dtype=None, **quotas) -> CacheConfig:
+    """A `CacheConfig` with the model's geometry (layers, KV heads, head size, vocabulary, dtype).
+
+    Args:
+        model: a model with a `config` like `models.config.LlamaConfig` (and a `dtype`).
+        dtype: of the KV pages (default the model's).
+        quotas: `device_pages` or `device_bytes`, and optionally host and disk ones, and any
+            other `CacheConfig` option (`enable_partial_reuse`, `disk_dir`, ...).
+    """
+    config = model.config
+    dtype = np.dtype(dtype or getattr(model, "dtype", np.float32)).name
+    return CacheConfig(
+        num_layers=config.num_layers, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+        tokens_per_block=tokens_per_block, dtype=dtype, vocab_size=config.vocab_size, **quotas,
+    )  # fmt: skip
+
+
+def check_model_geometry(model, cache_config: CacheConfig) -> None:
+    """Raises naming the first field where the cache's pages do not fit the model."""
+    if not isinstance(cache_config, CacheConfig):
+        raise ValueError(f"cache_config={cache_config!r} is not a CacheConfig")
+    config = model.config
+    for field in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"):
+        want, have = getattr(config, field), getattr(cache_config, field)
+        if have != want:
+            raise ValueError(
+                f"cache_config.{field}={have} but the model has {field}={want}; "
+                "build it with kvjax.engine_setup.cache_config_for(model, ...)"
+            )
+
+
+def _powers_of_two(low: int, high: int) -> list[int]:
+    sizes, size = [], 1
+    while size < high:
+        if size >= low:
+            sizes.append(size)
+        size *= 2
+    return [*sizes, high]
+
+
+def default_buckets(config: SchedulerConfig, min_tokens: int = 16) -> Buckets:
+    """Batch sizes: powers of two up to `max_batch_size`, and it; token counts: powers of two
+    from `min_tokens` up to `max_num_tokens`, and it."""
+    if config.max_num_tokens is None:
+        raise ValueError("the engine needs SchedulerConfig.max_num_tokens to size its buckets")
+    batch_sizes = _powers_of_two(1, config.max_batch_size)
+    low = min(min_tokens, config.max_num_tokens)
+    return Buckets(batch_sizes, _powers_of_two(low, config.max_num_tokens))
+
+
+def _example(key: BucketKey, max_blocks: int) -> StepInputs:
+    """Inputs of `key`'s shapes (warm-up compiles from shapes; the values are never run)."""
+    return StepInputs(
+        tokens=np.zeros(key.num_tokens, np.int32),
+        page_table=np.zeros((key.num_seqs, max_blocks), np.int32),
+        kv_lens=np.zeros(key.num_seqs, np.int32),
+        cu_q_lens=np.zeros(key.num_seqs + 1, np.int32),
+        num_seqs=np.zeros(1, np.int32),
+        logits_indices=np.zeros(key.num_logits, np.int32),
+    )
+
+
+def warm_up(
+    registry: StepRegistry,
+    params,
+    manager: KVCacheManager,
+    buckets: Buckets,
+    config: SchedulerConfig,
+) -> None:
+    """Compiles every bucket's step, the sampler for each logit-row count and the page moves.
+
+    Raises:
+        ValueError: the buckets cannot hold a full step of `config`.
+    """
+    max_tokens = config.max_num_tokens
+    if max_tokens is None:
+        raise ValueError("the engine needs SchedulerConfig.max_num_tokens to size its buckets")
+    buckets.pad(min(config.max_batch_size, max_tokens), max_tokens)  # raises if none holds it
+    with allow_compile():
+        registry.warmup(
+            params, manager.pool, lambda key: _example(key, manager.max_blocks), buckets.keys
+        )
+        vocab = manager.config.vocab_size
+        for rows in sorted({key.num_logits for key in buckets.keys}):
+            zeros = np.zeros(rows, np.float32)
+            ints = np.zeros(rows, np.int32)
+            logits = jax.device_put(np.zeros((rows, vocab), np.float32))
+            sample_tokens(logits, zeros, ints, zeros + 1, ints.astype(np.uint32), ints)
+        manager.storage.warmup()
+
+
+class CompileCounter:
+    """Counts XLA backend compilations in this process (every jit, not only the engine's)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._at_warm = 0
+        self._listening = True
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if self._listening and event == _BACKEND_COMPILE_EVENT:
+            self.total += 1
+
+    def mark_warm(self) -> None:
+        self._at_warm = self.total
+
+    @property
+    def after_warmup(self) -> int:
+        return self.total - self._at_warm
+
+    def close(self) -> None:
+        if self._listening:
+            self._listening = False
+            jax.monitoring.unregister_event_duration_listener(self._on_event)

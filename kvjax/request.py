@@ -1,0 +1,199 @@
+"""Requests as the scheduler and the engine see them: sampling parameters, state, metrics, output.
+
+Plain host-side records (no JAX). The engine owns every `Request`; the scheduler reads them and
+returns its decisions as plain data; `CacheResources` keeps each request's `KVCache` and context
+position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Sequence
+
+from kvjax.checks import check_int
+from kvjax.eviction import check_priority
+from kvjax.keys import Token
+from kvjax.kv_cache import KVCache
+from kvjax.multimodal import MultimodalItem
+
+__all__ = [
+    "FinishReason",
+    "Request",
+    "RequestMetrics",
+    "RequestOutput",
+    "RequestState",
+    "SamplingParams",
+]
+
+
+class RequestState(enum.Enum):
+    """Where a request is in its life. A request whose cache is suspended is *paused* in its
+    state (`Request.is_paused`); it stays queued and resumes when memory allows."""
+
+    CONTEXT_INIT = 0  # prompt not fully computed (possibly chunked, possibly started)
+    GENERATION_IN_PROGRESS = 1
+    GENERATION_TO_COMPLETE = 2  # its last token is sampled; resources not released yet
+    COMPLETE = 3
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"  # a stop token (or EOS) was sampled
+    LENGTH = "length"  # max_new_tokens reached, or the sequence reached max_seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each new token.
+
+    Args:
+        max_new_tokens: tokens to generate at most (>= 1).
+        temperature: 0 is greedy; otherwise logits are divided by it before sampling.
+        top_k: keep the k most likely tokens (0: all).
+        top_p: keep the smallest set of tokens whose probability reaches p (1.0: all).
+        seed: makes the request's samples reproducible whatever it is batched with; None draws
+            one from the engine's seed.
+        stop_token_ids: tokens that end the request (kept in the output).
+        ignore_eos: keep generating past the model's EOS tokens.
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        check_int("top_k", self.top_k, minimum=0)
+        if not (isinstance(self.temperature, int | float) and 0 <= self.temperature < math.inf):
+            raise ValueError(f"temperature={self.temperature!r} must be a finite float >= 0")
+        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if self.seed is not None:
+            check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
+        stop = tuple(self.stop_token_ids)
+        for token in stop:
+            check_int("stop token id", token, minimum=0)
+        object.__setattr__(self, "stop_token_ids", stop)
+
+
+@dataclasses.dataclass
+class RequestMetrics:
+    """Times are `time.perf_counter()` seconds."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_reused_tokens: int = 0  # prompt tokens whose KV came from the radix tree
+    num_preemptions: int = 0  # times the scheduler suspended it
+
+    @property
+    def ttft(self) -> float | None:
+        """Seconds from arrival to the first generated token."""
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]  # generated tokens
+    finish_reason: FinishReason | None  # None while unfinished
+    metrics: RequestMetrics
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean seconds per output token after the first."""
+        m = self.metrics
+        if m.finish_time is None or m.first_token_time is None or len(self.token_ids) < 2:
+            return None
+        return (m.finish_time - m.first_token_time) / (len(self.token_ids) - 1)
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One request. The engine builds it after validating the input; tests may build it bare.
+
+    Args:
+        request_id: unique among live requests.
+        prompt_token_ids: the prompt.
+        key_tokens: the prompt as block-key tokens (multimodal positions replaced by digests and
+            synthetic ids); default the prompt itself.
+        draft_tokens: speculative tokens to verify in the next step (count toward budgets).
+    """
+
+    request_id: int
+    prompt_token_ids: Sequence[int]
+    sampling_params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    lora_id: int | None = None
+    salt: int | bytes | str | None = None
+    priority: int | None = None
+    multimodal_items: tuple[MultimodalItem, ...] = ()
+    key_tokens: Sequence[Token] | None = None
+    arrival_time: float = 0.0
+    state: RequestState = RequestState.CONTEXT_INIT
+    output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    draft_tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    # Kept by CacheResources: the request's cache and how many prompt tokens have KV.
+    cache: KVCache | None = None
+    context_position: int = 0
+    context_started: bool = False  # a chunk of its prompt has run (it may now be a victim)
+    metrics: RequestMetrics = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        if len(self.prompt_token_ids) < 1:
+            raise ValueError(f"request {self.request_id}: the prompt is empty")
+        if self.priority is not None:
+            check_priority(self.priority)
+        if self.key_tokens is None:
+            self.key_tokens = self.prompt_token_ids
+        self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return len(self.draft_tokens)
+
+    @property
+    def context_remaining(self) -> int:
+        """Prompt tokens whose KV is still to be computed."""
+        return self.prompt_length - self.context_position
+
+    @property
+    def is_paused(self) -> bool:
+        """Started, but its cache is suspended (it holds no device page)."""
+        return self.cache is not None and not self.cache.is_active
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def lifetime_tokens(self) -> int:
+        """KV tokens it may need at most: prompt, outputs and drafts (the last output is never
+        written)."""
+        return self.prompt_length + self.sampling_params.max_new_tokens + self.num_draft_tokens
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt_token_ids=tuple(int(t) for t in self.prompt_token_ids),
+            token_ids=tuple(self.output_token_ids),
+            finish_reason=self.finish_reason,
+            metrics=dataclasses.replace(self.metrics),
+        )

@@ -1,0 +1,123 @@
+"""Requests' KV caches on a `KVCacheManager`: what the scheduler and the engine ask of them.
+
+This is the glue of the reference's `KVCacheManagerV2` resource manager: the scheduler's cache
+operations (`CacheOps`) and the updates after each step (commits for reuse, the history cursor,
+closing). A request's lookup tokens leave out the last prompt token: its logits must be computed,
+so its KV is never taken from the tree. Host side: imports no JAX.
+"""
+
+from __future__ import annotations
+
+from kvjax.kv_cache import CommitState
+from kvjax.manager import KVCacheManager
+from kvjax.request import Request
+
+__all__ = ["CacheResources"]
+
+
+class CacheResources:
+    """Creates, grows, suspends and closes the cache of each request.
+
+    Args:
+        manager: the pages.
+        enable_block_reuse: look prompts up in the radix tree and commit them to it.
+        commit_generated: also commit generated tokens (a follow-up turn then reuses them).
+    """
+
+    def __init__(
+        self,
+        manager: KVCacheManager,
+        *,
+        enable_block_reuse: bool = True,
+        commit_generated: bool = False,
+    ) -> None:
+        self.manager = manager
+        self.enable_block_reuse = enable_block_reuse
+        self.commit_generated = commit_generated and enable_block_reuse
+
+    @property
+    def max_tokens(self) -> int:
+        """The most KV tokens one cache may have (the page-table width)."""
+        return self.manager.max_blocks * self.manager.config.tokens_per_block
+
+    # -- CacheOps, for the scheduler ----------------------------------------------------------
+
+    def prepare_context(self, request: Request) -> bool:
+        cache = request.cache
+        if cache is not None:
+            return cache.is_active or cache.resume()
+        lookup = request.key_tokens[:-1] if self.enable_block_reuse else None
+        cache = self.manager.create_kv_cache(
+            lookup, lora_id=request.lora_id, salt=request.salt, priority=request.priority
+        )
+        if not self.enable_block_reuse:
+            cache.stop_committing()
+        if not cache.resume():
+            cache.close()
+            return False
+        request.cache = cache
+        request.context_position = cache.num_committed_tokens
+        request.metrics.num_reused_tokens = cache.num_reused_tokens
+        return True
+
+    def resize_context(self, request: Request, num_tokens: int, reserve_tokens: int = 0) -> bool:
+        cache = request.cache
+        wanted = request.context_position + num_tokens
+        capacity = max(cache.capacity, wanted, min(reserve_tokens, self.max_tokens))
+        if cache.resize(capacity=capacity):
+            return True
+        self.release_unstarted(request)
+        return False
+
+    def release_unstarted(self, request: Request) -> None:
+        if request.cache is not None and not request.context_started:
+            request.cache.close()
+            request.cache = None
+            request.context_position = 0
+
+    def try_allocate_generation(self, request: Request) -> bool:
+        cache = request.cache
+        if not cache.is_active and not cache.resume():
+            return False
+        needed = cache.history_length + 1 + request.num_draft_tokens
+        return cache.capacity >= needed or cache.resize(capacity=needed)
+
+    def suspend_request(self, request: Request) -> None:
+        request.cache.suspend()
+        request.metrics.num_preemptions += 1
+
+    def is_request_active(self, request: Request) -> bool:
+        return request.cache is not None and request.cache.is_active
+
+    # -- after a step -------------------------------------------------------------------------
+
+    def context_computed(self, request: Request, num_tokens: int) -> None:
+        """`num_tokens` more prompt tokens have KV: commit them for reuse (or move the history),
+        and stop committing at the prompt's end unless generated tokens are committed too."""
+        cache = request.cache
+        end = request.context_position + num_tokens
+        if self._committing(request):
+            cache.commit(request.key_tokens[cache.num_committed_tokens : end])
+        else:
+            cache.resize(history_length=end)
+        request.context_position = end
+        request.context_started = True
+        if end == request.prompt_length and not self.commit_generated:
+            cache.stop_committing()
+
+    def tokens_computed(self, request: Request, tokens: list[int]) -> None:
+        """Generated `tokens` have KV now (the input tokens of a generation step)."""
+        cache = request.cache
+        if self.commit_generated and self._committing(request):
+            cache.commit(tokens)
+        else:
+            cache.resize(history_length=cache.history_length + len(tokens))
+
+    def free(self, request: Request) -> None:
+        """Closes the cache: committed blocks stay in the tree as reusable cache."""
+        if request.cache is not None:
+            request.cache.close()
+            request.cache = None
+
+    def _committing(self, request: Request) -> bool:
+        return self.enable_block_reuse and request.cache.commit_state is not CommitState.USER_STOP

@@ -1,0 +1,315 @@
+"""The two-phase scheduler of the seed PR: generation first, then context, in one pass that
+allocates KV as it decides ("try and see").
+
+Phase 1 grows every generation request by 1 + its draft tokens; on a shortage it suspends started
+requests from the tail of the queue (they stay queued, paused), then itself. Phase 2 takes the
+context requests it deferred, in arrival order: it prepares the cache first (prefix reuse may
+shorten what remains), then takes a chunk within the token budget. LoRA adapters are charged once
+each against a device-page budget, and adapters of requests finishing are pre-claimed. A pass
+that schedules nothing, evicts nothing and could not grow a started request is a deadlock: it
+raises saying what to change. Host side: imports no JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Collection, Mapping, Sequence
+from typing import Protocol
+
+from kvjax.checks import check_int
+from kvjax.request import Request, RequestState
+
+__all__ = [
+    "BudgetTracker",
+    "CacheOps",
+    "ScheduledContext",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "SchedulerPolicy",
+]
+
+
+class SchedulerPolicy(enum.Enum):
+    MAX_UTILIZATION = "max_utilization"  # admit greedily; suspend started requests on shortage
+    GUARANTEED_NO_EVICT = "guaranteed_no_evict"  # reserve each request's whole life; never pause
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one step.
+
+    Args:
+        max_batch_size: sequences per step.
+        max_num_tokens: tokens per step (None: unlimited).
+        policy: see `SchedulerPolicy`.
+        enable_chunked_prefill: split prompts over steps; otherwise a prompt runs whole.
+        chunk_unit: non-last chunks are rounded down to a multiple of it.
+        max_context_length: most prompt tokens of one request per step (default
+            `max_num_tokens`).
+        max_lora_pages: device pages LoRA adapters may take in one step (None: unlimited).
+    """
+
+    max_batch_size: int = 8
+    max_num_tokens: int | None = 256
+    policy: SchedulerPolicy = SchedulerPolicy.MAX_UTILIZATION
+    enable_chunked_prefill: bool = True
+    chunk_unit: int = 16
+    max_context_length: int | None = None
+    max_lora_pages: int | None = None
+
+    def __post_init__(self) -> None:
+        check_int("max_batch_size", self.max_batch_size, minimum=1)
+        for name in ("max_num_tokens", "max_context_length", "max_lora_pages"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=1)
+        check_int("chunk_unit", self.chunk_unit, minimum=1)
+        if not isinstance(self.policy, SchedulerPolicy):
+            raise ValueError(f"policy={self.policy!r} is not a SchedulerPolicy")
+
+    @property
+    def context_limit(self) -> float:
+        limit = self.max_context_length or self.max_num_tokens
+        return math.inf if limit is None else limit
+
+
+class CacheOps(Protocol):
+    """What the scheduler asks of the KV cache (`CacheResources` on a `KVCacheManager`)."""
+
+    def prepare_context(self, request: Request) -> bool:
+        """Creates (with prefix reuse) or resumes the request's cache; False when it can't."""
+
+    def resize_context(self, request: Request, num_tokens: int, reserve_tokens: int = 0) -> bool:
+        """Room for `num_tokens` more prompt tokens (and `reserve_tokens` in all); False, and an
+        unstarted request's cache released, when the device can't hold them."""
+
+    def release_unstarted(self, request: Request) -> None:
+        """Drops the cache of a request whose prompt has not started, if it has one."""
+
+    def try_allocate_generation(self, request: Request) -> bool:
+        """Resumes if needed and grows by 1 + draft tokens; False when the device can't."""
+
+    def suspend_request(self, request: Request) -> None: ...
+
+    def is_request_active(self, request: Request) -> bool: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledContext:
+    request: Request
+    chunk_size: int  # prompt tokens this step computes
+    is_last_chunk: bool  # the prompt ends in this step (its draft tokens run with it)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerOutput:
+    context_requests: list[ScheduledContext]
+    generation_requests: list[Request]
+    paused_requests: list[Request]  # suspended by this pass
+    num_tokens: int  # tokens this step computes
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.context_requests) + len(self.generation_requests)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.num_requests == 0
+
+
+class BudgetTracker:
+    """Tokens, request slots and LoRA device pages left in one pass.
+
+    Args:
+        lora_pages: device pages each adapter takes (adapters not listed take none).
+    """
+
+    def __init__(self, config: SchedulerConfig, lora_pages: Mapping[int, int]) -> None:
+        limit = config.max_num_tokens
+        self.tokens_left: float = math.inf if limit is None else limit
+        self.num_requests = 0
+        self.max_requests = config.max_batch_size
+        self._max_lora_pages = config.max_lora_pages
+        self._lora_pages = lora_pages
+        self._loaded: set[int] = set()
+        self.lora_pages_used = 0
+
+    @property
+    def is_full(self) -> bool:
+        return self.num_requests >= self.max_requests
+
+    def lora_pages_needed(self, lora_id: int | None) -> int | None:
+        """Pages the request's adapter adds (0 if loaded or none); None when they don't fit."""
+        if lora_id is None or lora_id in self._loaded:
+            return 0
+        pages = self._lora_pages.get(lora_id, 0)
+        if self._max_lora_pages is not None and self.lora_pages_used + pages > self._max_lora_pages:
+            return None
+        return pages
+
+    def pre_claim_lora(self, lora_id: int | None) -> None:
+        """Charges an adapter without scheduling a request (it is still in use)."""
+        pages = self.lora_pages_needed(lora_id)
+        if lora_id is not None and pages:
+            self._loaded.add(lora_id)
+            self.lora_pages_used += pages
+
+    def commit(self, num_tokens: int, lora_id: int | None, lora_pages: int) -> None:
+        self.tokens_left -= num_tokens
+        self.num_requests += 1
+        if lora_id is not None:
+            self._loaded.add(lora_id)
+            self.lora_pages_used += lora_pages
+
+
+def _lora_order(lora_id: int | None) -> tuple[int, int]:
+    return (0, 0) if lora_id is None else (1, lora_id)
+
+
+class Scheduler:
+    """Decides each step's batch; see the module docstring.
+
+    Args:
+        config: the limits.
+        cache: the KV operations (`CacheResources` for a real manager).
+        lora_pages: device pages of each known LoRA adapter, for `max_lora_pages`.
+    """
+
+    def __init__(
+        self, config: SchedulerConfig, cache: CacheOps, lora_pages: Mapping[int, int] | None = None
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.lora_pages = dict(lora_pages or {})
+
+    def schedule(
+        self, requests: Sequence[Request], inflight_ids: Collection[int] = ()
+    ) -> SchedulerOutput:
+        """One pass over the queue (arrival order; earlier requests win memory).
+
+        Raises:
+            RuntimeError: a deadlock: started requests exist, none could be scheduled or grown,
+                and nothing could be suspended to make room.
+        """
+        budget = BudgetTracker(self.config, self.lora_pages)
+        for request in requests:
+            if request.state is RequestState.GENERATION_TO_COMPLETE:
+                budget.pre_claim_lora(request.lora_id)
+        generation, deferred, paused, kv_failed = self._generation_phase(
+            requests, inflight_ids, budget
+        )
+        context = self._context_phase(deferred, budget)
+        if not generation and not context and not paused and kv_failed:
+            raise RuntimeError(
+                "scheduler deadlock: started requests cannot grow, none can be suspended to make "
+                "room and nothing else fits; give the KVCacheManager a host tier (host_pages or "
+                "host_bytes in CacheConfig) to suspend to, or more device pages"
+            )
+        context.sort(key=lambda c: (c.is_last_chunk, _lora_order(c.request.lora_id)))
+        generation.sort(key=lambda r: _lora_order(r.lora_id))
+        num_tokens = sum(
+            c.chunk_size + c.is_last_chunk * c.request.num_draft_tokens for c in context
+        )
+        num_tokens += sum(1 + r.num_draft_tokens for r in generation)
+        return SchedulerOutput(context, generation, paused, num_tokens)
+
+    def _generation_phase(self, requests, inflight_ids, budget: BudgetTracker):
+        cache, no_evict = self.cache, self.config.policy is SchedulerPolicy.GUARANTEED_NO_EVICT
+        generation: list[Request] = []
+        deferred: list[Request] = []
+        paused: list[Request] = []
+        kv_failed = False
+        end, index = len(requests), 0
+        while index < end and not budget.is_full:
+            request = requests[index]
+            index += 1
+            if request.request_id in inflight_ids:
+                continue
+            if request.state is RequestState.CONTEXT_INIT:
+                deferred.append(request)  # context waits for phase 2: generation goes first
+                continue
+            if request.state is not RequestState.GENERATION_IN_PROGRESS:
+                continue
+            lora_pages = budget.lora_pages_needed(request.lora_id)
+            if lora_pages is None:
+                break
+            num_tokens = 1 + request.num_draft_tokens
+            if num_tokens > budget.tokens_left:
+                break
+            while not cache.try_allocate_generation(request):
+                victim = None if no_evict else self._tail_victim(requests, index, end)
+                if victim is not None:  # suspend the newest started request and retry
+                    cache.suspend_request(requests[victim])
+                    paused.append(requests[victim])
+                    end = victim
+                    continue
+                kv_failed = True
+                if not no_evict:
+                    if cache.is_request_active(request):
+                        cache.suspend_request(request)
+                    paused.append(request)
+                break
+            else:
+                budget.commit(num_tokens, request.lora_id, lora_pages)
+                generation.append(request)
+                continue
+            if not no_evict:
+                break
+        return generation, deferred, paused, kv_failed
+
+    def _tail_victim(self, requests: Sequence[Request], start: int, end: int) -> int | None:
+        """The index of the last started request in `[start, end)` whose cache is active."""
+        for index in range(end - 1, start - 1, -1):
+            request = requests[index]
+            started = request.state is RequestState.GENERATION_IN_PROGRESS or (
+                request.state is RequestState.CONTEXT_INIT and request.context_started
+            )
+            if started and self.cache.is_request_active(request):
+                return index
+        return None
+
+    def _context_phase(self, deferred: list[Request], budget: BudgetTracker):
+        config, cache = self.config, self.cache
+        chunked = config.enable_chunked_prefill
+        reserve = config.policy is SchedulerPolicy.GUARANTEED_NO_EVICT
+        scheduled: list[ScheduledContext] = []
+        for request in deferred:
+            if budget.is_full:
+                break
+            lora_pages = budget.lora_pages_needed(request.lora_id)
+            if lora_pages is None:
+                continue
+            if chunked and budget.tokens_left < min(config.chunk_unit, request.context_remaining):
+                continue
+            if not cache.prepare_context(request):
+                continue
+            draft = request.num_draft_tokens
+            chunk = self._chunk_size(request.context_remaining, draft, budget.tokens_left)
+            if chunk is None:
+                cache.release_unstarted(request)
+                if chunked:
+                    continue
+                break  # a whole prompt that does not fit the budget waits its turn
+            is_last = chunk == request.context_remaining
+            num_tokens = chunk + draft * is_last
+            lifetime = request.lifetime_tokens if reserve else 0
+            if not cache.resize_context(request, num_tokens, lifetime):
+                continue  # nothing consumed; a smaller request behind may still fit
+            budget.commit(num_tokens, request.lora_id, lora_pages)
+            scheduled.append(ScheduledContext(request, chunk, is_last))
+        return scheduled
+
+    def _chunk_size(self, remaining: int, draft: int, tokens_left: float) -> int | None:
+        """Prompt tokens to compute now, or None when not even one chunk fits."""
+        config = self.config
+        if remaining + draft <= tokens_left and remaining <= config.context_limit:
+            return remaining
+        if not config.enable_chunked_prefill:
+            return None
+        chunk = int(min(tokens_left, config.context_limit, remaining))
+        if chunk == remaining:  # the prompt fits but its draft tokens don't: end it next step
+            chunk -= 1
+        chunk -= chunk % config.chunk_unit
+        return chunk or None
