@@ -197,11 +197,9 @@ class Scheduler:
         for request in requests:
             if request.state is RequestState.GENERATION_TO_COMPLETE:
                 budget.pre_claim_lora(request.lora_id)
-        generation, deferred, paused, kv_failed = self._generation_phase(
-            requests, inflight_ids, budget
-        )
+        generation, deferred, paused, stuck = self._generation_phase(requests, inflight_ids, budget)
         context = self._context_phase(deferred, budget)
-        if not generation and not context and not paused and kv_failed:
+        if stuck and not generation and not context:
             raise RuntimeError(
                 "scheduler deadlock: started requests cannot grow, none can be suspended to make "
                 "room and nothing else fits; give the KVCacheManager a host tier (host_pages or "
@@ -220,7 +218,7 @@ class Scheduler:
         generation: list[Request] = []
         deferred: list[Request] = []
         paused: list[Request] = []
-        kv_failed = False
+        kv_failed, num_victims = False, 0
         end, index = len(requests), 0
         while index < end and not budget.is_full:
             request = requests[index]
@@ -243,12 +241,12 @@ class Scheduler:
                 if victim is not None:  # suspend the newest started request and retry
                     cache.suspend_request(requests[victim])
                     paused.append(requests[victim])
+                    num_victims += 1
                     end = victim
                     continue
                 kv_failed = True
-                if not no_evict:
-                    if cache.is_request_active(request):
-                        cache.suspend_request(request)
+                if not no_evict and cache.is_request_active(request):
+                    cache.suspend_request(request)  # itself: no progress, the next pass retries
                     paused.append(request)
                 break
             else:
@@ -257,7 +255,7 @@ class Scheduler:
                 continue
             if not no_evict:
                 break
-        return generation, deferred, paused, kv_failed
+        return generation, deferred, paused, kv_failed and not num_victims
 
     def _tail_victim(self, requests: Sequence[Request], start: int, end: int) -> int | None:
         """The index of the last started request in `[start, end)` whose cache is active."""

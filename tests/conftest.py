@@ -15,3 +15,12 @@ def interpret(request):
     if not request.param and jax.default_backend() != "gpu":
         pytest.skip("compiled Pallas GPU kernels need a CUDA device")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache for this session: engines of one model and geometry
+    compile each step shape once (a fresh directory keeps runs independent)."""
+    from kvjax.step import enable_persistent_cache
+
+    enable_persistent_cache(str(tmp_path_factory.mktemp("jax_cache")))

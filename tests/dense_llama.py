@@ -1,6 +1,9 @@
 """The Llama forward in plain jnp with full causal attention and no paging: the reference the paged
 model is checked against. Reads the NNX model's parameters; float32 throughout."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,6 +22,29 @@ def _linear(x, module):
 
 def dense_logits(model: Llama, tokens, embeddings=None, embedding_mask=None) -> np.ndarray:
     """f32[len(tokens), vocab]: logits at every position of one sequence."""
+    return np.asarray(dense_logits_jnp(model, tokens, embeddings, embedding_mask))
+
+
+def dense_greedy(model: Llama, prompt, num_tokens: int, padded_length: int = 64) -> list[int]:
+    """Greedy continuation of one prompt by the dense forward (jitted once per model and
+    `padded_length`: causal attention leaves a row unaffected by the padding after it)."""
+    forward = _jitted_forward(model, padded_length)
+    tokens = [int(t) for t in prompt]
+    for _ in range(num_tokens):
+        if len(tokens) > padded_length:
+            raise ValueError(f"{len(tokens)} tokens exceed padded_length={padded_length}")
+        padded = np.zeros(padded_length, np.int32)
+        padded[: len(tokens)] = tokens
+        tokens.append(int(np.argmax(np.asarray(forward(padded)[len(tokens) - 1]))))
+    return tokens[len(prompt) :]
+
+
+@functools.cache
+def _jitted_forward(model: Llama, padded_length: int):
+    return jax.jit(lambda tokens: dense_logits_jnp(model, tokens))
+
+
+def dense_logits_jnp(model: Llama, tokens, embeddings=None, embedding_mask=None):
     c = model.config
     tokens = jnp.asarray(tokens, jnp.int32)
     length = tokens.shape[0]
@@ -49,8 +75,8 @@ def dense_logits(model: Llama, tokens, embeddings=None, embedding_mask=None) -> 
         )
     x = _rms_norm(x, model.norm.scale.get_value(), c.rms_norm_eps)
     if model.lm_head is None:
-        return np.asarray(x @ model.embed_tokens.embedding.get_value().astype(jnp.float32).T)
-    return np.asarray(_linear(x, model.lm_head))
+        return x @ model.embed_tokens.embedding.get_value().astype(jnp.float32).T
+    return _linear(x, model.lm_head)
 
 
 def jax_softmax(scores):
