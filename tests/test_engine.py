@@ -50,11 +50,11 @@ def serve_checked(engine, prompts, params=GREEDY, **request_options):
 
 
 def assert_all_pages_free(engine):
-    engine.manager.clear_reusable_blocks()
+    """After shutdown (which aborts live requests and empties the tree) every page is free."""
+    engine.shutdown()
     tiers = engine.manager.tiers
     for tier in tiers.tiers:
         assert tiers.num_free(tier) == tiers.num_pages(tier), tier
-    engine.shutdown()
 
 
 def prompts_with_shared_prefix(rng, prefix_len, suffix_lens, vocab=64):

@@ -1,0 +1,204 @@
+"""Serving benchmark: the engine over a shared-prefix, multi-turn workload.
+
+With no arguments: a tiny Llama with random weights (fixed seed) on this machine's default JAX
+device, groups of requests sharing a 192-token system prompt, half of them followed by a second
+turn. Prints throughput, TTFT and TPOT percentiles, the prefix hit rate next to the workload's
+ideal, preemptions and compilations after warm-up; writes `serve.json` and `serve.png`
+(throughput and cache occupancy over time) under `--out`.
+
+    python -m benchmarks.serve [--checkpoint DIR] [--device-pages N] [--groups N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from benchmarks.workload import Workload, ideal_hit_rate
+from kvjax.engine import Engine
+from kvjax.engine_setup import cache_config_for
+from kvjax.request import SamplingParams
+from kvjax.scheduler import SchedulerConfig, SchedulerPolicy
+from models.config import LlamaConfig
+from models.llama import Llama
+
+TINY = LlamaConfig(
+    vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=32,
+)  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, help="a local Hugging Face Llama/Qwen2 directory")
+    p.add_argument("--device-pages", type=int, default=160)
+    p.add_argument("--host-pages", type=int, default=None, help="default: provisioned")
+    p.add_argument("--tokens-per-block", type=int, default=16)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-num-tokens", type=int, default=256)
+    p.add_argument("--chunk-unit", type=int, default=16)
+    policies = [policy.value for policy in SchedulerPolicy]
+    p.add_argument("--policy", choices=policies, default="max_utilization")
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--per-group", type=int, default=6)
+    p.add_argument("--system-len", type=int, default=192)
+    p.add_argument("--user-len", type=int, nargs=2, default=(16, 64))
+    p.add_argument("--follow-up-fraction", type=float, default=0.5)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--no-commit-generated", action="store_true", help="reuse prompts only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def load_model(args):
+    if args.checkpoint is not None:
+        from models.loader import load_hf_checkpoint
+
+        dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+        return load_hf_checkpoint(args.checkpoint, dtype=dtype)
+    return Llama(TINY, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
+
+
+def serve(engine: Engine, workload: Workload, params: SamplingParams, progress: bool):
+    """Submits the first turns, and each follow-up when its first turn finishes."""
+    turns = workload.first_turns()
+    pending = {engine.add_request(t.prompt, params): t for t in turns}
+    prompts = {rid: t.prompt for rid, t in pending.items()}
+    order = list(pending)
+    total = len(turns) + sum(t.follow_up is not None for t in turns)
+    outputs = {}
+    with tqdm(total=total, disable=not progress, desc="serve", unit="req") as bar:
+        while engine.num_unfinished:
+            for output in engine.step():
+                outputs[output.request_id] = output
+                bar.update(1)
+                turn = pending.pop(output.request_id, None)
+                if turn is not None and turn.follow_up is not None:
+                    prompt = [*turn.prompt, *output.token_ids, *turn.follow_up]
+                    rid = engine.add_request(prompt, params)
+                    prompts[rid] = prompt
+                    order.append(rid)
+    return order, prompts, outputs
+
+
+def plot(steps, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = steps[0].start
+    times = np.array([s.end - t0 for s in steps])
+    tokens = np.array([s.num_tokens for s in steps], float)
+    # Throughput over a sliding window of steps: tokens computed / wall time.
+    window = max(1, len(steps) // 50)
+    starts = np.array([s.start - t0 for s in steps])
+    sums = np.convolve(tokens, np.ones(window), "valid")
+    spans = times[window - 1 :] - starts[: len(times) - window + 1]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    top.plot(times[window - 1 :], sums / spans)
+    top.set_ylabel("tokens computed / s")
+    top.set_title(title)
+    bottom.stackplot(
+        times,
+        [s.device_in_use * 100 for s in steps],
+        [s.device_cached * 100 for s in steps],
+        labels=["device: held by requests", "device: reusable cache"],
+    )
+    bottom.plot(times, [s.host_in_use * 100 for s in steps], "k--", label="host: held")
+    bottom.set_ylabel("% of pages")
+    bottom.set_xlabel("seconds")
+    bottom.set_ylim(0, 100)
+    bottom.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model = load_model(args)
+    quotas = {"device_pages": args.device_pages}
+    if args.host_pages is not None:
+        quotas["host_pages"] = args.host_pages
+    cache_config = cache_config_for(model, tokens_per_block=args.tokens_per_block, **quotas)
+    scheduler = SchedulerConfig(
+        max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+        chunk_unit=args.chunk_unit, policy=SchedulerPolicy(args.policy),
+    )  # fmt: skip
+    commit_generated = not args.no_commit_generated
+    start = time.perf_counter()
+    engine = Engine(model, cache_config, scheduler, commit_generated=commit_generated)
+    warmup_s = time.perf_counter() - start
+    print(
+        f"warm-up: {engine.registry.stats.compiled} step shapes compiled in {warmup_s:.1f} s "
+        f"on {jax.devices()[0].device_kind}",
+        flush=True,
+    )
+    workload = Workload(
+        model.config.vocab_size, args.groups, args.per_group, args.system_len,
+        tuple(args.user_len), args.follow_up_fraction, args.seed,
+    )  # fmt: skip
+    params = SamplingParams(
+        max_new_tokens=args.new_tokens, temperature=args.temperature, ignore_eos=True
+    )
+    order, prompts, outputs = serve(engine, workload, params, not args.no_progress)
+    summary = engine.metrics.summary()
+    served = [
+        prompts[rid] + (list(outputs[rid].token_ids) if commit_generated else []) for rid in order
+    ]
+    summary["ideal_prefix_hit_rate"] = ideal_hit_rate([prompts[rid] for rid in order], served)
+    summary["compilations_after_warmup"] = engine.compiles.after_warmup
+    summary["warmup_s"] = warmup_s
+    summary["step_shapes"] = engine.registry.stats.compiled
+    steps = engine.metrics.steps
+    engine.shutdown()
+    report(summary)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "summary": summary,
+        "steps": [
+            {"t": s.end - steps[0].start, "tokens": s.num_tokens, "seqs": s.num_seqs,
+             "device_in_use": s.device_in_use, "device_cached": s.device_cached,
+             "host_in_use": s.host_in_use}
+            for s in steps
+        ],
+    }  # fmt: skip
+    (args.out / "serve.json").write_text(json.dumps(result, indent=2))
+    title = f"{summary['requests']} requests, {summary['output_tokens_per_s']:.0f} output tok/s"
+    plot(steps, args.out / "serve.png", title)
+    print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.png'}")
+    return result
+
+
+def report(s: dict) -> None:
+    def ms(p):
+        return "  ".join(f"{k} {v * 1e3:7.1f} ms" for k, v in p.items() if v is not None)
+
+    print(f"requests            {s['requests']} in {s['elapsed_s']:.2f} s ({s['steps']} steps)")
+    print(f"throughput          {s['output_tokens_per_s']:.1f} output tok/s, "
+          f"{s['total_tokens_per_s']:.1f} total tok/s")  # fmt: skip
+    print(f"TTFT                {ms(s['ttft_s'])}")
+    print(f"TPOT                {ms(s['tpot_s'])}")
+    hit, ideal = s["prefix_hit_rate"], s["ideal_prefix_hit_rate"]
+    print(f"prefix hit rate     {hit:.1%} (ideal {ideal:.1%})")
+    print(f"preemptions         {s['preemptions']}")
+    print(f"padding waste       {s['padding_waste']:.1%} of token rows")
+    print(f"compilations after warm-up: {s['compilations_after_warmup']}")
+
+
+if __name__ == "__main__":
+    main()

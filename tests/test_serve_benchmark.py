@@ -1,0 +1,37 @@
+"""The main job's script on a small workload: it serves every turn, and its report is measured."""
+
+import json
+
+from benchmarks.serve import main
+from benchmarks.workload import Workload, ideal_hit_rate
+
+
+def test_ideal_hit_rate_counts_prefixes_served_before_each_prompt():
+    prompts = [[1, 2, 3, 4], [1, 2, 3, 9], [5, 6], [1, 2, 3, 4, 7, 7]]
+    served = [prompts[0] + [8, 8], prompts[1], prompts[2], prompts[3]]
+    # 0: nothing before; 1: 3 shared; 2: none; 3: all of [1, 2, 3, 4] (+0 of the answer 8 8).
+    assert ideal_hit_rate(prompts, served) == (0 + 3 + 0 + 4) / 16
+    assert ideal_hit_rate([[1, 2]], [[1, 2]]) == 0.0
+
+
+def test_workload_groups_share_system_prompts():
+    turns = Workload(vocab_size=50, num_groups=2, requests_per_group=3, system_len=10).first_turns()
+    assert len(turns) == 6
+    assert turns[0].prompt[:10] == turns[2].prompt[:10] != turns[1].prompt[:10]
+
+
+def test_serve_benchmark_writes_its_report(tmp_path, compile_cache):
+    argv = [
+        "--groups", "2", "--per-group", "2", "--system-len", "40", "--user-len", "4", "12",
+        "--new-tokens", "5", "--max-batch-size", "2", "--max-num-tokens", "32",
+        "--device-pages", "24", "--tokens-per-block", "8", "--follow-up-fraction", "1.0",
+        "--out", str(tmp_path), "--no-progress",
+    ]  # fmt: skip
+    result = main(argv)
+    summary = json.loads((tmp_path / "serve.json").read_text())["summary"]
+    assert summary == json.loads(json.dumps(result["summary"]))
+    assert summary["requests"] == 8  # 4 first turns, each with a follow-up
+    assert summary["output_tokens"] == 8 * 5
+    assert summary["compilations_after_warmup"] == 0
+    assert 0 < summary["prefix_hit_rate"] <= summary["ideal_prefix_hit_rate"] + 1e-9
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
