@@ -36,8 +36,12 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
+    eos_token_ids: tuple[int, ...] = ()  # tokens that end generation (the engine's default)
 
     def __post_init__(self) -> None:
+        eos = self.eos_token_ids
+        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in eos))
         if self.head_dim is None:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
@@ -89,6 +93,7 @@ class LlamaConfig:
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             qkv_bias=model_type == "qwen2" or bias,
             o_bias=model_type != "qwen2" and bias,
+            eos_token_ids=hf.get("eos_token_id"),
         )
 
 

@@ -132,6 +132,9 @@ def save_hf_checkpoint(model: Llama, path: str | Path, *, model_type: str = "lla
         # Qwen2 always has q/k/v bias; Llama's attention_bias covers q/k/v and o together.
         "attention_bias": False if model_type == "qwen2" else c.o_bias,
     }
+    if c.eos_token_ids:
+        eos = c.eos_token_ids
+        hf_config["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)
     qwen2 = model_type == "qwen2"
     if not ((c.qkv_bias and not c.o_bias) if qwen2 else c.qkv_bias == c.o_bias):
         raise ValueError(

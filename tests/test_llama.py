@@ -156,7 +156,9 @@ def test_llama3_rope_scaling_slows_only_long_wavelengths():
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_hf_checkpoint_round_trip(tmp_path, model_type):
-    config = tiny_config(qkv_bias=True, o_bias=model_type == "llama", tie_word_embeddings=True)
+    config = tiny_config(
+        qkv_bias=True, o_bias=model_type == "llama", tie_word_embeddings=True, eos_token_ids=(7, 9)
+    )
     model = random_model(config, seed=3)
     save_hf_checkpoint(model, tmp_path, model_type=model_type)
     loaded = load_hf_checkpoint(tmp_path, dtype=jnp.float32)
@@ -267,6 +269,12 @@ def test_hf_configs_of_transformers_5_and_unsupported_options():
     assert v5.rope_theta == 500000.0 and dict(v5.rope_scaling)["factor"] == 8.0
     default = LlamaConfig.from_hf({**base, "rope_scaling": {"rope_type": "default"}})
     assert default.rope_scaling is None and default.rms_norm_eps == 1e-6
+    assert default.eos_token_ids == ()
+    assert LlamaConfig.from_hf({**base, "eos_token_id": [128001, 128009]}).eos_token_ids == (
+        128001,
+        128009,
+    )
+    assert LlamaConfig.from_hf({**base, "eos_token_id": 2}).eos_token_ids == (2,)
     assert hash(v5) != hash(default)  # hashable: usable as a static argument
     qwen2 = LlamaConfig.from_hf({**base, "model_type": "qwen2", "sliding_window": 4096})
     assert qwen2.qkv_bias and not qwen2.o_bias  # Qwen2's window is off unless asked for
