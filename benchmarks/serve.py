@@ -113,8 +113,8 @@ def plot(steps, path: Path, title: str) -> None:
     bottom.stackplot(
         times,
         [s.device_in_use * 100 for s in steps],
-        [s.device_cached * 100 for s in steps],
-        labels=["device: held by requests", "device: reusable cache"],
+        [s.device_evictable * 100 for s in steps],
+        labels=["device: held by requests", "device: evictable (cache, suspended)"],
     )
     bottom.plot(times, [s.host_in_use * 100 for s in steps], "k--", label="host: held")
     bottom.set_ylabel("% of pages")
@@ -155,8 +155,10 @@ def main(argv=None) -> dict:
     )
     order, prompts, outputs = serve(engine, workload, params, not args.no_progress)
     summary = engine.metrics.summary()
+    # The last generated token is never fed back, so its KV is never written or committed.
     served = [
-        prompts[rid] + (list(outputs[rid].token_ids) if commit_generated else []) for rid in order
+        prompts[rid] + (list(outputs[rid].token_ids[:-1]) if commit_generated else [])
+        for rid in order
     ]
     summary["ideal_prefix_hit_rate"] = ideal_hit_rate([prompts[rid] for rid in order], served)
     summary["compilations_after_warmup"] = engine.compiles.after_warmup
@@ -172,7 +174,7 @@ def main(argv=None) -> dict:
         "summary": summary,
         "steps": [
             {"t": s.end - steps[0].start, "tokens": s.num_tokens, "seqs": s.num_seqs,
-             "device_in_use": s.device_in_use, "device_cached": s.device_cached,
+             "device_in_use": s.device_in_use, "device_evictable": s.device_evictable,
              "host_in_use": s.host_in_use}
             for s in steps
         ],

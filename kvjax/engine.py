@@ -96,11 +96,14 @@ class Engine:
             self.compiles.mark_warm()
         except BaseException:
             self.manager.shutdown()
+            if hasattr(self, "compiles"):
+                self.compiles.close()
             raise
         self.metrics = EngineMetrics(self.manager)
         self._requests: dict[int, Request] = {}  # live requests in arrival order
         self._rng = np.random.default_rng(seed)
         self._next_id = 0
+        self._empty_steps = 0  # consecutive passes that scheduled nothing
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -184,11 +187,17 @@ class Engine:
         queue = list(self._requests.values())
         output = self.scheduler.schedule(queue)
         if output.is_empty:
-            raise RuntimeError(
-                f"no request of {len(queue)} could be scheduled and none suspended; "
-                f"device utilization {self.manager.tiers.utilization():.0%}: give the "
-                "KVCacheManager more device pages or a host tier, or lower max_num_tokens"
-            )
+            # Suspending requests may make room for the next pass; with nothing suspended, or
+            # after as many empty passes as there are requests, nothing can ever run.
+            self._empty_steps = self._empty_steps + 1 if output.paused_requests else len(queue) + 1
+            if self._empty_steps > len(queue):
+                raise RuntimeError(
+                    f"no request of {len(queue)} can be scheduled; device utilization "
+                    f"{self.manager.tiers.utilization():.0%}: give the KVCacheManager more "
+                    "device pages or a host tier, or lower max_num_tokens"
+                )
+            return []
+        self._empty_steps = 0
         start = time.perf_counter()
         batch = build_step_batch(output, self.manager, self.buckets)
         sampling = SamplingInputs(batch.inputs.logits_indices.shape[0])

@@ -77,10 +77,15 @@ class CacheResources:
 
     def try_allocate_generation(self, request: Request) -> bool:
         cache = request.cache
-        if not cache.is_active and not cache.resume():
+        resumed = not cache.is_active
+        if resumed and not cache.resume():
             return False
         needed = cache.history_length + 1 + request.num_draft_tokens
-        return cache.capacity >= needed or cache.resize(capacity=needed)
+        if cache.capacity >= needed or cache.resize(capacity=needed):
+            return True
+        if resumed:  # it stays paused as it was: not a new preemption
+            cache.suspend()
+        return False
 
     def suspend_request(self, request: Request) -> None:
         request.cache.suspend()

@@ -15,18 +15,20 @@ __all__ = ["SamplingInputs", "sample_tokens"]
 
 
 def _filtered(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Logits with everything outside each row's top-k and top-p set to -inf."""
+    """Logits outside each row's top-k, then outside the top-p of what remains, set to -inf;
+    rows that ask for neither come back untouched."""
     vocab = logits.shape[-1]
     ordered = jnp.sort(logits, axis=-1)[:, ::-1]  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(ordered, (k - 1)[:, None], axis=-1)
-    probs = jax.nn.softmax(ordered, axis=-1)
+    in_top_k = jnp.arange(vocab)[None, :] < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
-    # The smallest prefix reaching top_p: keep a token while what ranks above is below top_p.
-    kept = jnp.where(before < top_p[:, None], ordered, jnp.inf)
-    pth = jnp.min(kept, axis=-1, keepdims=True)
-    threshold = jnp.maximum(kth, pth)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+    # The smallest prefix reaching top_p (the first token always stays).
+    kept = in_top_k & (before < top_p[:, None])
+    num_kept = jnp.maximum(jnp.sum(kept, axis=-1), 1)
+    threshold = jnp.take_along_axis(ordered, (num_kept - 1)[:, None], axis=-1)
+    wants = ((top_k > 0) | (top_p < 1.0))[:, None]
+    return jnp.where(wants & (logits < threshold), -jnp.inf, logits)
 
 
 @jax.jit

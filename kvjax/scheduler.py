@@ -66,6 +66,11 @@ class SchedulerConfig:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), minimum=1)
         check_int("chunk_unit", self.chunk_unit, minimum=1)
+        if self.enable_chunked_prefill and self.chunk_unit > self.context_limit:
+            raise ValueError(
+                f"chunk_unit={self.chunk_unit} exceeds the per-step prompt limit "
+                f"{self.context_limit} (max_num_tokens / max_context_length): no chunk would fit"
+            )
         if not isinstance(self.policy, SchedulerPolicy):
             raise ValueError(f"policy={self.policy!r} is not a SchedulerPolicy")
 
@@ -183,6 +188,9 @@ class Scheduler:
         self.config = config
         self.cache = cache
         self.lora_pages = dict(lora_pages or {})
+        limit = config.max_lora_pages
+        for lora_id, pages in self.lora_pages.items():
+            check_int(f"lora_pages[{lora_id}]", pages, minimum=0, maximum=limit)
 
     def schedule(
         self, requests: Sequence[Request], inflight_ids: Collection[int] = ()

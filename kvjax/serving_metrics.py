@@ -23,7 +23,7 @@ class StepRecord:
     num_generated: int  # tokens sampled into outputs
     num_paused: int  # requests the scheduler suspended
     device_in_use: float  # fraction of device pages held by requests
-    device_cached: float  # fraction of device pages holding only reusable cache
+    device_evictable: float  # fraction of device pages that may go: cache, suspended requests
     host_in_use: float  # fraction of host pages held (0 without a host tier)
 
 
@@ -41,13 +41,13 @@ class EngineMetrics:
     def record_step(self, start, end, batch, output, num_generated: int) -> None:
         tiers = self._tiers
         num_device = tiers.num_pages(Tier.DEVICE)
-        cached = tiers.num_evictable(Tier.DEVICE) / num_device
+        evictable = tiers.num_evictable(Tier.DEVICE) / num_device
         host = tiers.utilization(Tier.HOST) if Tier.HOST in tiers.tiers else 0.0
         record = StepRecord(
             start=start, end=end, num_seqs=len(batch.requests), num_tokens=batch.num_tokens,
             num_padded_tokens=int(batch.inputs.tokens.shape[0]), num_generated=num_generated,
             num_paused=len(output.paused_requests), device_in_use=tiers.utilization(),
-            device_cached=cached, host_in_use=host,
+            device_evictable=evictable, host_in_use=host,
         )  # fmt: skip
         self.steps.append(record)
 

@@ -95,6 +95,7 @@ def ctx(rid, length=8, lora_id=None, drafts=0, position=0):
 
 def schedule(requests, cache=None, lora_pages=None, **config):
     cache = cache or FakeCache()
+    config.setdefault("chunk_unit", 1)
     scheduler = Scheduler(SchedulerConfig(**config), cache, lora_pages)
     return scheduler.schedule(requests)
 
@@ -238,8 +239,11 @@ def test_chunk_sizes():
     assert chunks(30, max_num_tokens=10) == [(0, 8, False)]  # budget, rounded down to the unit
     assert chunks(30, position=24, max_num_tokens=10) == [(0, 6, True)]  # the last: unrounded
     assert chunks(30, max_num_tokens=32, max_context_length=12) == [(0, 12, False)]
-    assert chunks(30, max_num_tokens=3) == []  # less than one unit: skipped
-    assert chunks(2, max_num_tokens=3) == [(0, 2, True)]  # unless the whole prompt fits
+    with pytest.raises(ValueError, match="chunk_unit=4 exceeds the per-step prompt limit 3"):
+        SchedulerConfig(max_num_tokens=3, chunk_unit=4)  # no chunk could ever fit
+    # Less than one unit left: skipped, unless the whole prompt fits.
+    out = schedule([gen(5), gen(6), ctx(0, 2), ctx(1, 30)], max_num_tokens=5, chunk_unit=4)
+    assert ctx_ids(out) == [(0, 2, True)]
     out = schedule([ctx(0, 6), ctx(1, 30), ctx(2, 30)], max_num_tokens=16, chunk_unit=4)
     assert ctx_ids(out) == [(1, 8, False), (0, 6, True)]  # share the budget; 2 gets < 1 unit
 
@@ -335,6 +339,11 @@ def test_deadlock_raises_with_what_to_change_but_eviction_is_progress():
 def test_a_thousand_generation_requests():
     out = schedule([gen(i) for i in range(1000)], max_batch_size=512, max_num_tokens=None)
     assert len(out.generation_requests) == 512
+
+
+def test_an_adapter_larger_than_the_lora_budget_is_refused():
+    with pytest.raises(ValueError, match=r"lora_pages\[1\]=5 must be in \[0, 4\]"):
+        Scheduler(SchedulerConfig(max_lora_pages=4), FakeCache(), {1: 5})
 
 
 def test_bad_scheduler_config_is_refused():
