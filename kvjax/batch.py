@@ -21,7 +21,6 @@ class StepBatch:
     requests: list[Request]  # row order: context chunks, then generation
     chunk_sizes: list[int]  # prompt tokens per context row; 0 for generation rows
     inputs: StepInputs  # padded to a bucket key
-    num_tokens: int  # real tokens (before padding)
 
 
 def build_step_batch(
@@ -57,4 +56,4 @@ def build_step_batch(
         num_seqs=np.array([num_seqs], np.int32),
         logits_indices=cu_q_lens[1:] - 1,
     )
-    return StepBatch(requests, chunk_sizes, inputs.padded(key, manager.max_blocks), num_tokens)
+    return StepBatch(requests, chunk_sizes, inputs.padded(key, manager.max_blocks))

@@ -8,12 +8,14 @@ as cache). Every step shape is compiled at construction; serving never compiles.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from kvjax.batch import build_step_batch
 from kvjax.config import CacheConfig
@@ -152,7 +154,7 @@ class Engine:
             raise ValueError(f"request_id={request_id} is already live")
         self._next_id = max(self._next_id, request_id + 1)
         if params.seed is None:
-            params = _with_seed(params, int(self._rng.integers(2**32)))
+            params = dataclasses.replace(params, seed=int(self._rng.integers(2**32)))
         request = Request(
             request_id, prompt, params, lora_id=lora_id, salt=salt, priority=priority,
             multimodal_items=tuple(multimodal_items), key_tokens=key_tokens,
@@ -284,8 +286,6 @@ class Engine:
                 self.abort(request_id)
             raise
         wanted, outputs = set(ids), {}
-        from tqdm.auto import tqdm  # only the blocking helper shows progress
-
         with tqdm(total=len(ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
             while len(outputs) < len(ids):
                 for output in self.step():
@@ -308,9 +308,3 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)

@@ -10,7 +10,7 @@ from kvjax.config import CacheConfig
 from kvjax.manager import KVCacheManager
 from kvjax.sampling import sample_tokens
 from kvjax.scheduler import SchedulerConfig
-from kvjax.step import BucketKey, Buckets, StepInputs, StepRegistry, allow_compile
+from kvjax.step import Buckets, StepInputs, StepRegistry, allow_compile
 
 __all__ = [
     "CompileCounter",
@@ -73,18 +73,6 @@ def default_buckets(config: SchedulerConfig, min_tokens: int = 16) -> Buckets:
     return Buckets(batch_sizes, _powers_of_two(low, config.max_num_tokens))
 
 
-def _example(key: BucketKey, max_blocks: int) -> StepInputs:
-    """Inputs of `key`'s shapes (warm-up compiles from shapes; the values are never run)."""
-    return StepInputs(
-        tokens=np.zeros(key.num_tokens, np.int32),
-        page_table=np.zeros((key.num_seqs, max_blocks), np.int32),
-        kv_lens=np.zeros(key.num_seqs, np.int32),
-        cu_q_lens=np.zeros(key.num_seqs + 1, np.int32),
-        num_seqs=np.zeros(1, np.int32),
-        logits_indices=np.zeros(key.num_logits, np.int32),
-    )
-
-
 def warm_up(
     registry: StepRegistry,
     params,
@@ -103,7 +91,10 @@ def warm_up(
     buckets.pad(min(config.max_batch_size, max_tokens), max_tokens)  # raises if none holds it
     with allow_compile():
         registry.warmup(
-            params, manager.pool, lambda key: _example(key, manager.max_blocks), buckets.keys
+            params,
+            manager.pool,
+            lambda key: StepInputs.placeholder(key, manager.max_blocks),
+            buckets.keys,
         )
         vocab = manager.config.vocab_size
         for rows in sorted({key.num_logits for key in buckets.keys}):

@@ -44,7 +44,7 @@ class EngineMetrics:
         evictable = tiers.num_evictable(Tier.DEVICE) / num_device
         host = tiers.utilization(Tier.HOST) if Tier.HOST in tiers.tiers else 0.0
         record = StepRecord(
-            start=start, end=end, num_seqs=len(batch.requests), num_tokens=batch.num_tokens,
+            start=start, end=end, num_seqs=len(batch.requests), num_tokens=output.num_tokens,
             num_padded_tokens=int(batch.inputs.tokens.shape[0]), num_generated=num_generated,
             num_paused=len(output.paused_requests), device_in_use=tiers.utilization(),
             device_evictable=evictable, host_in_use=host,
@@ -53,10 +53,6 @@ class EngineMetrics:
 
     def record_finished(self, output: RequestOutput) -> None:
         self.finished.append(output)
-
-    def reset(self) -> None:
-        self.steps.clear()
-        self.finished.clear()
 
     def summary(self) -> dict:
         """Figures over the recorded steps and finished requests."""

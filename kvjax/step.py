@@ -160,6 +160,18 @@ class StepInputs:
             logits_indices=np.pad(np.asarray(self.logits_indices), (0, extra_logits)),
         )
 
+    @classmethod
+    def placeholder(cls, key: BucketKey, max_blocks: int) -> StepInputs:
+        """Zero inputs of `key`'s shapes, for compiling from shapes (never meant to run)."""
+        return cls(
+            tokens=np.zeros(key.num_tokens, np.int32),
+            page_table=np.zeros((key.num_seqs, max_blocks), np.int32),
+            kv_lens=np.zeros(key.num_seqs, np.int32),
+            cu_q_lens=np.zeros(key.num_seqs + 1, np.int32),
+            num_seqs=np.zeros(1, np.int32),
+            logits_indices=np.zeros(key.num_logits, np.int32),
+        )
+
     def shape_structs(self) -> StepInputs:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.int32), self)
 

@@ -198,14 +198,7 @@ def test_served_model_steps_never_compile_and_keep_the_pool_in_place():
     seqs = Sequences(2, rng)
 
     def example(key):
-        return StepInputs(
-            tokens=np.zeros(key.num_tokens, np.int32),
-            page_table=np.zeros((key.num_seqs, MAX_BLOCKS), np.int32),
-            kv_lens=np.zeros(key.num_seqs, np.int32),
-            cu_q_lens=np.zeros(key.num_seqs + 1, np.int32),
-            num_seqs=np.zeros(1, np.int32),
-            logits_indices=np.zeros(key.num_logits, np.int32),
-        )
+        return StepInputs.placeholder(key, MAX_BLOCKS)
 
     with allow_compile():
         registry.warmup(params, pool, example, buckets.keys)
