@@ -16,18 +16,27 @@ __all__ = ["StepBatch", "build_step_batch"]
 
 @dataclasses.dataclass(frozen=True)
 class StepBatch:
-    """One step's sequences in row order and their padded inputs."""
+    """One step's sequences in row order, their padded inputs and what verification needs.
+
+    The step returns `1 + W` logit rows per sequence (`W = key.logits_per_seq - 1`): row
+    `r * (1 + W) + j` scores the token after the j-th draft of sequence r (a context row uses
+    j = 0 only).
+    """
 
     requests: list[Request]  # row order: context chunks, then generation
     chunk_sizes: list[int]  # prompt tokens per context row; 0 for generation rows
     inputs: StepInputs  # padded to a bucket key
+    draft_len: int  # every generation row's drafts are padded to this many tokens
+    draft_tokens: np.ndarray  # int32[num_seqs_bucket, W]: real drafts, then padding 0
+    num_drafts: np.ndarray  # int32[num_seqs_bucket]: real drafts per row (0 for context)
 
 
 def build_step_batch(
-    output: SchedulerOutput, manager: KVCacheManager, buckets: Buckets
+    output: SchedulerOutput, manager: KVCacheManager, buckets: Buckets, draft_len: int = 0
 ) -> StepBatch:
-    """Packs the scheduled sequences back to back: each context request's chunk of its prompt,
-    each generation request's last sampled token; the logit row of each is its last token."""
+    """Packs the scheduled sequences back to back: each context request's chunk of its prompt;
+    each generation request's last sampled token, its drafts and padding up to `draft_len`
+    (whose KV lands in the request's own pages: capacity was extended to cover it)."""
     requests: list[Request] = []
     chunk_sizes: list[int] = []
     pieces: list[np.ndarray] = []
@@ -39,21 +48,45 @@ def build_step_batch(
         requests.append(request)
         chunk_sizes.append(scheduled.chunk_size)
         kv_lens.append(end)
+    num_context = len(requests)
     for request in output.generation_requests:
-        pieces.append(np.asarray(request.output_token_ids[-1:], np.int32))
+        drafts = request.draft_tokens
+        if len(drafts) > draft_len:
+            raise ValueError(
+                f"request {request.request_id} has {len(drafts)} drafts > draft_len={draft_len}"
+            )
+        padding = [0] * (draft_len - len(drafts))
+        pieces.append(np.asarray([*request.output_token_ids[-1:], *drafts, *padding], np.int32))
         requests.append(request)
         chunk_sizes.append(0)
-        kv_lens.append(request.cache.history_length + 1)
+        kv_lens.append(request.cache.history_length + 1 + draft_len)
     q_lens = np.array([len(piece) for piece in pieces], np.int32)
     cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     num_seqs, num_tokens = len(requests), int(cu_q_lens[-1])
-    key = buckets.pad(num_seqs, num_tokens)
+    key = buckets.pad(num_seqs, num_tokens, num_seqs * (1 + draft_len), draft_len=draft_len)
+    width = key.logits_per_seq
+    logits_indices = np.zeros((key.num_seqs, width), np.int32)
+    logits_indices[:num_context, 0] = cu_q_lens[1 : num_context + 1] - 1
+    positions = cu_q_lens[num_context:-1, None] + np.arange(1 + draft_len)
+    logits_indices[num_context:num_seqs, : 1 + draft_len] = positions
+    draft_tokens = np.zeros((key.num_seqs, width - 1), np.int32)
+    num_drafts = np.zeros(key.num_seqs, np.int32)
+    for row, request in enumerate(requests[num_context:], start=num_context):
+        draft_tokens[row, : request.num_draft_tokens] = request.draft_tokens
+        num_drafts[row] = request.num_draft_tokens
     inputs = StepInputs(
         tokens=np.concatenate(pieces),
         page_table=manager.page_table([r.cache for r in requests], num_seqs),
         kv_lens=np.array(kv_lens, np.int32),
         cu_q_lens=cu_q_lens,
         num_seqs=np.array([num_seqs], np.int32),
-        logits_indices=cu_q_lens[1:] - 1,
+        logits_indices=logits_indices.reshape(-1),
     )
-    return StepBatch(requests, chunk_sizes, inputs.padded(key, manager.max_blocks))
+    return StepBatch(
+        requests,
+        chunk_sizes,
+        inputs.padded(key, manager.max_blocks),
+        draft_len,
+        draft_tokens,
+        num_drafts,
+    )

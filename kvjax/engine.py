@@ -19,7 +19,13 @@ from tqdm.auto import tqdm
 
 from kvjax.batch import build_step_batch
 from kvjax.config import CacheConfig
-from kvjax.engine_setup import CompileCounter, check_model_geometry, default_buckets, warm_up
+from kvjax.engine_setup import (
+    CompileCounter,
+    check_model_geometry,
+    check_speculative,
+    default_buckets,
+    warm_up,
+)
 from kvjax.manager import KVCacheManager
 from kvjax.multimodal import MultimodalItem, splice_multimodal_tokens
 from kvjax.request import FinishReason, Request, RequestOutput, RequestState, SamplingParams
@@ -27,6 +33,7 @@ from kvjax.resources import CacheResources
 from kvjax.sampling import SamplingInputs
 from kvjax.scheduler import Scheduler, SchedulerConfig
 from kvjax.serving_metrics import EngineMetrics
+from kvjax.speculative import DraftPlanner, SpeculativeConfig
 from kvjax.step import Buckets, StepRegistry
 
 __all__ = ["Engine"]
@@ -52,6 +59,8 @@ class Engine:
             config's `eos_token_ids`, if any).
         impl, interpret: kernel choice (default Pallas on a GPU, XLA elsewhere).
         seed: draws the seeds of requests that give none.
+        speculative: a drafter and draft lengths; each step then verifies every generation
+            request's drafts (padded to the step's draft length) in one ragged step.
     """
 
     def __init__(
@@ -69,6 +78,7 @@ class Engine:
         impl: str | None = None,
         interpret: bool | None = None,
         seed: int = 0,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         check_model_geometry(model, cache_config)
@@ -76,13 +86,25 @@ class Engine:
         if eos_token_ids is None:
             eos_token_ids = getattr(model.config, "eos_token_ids", ())
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.buckets = buckets or default_buckets(self.scheduler_config)
-        self.manager = KVCacheManager(cache_config, max_seq_len=max_seq_len)
+        self.speculative = speculative
+        draft_lengths = check_speculative(speculative, self.scheduler_config)
+        self.buckets = buckets or default_buckets(self.scheduler_config, draft_lengths)
+        missing = sorted(set(draft_lengths) - set(self.buckets.draft_lengths))
+        if missing:
+            raise ValueError(
+                f"draft lengths {missing} of the speculative config are not in "
+                f"buckets.draft_lengths={self.buckets.draft_lengths}"
+            )
+        max_draft = draft_lengths[-1]
+        self.manager = KVCacheManager(
+            cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft
+        )
         try:
             self.resources = CacheResources(
                 self.manager,
                 enable_block_reuse=enable_block_reuse,
                 commit_generated=commit_generated,
+                max_draft_tokens=max_draft,
             )
             self.lora_pages = dict(lora_pages or {})
             self.scheduler = Scheduler(self.scheduler_config, self.resources, self.lora_pages)
@@ -102,6 +124,9 @@ class Engine:
                 self.compiles.close()
             raise
         self.metrics = EngineMetrics(self.manager)
+        self._drafting = speculative and DraftPlanner(
+            speculative, self.resources, self.scheduler_config.max_batch_size, self.vocab_size
+        )
         self._requests: dict[int, Request] = {}  # live requests in arrival order
         self._rng = np.random.default_rng(seed)
         self._next_id = 0
@@ -168,7 +193,7 @@ class Engine:
         request = self._requests.pop(request_id, None)
         if request is None:
             raise ValueError(f"request_id={request_id} is not live")
-        self.resources.free(request)
+        self._release(request)
         request.state = RequestState.COMPLETE
         return request.output()
 
@@ -187,7 +212,11 @@ class Engine:
         if not self._requests:
             return []
         queue = list(self._requests.values())
-        output = self.scheduler.schedule(queue)
+        drafting = self._drafting
+        draft_len = drafting.propose(queue) if drafting else 0
+        output = self.scheduler.schedule(queue, padded_draft_len=draft_len)
+        if drafting:
+            output = drafting.extend_for_padding(output, draft_len)
         if output.is_empty:
             # Suspending requests may make room for the next pass; with nothing suspended, or
             # after as many empty passes as there are requests, nothing can ever run.
@@ -201,16 +230,17 @@ class Engine:
             return []
         self._empty_steps = 0
         start = time.perf_counter()
-        batch = build_step_batch(output, self.manager, self.buckets)
-        sampling = SamplingInputs(batch.inputs.logits_indices.shape[0])
+        batch = build_step_batch(output, self.manager, self.buckets, draft_len)
+        key = batch.inputs.key
+        sampling = SamplingInputs(key.num_seqs)
         for row, request in enumerate(batch.requests):
             params = request.sampling_params
             sampling.set_row(row, params, params.seed, len(request.output_token_ids))
         logits, self.manager.pool = self.registry(self._params, self.manager.pool, batch.inputs)
-        sampled = sampling.sample(logits)
+        accepted, tokens = sampling.verify(logits, batch.draft_tokens, batch.num_drafts)
         now = time.perf_counter()
         finished: list[RequestOutput] = []
-        num_generated = 0
+        num_generated = num_accepted = 0
         for row, request in enumerate(batch.requests):
             chunk = batch.chunk_sizes[row]
             if chunk:
@@ -221,12 +251,22 @@ class Engine:
                     continue  # a non-last chunk: its logit row is not a token
                 request.state = RequestState.GENERATION_IN_PROGRESS
                 request.metrics.first_token_time = now
+                new_tokens = tokens[row, :1]
             else:
-                self.resources.tokens_computed(request, request.output_token_ids[-1:])
-            num_generated += 1
-            if self._append_token(request, int(sampled[row])):
-                finished.append(self._finish(request, now))
-        self.metrics.record_step(start, now, batch, output, num_generated)
+                # The input token and the accepted drafts have KV; the rest is rewound.
+                n = int(accepted[row])
+                computed = [*request.output_token_ids[-1:], *request.draft_tokens[:n]]
+                self.resources.tokens_computed(request, computed, num_rejected=draft_len - n)
+                new_tokens = tokens[row, : n + 1]
+                num_accepted += n
+            for token in new_tokens:
+                num_generated += 1
+                if self._append_token(request, int(token)):
+                    finished.append(self._finish(request, now))
+                    break
+        for request in queue:
+            request.draft_tokens = []
+        self.metrics.record_step(start, now, batch, output, num_generated, num_accepted)
         return finished
 
     def _append_token(self, request: Request, token: int) -> bool:
@@ -246,13 +286,18 @@ class Engine:
 
     def _finish(self, request: Request, now: float) -> RequestOutput:
         request.state = RequestState.GENERATION_TO_COMPLETE
-        self.resources.free(request)
+        self._release(request)
         request.state = RequestState.COMPLETE
         request.metrics.finish_time = now
         del self._requests[request.request_id]
         output = request.output()
         self.metrics.record_finished(output)
         return output
+
+    def _release(self, request: Request) -> None:
+        self.resources.free(request)
+        if self._drafting:
+            self._drafting.drafter.release(request)
 
     def generate(
         self,
@@ -300,6 +345,8 @@ class Engine:
         """Aborts live requests and releases the cache. Idempotent."""
         for request_id in list(self._requests):
             self.abort(request_id)
+        if self._drafting:
+            self._drafting.drafter.shutdown()
         self.manager.shutdown()
         self.compiles.close()
 

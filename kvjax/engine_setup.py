@@ -8,14 +8,16 @@ import numpy as np
 
 from kvjax.config import CacheConfig
 from kvjax.manager import KVCacheManager
-from kvjax.sampling import sample_tokens
+from kvjax.sampling import verify_tokens
 from kvjax.scheduler import SchedulerConfig
+from kvjax.speculative import SpeculativeConfig
 from kvjax.step import Buckets, StepInputs, StepRegistry, allow_compile
 
 __all__ = [
     "CompileCounter",
     "cache_config_for",
     "check_model_geometry",
+    "check_speculative",
     "default_buckets",
     "warm_up",
 ]
@@ -63,14 +65,32 @@ def _powers_of_two(low: int, high: int) -> list[int]:
     return [*sizes, high]
 
 
-def default_buckets(config: SchedulerConfig, min_tokens: int = 16) -> Buckets:
+def check_speculative(
+    speculative: SpeculativeConfig | None, config: SchedulerConfig
+) -> tuple[int, ...]:
+    """The draft lengths steps may pad to ((0,) without speculation); raises when a step
+    budget cannot hold one request's verification row."""
+    if speculative is None:
+        return (0,)
+    if not isinstance(speculative, SpeculativeConfig):
+        raise ValueError(f"speculative={speculative!r} is not a SpeculativeConfig")
+    most = speculative.max_draft_tokens
+    if config.max_num_tokens is not None and config.max_num_tokens < 1 + most:
+        raise ValueError(
+            f"max_num_tokens={config.max_num_tokens} cannot hold one verification row of "
+            f"1 + max_draft_tokens={most} tokens"
+        )
+    return speculative.draft_lengths
+
+
+def default_buckets(config: SchedulerConfig, draft_lengths=(0,), min_tokens: int = 16) -> Buckets:
     """Batch sizes: powers of two up to `max_batch_size`, and it; token counts: powers of two
-    from `min_tokens` up to `max_num_tokens`, and it."""
+    from `min_tokens` up to `max_num_tokens`, and it; `draft_lengths` as given."""
     if config.max_num_tokens is None:
         raise ValueError("the engine needs SchedulerConfig.max_num_tokens to size its buckets")
     batch_sizes = _powers_of_two(1, config.max_batch_size)
     low = min(min_tokens, config.max_num_tokens)
-    return Buckets(batch_sizes, _powers_of_two(low, config.max_num_tokens))
+    return Buckets(batch_sizes, _powers_of_two(low, config.max_num_tokens), draft_lengths)
 
 
 def warm_up(
@@ -80,7 +100,7 @@ def warm_up(
     buckets: Buckets,
     config: SchedulerConfig,
 ) -> None:
-    """Compiles every bucket's step, the sampler for each logit-row count and the page moves.
+    """Compiles every bucket's step, the sampler for each logit layout and the page moves.
 
     Raises:
         ValueError: the buckets cannot hold a full step of `config`.
@@ -97,11 +117,14 @@ def warm_up(
             buckets.keys,
         )
         vocab = manager.config.vocab_size
-        for rows in sorted({key.num_logits for key in buckets.keys}):
+        for rows, width in sorted({(k.num_seqs, k.logits_per_seq) for k in buckets.keys}):
             zeros = np.zeros(rows, np.float32)
             ints = np.zeros(rows, np.int32)
-            logits = jax.device_put(np.zeros((rows, vocab), np.float32))
-            sample_tokens(logits, zeros, ints, zeros + 1, ints.astype(np.uint32), ints)
+            logits = jax.device_put(np.zeros((rows * width, vocab), np.float32))
+            drafts = np.zeros((rows, width - 1), np.int32)
+            verify_tokens(
+                logits, drafts, ints, zeros, ints, zeros + 1, ints.astype(np.uint32), ints
+            )
         manager.storage.warmup()
 
 

@@ -8,6 +8,7 @@ so its KV is never taken from the tree. Host side: imports no JAX.
 
 from __future__ import annotations
 
+from kvjax.checks import check_int
 from kvjax.kv_cache import CommitState
 from kvjax.manager import KVCacheManager
 from kvjax.request import Request
@@ -22,6 +23,8 @@ class CacheResources:
         manager: the pages.
         enable_block_reuse: look prompts up in the radix tree and commit them to it.
         commit_generated: also commit generated tokens (a follow-up turn then reuses them).
+        max_draft_tokens: the most draft tokens a step pads to; a whole-lifetime reservation
+            (GUARANTEED_NO_EVICT) includes them, so padding never needs pages it lacks.
     """
 
     def __init__(
@@ -30,10 +33,15 @@ class CacheResources:
         *,
         enable_block_reuse: bool = True,
         commit_generated: bool = False,
+        max_draft_tokens: int = 0,
     ) -> None:
         self.manager = manager
         self.enable_block_reuse = enable_block_reuse
         self.commit_generated = commit_generated and enable_block_reuse
+        self.max_draft_tokens = check_int("max_draft_tokens", max_draft_tokens, minimum=0)
+        # Draft tokens each generation request was grown by this step, until the padding
+        # extension pops it (the reference's `_allocated_draft_lens`).
+        self._allocated_draft_lens: dict[int, int] = {}
 
     @property
     def max_tokens(self) -> int:
@@ -63,6 +71,8 @@ class CacheResources:
     def resize_context(self, request: Request, num_tokens: int, reserve_tokens: int = 0) -> bool:
         cache = request.cache
         wanted = request.context_position + num_tokens
+        if reserve_tokens:
+            reserve_tokens += self.max_draft_tokens
         capacity = max(cache.capacity, wanted, min(reserve_tokens, self.max_tokens))
         if cache.resize(capacity=capacity):
             return True
@@ -82,12 +92,39 @@ class CacheResources:
             return False
         needed = cache.history_length + 1 + request.num_draft_tokens
         if cache.capacity >= needed or cache.resize(capacity=needed):
+            self._allocated_draft_lens[request.request_id] = request.num_draft_tokens
             return True
         if resumed:  # it stays paused as it was: not a new preemption
             cache.suspend()
         return False
 
+    def extend_capacity_for_tokens(self, request: Request, padded_draft_len: int) -> bool:
+        """Grows a scheduled generation request by exactly the draft padding of this step
+        (`padded_draft_len` minus the drafts it was grown by), so the rewind computed from the
+        padded length never goes below history. Once per step: the record is popped.
+
+        Returns:
+            False, with nothing changed, when the device cannot hold the padding.
+
+        Raises:
+            ValueError: the request was not grown this step, or has more drafts than the pad.
+        """
+        allocated = self._allocated_draft_lens.pop(request.request_id, None)
+        if allocated is None:
+            raise ValueError(f"request {request.request_id} was not grown for generation this step")
+        if padded_draft_len < allocated:
+            raise ValueError(
+                f"padded_draft_len={padded_draft_len} is below the {allocated} draft tokens "
+                f"request {request.request_id} was grown by"
+            )
+        cache = request.cache
+        if cache.resize(capacity=cache.capacity + padded_draft_len - allocated):
+            return True
+        self._allocated_draft_lens[request.request_id] = allocated
+        return False
+
     def suspend_request(self, request: Request) -> None:
+        self._allocated_draft_lens.pop(request.request_id, None)
         request.cache.suspend()
         request.metrics.num_preemptions += 1
 
@@ -110,16 +147,22 @@ class CacheResources:
         if end == request.prompt_length and not self.commit_generated:
             cache.stop_committing()
 
-    def tokens_computed(self, request: Request, tokens: list[int]) -> None:
-        """Generated `tokens` have KV now (the input tokens of a generation step)."""
+    def tokens_computed(self, request: Request, tokens: list[int], num_rejected: int = 0) -> None:
+        """Generated `tokens` have KV now (the input token of a generation step and the drafts
+        accepted after it); the `num_rejected` draft positions past them (padding included)
+        are rewound by shrinking capacity, which frees their trailing blocks."""
         cache = request.cache
+        self._allocated_draft_lens.pop(request.request_id, None)
         if self.commit_generated and self._committing(request):
             cache.commit(tokens)
         else:
             cache.resize(history_length=cache.history_length + len(tokens))
+        if num_rejected:
+            cache.resize(capacity=cache.capacity - num_rejected)
 
     def free(self, request: Request) -> None:
         """Closes the cache: committed blocks stay in the tree as reusable cache."""
+        self._allocated_draft_lens.pop(request.request_id, None)
         if request.cache is not None:
             request.cache.close()
             request.cache = None

@@ -193,9 +193,16 @@ class Scheduler:
             check_int(f"lora_pages[{lora_id}]", pages, minimum=0, maximum=limit)
 
     def schedule(
-        self, requests: Sequence[Request], inflight_ids: Collection[int] = ()
+        self,
+        requests: Sequence[Request],
+        inflight_ids: Collection[int] = (),
+        padded_draft_len: int = 0,
     ) -> SchedulerOutput:
         """One pass over the queue (arrival order; earlier requests win memory).
+
+        `padded_draft_len`: the step pads every generation request's drafts to this many
+        tokens (a compiled shape), so each is charged `1 + max(drafts, padded_draft_len)`
+        tokens; KV is still grown by `1 + drafts` (the padding extends it after scheduling).
 
         Raises:
             RuntimeError: a deadlock: started requests exist, none could be scheduled or grown,
@@ -205,7 +212,10 @@ class Scheduler:
         for request in requests:
             if request.state is RequestState.GENERATION_TO_COMPLETE:
                 budget.pre_claim_lora(request.lora_id)
-        generation, deferred, paused, stuck = self._generation_phase(requests, inflight_ids, budget)
+        check_int("padded_draft_len", padded_draft_len, minimum=0)
+        generation, deferred, paused, stuck = self._generation_phase(
+            requests, inflight_ids, budget, padded_draft_len
+        )
         context = self._context_phase(deferred, budget)
         if stuck and not generation and not context:
             raise RuntimeError(
@@ -218,10 +228,10 @@ class Scheduler:
         num_tokens = sum(
             c.chunk_size + c.is_last_chunk * c.request.num_draft_tokens for c in context
         )
-        num_tokens += sum(1 + r.num_draft_tokens for r in generation)
+        num_tokens += sum(1 + max(r.num_draft_tokens, padded_draft_len) for r in generation)
         return SchedulerOutput(context, generation, paused, num_tokens)
 
-    def _generation_phase(self, requests, inflight_ids, budget: BudgetTracker):
+    def _generation_phase(self, requests, inflight_ids, budget: BudgetTracker, padded_draft_len):
         cache, no_evict = self.cache, self.config.policy is SchedulerPolicy.GUARANTEED_NO_EVICT
         generation: list[Request] = []
         deferred: list[Request] = []
@@ -241,7 +251,7 @@ class Scheduler:
             lora_pages = budget.lora_pages_needed(request.lora_id)
             if lora_pages is None:
                 break
-            num_tokens = 1 + request.num_draft_tokens
+            num_tokens = 1 + max(request.num_draft_tokens, padded_draft_len)
             if num_tokens > budget.tokens_left:
                 break
             while not cache.try_allocate_generation(request):

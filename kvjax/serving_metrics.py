@@ -21,6 +21,9 @@ class StepRecord:
     num_tokens: int  # real tokens computed
     num_padded_tokens: int  # tokens of the bucket it ran in
     num_generated: int  # tokens sampled into outputs
+    num_drafted: int  # draft tokens proposed (padding excluded)
+    num_accepted: int  # draft tokens the target accepted
+    num_verified_seqs: int  # generation rows (each emits 1 + its accepted drafts)
     num_paused: int  # requests the scheduler suspended
     device_in_use: float  # fraction of device pages held by requests
     device_evictable: float  # fraction of device pages that may go: cache, suspended requests
@@ -38,7 +41,9 @@ class EngineMetrics:
         self.steps: list[StepRecord] = []
         self.finished: list[RequestOutput] = []
 
-    def record_step(self, start, end, batch, output, num_generated: int) -> None:
+    def record_step(
+        self, start, end, batch, output, num_generated: int, num_accepted: int = 0
+    ) -> None:
         tiers = self._tiers
         num_device = tiers.num_pages(Tier.DEVICE)
         evictable = tiers.num_evictable(Tier.DEVICE) / num_device
@@ -46,6 +51,8 @@ class EngineMetrics:
         record = StepRecord(
             start=start, end=end, num_seqs=len(batch.requests), num_tokens=output.num_tokens,
             num_padded_tokens=int(batch.inputs.tokens.shape[0]), num_generated=num_generated,
+            num_drafted=int(batch.num_drafts.sum()), num_accepted=num_accepted,
+            num_verified_seqs=len(output.generation_requests),
             num_paused=len(output.paused_requests), device_in_use=tiers.utilization(),
             device_evictable=evictable, host_in_use=host,
         )  # fmt: skip
@@ -63,6 +70,10 @@ class EngineMetrics:
         reused = sum(o.metrics.num_reused_tokens for o in done)
         computed = sum(s.num_tokens for s in steps)
         padded = sum(s.num_padded_tokens for s in steps)
+        drafted = sum(s.num_drafted for s in steps)
+        accepted = sum(s.num_accepted for s in steps)
+        decode_steps = [s for s in steps if s.num_verified_seqs]
+        verified = sum(s.num_verified_seqs for s in decode_steps)
         return {
             "requests": len(done),
             "steps": len(steps),
@@ -76,4 +87,8 @@ class EngineMetrics:
             "prefix_hit_rate": reused / prompt if prompt else 0.0,
             "preemptions": sum(o.metrics.num_preemptions for o in done),
             "padding_waste": 1 - computed / padded if padded else 0.0,
+            "draft_tokens": drafted,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            # Tokens a generation request gains per step it is verified in (1 without drafts).
+            "tokens_per_step": (verified + accepted) / verified if verified else 0.0,
         }

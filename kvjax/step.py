@@ -51,6 +51,11 @@ class BucketKey:
     num_tokens: int
     num_logits: int  # rows of logits: one per sequence, or every row of a verification step
 
+    @property
+    def logits_per_seq(self) -> int:
+        """Logit rows of each sequence when a step lays them out per sequence (1 + drafts)."""
+        return self.num_logits // self.num_seqs
+
 
 def _sorted_sizes(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
     sizes = tuple(sorted({check_int(name, value, minimum=minimum) for value in values}))
@@ -66,7 +71,9 @@ class Buckets:
         batch_sizes: sequence counts a step may be padded to.
         token_counts: token counts of mixed or prefill steps.
         draft_lengths: draft tokens per sequence of decode steps; each adds the exact decode
-            shapes `(b, b * (1 + draft))` so verification rows need no token padding.
+            shapes `(b, b * (1 + draft))` so verification rows need no token padding. With
+            drafts, mixed keys return `1 + max(draft_lengths)` logit rows per sequence, so a
+            step that mixes prompt chunks and verification rows fits them too.
     """
 
     def __init__(
@@ -78,8 +85,9 @@ class Buckets:
         self.batch_sizes = _sorted_sizes("batch_sizes", batch_sizes, 1)
         self.token_counts = _sorted_sizes("token_counts", token_counts, 1)
         self.draft_lengths = _sorted_sizes("draft_lengths", draft_lengths, 0)
+        per_seq = 1 + self.draft_lengths[-1]
         keys = {
-            BucketKey(batch, tokens, batch)
+            BucketKey(batch, tokens, batch * per_seq)
             for batch, tokens in itertools.product(self.batch_sizes, self.token_counts)
             if tokens >= batch
         }
@@ -89,20 +97,26 @@ class Buckets:
         }
         self.keys: tuple[BucketKey, ...] = tuple(sorted(keys))
 
-    def pad(self, num_seqs: int, num_tokens: int, num_logits: int | None = None) -> BucketKey:
+    def pad(
+        self, num_seqs: int, num_tokens: int, num_logits: int | None = None, *, draft_len: int = 0
+    ) -> BucketKey:
         """The smallest allowed key holding the batch (fewest tokens, then fewest sequences);
-        `num_logits` defaults to one row per sequence."""
+        `num_logits` defaults to one row per sequence; `draft_len` asks for `1 + draft_len`
+        logit rows per sequence of the key (a verification layout)."""
         wanted = BucketKey(num_seqs, num_tokens, num_seqs if num_logits is None else num_logits)
-        return smallest_holding(self.keys, wanted, "allowed")
+        return smallest_holding(self.keys, wanted, "allowed", min_logits_per_seq=1 + draft_len)
 
 
-def smallest_holding(keys, wanted: BucketKey, what: str) -> BucketKey:
+def smallest_holding(
+    keys, wanted: BucketKey, what: str, *, min_logits_per_seq: int = 1
+) -> BucketKey:
     fits = [
         k
         for k in keys
         if k.num_seqs >= wanted.num_seqs
         and k.num_tokens >= wanted.num_tokens
         and k.num_logits >= wanted.num_logits
+        and k.logits_per_seq >= min_logits_per_seq
     ]
     if not fits:
         largest = max(keys, key=lambda k: (k.num_tokens, k.num_seqs), default=None)
@@ -247,7 +261,10 @@ class StepRegistry:
         if executable is None and _compile_allowed[0]:
             executable = self._compile(key, params, pool, inputs)
         elif executable is None:
-            key = smallest_holding(self._executables, key, "compiled")
+            # Same logit rows per sequence: padding appends rows, so a per-sequence layout
+            # of logits survives only at the same width.
+            same_layout = [k for k in self._executables if k.logits_per_seq == key.logits_per_seq]
+            key = smallest_holding(same_layout, key, "compiled")
             inputs = inputs.padded(key)
             executable = self._executables[key]
             self.stats.fallbacks += 1

@@ -54,11 +54,14 @@ def test_pad_to_bucket_and_buckets():
         pad_to_bucket((1, 2, 4, 8), 9)
     buckets = Buckets(batch_sizes=[4, 1, 2], token_counts=[16, 8], draft_lengths=[0, 3])
     assert buckets.batch_sizes == (1, 2, 4)
-    assert BucketKey(2, 8, 2) in buckets.keys and BucketKey(4, 16, 4) in buckets.keys
+    # Mixed keys return 1 + 3 logit rows per sequence (prompt chunks next to verification).
+    assert BucketKey(2, 8, 8) in buckets.keys and BucketKey(4, 16, 16) in buckets.keys
     assert BucketKey(2, 2, 2) in buckets.keys  # decode: one token per sequence
     assert BucketKey(4, 16, 16) in buckets.keys  # verification: 1 + 3 draft tokens each
     assert buckets.pad(3, 3) == BucketKey(4, 4, 4)
-    assert buckets.pad(1, 9) == BucketKey(1, 16, 1)
+    assert buckets.pad(1, 9) == BucketKey(1, 16, 4)
+    assert buckets.pad(3, 12, 12, draft_len=3) == BucketKey(4, 16, 16)
+    assert buckets.pad(1, 2, 2, draft_len=1) == BucketKey(1, 4, 4)  # not (2, 2, 2): 1 row each
     assert buckets.pad(2, 8, 8) == BucketKey(2, 8, 8)
     with pytest.raises(ValueError, match="fits no allowed bucket; the largest is"):
         buckets.pad(5, 5)

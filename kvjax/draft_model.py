@@ -1,0 +1,216 @@
+"""The draft-model drafter: a smaller model of the family proposes drafts greedily, on its own
+KV cache manager whose caches mirror the target's requests.
+
+Each request gets a draft cache when it is first drafted for; it is suspended when the target
+suspends the request and closed when the request ends, and its blocks go to the draft manager's
+radix tree (a shared system prompt is computed once by the draft model too). A propose call
+first brings every draft cache up to the target's confirmed tokens in one ragged step: the
+drafts it fed last time that the target accepted keep their KV, the rest is rewound by
+shrinking capacity, and what is missing (the whole prompt, the first time) is fed, chunked to
+`max_num_tokens` per call; its last logits give the first draft. Then one single-token step per
+further draft. Proposals are the draft model's argmax (point proposals, see
+`kvjax.speculative`). A draft cache that cannot get pages proposes nothing that step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kvjax.config import CacheConfig
+from kvjax.engine_setup import _powers_of_two, check_model_geometry
+from kvjax.kv_cache import KVCache
+from kvjax.manager import KVCacheManager
+from kvjax.request import Request
+from kvjax.step import Buckets, StepInputs, StepRegistry, allow_compile
+
+__all__ = ["DraftModelDrafter"]
+
+
+@dataclasses.dataclass
+class _DraftSequence:
+    request_id: int
+    cache: KVCache
+    fed: list[int]  # tokens whose KV the draft cache holds, position by position
+
+
+@dataclasses.dataclass
+class _Row:
+    sequence: _DraftSequence
+    tokens: list[int]  # fed this step
+    wants: int  # drafts still to propose for it (0: only catching up)
+
+
+class DraftModelDrafter:
+    """Proposes drafts with `model` (same vocabulary as the target).
+
+    Args:
+        model: the draft model (follows the model protocol of `kvjax.engine.Engine`).
+        cache_config: its pages (`cache_config_for(model, ...)`); the draft manager's quotas.
+        max_draft_tokens: the most drafts per request and call.
+        max_seq_len: the target's longest sequence.
+        max_batch_size: the most requests per call (the target's batch limit).
+        max_num_tokens: tokens fed per call when catching up (prompts are chunked to it).
+        impl, interpret: kernel choice, as for the engine.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        cache_config: CacheConfig,
+        *,
+        max_draft_tokens: int,
+        max_seq_len: int,
+        max_batch_size: int,
+        max_num_tokens: int,
+        impl: str | None = None,
+        interpret: bool | None = None,
+    ) -> None:
+        check_model_geometry(model, cache_config)
+        if max_num_tokens < max_batch_size:
+            raise ValueError(f"max_num_tokens={max_num_tokens} < max_batch_size={max_batch_size}")
+        self.max_num_tokens = max_num_tokens
+        self.buckets = Buckets(_powers_of_two(1, max_batch_size), _powers_of_two(1, max_num_tokens))
+        self.manager = KVCacheManager(
+            cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft_tokens
+        )
+        impl = impl or ("pallas" if jax.default_backend() == "gpu" else "xla")
+        graphdef, self._params = nnx.split(model)
+
+        def step(params, kv_pool, inputs):
+            logits, kv_pool = nnx.merge(graphdef, params)(
+                inputs, kv_pool, impl=impl, interpret=interpret
+            )
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), kv_pool
+
+        self.registry = StepRegistry(step)
+        try:
+            with allow_compile():
+                self.registry.warmup(
+                    self._params,
+                    self.manager.pool,
+                    lambda key: StepInputs.placeholder(key, self.manager.max_blocks),
+                    self.buckets.keys,
+                )
+                self.manager.storage.warmup()
+        except BaseException:
+            self.manager.shutdown()
+            raise
+        self._sequences: dict[int, _DraftSequence] = {}
+        self.num_steps = 0  # draft model steps run
+
+    # -- Drafter ------------------------------------------------------------------------------
+
+    def propose(self, requests: Sequence[Request], max_lens: Sequence[int]) -> list[list[int]]:
+        drafts: dict[int, list[int]] = {}
+        rows: list[_Row] = []
+        budget = self.max_num_tokens
+        for request, k in zip(requests, max_lens, strict=True):
+            if len(rows) == self.buckets.batch_sizes[-1] or budget == 0:
+                break
+            row = self._catch_up_row(request, k, budget)
+            if row is not None:
+                rows.append(row)
+                budget -= len(row.tokens)
+                drafts[request.request_id] = []
+        # Each step's argmax is the next draft of its row; rows wanting more feed it back.
+        while rows:
+            next_rows = []
+            for row, token in zip(rows, self._run(rows), strict=True):
+                if row.wants:
+                    drafts[row.sequence.request_id].append(int(token))
+                    row.wants -= 1
+                    row.tokens = [int(token)]
+                    if row.wants:
+                        next_rows.append(row)
+            rows = next_rows
+        return [drafts.get(r.request_id, []) for r in requests]
+
+    def suspend(self, request: Request) -> None:
+        sequence = self._sequences.get(request.request_id)
+        if sequence is not None and sequence.cache.is_active:
+            sequence.cache.suspend()
+
+    def release(self, request: Request) -> None:
+        sequence = self._sequences.pop(request.request_id, None)
+        if sequence is not None:
+            sequence.cache.close()
+
+    def shutdown(self) -> None:
+        for sequence in self._sequences.values():
+            sequence.cache.close()
+        self._sequences.clear()
+        self.manager.shutdown()
+
+    # -- catching up --------------------------------------------------------------------------
+
+    def _catch_up_row(self, request: Request, wants: int, budget: int) -> _Row | None:
+        """The tokens to feed for `request` this call (with room for `wants` drafts after
+        them), or None when its draft cache gets no pages."""
+        tokens = [*request.prompt_token_ids, *request.output_token_ids]
+        keys = [*request.key_tokens, *request.output_token_ids]
+        sequence = self._sequences.get(request.request_id)
+        if sequence is None:
+            cache = self.manager.create_kv_cache(
+                keys[:-1], lora_id=request.lora_id, salt=request.salt, priority=request.priority
+            )
+            if not cache.resume():
+                cache.close()
+                return None
+            sequence = _DraftSequence(
+                request.request_id, cache, tokens[: cache.num_committed_tokens]
+            )
+            self._sequences[request.request_id] = sequence
+        cache = sequence.cache
+        if not cache.is_active and not cache.resume():
+            return None
+        # Fed tokens the target confirmed keep their KV (the last confirmed token is fed
+        # again: its logits give the first draft).
+        valid = cache.history_length
+        limit = min(len(sequence.fed), len(tokens) - 1)
+        while valid < limit and sequence.fed[valid] == tokens[valid]:
+            valid += 1
+        del sequence.fed[valid:]
+        feed = tokens[valid : valid + budget]
+        wants = wants if valid + len(feed) == len(tokens) else 0
+        needed = valid + len(feed) + max(wants - 1, 0)
+        history = max(cache.history_length, valid)
+        if not cache.resize(capacity=max(needed, history)):
+            return None
+        self._commit(cache, keys, valid)
+        return _Row(sequence, feed, wants)
+
+    @staticmethod
+    def _commit(cache: KVCache, keys: Sequence, end: int) -> None:
+        """Confirmed tokens up to `end` have KV: they enter the draft radix tree."""
+        cache.commit(keys[cache.num_committed_tokens : end])
+
+    def _run(self, rows: list[_Row]) -> np.ndarray:
+        """One draft-model step over `rows`; the argmax after each row's last token."""
+        pieces = [np.asarray(row.tokens, np.int32) for row in rows]
+        kv_lens = []
+        for row in rows:
+            row.sequence.fed += row.tokens
+            kv_lens.append(len(row.sequence.fed))
+        q_lens = np.array([len(piece) for piece in pieces], np.int32)
+        cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+        num_seqs = len(rows)
+        inputs = StepInputs(
+            tokens=np.concatenate(pieces),
+            page_table=self.manager.page_table([row.sequence.cache for row in rows], num_seqs),
+            kv_lens=np.array(kv_lens, np.int32),
+            cu_q_lens=cu_q_lens,
+            num_seqs=np.array([num_seqs], np.int32),
+            logits_indices=cu_q_lens[1:] - 1,
+        )
+        key = self.buckets.pad(num_seqs, int(cu_q_lens[-1]))
+        tokens, self.manager.pool = self.registry(
+            self._params, self.manager.pool, inputs.padded(key, self.manager.max_blocks)
+        )
+        self.num_steps += 1
+        return np.asarray(tokens)[:num_seqs]
