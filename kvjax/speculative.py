@@ -166,14 +166,17 @@ class DraftPlanner:
         self.vocab_size = vocab_size
 
     def propose(self, queue: Sequence[Request]) -> int:
-        """Sets the drafts of the generation requests that can run (not paused), read at the
-        schedule's length for their count; returns the step's draft length: the smallest
+        """Sets the drafts of the generation requests that can run (not paused), at the
+        schedule's length for their number; returns the step's draft length: the smallest
         compiled one holding the longest proposal."""
         for request in queue:
             request.draft_tokens = []
-        candidates = [r for r in queue if r.state is RequestState.GENERATION_IN_PROGRESS]
+        # Paused requests get none: they resume only if memory allows, without drafts.
+        candidates = [
+            r for r in queue if r.state is RequestState.GENERATION_IN_PROGRESS and not r.is_paused
+        ]
         wanted = self.config.draft_len(min(len(candidates), self.max_batch_size) or 1)
-        asks = [(r, min(wanted, self._room_for_drafts(r))) for r in candidates if not r.is_paused]
+        asks = [(r, min(wanted, self._room_for_drafts(r))) for r in candidates]
         asks = [(r, k) for r, k in asks if k > 0]
         if not asks:
             return 0

@@ -1,0 +1,211 @@
+"""Speculative decoding through the engine with a tiny Llama: greedy speculative outputs equal
+dense greedy decoding for both drafters, under prefix reuse and under memory pressure with
+suspend/resume; every step's writes (padded drafts included) land inside the writing request's
+own pages; the rewind leaves capacity exactly at history; the draft-length schedule holds."""
+
+import numpy as np
+import pytest
+
+import kvjax.engine
+from kvjax.batch import build_step_batch
+from kvjax.draft_model import DraftModelDrafter
+from kvjax.engine_setup import cache_config_for
+from kvjax.request import RequestState, SamplingParams
+from kvjax.resources import CacheResources
+from kvjax.speculative import NgramDrafter, SpeculativeConfig
+from tests.test_engine import TPB, assert_all_pages_free, dense_greedy, make_engine, serve_checked
+from tests.test_llama import random_model, tiny_config
+
+MAX_DRAFT = 3
+NEW_TOKENS = 13
+
+
+@pytest.fixture(scope="module")
+def model(compile_cache):
+    return random_model(tiny_config(vocab_size=64))
+
+
+def workload(seed=2):
+    """Random prompts and repetitive ones (prompt lookup finds their continuations)."""
+    rng = np.random.default_rng(seed)
+    pattern = list(rng.integers(0, 64, 5))
+    randoms = [list(rng.integers(0, 64, n)) for n in (9, 12)]
+    return [*randoms, pattern * 3, [*pattern, *pattern, 7]]
+
+
+def check_writes_stay_private(engine, batch):
+    """Every position a live row writes (its new tokens and padded drafts) is within its cache's
+    capacity and maps to one of its own pages that no other live cache holds."""
+    inputs, manager = batch.inputs, engine.manager
+    cu, kv_lens = inputs.cu_q_lens, inputs.kv_lens
+    others = {
+        id(r.cache): set(r.cache.page_ids())
+        for r in engine._requests.values()
+        if r.cache is not None and r.cache.is_active
+    }
+    for row, request in enumerate(batch.requests):
+        cache = request.cache
+        first, end = int(kv_lens[row] - (cu[row + 1] - cu[row])), int(kv_lens[row])
+        assert end <= cache.capacity, (request.request_id, end, cache.capacity)
+        pages = cache.page_ids()
+        foreign = set().union(*(p for key, p in others.items() if key != id(cache)))
+        for block in range(first // TPB, -(-end // TPB)):
+            page = int(inputs.page_table[row, block])
+            assert page == pages[block] and page not in foreign, (request.request_id, block)
+    assert inputs.page_table.shape[1] == manager.max_blocks
+
+
+def serve_speculative(engine, monkeypatch, prompts, params):
+    """`serve_checked`, also checking each step's writes and, after it, that every generating
+    request's capacity was rewound exactly to its history."""
+    batches = []
+
+    def checked_build(output, manager, buckets, draft_len=0):
+        batch = build_step_batch(output, manager, buckets, draft_len)
+        check_writes_stay_private(engine, batch)
+        batches.append(batch)
+        return batch
+
+    monkeypatch.setattr(kvjax.engine, "build_step_batch", checked_build)
+    step = engine.step
+
+    def checked_step():
+        finished = step()
+        for request in engine._requests.values():
+            if request.state is RequestState.GENERATION_IN_PROGRESS and not request.is_paused:
+                assert request.cache.capacity == request.cache.history_length
+        return finished
+
+    monkeypatch.setattr(engine, "step", checked_step)
+    return serve_checked(engine, prompts, params), batches
+
+
+def greedy(max_new_tokens=NEW_TOKENS):
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+def assert_dense_greedy(model, prompts, outputs, num_tokens=NEW_TOKENS):
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == dense_greedy(model, prompt, num_tokens)
+
+
+def draft_model_drafter(draft, device_pages=40, host_pages=40, max_batch_size=4):
+    config = cache_config_for(
+        draft, tokens_per_block=TPB, device_pages=device_pages, host_pages=host_pages
+    )
+    return DraftModelDrafter(
+        draft, config, max_draft_tokens=MAX_DRAFT, max_seq_len=160,
+        max_batch_size=max_batch_size, max_num_tokens=32,
+    )  # fmt: skip
+
+
+def test_ngram_greedy_equals_dense_under_pressure_and_reuse(model, monkeypatch):
+    # 13 device pages (12 usable) for 4 requests of up to 29 tokens: the tail is suspended.
+    engine = make_engine(
+        model, device_pages=13, host_pages=64, speculative=SpeculativeConfig(NgramDrafter(), 3)
+    )
+    prompts = workload()
+    outputs, batches = serve_speculative(engine, monkeypatch, prompts, greedy())
+    assert_dense_greedy(model, prompts, outputs)
+    summary = engine.metrics.summary()
+    assert summary["preemptions"] > 0 and summary["acceptance_rate"] > 0
+    assert {b.draft_len for b in batches} >= {0, MAX_DRAFT}
+    # Warm: the same prompts again reuse their prefixes and give the same tokens.
+    again, _ = serve_speculative(engine, monkeypatch, prompts, greedy())
+    assert [o.token_ids for o in again] == [o.token_ids for o in outputs]
+    assert all(o.metrics.num_reused_tokens > 0 for o in again)
+    assert_all_pages_free(engine)
+
+
+def test_self_drafting_accepts_everything_and_advances_several_tokens(model, monkeypatch):
+    """The target as its own draft model: drafts are the target's argmax, so (up to float
+    noise between batch shapes) all are accepted; both managers suspend under pressure."""
+    drafter = draft_model_drafter(model, device_pages=13, host_pages=64)
+    engine = make_engine(
+        model, device_pages=13, host_pages=64, speculative=SpeculativeConfig(drafter, MAX_DRAFT)
+    )
+    prompts = workload(seed=5)
+    outputs, _ = serve_speculative(engine, monkeypatch, prompts, greedy())
+    assert_dense_greedy(model, prompts, outputs)
+    summary = engine.metrics.summary()
+    assert summary["acceptance_rate"] > 0.9 and summary["tokens_per_step"] > 2.5
+    assert summary["preemptions"] > 0
+    drafter.manager.check_invariants()
+    assert_all_pages_free(engine)
+    assert drafter.manager.live_caches == []  # the engine closed every draft cache
+
+
+def test_other_draft_model_with_a_schedule_and_sampling(model, monkeypatch):
+    """A different (random) draft model mostly misses: outputs stay exact; a schedule of
+    {1: 3, 2: 1} drafts 3 tokens for one running request, 1 for two, none past two."""
+    draft = random_model(tiny_config(vocab_size=64), seed=7)
+    drafter = draft_model_drafter(draft)
+    spec = SpeculativeConfig(drafter, MAX_DRAFT, draft_len_schedule={1: 3, 2: 1})
+    engine = make_engine(model, speculative=spec)
+    prompts = workload(seed=9)
+    lengths = {}
+    for group in (prompts[:1], prompts[1:3], prompts):  # 1, 2 and 4 running requests
+        outputs, batches = serve_speculative(engine, monkeypatch, group, greedy())
+        assert_dense_greedy(model, group, outputs)
+        for batch in batches:
+            num_generating = batch.chunk_sizes.count(0)
+            assert batch.draft_len <= spec.draft_len(num_generating)
+        lengths[len(group)] = {b.draft_len for b in batches if b.chunk_sizes.count(0)}
+    assert 3 in lengths[1] and 1 in lengths[2] and lengths[4] >= {0}
+    assert engine.metrics.summary()["draft_tokens"] > 0
+    # Sampling: a seeded request gives the same tokens alone or batched, drafts or not.
+    sampled = SamplingParams(max_new_tokens=10, temperature=0.9, seed=4)
+    (alone,) = engine.generate(prompts[2:3], sampled, use_tqdm=False)
+    batched = engine.generate(prompts, sampled, use_tqdm=False)
+    assert batched[2].token_ids == alone.token_ids and len(alone.token_ids) == 10
+    engine.manager.check_invariants()
+    assert_all_pages_free(engine)
+
+
+def test_without_the_padding_extension_the_rewind_would_underflow(model, monkeypatch):
+    """The reference's bug, reproduced: skip the extension and padded drafts write past the
+    capacity (outside the request's pages), and the rewind from the padded length goes below
+    history, which the cache refuses."""
+
+    def no_extension(self, request, padded_draft_len):
+        self._allocated_draft_lens.pop(request.request_id, None)
+        return True
+
+    monkeypatch.setattr(CacheResources, "extend_capacity_for_tokens", no_extension)
+    engine = make_engine(model, speculative=SpeculativeConfig(NgramDrafter(), MAX_DRAFT))
+    flagged = []
+
+    def build(output, manager, buckets, draft_len=0):
+        batch = build_step_batch(output, manager, buckets, draft_len)
+        try:
+            check_writes_stay_private(engine, batch)
+        except AssertionError:
+            flagged.append(batch)
+        return batch
+
+    monkeypatch.setattr(kvjax.engine, "build_step_batch", build)
+    engine.add_request([1, 2, 3, 1, 2, 3, 1, 2], greedy(20))
+    with pytest.raises(ValueError, match="must be >= history_length"):
+        for _ in range(30):
+            engine.step()
+    assert flagged and flagged[-1].draft_len > flagged[-1].num_drafts.max()
+    for request_id in list(engine._requests):
+        engine.abort(request_id)
+    engine.shutdown()
+
+
+def test_bad_speculative_engine_configs_are_refused(model):
+    from kvjax.scheduler import SchedulerConfig
+    from kvjax.step import Buckets
+
+    small = SchedulerConfig(max_batch_size=2, max_num_tokens=3, chunk_unit=1)
+    with pytest.raises(ValueError, match="max_num_tokens=3 cannot hold one verification row"):
+        make_engine(model, scheduler=small, speculative=SpeculativeConfig(NgramDrafter(), 3))
+    with pytest.raises(ValueError, match=r"draft lengths \[3\] .* not in buckets.draft_lengths"):
+        make_engine(
+            model,
+            buckets=Buckets([1, 2, 4], [16, 32]),
+            speculative=SpeculativeConfig(NgramDrafter(), 3),
+        )
+    with pytest.raises(ValueError, match="is not a SpeculativeConfig"):
+        make_engine(model, speculative=NgramDrafter())
