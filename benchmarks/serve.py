@@ -7,6 +7,11 @@ ideal, preemptions and compilations after warm-up; writes `serve.json` and `serv
 (throughput and cache occupancy over time) under `--out`.
 
     python -m benchmarks.serve [--checkpoint DIR] [--device-pages N] [--groups N] ...
+
+With `--speculative ngram|draft`: a repetitive workload (prompts repeating a short phrase) served
+twice in the same run, without and with speculative decoding (prompt lookup, or a draft model
+made of the target's first `--draft-layers` layers); prints the acceptance rate, tokens per step
+and the speedup, checks that greedy outputs are identical, writes `serve_speculative.json`.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from benchmarks.workload import Workload, ideal_hit_rate
+from benchmarks.workload import RepetitiveWorkload, Workload, ideal_hit_rate
+from kvjax.draft_model import DraftModelDrafter
 from kvjax.engine import Engine
 from kvjax.engine_setup import cache_config_for
 from kvjax.request import SamplingParams
 from kvjax.scheduler import SchedulerConfig, SchedulerPolicy
+from kvjax.speculative import NgramDrafter, SpeculativeConfig
 from models.config import LlamaConfig
-from models.llama import Llama
+from models.llama import Llama, truncated_draft
 
 TINY = LlamaConfig(
     vocab_size=1024, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
@@ -42,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-pages", type=int, default=160)
     p.add_argument("--host-pages", type=int, default=None, help="default: provisioned")
     p.add_argument("--tokens-per-block", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: the device's")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-num-tokens", type=int, default=256)
     p.add_argument("--chunk-unit", type=int, default=16)
@@ -58,16 +66,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--no-progress", action="store_true")
+    spec = p.add_argument_group("speculative decoding (compared with plain decoding)")
+    spec.add_argument("--speculative", choices=["none", "ngram", "draft"], default="none")
+    spec.add_argument("--draft-tokens", type=int, default=4)
+    spec.add_argument("--draft-layers", type=int, default=1, help="layers of the draft model")
+    spec.add_argument("--draft-checkpoint", type=Path, help="a smaller model of the family")
+    spec.add_argument("--ngram", type=int, nargs=2, default=(1, 3), help="min and max n")
+    spec.add_argument("--requests", type=int, default=16, help="prompts of the workload")
+    spec.add_argument("--phrase-len", type=int, default=12)
+    spec.add_argument("--repeats", type=int, default=6)
     return p.parse_args(argv)
 
 
-def load_model(args):
-    if args.checkpoint is not None:
+def load_model(args, checkpoint: Path | None = None):
+    checkpoint = checkpoint or args.checkpoint
+    if checkpoint is not None:
         from models.loader import load_hf_checkpoint
 
         dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-        return load_hf_checkpoint(args.checkpoint, dtype=dtype)
+        return load_hf_checkpoint(checkpoint, dtype=dtype)
     return Llama(TINY, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
+
+
+def max_seq_len(args) -> int:
+    """The target's `max_seq_len` (default: what its device pages hold)."""
+    return args.max_seq_len or args.device_pages * args.tokens_per_block
 
 
 def serve(engine: Engine, workload: Workload, params: SamplingParams, progress: bool):
@@ -126,21 +149,32 @@ def plot(steps, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    model = load_model(args)
-    quotas = {"device_pages": args.device_pages}
-    if args.host_pages is not None:
-        quotas["host_pages"] = args.host_pages
-    cache_config = cache_config_for(model, tokens_per_block=args.tokens_per_block, **quotas)
+def build_engine(model, args, **options) -> tuple[Engine, float]:
+    """An engine for `args`' sizes; returns it and its warm-up seconds."""
     scheduler = SchedulerConfig(
         max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
         chunk_unit=args.chunk_unit, policy=SchedulerPolicy(args.policy),
     )  # fmt: skip
-    commit_generated = not args.no_commit_generated
     start = time.perf_counter()
-    engine = Engine(model, cache_config, scheduler, commit_generated=commit_generated)
-    warmup_s = time.perf_counter() - start
+    config = cache_config(model, args)
+    engine = Engine(model, config, scheduler, max_seq_len=args.max_seq_len, **options)
+    return engine, time.perf_counter() - start
+
+
+def cache_config(model, args):
+    quotas = {"device_pages": args.device_pages}
+    if args.host_pages is not None:
+        quotas["host_pages"] = args.host_pages
+    return cache_config_for(model, tokens_per_block=args.tokens_per_block, **quotas)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    model = load_model(args)
+    if args.speculative != "none":
+        return main_speculative(args, model)
+    commit_generated = not args.no_commit_generated
+    engine, warmup_s = build_engine(model, args, commit_generated=commit_generated)
     print(
         f"warm-up: {engine.registry.stats.compiled} step shapes compiled in {warmup_s:.1f} s "
         f"on {jax.devices()[0].device_kind}",
@@ -170,7 +204,7 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "device": jax.devices()[0].device_kind,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "args": args_json(args),
         "summary": summary,
         "steps": [
             {"t": s.end - steps[0].start, "tokens": s.num_tokens, "seqs": s.num_seqs,
@@ -183,6 +217,81 @@ def main(argv=None) -> dict:
     title = f"{summary['requests']} requests, {summary['output_tokens_per_s']:.0f} output tok/s"
     plot(steps, args.out / "serve.png", title)
     print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.png'}")
+    return result
+
+
+def args_json(args) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+
+
+def main_speculative(args, model) -> dict:
+    """The repetitive workload without, then with, speculative decoding, in this process."""
+    workload = RepetitiveWorkload(
+        model.config.vocab_size, args.requests, args.phrase_len, args.repeats, seed=args.seed
+    )
+    params = SamplingParams(
+        max_new_tokens=args.new_tokens, temperature=args.temperature, ignore_eos=True
+    )
+    runs = {}
+    for mode in ("plain", args.speculative):
+        speculative = None
+        if mode == "ngram":
+            drafter = NgramDrafter(min_ngram=args.ngram[0], max_ngram=args.ngram[1])
+            speculative = SpeculativeConfig(drafter, args.draft_tokens)
+        elif mode == "draft":
+            draft = truncated_draft(model, args.draft_layers)
+            if args.draft_checkpoint is not None:
+                draft = load_model(args, args.draft_checkpoint)
+            drafter = DraftModelDrafter(
+                draft, cache_config(draft, args), max_draft_tokens=args.draft_tokens,
+                max_seq_len=max_seq_len(args), max_batch_size=args.max_batch_size,
+                max_num_tokens=args.max_num_tokens,
+            )  # fmt: skip
+            speculative = SpeculativeConfig(drafter, args.draft_tokens)
+        engine, warmup_s = build_engine(model, args, speculative=speculative)
+        print(f"{mode}: warm-up {warmup_s:.1f} s", flush=True)
+        order, _, outputs = serve(engine, workload, params, not args.no_progress)
+        summary = engine.metrics.summary()
+        summary["compilations_after_warmup"] = engine.compiles.after_warmup
+        summary["warmup_s"] = warmup_s
+        engine.shutdown()
+        runs[mode] = (summary, [outputs[rid].token_ids for rid in order])
+    (plain, plain_tokens), (spec, spec_tokens) = runs["plain"], runs[args.speculative]
+    comparison = {
+        "drafter": args.speculative,
+        "draft_tokens": args.draft_tokens,
+        "acceptance_rate": spec["acceptance_rate"],
+        "tokens_per_step": spec["tokens_per_step"],
+        "speedup": spec["output_tokens_per_s"] / plain["output_tokens_per_s"],
+        "step_ratio": spec["steps"] / plain["steps"],
+        "identical_outputs": plain_tokens == spec_tokens,
+    }
+    print(
+        f"plain               {plain['output_tokens_per_s']:.1f} output tok/s "
+        f"({plain['steps']} steps), TPOT p50 {plain['tpot_s']['p50'] * 1e3:.1f} ms"
+    )
+    print(
+        f"{args.speculative:<19} {spec['output_tokens_per_s']:.1f} output tok/s "
+        f"({spec['steps']} steps), TPOT p50 {spec['tpot_s']['p50'] * 1e3:.1f} ms"
+    )
+    print(f"acceptance rate     {spec['acceptance_rate']:.1%} of {spec['draft_tokens']} drafts")
+    print(f"tokens per step     {spec['tokens_per_step']:.2f} per generating request")
+    print(
+        f"speedup             {comparison['speedup']:.2f}x output tok/s, "
+        f"{comparison['step_ratio']:.2f}x the steps"
+    )
+    print(f"identical outputs   {comparison['identical_outputs']}")  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "device": jax.devices()[0].device_kind,
+        "args": args_json(args),
+        "comparison": comparison,
+        "plain": plain,
+        "speculative": spec,
+    }
+    path = args.out / "serve_speculative.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
     return result
 
 

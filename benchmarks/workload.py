@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["Turn", "Workload", "ideal_hit_rate"]
+__all__ = ["RepetitiveWorkload", "Turn", "Workload", "ideal_hit_rate"]
 
 
 @dataclasses.dataclass
@@ -53,6 +53,34 @@ class Workload:
 
     def _tokens(self, rng, length: int) -> list[int]:
         return rng.integers(0, self.vocab_size, length).tolist()
+
+
+@dataclasses.dataclass
+class RepetitiveWorkload:
+    """Prompts that repeat a short random phrase, then a short random tail (as in editing,
+    quoting or code tasks): prompt lookup finds continuations, and even a random model's greedy
+    answers repeat. Single turns.
+
+    Args:
+    num_requests: prompts; phrase_len: tokens of each prompt's phrase; repeats: how often it
+    repeats; tail_len: (min, max) random tokens after the repeats.
+    """
+
+    vocab_size: int
+    num_requests: int = 16
+    phrase_len: int = 12
+    repeats: int = 6
+    tail_len: tuple[int, int] = (4, 16)
+    seed: int = 0
+
+    def first_turns(self) -> list[Turn]:
+        rng = np.random.default_rng(self.seed)
+        turns = []
+        for _ in range(self.num_requests):
+            phrase = rng.integers(0, self.vocab_size, self.phrase_len).tolist()
+            tail = rng.integers(0, self.vocab_size, int(rng.integers(*self.tail_len))).tolist()
+            turns.append(Turn(phrase * self.repeats + tail, None))
+        return turns
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -51,6 +51,8 @@ class LlamaConfig:
         scaling = dict(self.rope_scaling or {})
         kind = scaling.pop("rope_type", scaling.pop("type", None))
         scaling.pop("rope_theta", None)
+        if kind is None and set(scaling) >= _LLAMA3_KEYS:
+            kind = "llama3"  # already normalized (e.g. `dataclasses.replace` of a config)
         if kind in (None, "default") and not {"factor"} & set(scaling):
             object.__setattr__(self, "rope_scaling", None)
         elif kind == "llama3":
@@ -95,6 +97,9 @@ class LlamaConfig:
             o_bias=model_type != "qwen2" and bias,
             eos_token_ids=hf.get("eos_token_id"),
         )
+
+
+_LLAMA3_KEYS = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:

@@ -9,6 +9,8 @@ the pages (`kernels.ragged_paged_attention`); the forward returns the logits of 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -169,6 +171,20 @@ class Llama(nnx.Module):
             x = x + attn.o_proj(out.reshape(num_tokens, -1).astype(x.dtype))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.logits(x[inputs.logits_indices]), kv_pool
+
+
+def truncated_draft(model: Llama, num_layers: int) -> Llama:
+    """A draft model of the family for speculative decoding: `model`'s first `num_layers`
+    layers, its embeddings, final norm and head (self-speculation in the LayerSkip manner).
+    Shares `model`'s arrays: it costs no memory but its KV pages."""
+    if not 1 <= num_layers <= model.config.num_layers:
+        raise ValueError(f"num_layers={num_layers} must be in [1, {model.config.num_layers}]")
+    config = dataclasses.replace(model.config, num_layers=num_layers)
+    draft = nnx.eval_shape(lambda: Llama(config, dtype=model.dtype, rngs=nnx.Rngs(0)))
+    draft.embed_tokens, draft.norm, draft.lm_head = model.embed_tokens, model.norm, model.lm_head
+    draft.layers = nnx.List(list(model.layers)[:num_layers])
+    draft.inv_freq = model.inv_freq
+    return draft
 
 
 def make_step(model: Llama, *, impl: str = "pallas", interpret: bool | None = None):

@@ -16,6 +16,7 @@ HOST_MODULES = [
     "kvjax.request",
     "kvjax.scheduler",
     "kvjax.resources",
+    "kvjax.speculative",
     "kvjax.serving_metrics",
     "kvjax",
 ]

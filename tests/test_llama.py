@@ -14,7 +14,7 @@ from kvjax.step import StepInputs
 from models.config import LlamaConfig, rope_frequencies
 from models.llama import Llama
 from models.loader import load_hf_checkpoint, save_hf_checkpoint
-from tests.dense_llama import dense_logits
+from tests.dense_llama import dense_greedy, dense_logits
 
 TPB, MAX_BLOCKS = 4, 6
 LLAMA3_SCALING = {
@@ -310,3 +310,18 @@ def test_tied_qwen2_style_model_through_the_paged_forward():
         logits, pool = forward(pool, seqs.step(new_tokens))
         expected = expected_rows(model, seqs, new_tokens)
         assert np.allclose(np.asarray(logits), expected, rtol=2e-4, atol=2e-4)
+
+
+def test_truncated_draft_shares_the_first_layers_and_matches_a_dense_truncation():
+    from models.llama import truncated_draft
+
+    model = random_model(tiny_config(num_layers=2))
+    draft = truncated_draft(model, 1)
+    assert draft.config.num_layers == 1 and draft.layers[0] is model.layers[0]
+    assert draft.embed_tokens is model.embed_tokens and draft.lm_head is model.lm_head
+    prompt = [3, 1, 4, 1, 5]
+    short = random_model(tiny_config(num_layers=1))
+    nnx.update(short, nnx.state(draft))  # a one-layer model holding the same weights
+    assert dense_greedy(draft, prompt, 4) == dense_greedy(short, prompt, 4)
+    with pytest.raises(ValueError, match=r"num_layers=3 must be in \[1, 2\]"):
+        truncated_draft(model, 3)

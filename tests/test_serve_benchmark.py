@@ -1,9 +1,12 @@
-"""The main job's script on a small workload: it serves every turn, and its report is measured."""
+"""The main job's script on a small workload: it serves every turn, and its report is measured;
+its speculative mode compares with plain decoding in the same run."""
 
 import json
 
+import pytest
+
 from benchmarks.serve import main
-from benchmarks.workload import Workload, ideal_hit_rate
+from benchmarks.workload import RepetitiveWorkload, Workload, ideal_hit_rate
 
 
 def test_ideal_hit_rate_counts_prefixes_served_before_each_prompt():
@@ -35,3 +38,30 @@ def test_serve_benchmark_writes_its_report(tmp_path, compile_cache):
     assert summary["compilations_after_warmup"] == 0
     assert 0 < summary["prefix_hit_rate"] <= summary["ideal_prefix_hit_rate"] + 1e-9
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+def test_repetitive_workload_repeats_a_phrase_per_prompt():
+    turns = RepetitiveWorkload(vocab_size=50, num_requests=3, phrase_len=4, repeats=3).first_turns()
+    assert len(turns) == 3 and all(t.follow_up is None for t in turns)
+    prompt = turns[0].prompt
+    assert prompt[:4] == prompt[4:8] == prompt[8:12] and 4 <= len(prompt) - 12 < 16
+
+
+@pytest.mark.parametrize("drafter", ["ngram", "draft"])
+def test_speculative_benchmark_compares_with_plain_decoding(tmp_path, compile_cache, drafter):
+    argv = [
+        "--speculative", drafter, "--requests", "3", "--phrase-len", "4", "--repeats", "4",
+        "--new-tokens", "12", "--max-batch-size", "2", "--max-num-tokens", "32",
+        "--device-pages", "24", "--tokens-per-block", "8", "--draft-tokens", "2",
+        "--out", str(tmp_path), "--no-progress",
+    ]  # fmt: skip
+    result = main(argv)
+    saved = json.loads((tmp_path / "serve_speculative.json").read_text())
+    assert saved["comparison"] == json.loads(json.dumps(result["comparison"]))
+    comparison, plain, spec = result["comparison"], result["plain"], result["speculative"]
+    assert comparison["identical_outputs"]  # greedy: speculation changes no token
+    assert plain["output_tokens"] == spec["output_tokens"] == 3 * 12
+    assert spec["draft_tokens"] > 0 and 0 <= comparison["acceptance_rate"] <= 1
+    assert comparison["tokens_per_step"] >= 1 and comparison["speedup"] > 0
+    assert plain["draft_tokens"] == 0 and plain["tokens_per_step"] == 1
+    assert spec["compilations_after_warmup"] == plain["compilations_after_warmup"] == 0
