@@ -72,6 +72,7 @@ class DraftModelDrafter:
         interpret: bool | None = None,
     ) -> None:
         check_model_geometry(model, cache_config)
+        self.vocab_size = model.config.vocab_size
         if max_num_tokens < max_batch_size:
             raise ValueError(f"max_num_tokens={max_num_tokens} < max_batch_size={max_batch_size}")
         self.max_num_tokens = max_num_tokens
@@ -154,6 +155,10 @@ class DraftModelDrafter:
         them), or None when its draft cache gets no pages."""
         tokens = [*request.prompt_token_ids, *request.output_token_ids]
         keys = [*request.key_tokens, *request.output_token_ids]
+        manager = self.manager
+        room = manager.max_blocks * manager.config.tokens_per_block
+        if len(tokens) - 1 > manager.max_seq_len or len(tokens) + wants > room:
+            return None  # longer than the draft device holds (its max_seq_len was clamped)
         sequence = self._sequences.get(request.request_id)
         if sequence is None:
             cache = self.manager.create_kv_cache(

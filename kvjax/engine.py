@@ -95,6 +95,12 @@ class Engine:
                 f"draft lengths {missing} of the speculative config are not in "
                 f"buckets.draft_lengths={self.buckets.draft_lengths}"
             )
+        draft_vocab = getattr(speculative and speculative.drafter, "vocab_size", None)
+        if draft_vocab is not None and draft_vocab != self.vocab_size:
+            raise ValueError(
+                f"the draft model's vocab_size={draft_vocab} differs from the target's "
+                f"{self.vocab_size}"
+            )
         max_draft = draft_lengths[-1]
         self.manager = KVCacheManager(
             cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft

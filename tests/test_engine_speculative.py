@@ -104,6 +104,9 @@ def test_ngram_greedy_equals_dense_under_pressure_and_reuse(model, monkeypatch):
     engine = make_engine(
         model, device_pages=13, host_pages=64, speculative=SpeculativeConfig(NgramDrafter(), 3)
     )
+    # Page tables count the drafts and the decode token past max_seq_len.
+    manager = engine.manager
+    assert manager.max_blocks == -(-(manager.max_seq_len + MAX_DRAFT + 1) // TPB)
     prompts = workload()
     outputs, batches = serve_speculative(engine, monkeypatch, prompts, greedy())
     assert_dense_greedy(model, prompts, outputs)
@@ -209,3 +212,11 @@ def test_bad_speculative_engine_configs_are_refused(model):
         )
     with pytest.raises(ValueError, match="is not a SpeculativeConfig"):
         make_engine(model, speculative=NgramDrafter())
+    other = random_model(tiny_config(vocab_size=32))
+    drafter = DraftModelDrafter(
+        other, cache_config_for(other, tokens_per_block=TPB, device_pages=8, host_pages=0),
+        max_draft_tokens=2, max_seq_len=16, max_batch_size=1, max_num_tokens=4,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="vocab_size=32 differs from the target's 64"):
+        make_engine(model, speculative=SpeculativeConfig(drafter, 2))
+    drafter.shutdown()
