@@ -42,6 +42,8 @@ class CacheResources:
         # Draft tokens each generation request was grown by this step, until the padding
         # extension pops it (the reference's `_allocated_draft_lens`).
         self._allocated_draft_lens: dict[int, int] = {}
+        # Whole-life reservations (GUARANTEED_NO_EVICT): a rewind never shrinks below them.
+        self._reserved: dict[int, int] = {}
 
     @property
     def max_tokens(self) -> int:
@@ -72,9 +74,11 @@ class CacheResources:
         cache = request.cache
         wanted = request.context_position + num_tokens
         if reserve_tokens:
-            reserve_tokens += self.max_draft_tokens
-        capacity = max(cache.capacity, wanted, min(reserve_tokens, self.max_tokens))
+            reserve_tokens = min(reserve_tokens + self.max_draft_tokens, self.max_tokens)
+        capacity = max(cache.capacity, wanted, reserve_tokens)
         if cache.resize(capacity=capacity):
+            if reserve_tokens:
+                self._reserved[request.request_id] = reserve_tokens
             return True
         self.release_unstarted(request)
         return False
@@ -84,6 +88,7 @@ class CacheResources:
             request.cache.close()
             request.cache = None
             request.context_position = 0
+            self._reserved.pop(request.request_id, None)
 
     def try_allocate_generation(self, request: Request) -> bool:
         cache = request.cache
@@ -99,9 +104,11 @@ class CacheResources:
         return False
 
     def extend_capacity_for_tokens(self, request: Request, padded_draft_len: int) -> bool:
-        """Grows a scheduled generation request by exactly the draft padding of this step
-        (`padded_draft_len` minus the drafts it was grown by), so the rewind computed from the
-        padded length never goes below history. Once per step: the record is popped.
+        """Grows a scheduled generation request to hold its drafts padded to `padded_draft_len`:
+        by exactly the padding (`padded_draft_len` minus the drafts it was grown by; its
+        capacity was history + 1 + those), or by nothing when a whole-life reservation holds
+        them already. The rewind computed from the padded length then never goes below
+        history. Once per step: the record is popped.
 
         Returns:
             False, with nothing changed, when the device cannot hold the padding.
@@ -118,7 +125,8 @@ class CacheResources:
                 f"request {request.request_id} was grown by"
             )
         cache = request.cache
-        if cache.resize(capacity=cache.capacity + padded_draft_len - allocated):
+        needed = cache.history_length + 1 + padded_draft_len
+        if cache.capacity >= needed or cache.resize(capacity=needed):
             return True
         self._allocated_draft_lens[request.request_id] = allocated
         return False
@@ -150,7 +158,8 @@ class CacheResources:
     def tokens_computed(self, request: Request, tokens: list[int], num_rejected: int = 0) -> None:
         """Generated `tokens` have KV now (the input token of a generation step and the drafts
         accepted after it); the `num_rejected` draft positions past them (padding included)
-        are rewound by shrinking capacity, which frees their trailing blocks."""
+        are rewound by shrinking capacity, which frees their trailing blocks (never below a
+        whole-life reservation)."""
         cache = request.cache
         self._allocated_draft_lens.pop(request.request_id, None)
         if self.commit_generated and self._committing(request):
@@ -158,11 +167,13 @@ class CacheResources:
         else:
             cache.resize(history_length=cache.history_length + len(tokens))
         if num_rejected:
-            cache.resize(capacity=cache.capacity - num_rejected)
+            floor = self._reserved.get(request.request_id, 0)
+            cache.resize(capacity=max(cache.capacity - num_rejected, floor))
 
     def free(self, request: Request) -> None:
         """Closes the cache: committed blocks stay in the tree as reusable cache."""
         self._allocated_draft_lens.pop(request.request_id, None)
+        self._reserved.pop(request.request_id, None)
         if request.cache is not None:
             request.cache.close()
             request.cache = None

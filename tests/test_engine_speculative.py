@@ -120,6 +120,39 @@ def test_ngram_greedy_equals_dense_under_pressure_and_reuse(model, monkeypatch):
     assert_all_pages_free(engine)
 
 
+def test_guaranteed_no_evict_reserves_room_for_padded_drafts(model, monkeypatch):
+    """Whole-life reservations include the most drafts: padding takes no page, rewinds keep
+    the reservation, nothing is ever suspended, outputs are exact."""
+    from kvjax.scheduler import SchedulerConfig, SchedulerPolicy
+
+    scheduler = SchedulerConfig(
+        max_batch_size=4, max_num_tokens=32, chunk_unit=4,
+        policy=SchedulerPolicy.GUARANTEED_NO_EVICT,
+    )  # fmt: skip
+    engine = make_engine(
+        model, device_pages=13, host_pages=64, scheduler=scheduler,
+        speculative=SpeculativeConfig(NgramDrafter(), MAX_DRAFT),
+    )  # fmt: skip
+    checks = []
+
+    def no_growth_on_extension(request, padded_draft_len):
+        before = request.cache.num_blocks
+        grown = CacheResources.extend_capacity_for_tokens(
+            engine.resources, request, padded_draft_len
+        )
+        checks.append(request.cache.num_blocks == before)
+        return grown
+
+    monkeypatch.setattr(engine.resources, "extend_capacity_for_tokens", no_growth_on_extension)
+    prompts = workload()
+    outputs = serve_checked(engine, prompts, greedy())
+    assert_dense_greedy(model, prompts, outputs)
+    assert sum(o.metrics.num_preemptions for o in outputs) == 0
+    assert checks and all(checks)
+    assert engine.metrics.summary()["draft_tokens"] > 0
+    assert_all_pages_free(engine)
+
+
 def test_self_drafting_accepts_everything_and_advances_several_tokens(model, monkeypatch):
     """The target as its own draft model: drafts are the target's argmax, so (up to float
     noise between batch shapes) all are accepted; both managers suspend under pressure."""

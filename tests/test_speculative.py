@@ -109,6 +109,28 @@ def test_without_the_extension_the_padded_rewind_would_go_below_history():
         resources.tokens_computed(request, [99, 5], num_rejected=3)
 
 
+def test_a_whole_life_reservation_holds_the_padding_and_survives_rewinds():
+    """GUARANTEED_NO_EVICT reserves prompt + max_new_tokens + the most drafts at admission: the
+    padding needs no page and rejected drafts never shrink the reservation."""
+    resources = make_resources()
+    request = Request(0, [1, 2, 3, 4, 5, 6], SamplingParams(max_new_tokens=5))
+    assert resources.prepare_context(request)
+    assert resources.resize_context(request, 6, reserve_tokens=request.lifetime_tokens)
+    cache = request.cache
+    assert cache.capacity == 6 + 5 + 4 and cache.num_blocks == 4
+    resources.context_computed(request, 6)
+    request.output_token_ids.append(9)
+    for accepted in (0, 1, 0):
+        request.draft_tokens = [7, 7]
+        assert resources.try_allocate_generation(request)
+        assert resources.extend_capacity_for_tokens(request, 4)
+        assert cache.capacity == 15 and cache.num_blocks == 4  # no page taken
+        resources.tokens_computed(request, [9] + [7] * accepted, num_rejected=4 - accepted)
+        assert cache.capacity == 15
+    resources.free(request)
+    resources.manager.check_invariants()
+
+
 def test_extension_without_pages_changes_nothing_and_can_be_retried():
     resources = make_resources(device_pages=3)  # 2 usable pages (page 0 is the null page)
     request = generating(resources, drafts=[5])
