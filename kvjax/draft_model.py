@@ -164,9 +164,7 @@ class DraftModelDrafter:
             cache = self.manager.create_kv_cache(
                 keys[:-1], lora_id=request.lora_id, salt=request.salt, priority=request.priority
             )
-            if not cache.resume():
-                cache.close()
-                return None
+            # Kept even when the device refuses the resume: a later call resumes it.
             sequence = _DraftSequence(
                 request.request_id, cache, tokens[: cache.num_committed_tokens]
             )
@@ -198,10 +196,7 @@ class DraftModelDrafter:
     def _run(self, rows: list[_Row]) -> np.ndarray:
         """One draft-model step over `rows`; the argmax after each row's last token."""
         pieces = [np.asarray(row.tokens, np.int32) for row in rows]
-        kv_lens = []
-        for row in rows:
-            row.sequence.fed += row.tokens
-            kv_lens.append(len(row.sequence.fed))
+        kv_lens = [len(row.sequence.fed) + len(row.tokens) for row in rows]
         q_lens = np.array([len(piece) for piece in pieces], np.int32)
         cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
         num_seqs = len(rows)
@@ -217,5 +212,7 @@ class DraftModelDrafter:
         tokens, self.manager.pool = self.registry(
             self._params, self.manager.pool, inputs.padded(key, self.manager.max_blocks)
         )
+        for row in rows:  # their KV is written now
+            row.sequence.fed += row.tokens
         self.num_steps += 1
         return np.asarray(tokens)[:num_seqs]

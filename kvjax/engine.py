@@ -131,7 +131,7 @@ class Engine:
             raise
         self.metrics = EngineMetrics(self.manager)
         self._drafting = speculative and DraftPlanner(
-            speculative, self.resources, self.scheduler_config.max_batch_size, self.vocab_size
+            speculative, self.resources, self.scheduler_config, self.vocab_size
         )
         self._requests: dict[int, Request] = {}  # live requests in arrival order
         self._rng = np.random.default_rng(seed)
@@ -221,8 +221,9 @@ class Engine:
         drafting = self._drafting
         draft_len = drafting.propose(queue) if drafting else 0
         output = self.scheduler.schedule(queue, padded_draft_len=draft_len)
-        if drafting:
-            output = drafting.extend_for_padding(output, draft_len)
+        if drafting:  # draft caches follow the target's suspensions
+            for request in output.paused_requests:
+                drafting.drafter.suspend(request)
         if output.is_empty:
             # Suspending requests may make room for the next pass; with nothing suspended, or
             # after as many empty passes as there are requests, nothing can ever run.
@@ -264,9 +265,9 @@ class Engine:
                 computed = [*request.output_token_ids[-1:], *request.draft_tokens[:n]]
                 self.resources.tokens_computed(request, computed, num_rejected=draft_len - n)
                 new_tokens = tokens[row, : n + 1]
-                num_accepted += n
-            for token in new_tokens:
+            for index, token in enumerate(new_tokens):
                 num_generated += 1
+                num_accepted += index < len(new_tokens) - 1  # a draft (not the last pick)
                 if self._append_token(request, int(token)):
                     finished.append(self._finish(request, now))
                     break

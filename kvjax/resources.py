@@ -95,8 +95,11 @@ class CacheResources:
         resumed = not cache.is_active
         if resumed and not cache.resume():
             return False
+        # Exactly history + 1 + drafts (or the reservation): growth left by a step that did not
+        # run is trimmed, so the padding and the rewind of this step land exactly on history.
         needed = cache.history_length + 1 + request.num_draft_tokens
-        if cache.capacity >= needed or cache.resize(capacity=needed):
+        target = max(needed, self._reserved.get(request.request_id, 0))
+        if cache.capacity == target or cache.resize(capacity=target):
             self._allocated_draft_lens[request.request_id] = request.num_draft_tokens
             return True
         if resumed:  # it stays paused as it was: not a new preemption

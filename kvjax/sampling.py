@@ -71,9 +71,6 @@ def sample_tokens(
     return jnp.where(temperature > 0, sampled.astype(jnp.int32), greedy)
 
 
-_ACCEPT_STREAM = 0x5BEC  # folded into a token's key for its acceptance draw
-
-
 @jax.jit
 def verify_tokens(
     logits: jax.Array,
@@ -87,13 +84,14 @@ def verify_tokens(
 ) -> tuple[jax.Array, jax.Array]:
     """Verifies point-proposal drafts against the target's logits at every draft position.
 
-    Greedy rows accept a draft while it equals the target's argmax. Sampled rows accept draft
-    `d` at a position with probability p(d) (p: the target's filtered distribution there) and,
-    at the first rejection, sample from p with `d` removed, renormalized; so every emitted
-    token is distributed as the target's, drafts or not. After the accepted drafts comes one
-    token: the correction at a rejection, else a sample at the position past the last draft.
-    Token j of a row uses the key of its (counter + j)-th token, so with no drafts this is
-    `sample_tokens`.
+    At each position the target picks its token exactly as `sample_tokens` would (argmax, or
+    a sample of its filtered distribution p with the key of the row's (counter + j)-th
+    token); a draft is accepted while it equals that pick, and the first pick that differs
+    is emitted after the accepted drafts (or the pick past the last draft). For a sampled
+    row this is rejection sampling of a point proposal d: accepted with probability p(d),
+    replaced on rejection by a sample of p without d, renormalized; so every emitted token
+    is distributed as the target's and, stream for stream, a seeded request emits the same
+    tokens with or without drafts, whatever its drafts were.
 
     Args:
         logits: f32[rows * (1 + W), vocab]; row `r * (1 + W) + j` scores the token of row r
@@ -106,30 +104,15 @@ def verify_tokens(
         (num_accepted int32[rows], tokens int32[rows, 1 + W]): a row's new tokens are
         `tokens[:num_accepted + 1]`.
     """
-    (rows, width), vocab = (num_drafts.shape[0], draft_tokens.shape[1] + 1), logits.shape[-1]
-    position = jnp.arange(width)
+    rows, width = num_drafts.shape[0], draft_tokens.shape[1] + 1
     repeat = lambda a: jnp.repeat(a, width)  # noqa: E731 (per row -> per position)
-    scaled = _scaled(logits, repeat(temperature), repeat(top_k), repeat(top_p))
-    scaled, logits = scaled.reshape(rows, width, vocab), logits.reshape(rows, width, vocab)
-    drafts = jnp.pad(draft_tokens, ((0, 0), (0, 1)))  # position j's draft; none at the end
-    is_draft = position[None, :] < num_drafts[:, None]
-    keys = jax.vmap(_token_keys, in_axes=(None, 1), out_axes=1)(
-        seeds, counters[:, None] + position[None, :]
-    )
-    probs = jax.nn.softmax(scaled, axis=-1)
-    p_draft = jnp.take_along_axis(probs, drafts[..., None], axis=-1)[..., 0]
-    accept_keys = jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, _ACCEPT_STREAM)))(keys)
-    uniform = jax.vmap(jax.vmap(jax.random.uniform))(accept_keys)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampled_rows = (temperature > 0)[:, None]
-    accept = is_draft & jnp.where(sampled_rows, uniform < p_draft, drafts == greedy)
+    counter = (counters[:, None] + jnp.arange(width)[None, :]).reshape(-1)
+    args = (repeat(temperature), repeat(top_k), repeat(top_p), repeat(seeds), counter)
+    picks = sample_tokens(logits, *args).reshape(rows, width)
+    is_draft = jnp.arange(width - 1)[None, :] < num_drafts[:, None]
+    accept = is_draft & (draft_tokens == picks[:, :-1])
     num_accepted = jnp.sum(jnp.cumprod(accept, axis=1), axis=1).astype(jnp.int32)
-    removed = is_draft[..., None] & (jnp.arange(vocab) == drafts[..., None])
-    residual = jnp.where(removed, -jnp.inf, scaled)
-    sampled = jax.vmap(jax.vmap(jax.random.categorical))(keys, residual).astype(jnp.int32)
-    choice = jnp.where(sampled_rows, sampled, greedy)
-    tokens = jnp.where(position[None, :] < num_accepted[:, None], drafts, choice)
-    return num_accepted, tokens
+    return num_accepted, picks
 
 
 class SamplingInputs:

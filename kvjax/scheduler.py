@@ -96,6 +96,10 @@ class CacheOps(Protocol):
     def try_allocate_generation(self, request: Request) -> bool:
         """Resumes if needed and grows by 1 + draft tokens; False when the device can't."""
 
+    def extend_capacity_for_tokens(self, request: Request, padded_draft_len: int) -> bool:
+        """Grows a request just grown for generation by its draft padding, once per step;
+        False, with nothing changed, when the device can't."""
+
     def suspend_request(self, request: Request) -> None: ...
 
     def is_request_active(self, request: Request) -> bool: ...
@@ -202,7 +206,8 @@ class Scheduler:
 
         `padded_draft_len`: the step pads every generation request's drafts to this many
         tokens (a compiled shape), so each is charged `1 + max(drafts, padded_draft_len)`
-        tokens; KV is still grown by `1 + drafts` (the padding extends it after scheduling).
+        tokens; its KV grows by `1 + drafts`, then by the padding (`extend_capacity_for_tokens`),
+        both in phase 1: memory goes to running requests before any prompt is admitted.
 
         Raises:
             RuntimeError: a deadlock: started requests exist, none could be scheduled or grown,
@@ -254,7 +259,7 @@ class Scheduler:
             num_tokens = 1 + max(request.num_draft_tokens, padded_draft_len)
             if num_tokens > budget.tokens_left:
                 break
-            while not cache.try_allocate_generation(request):
+            while not self._grow(request, padded_draft_len):
                 victim = None if no_evict else self._tail_victim(requests, index, end)
                 if victim is not None:  # suspend the newest started request and retry
                     cache.suspend_request(requests[victim])
@@ -274,6 +279,12 @@ class Scheduler:
             if not no_evict:
                 break
         return generation, deferred, paused, kv_failed and not num_victims
+
+    def _grow(self, request: Request, padded_draft_len: int) -> bool:
+        cache = self.cache
+        if not cache.try_allocate_generation(request):
+            return False
+        return padded_draft_len == 0 or cache.extend_capacity_for_tokens(request, padded_draft_len)
 
     def _tail_victim(self, requests: Sequence[Request], start: int, end: int) -> int | None:
         """The index of the last started request in `[start, end)` whose cache is active."""

@@ -22,7 +22,7 @@ class StepRecord:
     num_padded_tokens: int  # tokens of the bucket it ran in
     num_generated: int  # tokens sampled into outputs
     num_drafted: int  # draft tokens proposed (padding excluded)
-    num_accepted: int  # draft tokens the target accepted
+    num_accepted: int  # draft tokens the target accepted (and the request kept)
     num_verified_seqs: int  # generation rows (each emits 1 + its accepted drafts)
     num_paused: int  # requests the scheduler suspended
     device_in_use: float  # fraction of device pages held by requests
@@ -48,8 +48,13 @@ class EngineMetrics:
         num_device = tiers.num_pages(Tier.DEVICE)
         evictable = tiers.num_evictable(Tier.DEVICE) / num_device
         host = tiers.utilization(Tier.HOST) if Tier.HOST in tiers.tiers else 0.0
+        # The scheduler charged every generation row its padded drafts; padding is not real.
+        rows = range(len(batch.requests))
+        padding = sum(batch.draft_len - int(batch.num_drafts[r]) for r in rows
+                      if not batch.chunk_sizes[r])  # fmt: skip
         record = StepRecord(
-            start=start, end=end, num_seqs=len(batch.requests), num_tokens=output.num_tokens,
+            start=start, end=end, num_seqs=len(batch.requests),
+            num_tokens=output.num_tokens - padding,
             num_padded_tokens=int(batch.inputs.tokens.shape[0]), num_generated=num_generated,
             num_drafted=int(batch.num_drafts.sum()), num_accepted=num_accepted,
             num_verified_seqs=len(output.generation_requests),

@@ -21,7 +21,7 @@ import numpy as np
 from kvjax.checks import check_int
 from kvjax.request import Request, RequestState
 from kvjax.resources import CacheResources
-from kvjax.scheduler import SchedulerOutput
+from kvjax.scheduler import SchedulerConfig
 
 __all__ = [
     "DraftPlanner",
@@ -143,12 +143,13 @@ class NgramDrafter:
 
 
 class DraftPlanner:
-    """The engine's speculative half of a step: drafts before scheduling, padding after.
+    """The engine's drafting before each step is scheduled.
 
     Args:
         config: the drafter and draft lengths.
         resources: the target's caches.
-        max_batch_size: caps the batch size the draft-length schedule is read at.
+        scheduler_config: its batch size caps the batch the schedule is read at; its token
+            budget caps the draft length so that every generating request still fits.
         vocab_size: proposals outside the vocabulary are refused.
     """
 
@@ -156,13 +157,13 @@ class DraftPlanner:
         self,
         config: SpeculativeConfig,
         resources: CacheResources,
-        max_batch_size: int,
+        scheduler_config: SchedulerConfig,
         vocab_size: int,
     ) -> None:
         self.config = config
         self.drafter = config.drafter
         self.resources = resources
-        self.max_batch_size = max_batch_size
+        self.scheduler_config = scheduler_config
         self.vocab_size = vocab_size
 
     def propose(self, queue: Sequence[Request]) -> int:
@@ -175,7 +176,7 @@ class DraftPlanner:
         candidates = [
             r for r in queue if r.state is RequestState.GENERATION_IN_PROGRESS and not r.is_paused
         ]
-        wanted = self.config.draft_len(min(len(candidates), self.max_batch_size) or 1)
+        wanted = self._draft_len(len(candidates))
         asks = [(r, min(wanted, self._room_for_drafts(r))) for r in candidates]
         asks = [(r, k) for r, k in asks if k > 0]
         if not asks:
@@ -193,6 +194,16 @@ class DraftPlanner:
             longest = max(longest, len(drafts))
         return min(d for d in self.config.draft_lengths if d >= longest)
 
+    def _draft_len(self, num_candidates: int) -> int:
+        """The schedule's length for the batch, lowered to a compiled length at which every
+        generating request fits the token budget (drafting never shrinks the batch)."""
+        batch = max(1, min(num_candidates, self.scheduler_config.max_batch_size))
+        wanted = self.config.draft_len(batch)
+        budget = self.scheduler_config.max_num_tokens
+        if budget is not None:
+            wanted = min(wanted, budget // batch - 1)
+        return max(d for d in self.config.draft_lengths if d <= wanted)
+
     def _room_for_drafts(self, request: Request) -> int:
         """Drafts that could still be emitted: the token after them must fit the request's
         `max_new_tokens` and `max_seq_len`."""
@@ -202,24 +213,3 @@ class DraftPlanner:
             self.resources.manager.max_seq_len - request.prompt_length - generated,
         )
         return left - 1
-
-    def extend_for_padding(self, output: SchedulerOutput, draft_len: int) -> SchedulerOutput:
-        """Grows each scheduled generation request by its draft padding; one the device cannot
-        grow is suspended (it resumes in a later step) and leaves the step. The drafter
-        mirrors every suspension."""
-        kept, paused = [], list(output.paused_requests)
-        for request in output.generation_requests:
-            if self.resources.extend_capacity_for_tokens(request, draft_len):
-                kept.append(request)
-            else:
-                self.resources.suspend_request(request)
-                paused.append(request)
-        for request in paused:
-            self.drafter.suspend(request)
-        dropped = len(output.generation_requests) - len(kept)
-        return dataclasses.replace(
-            output,
-            generation_requests=kept,
-            paused_requests=paused,
-            num_tokens=output.num_tokens - dropped * (1 + draft_len),
-        )

@@ -117,6 +117,15 @@ def test_ngram_greedy_equals_dense_under_pressure_and_reuse(model, monkeypatch):
     again, _ = serve_speculative(engine, monkeypatch, prompts, greedy())
     assert [o.token_ids for o in again] == [o.token_ids for o in outputs]
     assert all(o.metrics.num_reused_tokens > 0 for o in again)
+    # Seeded sampling emits the very tokens plain decoding does, drafts or not.
+    sampled = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.8, top_k=16, seed=4)
+    accepted_before = engine.metrics.summary()["acceptance_rate"]
+    speculative, _ = serve_speculative(engine, monkeypatch, prompts, sampled)
+    assert engine.metrics.summary()["acceptance_rate"] != accepted_before  # drafts ran
+    plain = make_engine(model, device_pages=13, host_pages=64)
+    expected = plain.generate(prompts, sampled, use_tqdm=False)
+    assert [o.token_ids for o in speculative] == [o.token_ids for o in expected]
+    assert_all_pages_free(plain)
     assert_all_pages_free(engine)
 
 

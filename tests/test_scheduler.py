@@ -71,6 +71,10 @@ class FakeCache:
             return False
         return self._take(rid, 1 + request.num_draft_tokens)
 
+    def extend_capacity_for_tokens(self, request, padded_draft_len):
+        self.calls.append(("extend", request.request_id, padded_draft_len))
+        return self._take(request.request_id, padded_draft_len - request.num_draft_tokens)
+
     def suspend_request(self, request):
         rid = request.request_id
         self.calls.append(("suspend", rid))

@@ -13,7 +13,7 @@ from kvjax.manager import KVCacheManager
 from kvjax.request import Request, RequestState, SamplingParams
 from kvjax.resources import CacheResources
 from kvjax.sampling import sample_tokens, verify_tokens
-from kvjax.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kvjax.scheduler import Scheduler, SchedulerConfig
 from kvjax.speculative import (
     DraftPlanner,
     NgramDrafter,
@@ -62,10 +62,10 @@ def test_ngram_lookup_prefers_the_longest_suffix_then_the_latest_match():
         NgramDrafter(max_ngram=1, min_ngram=2)
 
 
-def make_resources(device_pages=12, max_draft_tokens=4):
+def make_resources(device_pages=12, max_draft_tokens=4, host_pages=0):
     config = CacheConfig(
         num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB, device_pages=device_pages,
-        host_pages=0,
+        host_pages=host_pages,
     )  # fmt: skip
     manager = KVCacheManager(config, max_seq_len=32, max_total_draft_tokens=max_draft_tokens)
     return CacheResources(manager, max_draft_tokens=max_draft_tokens)
@@ -165,11 +165,12 @@ class _Fixed:
         pass
 
 
-def test_planner_drafts_active_generation_requests_and_pads_to_a_compiled_length():
+def test_planner_drafts_running_generation_requests_at_a_compiled_length():
     resources = make_resources(device_pages=7)  # 6 usable: 2 pages for each of 3 prompts
     drafter = _Fixed([7, 7])
     config = SpeculativeConfig(drafter, 4, {1: 4, 2: 2})
-    planner = DraftPlanner(config, resources, max_batch_size=4, vocab_size=100)
+    scheduler_config = SchedulerConfig(max_batch_size=4, max_num_tokens=64, chunk_unit=4)
+    planner = DraftPlanner(config, resources, scheduler_config, vocab_size=100)
     first = generating(resources, 0)
     second = generating(resources, 1, drafts=[1])
     near_end = generating(resources, 2)
@@ -183,18 +184,42 @@ def test_planner_drafts_active_generation_requests_and_pads_to_a_compiled_length
     assert planner.propose([first, second, near_end, waiting]) == 2  # holds the 2 proposed
     assert drafter.asked[-1] == [(0, 2), (2, 1)]
     assert first.draft_tokens == [7, 7] and near_end.draft_tokens == [7]
+    # A token budget of 5 holds 2 requests of 1 + 1 drafts: 1 is not compiled, so none.
+    planner.scheduler_config = SchedulerConfig(max_batch_size=4, max_num_tokens=5, chunk_unit=1)
+    assert planner.propose([first, near_end]) == 0 and first.draft_tokens == []
+    planner.scheduler_config = scheduler_config
     drafter.drafts = [7, 1000]
     with pytest.raises(ValueError, match=r"proposed \[7, 1000\] for request 0"):
         planner.propose([first])
-    # Padding that the device cannot hold suspends the request and drops it from the step.
-    first.draft_tokens = [7]
-    assert resources.try_allocate_generation(first)
-    output = SchedulerOutput([], [first], [], 5)
-    planned = planner.extend_for_padding(output, 4)
-    assert planned.generation_requests == [] and planned.paused_requests == [first]
-    assert planned.num_tokens == 0 and first.is_paused and drafter.suspended == [0]
-    assert first.metrics.num_preemptions == 1
     for request in (first, second, near_end):
+        resources.free(request)
+    resources.manager.check_invariants()
+
+
+def test_padding_is_allocated_before_prompts_are_admitted_and_evicts_like_growth():
+    """Phase 1 grows a generation request by 1 + drafts and then by its padding, before phase 2
+    admits prompts: a new prompt never takes the pages a running request's padding needs; a
+    padding that does not fit suspends the tail as growth does."""
+    # 4 usable device pages of 4 tokens; suspended pages go to the host.
+    resources = make_resources(device_pages=5, max_draft_tokens=5, host_pages=8)
+    running = generating(resources, 0, drafts=[5])  # 2 pages, history 6
+    scheduler = Scheduler(SchedulerConfig(max_batch_size=4, max_num_tokens=32, chunk_unit=4),
+                          resources)  # fmt: skip
+    # The padding takes the third page; the prompt (2 pages) then waits. (Extended after
+    # scheduling, the prompt would take 2 and the padding would suspend the running request.)
+    prompt = Request(1, list(range(50, 58)))
+    output = scheduler.schedule([running, prompt], padded_draft_len=4)
+    assert output.generation_requests == [running] and output.context_requests == []
+    assert running.cache.capacity == 6 + 1 + 4 and running.cache.num_blocks == 3
+    resources.tokens_computed(running, [99], num_rejected=4)  # nothing accepted
+    assert running.cache.capacity == running.cache.history_length == 7
+    # Two running requests (3 pages), padding for one: the tail is suspended, the head runs.
+    tail = generating(resources, 2, prompt_len=4)  # 1 page
+    running.draft_tokens, tail.draft_tokens = [5], []
+    output = scheduler.schedule([running, tail], padded_draft_len=5)  # head: 7 + 1 + 5, 4 pages
+    assert output.generation_requests == [running] and output.paused_requests == [tail]
+    assert tail.is_paused and tail.metrics.num_preemptions == 1
+    for request in (running, tail):
         resources.free(request)
     resources.manager.check_invariants()
 
@@ -208,7 +233,8 @@ def test_scheduler_charges_padded_drafts_but_grows_by_real_ones():
     output = scheduler.schedule(requests, padded_draft_len=3)
     assert output.generation_requests == requests[:2]  # 4 tokens each; a third would need 12
     assert output.num_tokens == 8
-    assert cache.active[0] == 1 + 1 + 1 and cache.active[1] == 1 + 1  # start unit + 1 + drafts
+    assert cache.calls.count(("extend", 0, 3)) == 1  # grown by 1 + 1 draft, then 2 of padding
+    assert cache.active[0] == cache.active[1] == 1 + 1 + 3  # start unit + 1 + padded drafts
     with pytest.raises(ValueError, match="padded_draft_len=-1 must be >= 0"):
         scheduler.schedule(requests, padded_draft_len=-1)
 
@@ -283,17 +309,26 @@ def test_rejection_sampling_keeps_the_target_distribution(top_k):
         assert not np.isin(tokens[:, 0], [2, 4]).any()  # outside the top 3 at position 0
 
 
-def test_verification_streams_follow_the_seed_not_the_batch():
+def test_verification_streams_follow_the_seed_not_the_batch_nor_the_drafts():
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(4 * 3, 16)).astype(np.float32)
-    drafts = rng.integers(0, 16, (4, 2)).astype(np.int32)
-    params = rows_of(4, temperature=1.0, seed=3)
-    both = verify_tokens(logits, drafts, np.full(4, 2, np.int32), *params)
-    alone = verify_tokens(logits[6:9], drafts[2:3], np.full(1, 2, np.int32),
+    params = rows_of(4, temperature=1.0, seed=3, counter=2)
+    # What plain sampling emits at each position (counters 2, 3, 4) for every row.
+    plain = np.stack(
+        [sample_tokens(logits[j::3], *params[:4], params[4] + j) for j in range(3)], axis=1
+    )
+    for drafts in (rng.integers(0, 16, (4, 2)), plain[:, :2], np.zeros((4, 2))):
+        drafts = np.asarray(drafts, np.int32)
+        accepted, tokens = verify_tokens(logits, drafts, np.full(4, 2, np.int32), *params)
+        for row in range(4):
+            n = int(accepted[row])
+            assert tokens[row, : n + 1].tolist() == plain[row, : n + 1].tolist()
+    accepted, _ = verify_tokens(logits, plain[:, :2], np.full(4, 2, np.int32), *params)
+    assert accepted.tolist() == [2, 2, 2, 2]  # the target's own picks are all accepted
+    alone = verify_tokens(logits[6:9], plain[2:3, :2], np.full(1, 2, np.int32),
                           *[a[2:3] for a in params])  # fmt: skip
-    assert int(both[0][2]) == int(alone[0][0])
-    assert both[1][2].tolist() == alone[1][0].tolist()
-    jax.block_until_ready(both)
+    assert alone[1][0].tolist() == plain[2].tolist()
+    jax.block_until_ready(alone)
 
 
 def test_request_with_drafts_is_a_plain_record():
