@@ -5,7 +5,8 @@ acceptance, or rejection sampling that keeps the target distribution).
 
 Each row has its own parameters and its own random stream: the key of a row is its request's
 seed folded with the number of tokens it has generated, so a seeded request samples the same
-tokens whatever it is batched with. Only the sampled ids leave the device.
+tokens whatever it is batched with, and with or without speculative drafts. Only the sampled ids
+leave the device.
 """
 
 from __future__ import annotations

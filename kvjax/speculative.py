@@ -1,12 +1,13 @@
-"""Speculative decoding on the host: the drafter interface, the n-gram (prompt lookup) drafter and
-the draft-length schedule.
+"""Speculative decoding on the host: the drafter interface, the n-gram (prompt lookup) drafter,
+the draft-length schedule and the drafting of each step.
 
 A drafter proposes up to k tokens per generation request before the step is scheduled; the
 target model verifies them all in one ragged step (q_len = 1 + k per request). Drafts are point
 proposals (no draft distribution): greedy verification accepts a draft while it equals the
 target's argmax, sampled verification accepts it with the target probability of that token and
 otherwise samples from the target with the token removed, which keeps the target distribution
-exactly (`kvjax.sampling.verify_tokens`). Host side: imports no JAX.
+exactly (`kvjax.sampling.verify_tokens` does both by comparing each draft with the target's own
+pick). Host side: imports no JAX.
 """
 
 from __future__ import annotations
