@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from kvjax.batch import build_step_batch
@@ -33,6 +34,7 @@ from kvjax.resources import CacheResources
 from kvjax.sampling import SamplingInputs
 from kvjax.scheduler import Scheduler, SchedulerConfig
 from kvjax.serving_metrics import EngineMetrics
+from kvjax.sharding import check_heads, shard_params, tensor_parallel_mesh
 from kvjax.speculative import DraftPlanner, SpeculativeConfig
 from kvjax.step import Buckets, StepRegistry
 
@@ -61,6 +63,9 @@ class Engine:
         seed: draws the seeds of requests that give none.
         speculative: a drafter and draft lengths; each step then verifies every generation
             request's drafts (padded to the step's draft length) in one ragged step.
+        tensor_parallel: shard over this many devices (or this `jax.sharding.Mesh`, axis
+            `kvjax.sharding.TP_AXIS`): the pool over KV heads, the weights by the model's
+            `partition_specs()`; the scheduler and the cache manager stay single.
     """
 
     def __init__(
@@ -79,9 +84,13 @@ class Engine:
         interpret: bool | None = None,
         seed: int = 0,
         speculative: SpeculativeConfig | None = None,
+        tensor_parallel: int | Mesh | None = None,
     ) -> None:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         check_model_geometry(model, cache_config)
+        self.mesh = None if tensor_parallel is None else tensor_parallel_mesh(tensor_parallel)
+        if self.mesh is not None:
+            check_heads(model.config.num_heads, model.config.num_kv_heads, self.mesh)
         self.vocab_size = model.config.vocab_size
         if eos_token_ids is None:
             eos_token_ids = getattr(model.config, "eos_token_ids", ())
@@ -103,7 +112,7 @@ class Engine:
             )
         max_draft = draft_lengths[-1]
         self.manager = KVCacheManager(
-            cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft
+            cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft, mesh=self.mesh
         )
         try:
             self.resources = CacheResources(
@@ -116,13 +125,20 @@ class Engine:
             self.scheduler = Scheduler(self.scheduler_config, self.resources, self.lora_pages)
             impl = impl or ("pallas" if jax.default_backend() == "gpu" else "xla")
             graphdef, self._params = nnx.split(model)
+            options = {"impl": impl, "interpret": interpret}
+            if self.mesh is not None:
+                self._params = shard_params(self._params, model.partition_specs(), self.mesh)
+                options["mesh"] = self.mesh
 
             def step(params, kv_pool, inputs):
-                return nnx.merge(graphdef, params)(inputs, kv_pool, impl=impl, interpret=interpret)
+                return nnx.merge(graphdef, params)(inputs, kv_pool, **options)
 
-            self.registry = StepRegistry(step)
+            self.registry = StepRegistry(step, self.mesh)
             self.compiles = CompileCounter()
-            warm_up(self.registry, self._params, self.manager, self.buckets, self.scheduler_config)
+            warm_up(
+                self.registry, self._params, self.manager, self.buckets, self.scheduler_config,
+                self.mesh,
+            )  # fmt: skip
             self.compiles.mark_warm()
         except BaseException:
             self.manager.shutdown()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kvjax.config import CacheConfig
 from kvjax.manager import KVCacheManager
@@ -99,6 +100,7 @@ def warm_up(
     manager: KVCacheManager,
     buckets: Buckets,
     config: SchedulerConfig,
+    mesh=None,
 ) -> None:
     """Compiles every bucket's step, the sampler for each logit layout and the page moves.
 
@@ -120,7 +122,9 @@ def warm_up(
         for rows, width in sorted({(k.num_seqs, k.logits_per_seq) for k in buckets.keys}):
             zeros = np.zeros(rows, np.float32)
             ints = np.zeros(rows, np.int32)
-            logits = jax.device_put(np.zeros((rows * width, vocab), np.float32))
+            # Placed as the step returns them (replicated over a mesh), so serving reuses it.
+            logits = np.zeros((rows * width, vocab), np.float32)
+            logits = jax.device_put(logits, mesh and NamedSharding(mesh, PartitionSpec()))
             drafts = np.zeros((rows, width - 1), np.int32)
             verify_tokens(
                 logits, drafts, ints, zeros, ints, zeros + 1, ints.astype(np.uint32), ints

@@ -57,6 +57,8 @@ class KVCacheManager:
             most blocks a cache may have. Lookups longer than `max_seq_len` are refused.
         max_events: KV events kept for `take_events` (0 turns them off).
         storage: the page bytes; default a `KVStorage` built from `config`.
+        mesh: a `jax.sharding.Mesh` for the default storage: its pool is sharded over KV heads
+            (tensor parallelism); page ids stay the same on every shard.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class KVCacheManager:
         max_total_draft_tokens: int = 0,
         max_events: int = 1024,
         storage: KVStorage | None = None,
+        mesh: Any = None,
     ) -> None:
         if not isinstance(config, CacheConfig):
             raise ValueError(f"config={config!r} is not a CacheConfig")
@@ -93,6 +96,7 @@ class KVCacheManager:
                 num_host_pages,
                 config.num_disk_pages,
                 config.disk_dir,
+                mesh=mesh,
             )
         layout, wanted = (
             (tuple(storage.page_shape), storage.dtype),

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kvjax.checks import check_int
 from kvjax.pages import NULL_PAGE
@@ -186,8 +187,19 @@ class StepInputs:
             logits_indices=np.zeros(key.num_logits, np.int32),
         )
 
-    def shape_structs(self) -> StepInputs:
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.int32), self)
+    def shape_structs(self, sharding=None) -> StepInputs:
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(np.shape(a), np.int32, sharding=sharding), self
+        )
+
+
+def _struct(array) -> jax.ShapeDtypeStruct:
+    """Shape, dtype and, for an array sharded over a mesh, its sharding: what a compile needs
+    of an argument (single-device arrays stay unpinned, as they are when served)."""
+    sharding = getattr(array, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        sharding = None
+    return jax.ShapeDtypeStruct(np.shape(array), array.dtype, sharding=sharding)
 
 
 @dataclasses.dataclass
@@ -215,10 +227,13 @@ class StepRegistry:
 
     Args:
         step_fn: the step; the pool (argument 1) is donated.
+        mesh: tensor parallelism: inputs are replicated over it; params and pool keep the
+            shardings they have when compiled.
     """
 
-    def __init__(self, step_fn: Callable) -> None:
+    def __init__(self, step_fn: Callable, mesh=None) -> None:
         self._jitted = jax.jit(step_fn, donate_argnums=1)
+        self._input_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         self._executables: dict[BucketKey, Any] = {}
         self.max_blocks: int | None = None  # page-table width, fixed by the first compile
         self.stats = StepStats()
@@ -245,9 +260,9 @@ class StepRegistry:
         if self.max_blocks is not None and width != self.max_blocks:
             raise ValueError(f"page tables of {width} blocks; this registry uses {self.max_blocks}")
         self.max_blocks = width
-        structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), params)
-        pool_struct = jax.ShapeDtypeStruct(pool.shape, pool.dtype)
-        executable = self._jitted.lower(structs, pool_struct, inputs.shape_structs()).compile()
+        structs = jax.tree.map(_struct, params)
+        inputs = inputs.shape_structs(self._input_sharding)
+        executable = self._jitted.lower(structs, _struct(pool), inputs).compile()
         self._executables[key] = executable
         self.stats.compiled += 1
         return executable
@@ -269,7 +284,9 @@ class StepRegistry:
             executable = self._executables[key]
             self.stats.fallbacks += 1
         self.stats.runs += 1
-        device_inputs = jax.tree.map(lambda a: jax.device_put(np.asarray(a, np.int32)), inputs)
+        device_inputs = jax.tree.map(
+            lambda a: jax.device_put(np.asarray(a, np.int32), self._input_sharding), inputs
+        )
         return executable(params, pool, device_inputs)
 
 

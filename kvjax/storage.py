@@ -9,6 +9,7 @@ compiled code.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -18,11 +19,13 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kernels.block_copy import copy_pages, gather_pages, scatter_pages
 from kvjax.checks import check_int
 from kvjax.config import KV_DTYPES
 from kvjax.pages import NULL_PAGE, Tier
+from kvjax.sharding import pool_spec
 
 if TYPE_CHECKING:
     from kvjax.tiers import PageMove
@@ -60,6 +63,8 @@ class KVStorage:
         num_host_pages, num_disk_pages: sizes of the colder tiers; 0 leaves a tier out.
         disk_dir: directory of the disk tier's anonymous file; required when num_disk_pages > 0.
         impl: device ops of `kernels.block_copy`: "pallas" or "xla"; default `default_impl()`.
+        mesh: tensor parallelism: the pool is sharded over KV heads on this mesh and every page
+            op runs per shard (`shard_map`); page ids are the same on every shard.
     """
 
     def __init__(
@@ -72,6 +77,7 @@ class KVStorage:
         disk_dir: str | os.PathLike | None = None,
         *,
         impl: str | None = None,
+        mesh=None,
     ) -> None:
         self.page_shape = tuple(check_int("page_shape", d, minimum=1) for d in page_shape)
         if len(self.page_shape) != 5:
@@ -94,13 +100,38 @@ class KVStorage:
                 f"impl='pallas' needs power-of-two tokens_per_block={page_size} and "
                 f"head_dim={head_dim} (Triton tiles); use impl='xla'"
             )
-        self._pool = jnp.zeros((num_device_pages, *self.page_shape), self.dtype)
+        self.mesh = mesh
+        self._page_ops()
+        self._pool = self._placed(jnp.zeros((num_device_pages, *self.page_shape), self.dtype))
         host_shape = (num_host_pages, *self.page_shape)
         self._host = np.zeros(host_shape, self.dtype) if num_host_pages else None
         self._disk_file = self._disk = None
         if num_disk_pages:
             self._disk_file, self._disk = self._new_disk(num_disk_pages)
         self._closed = False
+
+    def _page_ops(self) -> None:
+        """The batched page ops of `impl`, per shard of the KV heads when there is a mesh."""
+        ops = [functools.partial(op, impl=self.impl) for op in (copy_pages, gather_pages,
+                                                                 scatter_pages)]  # fmt: skip
+        if self.mesh is not None:
+            pool, ids = pool_spec(), PartitionSpec()
+            specs = (((pool, ids, ids, ids), pool), ((pool, ids, ids), pool),
+                     ((pool, pool, ids, ids), pool))  # fmt: skip
+            ops = [
+                jax.jit(
+                    jax.shard_map(op, mesh=self.mesh, in_specs=ins, out_specs=out, check_vma=False),
+                    donate_argnums=() if op.func is gather_pages else 0,
+                )
+                for op, (ins, out) in zip(ops, specs, strict=True)
+            ]
+        self._copy, self._gather, self._scatter = ops
+
+    def _placed(self, pages: jax.Array | np.ndarray) -> jax.Array:
+        """Pages on the device: sharded over KV heads when there is a mesh."""
+        if self.mesh is None:
+            return jax.device_put(pages)
+        return jax.device_put(pages, NamedSharding(self.mesh, pool_spec()))
 
     # -- tiers --------------------------------------------------------------------------------
 
@@ -163,7 +194,8 @@ class KVStorage:
         if tier is Tier.DEVICE:
             pool, self._pool = self._pool, None  # the old pool is freed once dropped here
             grow = jnp.zeros((num_pages - keep, *self.page_shape), self.dtype)
-            self._pool = jnp.concatenate([pool[:keep], grow]) if num_pages > keep else pool[:keep]
+            pool = jnp.concatenate([pool[:keep], grow]) if num_pages > keep else pool[:keep]
+            self._pool = self._placed(pool)
         elif tier is Tier.HOST:
             host, self._host = self._host, np.zeros((num_pages, *self.page_shape), self.dtype)
             self._host[:keep] = host[:keep]
@@ -193,12 +225,12 @@ class KVStorage:
         count, bucket, largest = 0, 1, page_bucket(self.num_pages(Tier.DEVICE))
         while bucket <= largest:
             ids = np.full(bucket, NULL_PAGE, np.int32)
-            self._pool = copy_pages(self._pool, ids, ids, none, impl=self.impl)
+            self._pool = self._copy(self._pool, ids, ids, none)
             count += 1
             if colder:
-                jax.block_until_ready(gather_pages(self._pool, ids, none, impl=self.impl))
-                staging = jax.device_put(np.zeros((bucket, *self.page_shape), self.dtype))
-                self._pool = scatter_pages(self._pool, staging, ids, none, impl=self.impl)
+                jax.block_until_ready(self._gather(self._pool, ids, none))
+                staging = self._placed(np.zeros((bucket, *self.page_shape), self.dtype))
+                self._pool = self._scatter(self._pool, staging, ids, none)
                 count += 2
             bucket *= 2
         return count
@@ -246,21 +278,17 @@ class KVStorage:
         dst_ids = [move.dst_page for move in batch]
         num_valid = np.int32(len(batch))
         if src_tier is Tier.DEVICE and dst_tier is Tier.DEVICE:
-            self._pool = copy_pages(
-                self._pool, _padded(src_ids), _padded(dst_ids), num_valid, impl=self.impl
-            )
+            self._pool = self._copy(self._pool, _padded(src_ids), _padded(dst_ids), num_valid)
         elif src_tier is Tier.DEVICE:
-            staging = gather_pages(self._pool, _padded(src_ids), num_valid, impl=self.impl)
+            staging = self._gather(self._pool, _padded(src_ids), num_valid)
             self._array(dst_tier)[dst_ids] = np.asarray(jax.device_get(staging))[: len(batch)]
         elif dst_tier is Tier.DEVICE:
             staging = np.empty((page_bucket(len(batch)), *self.page_shape), self.dtype)
             # mode="clip" lets take write straight into `out` (ids are checked already).
             np.take(self._array(src_tier), src_ids, axis=0, out=staging[: len(batch)], mode="clip")
             staging[len(batch) :] = 0  # dropped by scatter_pages; zeroed to stay deterministic
-            staging = jax.device_put(staging)
-            self._pool = scatter_pages(
-                self._pool, staging, _padded(dst_ids), num_valid, impl=self.impl
-            )
+            staging = self._placed(staging)
+            self._pool = self._scatter(self._pool, staging, _padded(dst_ids), num_valid)
         else:
             self._array(dst_tier)[dst_ids] = self._array(src_tier)[src_ids]
 

@@ -10,14 +10,18 @@ the pages (`kernels.ragged_paged_attention`); the forward returns the logits of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import PartitionSpec as P
 
 from kernels.kv_write import write_kv
 from kernels.ragged_paged_attention import ragged_paged_attention
 from kvjax.page_table import slot_mapping, token_positions
+from kvjax.sharding import TP_AXIS, pool_spec
 from kvjax.step import StepInputs
 from models.config import LlamaConfig, rope_frequencies
 
@@ -111,6 +115,11 @@ class Llama(nnx.Module):
             )  # fmt: skip
         self.inv_freq = nnx.Variable(jnp.asarray(rope_frequencies(config)))
 
+    def partition_specs(self) -> nnx.State:
+        """A `PartitionSpec` over `kvjax.sharding.TP_AXIS` for every array of `nnx.state(self)`:
+        q/k/v, gate and up column-parallel, o and down row-parallel, the rest replicated."""
+        return _partition_specs(self)
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """f32[rows, vocab] from final hidden states [rows, hidden_size]."""
         hidden = self.norm(hidden)
@@ -128,6 +137,7 @@ class Llama(nnx.Module):
         embedding_mask: jax.Array | None = None,
         impl: str = "pallas",
         interpret: bool | None = None,
+        mesh: Mesh | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """One step.
 
@@ -137,6 +147,8 @@ class Llama(nnx.Module):
             embeddings, embedding_mask: optional [tokens, hidden_size] and bool[tokens]: rows
                 where the mask is set take these embeddings instead of the token's (images).
             impl, interpret: passed to the kernels.
+            mesh: tensor parallelism: weights sharded by `partition_specs()`, the pool over KV
+                heads; the KV write and attention then run per shard on its local heads.
 
         Returns:
             (f32[num_seqs_bucket, vocab] logits of each sequence's `logits_indices` row, pool).
@@ -159,18 +171,55 @@ class Llama(nnx.Module):
             v = attn.v_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
             q = apply_rope(q, positions, self.inv_freq.get_value())
             k = apply_rope(k, positions, self.inv_freq.get_value())
-            kv_pool = write_kv(
-                kv_pool, k.astype(kv_pool.dtype), v.astype(kv_pool.dtype), slots, layer=index,
-                impl=impl, interpret=interpret,
-            )  # fmt: skip
-            out = ragged_paged_attention(
-                q.astype(kv_pool.dtype), kv_pool, inputs.page_table, inputs.kv_lens,
-                inputs.cu_q_lens, inputs.num_seqs, layer=index, sm_scale=sm_scale, impl=impl,
-                interpret=interpret,
+            attend = functools.partial(
+                _write_and_attend, layer=index, sm_scale=sm_scale, impl=impl, interpret=interpret
+            )
+            if mesh is not None:
+                heads = PartitionSpec(None, TP_AXIS, None)
+                attend = jax.shard_map(
+                    attend, mesh=mesh, in_specs=(pool_spec(), heads, heads, heads, *[P()] * 5),
+                    out_specs=(heads, pool_spec()), check_vma=False,
+                )  # fmt: skip
+            dtype = kv_pool.dtype
+            out, kv_pool = attend(
+                kv_pool, q.astype(dtype), k.astype(dtype), v.astype(dtype), slots,
+                inputs.page_table, inputs.kv_lens, inputs.cu_q_lens, inputs.num_seqs,
             )  # fmt: skip
             x = x + attn.o_proj(out.reshape(num_tokens, -1).astype(x.dtype))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.logits(x[inputs.logits_indices]), kv_pool
+
+
+def _write_and_attend(
+    kv_pool, q, k, v, slots, page_table, kv_lens, cu_q_lens, num_seqs, *, layer, sm_scale,
+    impl, interpret,
+):  # fmt: skip
+    """One layer's KV write and ragged attention (per shard under tensor parallelism)."""
+    kv_pool = write_kv(kv_pool, k, v, slots, layer=layer, impl=impl, interpret=interpret)
+    out = ragged_paged_attention(
+        q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, layer=layer, sm_scale=sm_scale,
+        impl=impl, interpret=interpret,
+    )  # fmt: skip
+    return out, kv_pool
+
+
+# Megatron tensor parallelism: column-parallel projections into heads and the MLP, row-parallel
+# projections out of them (XLA inserts the all-reduce); everything else replicated.
+_COLUMN_PARALLEL = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+_ROW_PARALLEL = {"o_proj", "down_proj"}
+
+
+def _partition_specs(model: Llama) -> nnx.State:
+    def spec(path, variable):
+        names = {str(p) for p in path}
+        kind = str(path[-1])
+        if names & _COLUMN_PARALLEL:
+            return P(None, TP_AXIS) if kind == "kernel" else P(TP_AXIS)
+        if names & _ROW_PARALLEL and kind == "kernel":
+            return P(TP_AXIS, None)
+        return P()
+
+    return nnx.map_state(spec, nnx.state(model))
 
 
 def truncated_draft(model: Llama, num_layers: int) -> Llama:

@@ -1,0 +1,90 @@
+"""Tensor parallelism on 4 CPU devices (run by tests/test_tensor_parallel.py in a subprocess with
+`XLA_FLAGS=--xla_force_host_platform_device_count=4`, so other tests keep one device).
+
+A 2- and 4-way sharded engine give the single-device engine's greedy tokens under prefix reuse,
+partial-block reuse and suspend/resume; the pool stays sharded over KV heads after every step;
+no compiled step all-gathers the pool; head counts that do not divide are refused.
+"""
+
+import re
+import sys
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from kvjax.request import SamplingParams
+from kvjax.sharding import TP_AXIS
+from tests.test_engine import assert_all_pages_free, dense_greedy, make_engine
+from tests.test_llama import random_model, tiny_config
+
+POOL_SPEC = PartitionSpec(None, None, None, TP_AXIS)
+
+
+def serve(engine, prompts, params, tp):
+    ids = [engine.add_request(p, params) for p in prompts]
+    outputs = {}
+    while engine.num_unfinished:
+        for output in engine.step():
+            outputs[output.request_id] = output
+        engine.manager.check_invariants()
+        if tp:  # still sharded over KV heads: nothing gathered it to one device
+            sharding = engine.manager.pool.sharding
+            assert sharding.spec == POOL_SPEC and sharding.mesh.shape[TP_AXIS] == tp, sharding
+    assert engine.compiles.after_warmup == 0
+    return [outputs[i] for i in ids]
+
+
+def pool_all_gathers(engine) -> list[str]:
+    """Lines of compiled steps that all-gather a whole pool."""
+    pool = engine.manager.pool
+    full = "f32[" + ",".join(str(d) for d in pool.shape) + "]"
+    lines = []
+    for key in engine.registry.keys:
+        text = engine.registry._executables[key].as_text()
+        lines += [ln for ln in text.splitlines() if re.search("all-gather", ln) and full in ln]
+    return lines
+
+
+def main() -> None:
+    assert len(jax.devices()) == 4, jax.devices()
+    model = random_model(tiny_config(num_heads=8, num_kv_heads=4, head_dim=8))
+    rng = np.random.default_rng(0)
+    prefix = list(rng.integers(0, 64, 13))  # reuse ends mid-block at tpb 4: partial reuse
+    prompts = [prefix + list(rng.integers(0, 64, n)) for n in (3, 9, 14, 5)]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    results = {}
+    for tp in (None, 2, 4):
+        # 13 device pages for 4 requests of up to 37 tokens: the tail is suspended to the host.
+        engine = make_engine(model, device_pages=13, host_pages=64, tensor_parallel=tp)
+        cold = serve(engine, prompts[:1], params, tp)
+        warm = serve(engine, prompts[1:], params, tp)
+        outputs = cold + warm
+        assert min(o.metrics.num_reused_tokens for o in warm) >= 13
+        assert sum(o.metrics.num_preemptions for o in outputs) > 0
+        if tp:
+            assert pool_all_gathers(engine) == []
+        results[tp] = [o.token_ids for o in outputs]
+        assert_all_pages_free(engine)
+        print(f"tp={tp}: {len(outputs)} requests, pool {engine.mesh and POOL_SPEC}")
+    assert results[None] == results[2] == results[4]
+    assert results[None][0] == tuple(dense_greedy(model, prompts[0], 10))
+    narrow = random_model(tiny_config(num_heads=4, num_kv_heads=2, head_dim=8))
+    try:
+        make_engine(narrow, tensor_parallel=4)
+    except ValueError as error:
+        assert "num_kv_heads=2 does not divide over tensor_parallel=4" in str(error), error
+    else:
+        raise AssertionError("num_kv_heads=2 over 4 devices was accepted")
+    try:
+        make_engine(model, tensor_parallel=8)
+    except ValueError as error:
+        assert "tensor_parallel=8 must be in [1, 4]" in str(error), error
+    else:
+        raise AssertionError("tensor_parallel=8 on 4 devices was accepted")
+    print("tensor parallel ok")
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
