@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host-pages", type=int, default=None, help="default: provisioned")
     p.add_argument("--tokens-per-block", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the device's")
+    p.add_argument(
+        "--tensor-parallel", type=int, default=None,
+        help="shard over N devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)",
+    )  # fmt: skip
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-num-tokens", type=int, default=256)
     p.add_argument("--chunk-unit", type=int, default=16)
@@ -157,7 +161,10 @@ def build_engine(model, args, **options) -> tuple[Engine, float]:
     )  # fmt: skip
     start = time.perf_counter()
     config = cache_config(model, args)
-    engine = Engine(model, config, scheduler, max_seq_len=args.max_seq_len, **options)
+    engine = Engine(
+        model, config, scheduler, max_seq_len=args.max_seq_len,
+        tensor_parallel=args.tensor_parallel, **options,
+    )  # fmt: skip
     return engine, time.perf_counter() - start
 
 
@@ -198,6 +205,8 @@ def main(argv=None) -> dict:
     summary["compilations_after_warmup"] = engine.compiles.after_warmup
     summary["warmup_s"] = warmup_s
     summary["step_shapes"] = engine.registry.stats.compiled
+    summary["devices"] = args.tensor_parallel or 1
+    summary["output_tokens_per_s_per_device"] = summary["output_tokens_per_s"] / summary["devices"]
     steps = engine.metrics.steps
     engine.shutdown()
     report(summary)
@@ -309,6 +318,9 @@ def report(s: dict) -> None:
     print(f"preemptions         {s['preemptions']}")
     print(f"padding waste       {s['padding_waste']:.1%} of token rows")
     print(f"compilations after warm-up: {s['compilations_after_warmup']}")
+    if s["devices"] > 1:
+        print(f"tensor parallel     {s['devices']} devices, "
+              f"{s['output_tokens_per_s_per_device']:.1f} output tok/s per device")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -82,7 +82,26 @@ def main() -> None:
         assert "tensor_parallel=8 must be in [1, 4]" in str(error), error
     else:
         raise AssertionError("tensor_parallel=8 on 4 devices was accepted")
+    check_benchmark()
     print("tensor parallel ok")
+
+
+def check_benchmark() -> None:
+    """The serving benchmark's --tensor-parallel runs and reports per-device throughput."""
+    import tempfile
+
+    from benchmarks.serve import main as serve_main
+
+    with tempfile.TemporaryDirectory() as out:
+        argv = [
+            "--tensor-parallel", "2", "--groups", "1", "--per-group", "2", "--system-len", "24",
+            "--user-len", "4", "8", "--new-tokens", "4", "--max-batch-size", "2",
+            "--max-num-tokens", "32", "--device-pages", "24", "--tokens-per-block", "8",
+            "--out", out, "--no-progress",
+        ]  # fmt: skip
+        summary = serve_main(argv)["summary"]
+    assert summary["devices"] == 2 and summary["compilations_after_warmup"] == 0, summary
+    assert summary["output_tokens_per_s_per_device"] > 0
 
 
 if __name__ == "__main__":
