@@ -11,7 +11,7 @@ from kvjax.request import Request
 from kvjax.scheduler import SchedulerOutput
 from kvjax.step import Buckets, StepInputs
 
-__all__ = ["StepBatch", "build_step_batch"]
+__all__ = ["StepBatch", "build_step_batch", "pack_rows"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,29 @@ class StepBatch:
     draft_len: int  # every generation row's drafts are padded to this many tokens
     draft_tokens: np.ndarray  # int32[num_seqs_bucket, W]: real drafts, then padding 0
     num_drafts: np.ndarray  # int32[num_seqs_bucket]: real drafts per row (0 for context)
+
+    @property
+    def num_draft_padding(self) -> int:
+        """Padding tokens fed after the real drafts of the generation rows."""
+        generation = [row for row, chunk in enumerate(self.chunk_sizes) if not chunk]
+        return sum(self.draft_len - int(self.num_drafts[row]) for row in generation)
+
+
+def pack_rows(
+    pieces: list[np.ndarray], kv_lens: list[int], caches, manager: KVCacheManager
+) -> StepInputs:
+    """Unpadded inputs of rows fed back to back (`pieces[i]` the new tokens of `caches[i]`,
+    which has `kv_lens[i]` keys after them); logits at each row's last token."""
+    q_lens = np.array([len(piece) for piece in pieces], np.int32)
+    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    return StepInputs(
+        tokens=np.concatenate(pieces),
+        page_table=manager.page_table(caches, len(caches)),
+        kv_lens=np.array(kv_lens, np.int32),
+        cu_q_lens=cu_q_lens,
+        num_seqs=np.array([len(caches)], np.int32),
+        logits_indices=cu_q_lens[1:] - 1,
+    )
 
 
 def build_step_batch(
@@ -60,8 +83,8 @@ def build_step_batch(
         requests.append(request)
         chunk_sizes.append(0)
         kv_lens.append(request.cache.history_length + 1 + draft_len)
-    q_lens = np.array([len(piece) for piece in pieces], np.int32)
-    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    inputs = pack_rows(pieces, kv_lens, [r.cache for r in requests], manager)
+    cu_q_lens = inputs.cu_q_lens
     num_seqs, num_tokens = len(requests), int(cu_q_lens[-1])
     key = buckets.pad(num_seqs, num_tokens, num_seqs * (1 + draft_len), draft_len=draft_len)
     width = key.logits_per_seq
@@ -74,14 +97,7 @@ def build_step_batch(
     for row, request in enumerate(requests[num_context:], start=num_context):
         draft_tokens[row, : request.num_draft_tokens] = request.draft_tokens
         num_drafts[row] = request.num_draft_tokens
-    inputs = StepInputs(
-        tokens=np.concatenate(pieces),
-        page_table=manager.page_table([r.cache for r in requests], num_seqs),
-        kv_lens=np.array(kv_lens, np.int32),
-        cu_q_lens=cu_q_lens,
-        num_seqs=np.array([num_seqs], np.int32),
-        logits_indices=logits_indices.reshape(-1),
-    )
+    inputs = dataclasses.replace(inputs, logits_indices=logits_indices.reshape(-1))
     return StepBatch(
         requests,
         chunk_sizes,

@@ -17,17 +17,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kvjax.batch import pack_rows
 from kvjax.config import CacheConfig
-from kvjax.engine_setup import _powers_of_two, check_model_geometry
+from kvjax.engine_setup import check_model_geometry, compile_steps, powers_of_two
 from kvjax.kv_cache import KVCache
 from kvjax.manager import KVCacheManager
 from kvjax.request import Request
-from kvjax.step import Buckets, StepInputs, StepRegistry, allow_compile
+from kvjax.step import Buckets, StepRegistry, allow_compile
+from kvjax.storage import default_impl
 
 __all__ = ["DraftModelDrafter"]
 
@@ -76,11 +77,11 @@ class DraftModelDrafter:
         if max_num_tokens < max_batch_size:
             raise ValueError(f"max_num_tokens={max_num_tokens} < max_batch_size={max_batch_size}")
         self.max_num_tokens = max_num_tokens
-        self.buckets = Buckets(_powers_of_two(1, max_batch_size), _powers_of_two(1, max_num_tokens))
+        self.buckets = Buckets(powers_of_two(1, max_batch_size), powers_of_two(1, max_num_tokens))
         self.manager = KVCacheManager(
             cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft_tokens
         )
-        impl = impl or ("pallas" if jax.default_backend() == "gpu" else "xla")
+        impl = impl or default_impl()
         graphdef, self._params = nnx.split(model)
 
         def step(params, kv_pool, inputs):
@@ -92,13 +93,7 @@ class DraftModelDrafter:
         self.registry = StepRegistry(step)
         try:
             with allow_compile():
-                self.registry.warmup(
-                    self._params,
-                    self.manager.pool,
-                    lambda key: StepInputs.placeholder(key, self.manager.max_blocks),
-                    self.buckets.keys,
-                )
-                self.manager.storage.warmup()
+                compile_steps(self.registry, self._params, self.manager, self.buckets.keys)
         except BaseException:
             self.manager.shutdown()
             raise
@@ -185,30 +180,19 @@ class DraftModelDrafter:
         history = max(cache.history_length, valid)
         if not cache.resize(capacity=max(needed, history)):
             return None
-        self._commit(cache, keys, valid)
+        cache.commit(keys[cache.num_committed_tokens : valid])  # confirmed, with KV: to the tree
         return _Row(sequence, feed, wants)
-
-    @staticmethod
-    def _commit(cache: KVCache, keys: Sequence, end: int) -> None:
-        """Confirmed tokens up to `end` have KV: they enter the draft radix tree."""
-        cache.commit(keys[cache.num_committed_tokens : end])
 
     def _run(self, rows: list[_Row]) -> np.ndarray:
         """One draft-model step over `rows`; the argmax after each row's last token."""
-        pieces = [np.asarray(row.tokens, np.int32) for row in rows]
-        kv_lens = [len(row.sequence.fed) + len(row.tokens) for row in rows]
-        q_lens = np.array([len(piece) for piece in pieces], np.int32)
-        cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-        num_seqs = len(rows)
-        inputs = StepInputs(
-            tokens=np.concatenate(pieces),
-            page_table=self.manager.page_table([row.sequence.cache for row in rows], num_seqs),
-            kv_lens=np.array(kv_lens, np.int32),
-            cu_q_lens=cu_q_lens,
-            num_seqs=np.array([num_seqs], np.int32),
-            logits_indices=cu_q_lens[1:] - 1,
+        inputs = pack_rows(
+            [np.asarray(row.tokens, np.int32) for row in rows],
+            [len(row.sequence.fed) + len(row.tokens) for row in rows],
+            [row.sequence.cache for row in rows],
+            self.manager,
         )
-        key = self.buckets.pad(num_seqs, int(cu_q_lens[-1]))
+        num_seqs = len(rows)
+        key = self.buckets.pad(num_seqs, int(inputs.cu_q_lens[-1]))
         tokens, self.manager.pool = self.registry(
             self._params, self.manager.pool, inputs.padded(key, self.manager.max_blocks)
         )

@@ -12,7 +12,6 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
-import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -37,6 +36,7 @@ from kvjax.serving_metrics import EngineMetrics
 from kvjax.sharding import check_heads, shard_params, tensor_parallel_mesh
 from kvjax.speculative import DraftPlanner, SpeculativeConfig
 from kvjax.step import Buckets, StepRegistry
+from kvjax.storage import default_impl
 
 __all__ = ["Engine"]
 
@@ -123,7 +123,7 @@ class Engine:
             )
             self.lora_pages = dict(lora_pages or {})
             self.scheduler = Scheduler(self.scheduler_config, self.resources, self.lora_pages)
-            impl = impl or ("pallas" if jax.default_backend() == "gpu" else "xla")
+            impl = impl or default_impl()
             graphdef, self._params = nnx.split(model)
             options = {"impl": impl, "interpret": interpret}
             if self.mesh is not None:
@@ -287,8 +287,6 @@ class Engine:
                 if self._append_token(request, int(token)):
                     finished.append(self._finish(request, now))
                     break
-        for request in queue:
-            request.draft_tokens = []
         self.metrics.record_step(start, now, batch, output, num_generated, num_accepted)
         return finished
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from kvjax.config import CacheConfig
 from kvjax.manager import KVCacheManager
 from kvjax.sampling import verify_tokens
 from kvjax.scheduler import SchedulerConfig
+from kvjax.sharding import replicated
 from kvjax.speculative import SpeculativeConfig
 from kvjax.step import Buckets, StepInputs, StepRegistry, allow_compile
 
@@ -19,7 +19,9 @@ __all__ = [
     "cache_config_for",
     "check_model_geometry",
     "check_speculative",
+    "compile_steps",
     "default_buckets",
+    "powers_of_two",
     "warm_up",
 ]
 
@@ -57,7 +59,8 @@ def check_model_geometry(model, cache_config: CacheConfig) -> None:
             )
 
 
-def _powers_of_two(low: int, high: int) -> list[int]:
+def powers_of_two(low: int, high: int) -> list[int]:
+    """Powers of two in [low, high), then high: bucket sizes."""
     sizes, size = [], 1
     while size < high:
         if size >= low:
@@ -89,9 +92,9 @@ def default_buckets(config: SchedulerConfig, draft_lengths=(0,), min_tokens: int
     from `min_tokens` up to `max_num_tokens`, and it; `draft_lengths` as given."""
     if config.max_num_tokens is None:
         raise ValueError("the engine needs SchedulerConfig.max_num_tokens to size its buckets")
-    batch_sizes = _powers_of_two(1, config.max_batch_size)
+    batch_sizes = powers_of_two(1, config.max_batch_size)
     low = min(min_tokens, config.max_num_tokens)
-    return Buckets(batch_sizes, _powers_of_two(low, config.max_num_tokens), draft_lengths)
+    return Buckets(batch_sizes, powers_of_two(low, config.max_num_tokens), draft_lengths)
 
 
 def warm_up(
@@ -112,24 +115,27 @@ def warm_up(
         raise ValueError("the engine needs SchedulerConfig.max_num_tokens to size its buckets")
     buckets.pad(min(config.max_batch_size, max_tokens), max_tokens)  # raises if none holds it
     with allow_compile():
-        registry.warmup(
-            params,
-            manager.pool,
-            lambda key: StepInputs.placeholder(key, manager.max_blocks),
-            buckets.keys,
-        )
+        compile_steps(registry, params, manager, buckets.keys)
         vocab = manager.config.vocab_size
         for rows, width in sorted({(k.num_seqs, k.logits_per_seq) for k in buckets.keys}):
             zeros = np.zeros(rows, np.float32)
             ints = np.zeros(rows, np.int32)
             # Placed as the step returns them (replicated over a mesh), so serving reuses it.
             logits = np.zeros((rows * width, vocab), np.float32)
-            logits = jax.device_put(logits, mesh and NamedSharding(mesh, PartitionSpec()))
+            logits = jax.device_put(logits, mesh and replicated(mesh))
             drafts = np.zeros((rows, width - 1), np.int32)
             verify_tokens(
                 logits, drafts, ints, zeros, ints, zeros + 1, ints.astype(np.uint32), ints
             )
-        manager.storage.warmup()
+
+
+def compile_steps(registry: StepRegistry, params, manager: KVCacheManager, keys) -> None:
+    """Compiles a step per key from shapes (page tables `manager.max_blocks` wide) and the
+    manager's page moves; must run inside `allow_compile()`."""
+    registry.warmup(
+        params, manager.pool, lambda key: StepInputs.placeholder(key, manager.max_blocks), keys
+    )
+    manager.storage.warmup()
 
 
 class CompileCounter:

@@ -133,10 +133,6 @@ class SamplingInputs:
         self.seeds[row] = seed
         self.counters[row] = counter
 
-    def sample(self, logits: jax.Array) -> np.ndarray:
-        args = (self.temperature, self.top_k, self.top_p, self.seeds, self.counters)
-        return np.asarray(sample_tokens(logits, *args))
-
     def verify(
         self, logits: jax.Array, draft_tokens: np.ndarray, num_drafts: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -48,13 +48,10 @@ class EngineMetrics:
         num_device = tiers.num_pages(Tier.DEVICE)
         evictable = tiers.num_evictable(Tier.DEVICE) / num_device
         host = tiers.utilization(Tier.HOST) if Tier.HOST in tiers.tiers else 0.0
-        # The scheduler charged every generation row its padded drafts; padding is not real.
-        rows = range(len(batch.requests))
-        padding = sum(batch.draft_len - int(batch.num_drafts[r]) for r in rows
-                      if not batch.chunk_sizes[r])  # fmt: skip
         record = StepRecord(
             start=start, end=end, num_seqs=len(batch.requests),
-            num_tokens=output.num_tokens - padding,
+            # The scheduler charged every generation row its padded drafts: not real tokens.
+            num_tokens=output.num_tokens - batch.num_draft_padding,
             num_padded_tokens=int(batch.inputs.tokens.shape[0]), num_generated=num_generated,
             num_drafted=int(batch.num_drafts.sum()), num_accepted=num_accepted,
             num_verified_seqs=len(output.generation_requests),

@@ -13,7 +13,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 __all__ = [
     "TP_AXIS",
     "check_heads",
+    "pool_sharding",
     "pool_spec",
+    "replicated",
     "shard_params",
     "tensor_parallel_mesh",
 ]

@@ -20,10 +20,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from kvjax.checks import check_int
 from kvjax.pages import NULL_PAGE
+from kvjax.sharding import replicated
 
 __all__ = [
     "BucketKey",
@@ -233,7 +234,7 @@ class StepRegistry:
 
     def __init__(self, step_fn: Callable, mesh=None) -> None:
         self._jitted = jax.jit(step_fn, donate_argnums=1)
-        self._input_sharding = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+        self._input_sharding = None if mesh is None else replicated(mesh)
         self._executables: dict[BucketKey, Any] = {}
         self.max_blocks: int | None = None  # page-table width, fixed by the first compile
         self.stats = StepStats()

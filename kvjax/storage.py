@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from kernels.block_copy import copy_pages, gather_pages, scatter_pages
 from kvjax.checks import check_int
 from kvjax.config import KV_DTYPES
 from kvjax.pages import NULL_PAGE, Tier
-from kvjax.sharding import pool_spec
+from kvjax.sharding import pool_sharding, pool_spec
 
 if TYPE_CHECKING:
     from kvjax.tiers import PageMove
@@ -131,7 +131,7 @@ class KVStorage:
         """Pages on the device: sharded over KV heads when there is a mesh."""
         if self.mesh is None:
             return jax.device_put(pages)
-        return jax.device_put(pages, NamedSharding(self.mesh, pool_spec()))
+        return jax.device_put(pages, pool_sharding(self.mesh))
 
     # -- tiers --------------------------------------------------------------------------------
 
