@@ -12,6 +12,10 @@ With `--speculative ngram|draft`: a repetitive workload (prompts repeating a sho
 twice in the same run, without and with speculative decoding (prompt lookup, or a draft model
 made of the target's first `--draft-layers` layers); prints the acceptance rate, tokens per step
 and the speedup, checks that greedy outputs are identical, writes `serve_speculative.json`.
+
+Several hosts: run the same command on every host with `--coordinator HOST:PORT
+--num-processes N --process-id I` (and `--tensor-parallel` over all their devices); every
+process serves the same workload in lockstep, process 0 writes the results.
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("results"))
     p.add_argument("--no-progress", action="store_true")
+    hosts = p.add_argument_group("several hosts (jax.distributed, one process per host)")
+    hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
+    hosts.add_argument("--num-processes", type=int, default=1)
+    hosts.add_argument("--process-id", type=int, default=0)
     spec = p.add_argument_group("speculative decoding (compared with plain decoding)")
     spec.add_argument("--speculative", choices=["none", "ngram", "draft"], default="none")
     spec.add_argument("--draft-tokens", type=int, default=4)
@@ -175,8 +183,16 @@ def cache_config(model, args):
     return cache_config_for(model, tokens_per_block=args.tokens_per_block, **quotas)
 
 
+def join_processes(args) -> None:
+    """`jax.distributed.initialize` when `--coordinator` is given; progress on process 0 only."""
+    if args.coordinator is not None:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    args.no_progress = args.no_progress or jax.process_index() > 0
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    join_processes(args)
     model = load_model(args)
     if args.speculative != "none":
         return main_speculative(args, model)
@@ -206,11 +222,11 @@ def main(argv=None) -> dict:
     summary["warmup_s"] = warmup_s
     summary["step_shapes"] = engine.registry.stats.compiled
     summary["devices"] = args.tensor_parallel or 1
+    summary["processes"] = jax.process_count()
     summary["output_tokens_per_s_per_device"] = summary["output_tokens_per_s"] / summary["devices"]
     steps = engine.metrics.steps
     engine.shutdown()
     report(summary)
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "device": jax.devices()[0].device_kind,
         "args": args_json(args),
@@ -222,11 +238,20 @@ def main(argv=None) -> dict:
             for s in steps
         ],
     }  # fmt: skip
-    (args.out / "serve.json").write_text(json.dumps(result, indent=2))
-    title = f"{summary['requests']} requests, {summary['output_tokens_per_s']:.0f} output tok/s"
-    plot(steps, args.out / "serve.png", title)
-    print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.png'}")
+    if writes_results(args):
+        (args.out / "serve.json").write_text(json.dumps(result, indent=2))
+        title = f"{summary['requests']} requests, {summary['output_tokens_per_s']:.0f} output tok/s"
+        plot(steps, args.out / "serve.png", title)
+        print(f"wrote {args.out / 'serve.json'} and {args.out / 'serve.png'}")
     return result
+
+
+def writes_results(args) -> bool:
+    """Process 0 writes the results (creating `--out`); the others only print."""
+    if jax.process_index() > 0:
+        return False
+    args.out.mkdir(parents=True, exist_ok=True)
+    return True
 
 
 def args_json(args) -> dict:
@@ -290,7 +315,6 @@ def main_speculative(args, model) -> dict:
         f"{comparison['step_ratio']:.2f}x the steps"
     )
     print(f"identical outputs   {comparison['identical_outputs']}")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "device": jax.devices()[0].device_kind,
         "args": args_json(args),
@@ -298,9 +322,10 @@ def main_speculative(args, model) -> dict:
         "plain": plain,
         "speculative": spec,
     }
-    path = args.out / "serve_speculative.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    if writes_results(args):
+        path = args.out / "serve_speculative.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
     return result
 
 
@@ -319,7 +344,8 @@ def report(s: dict) -> None:
     print(f"padding waste       {s['padding_waste']:.1%} of token rows")
     print(f"compilations after warm-up: {s['compilations_after_warmup']}")
     if s["devices"] > 1:
-        print(f"tensor parallel     {s['devices']} devices, "
+        processes = f"{s['processes']} process" + ("es" if s["processes"] > 1 else "")
+        print(f"tensor parallel     {s['devices']} devices in {processes}, "
               f"{s['output_tokens_per_s_per_device']:.1f} output tok/s per device")  # fmt: skip
 
 

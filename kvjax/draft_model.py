@@ -27,6 +27,7 @@ from kvjax.engine_setup import check_model_geometry, compile_steps, powers_of_tw
 from kvjax.kv_cache import KVCache
 from kvjax.manager import KVCacheManager
 from kvjax.request import Request
+from kvjax.sharding import agreed_host_pages
 from kvjax.step import Buckets, StepRegistry, allow_compile
 from kvjax.storage import default_impl
 
@@ -78,6 +79,9 @@ class DraftModelDrafter:
             raise ValueError(f"max_num_tokens={max_num_tokens} < max_batch_size={max_batch_size}")
         self.max_num_tokens = max_num_tokens
         self.buckets = Buckets(powers_of_two(1, max_batch_size), powers_of_two(1, max_num_tokens))
+        if cache_config.num_host_pages is None:  # provisioned alike on every process
+            host_pages = agreed_host_pages(cache_config)
+            cache_config = dataclasses.replace(cache_config, host_pages=host_pages)
         self.manager = KVCacheManager(
             cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft_tokens
         )

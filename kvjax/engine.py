@@ -28,12 +28,18 @@ from kvjax.engine_setup import (
 )
 from kvjax.manager import KVCacheManager
 from kvjax.multimodal import MultimodalItem, splice_multimodal_tokens
+from kvjax.pages import Tier
 from kvjax.request import FinishReason, Request, RequestOutput, RequestState, SamplingParams
 from kvjax.resources import CacheResources
 from kvjax.sampling import SamplingInputs
 from kvjax.scheduler import Scheduler, SchedulerConfig
 from kvjax.serving_metrics import EngineMetrics
-from kvjax.sharding import check_heads, shard_params, tensor_parallel_mesh
+from kvjax.sharding import (
+    check_heads,
+    check_same_on_every_process,
+    shard_params,
+    tensor_parallel_mesh,
+)
 from kvjax.speculative import DraftPlanner, SpeculativeConfig
 from kvjax.step import Buckets, StepRegistry
 from kvjax.storage import default_impl
@@ -65,7 +71,13 @@ class Engine:
             request's drafts (padded to the step's draft length) in one ragged step.
         tensor_parallel: shard over this many devices (or this `jax.sharding.Mesh`, axis
             `kvjax.sharding.TP_AXIS`): the pool over KV heads, the weights by the model's
-            `partition_specs()`; the scheduler and the cache manager stay single.
+            `partition_specs()`; the scheduler and the cache manager stay single. Under
+            `jax.distributed.initialize()` the devices of every process count: each process
+            builds the same engine and adds the same requests in the same order, so all make
+            the same scheduling decisions and page ids without exchanging them.
+        check_agreement: several processes only: before each step, check that every process
+            scheduled the same batch (one small collective per step; a debugging aid). The
+            engine's configuration is always checked once, at construction.
     """
 
     def __init__(
@@ -85,6 +97,7 @@ class Engine:
         seed: int = 0,
         speculative: SpeculativeConfig | None = None,
         tensor_parallel: int | Mesh | None = None,
+        check_agreement: bool = False,
     ) -> None:
         self.scheduler_config = scheduler_config or SchedulerConfig()
         check_model_geometry(model, cache_config)
@@ -139,6 +152,16 @@ class Engine:
                 self.registry, self._params, self.manager, self.buckets, self.scheduler_config,
                 self.mesh,
             )  # fmt: skip
+            # Its gather compiles here, before serving, for the per-step check too.
+            check_same_on_every_process(
+                "the engine's configuration", model.config, cache_config.page_shape,
+                cache_config.dtype, cache_config.enable_partial_reuse,
+                [self.manager.storage.num_pages(tier) for tier in Tier],
+                self.manager.max_blocks, self.manager.max_seq_len, self.buckets.keys,
+                self.scheduler_config, enable_block_reuse, commit_generated,
+                sorted(self.lora_pages.items()), sorted(self.eos_token_ids), seed,
+                draft_lengths,
+            )  # fmt: skip
             self.compiles.mark_warm()
         except BaseException:
             self.manager.shutdown()
@@ -153,6 +176,7 @@ class Engine:
         self._rng = np.random.default_rng(seed)
         self._next_id = 0
         self._empty_steps = 0  # consecutive passes that scheduled nothing
+        self.check_agreement = check_agreement
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -259,6 +283,13 @@ class Engine:
         for row, request in enumerate(batch.requests):
             params = request.sampling_params
             sampling.set_row(row, params, params.seed, len(request.output_token_ids))
+        if self.check_agreement:
+            arrays = [*dataclasses.astuple(batch.inputs), *vars(sampling).values()]
+            ids = [request.request_id for request in batch.requests]
+            check_same_on_every_process(
+                f"the batch of step {len(self.metrics.steps)}",
+                *map(np.asarray, arrays), batch.draft_tokens, ids,
+            )  # fmt: skip
         logits, self.manager.pool = self.registry(self._params, self.manager.pool, batch.inputs)
         accepted, tokens = sampling.verify(logits, batch.draft_tokens, batch.num_drafts)
         now = time.perf_counter()

@@ -10,7 +10,7 @@ from kvjax.config import CacheConfig
 from kvjax.manager import KVCacheManager
 from kvjax.sampling import verify_tokens
 from kvjax.scheduler import SchedulerConfig
-from kvjax.sharding import replicated
+from kvjax.sharding import place, replicated
 from kvjax.speculative import SpeculativeConfig
 from kvjax.step import Buckets, StepInputs, StepRegistry, allow_compile
 
@@ -122,7 +122,7 @@ def warm_up(
             ints = np.zeros(rows, np.int32)
             # Placed as the step returns them (replicated over a mesh), so serving reuses it.
             logits = np.zeros((rows * width, vocab), np.float32)
-            logits = jax.device_put(logits, mesh and replicated(mesh))
+            logits = place(logits, mesh and replicated(mesh))
             drafts = np.zeros((rows, width - 1), np.int32)
             verify_tokens(
                 logits, drafts, ints, zeros, ints, zeros + 1, ints.astype(np.uint32), ints

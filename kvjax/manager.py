@@ -44,13 +44,22 @@ def available_host_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def _auto_host_pages(config: CacheConfig, mesh: Any) -> int:
+    if mesh is None:
+        return config.auto_host_pages(available_host_bytes())
+    from kvjax.sharding import agreed_host_pages  # device side, loaded only when needed
+
+    return agreed_host_pages(config, mesh)
+
+
 class KVCacheManager:
     """Paged KV storage on tiers, shared through a radix tree by the caches it creates.
 
     Args:
         config: geometry and quotas.
         auto_host_tier: when `config` gives no host quota, provision one of
-            min(device quota, half of available host memory); False leaves it out.
+            min(device quota, half of available host memory); False leaves it out. Over a mesh
+            of several processes, the smallest of their counts.
         max_seq_len: the longest sequence the page tables must fit (clamped to what the device
             holds; default: what the device holds); with `num_extra_kv_tokens` and
             `max_total_draft_tokens` it sets `max_blocks`, the width of `page_table` and the
@@ -77,7 +86,7 @@ class KVCacheManager:
             raise ValueError(f"config={config!r} is not a CacheConfig")
         num_host_pages = config.num_host_pages
         if num_host_pages is None:
-            num_host_pages = config.auto_host_pages(available_host_bytes()) if auto_host_tier else 0
+            num_host_pages = _auto_host_pages(config, mesh) if auto_host_tier else 0
         self.config = config
         self._tree = BlockRadixTree(
             config.tokens_per_block, enable_partial_reuse=config.enable_partial_reuse

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from kvjax.checks import check_int
 from kvjax.pages import NULL_PAGE
-from kvjax.sharding import replicated
+from kvjax.sharding import place, replicated
 
 __all__ = [
     "BucketKey",
@@ -286,7 +286,7 @@ class StepRegistry:
             self.stats.fallbacks += 1
         self.stats.runs += 1
         device_inputs = jax.tree.map(
-            lambda a: jax.device_put(np.asarray(a, np.int32), self._input_sharding), inputs
+            lambda a: place(np.asarray(a, np.int32), self._input_sharding), inputs
         )
         return executable(params, pool, device_inputs)
 

@@ -25,7 +25,7 @@ from kernels.block_copy import copy_pages, gather_pages, scatter_pages
 from kvjax.checks import check_int
 from kvjax.config import KV_DTYPES
 from kvjax.pages import NULL_PAGE, Tier
-from kvjax.sharding import pool_sharding, pool_spec
+from kvjax.sharding import LocalHeads, pool_spec, zeros
 
 if TYPE_CHECKING:
     from kvjax.tiers import PageMove
@@ -54,7 +54,8 @@ class KVStorage:
     """Pages of every tier: `pool` on the device, `host` in RAM, `disk` in a memmapped temp file.
 
     Each tier is an array `[num_pages, *page_shape]` of `dtype`. Page 0 of the device is
-    `NULL_PAGE`: never a move's destination.
+    `NULL_PAGE`: never a move's destination. Over a mesh spanning several processes, the host
+    and disk tiers of each process hold only its devices' KV heads (`local_page_shape`).
 
     Args:
         page_shape: `(num_layers, 2, num_kv_heads, tokens_per_block, head_dim)`.
@@ -64,7 +65,8 @@ class KVStorage:
         disk_dir: directory of the disk tier's anonymous file; required when num_disk_pages > 0.
         impl: device ops of `kernels.block_copy`: "pallas" or "xla"; default `default_impl()`.
         mesh: tensor parallelism: the pool is sharded over KV heads on this mesh and every page
-            op runs per shard (`shard_map`); page ids are the same on every shard.
+            op runs per shard (`shard_map`); page ids are the same on every shard. Every process
+            of the mesh must make the same calls in the same order.
     """
 
     def __init__(
@@ -101,9 +103,10 @@ class KVStorage:
                 f"head_dim={head_dim} (Triton tiles); use impl='xla'"
             )
         self.mesh = mesh
+        self._heads = None if mesh is None else LocalHeads(mesh, self.page_shape[2])
         self._page_ops()
-        self._pool = self._placed(jnp.zeros((num_device_pages, *self.page_shape), self.dtype))
-        host_shape = (num_host_pages, *self.page_shape)
+        self._pool = self._zeros(num_device_pages)
+        host_shape = (num_host_pages, *self.local_page_shape)
         self._host = np.zeros(host_shape, self.dtype) if num_host_pages else None
         self._disk_file = self._disk = None
         if num_disk_pages:
@@ -127,11 +130,40 @@ class KVStorage:
             ]
         self._copy, self._gather, self._scatter = ops
 
-    def _placed(self, pages: jax.Array | np.ndarray) -> jax.Array:
-        """Pages on the device: sharded over KV heads when there is a mesh."""
-        if self.mesh is None:
+    def _zeros(self, num_pages: int) -> jax.Array:
+        """Zero device pages, created sharded over KV heads when there is a mesh."""
+        sharding = None if self._heads is None else self._heads.sharding
+        return zeros((num_pages, *self.page_shape), self.dtype, sharding)
+
+    def _to_host(self, pages: jax.Array) -> np.ndarray:
+        """This process's heads of device pages."""
+        if self._heads is None:
+            return np.asarray(jax.device_get(pages))
+        return self._heads.to_host(pages)
+
+    def _to_device(self, pages: np.ndarray) -> jax.Array:
+        """Device pages from this process's heads of them (every process passes its own)."""
+        if self._heads is None:
             return jax.device_put(pages)
-        return jax.device_put(pages, pool_sharding(self.mesh))
+        return self._heads.to_device(pages)
+
+    def _resized(self, pool: jax.Array, num_pages: int) -> jax.Array:
+        """`pool` cut or grown with zero pages to `num_pages`, keeping its layout (donated)."""
+        keep = min(num_pages, pool.shape[0])
+
+        def resize(pool):
+            grow = jnp.zeros((num_pages - keep, *self.page_shape), self.dtype)
+            return jnp.concatenate([pool[:keep], grow])
+
+        sharding = None if self._heads is None else self._heads.sharding
+        return jax.jit(resize, out_shardings=sharding, donate_argnums=0)(pool)
+
+    @property
+    def local_page_shape(self) -> tuple[int, ...]:
+        """A page of the host and disk tiers: `page_shape` with this process's KV heads."""
+        if self._heads is None:
+            return self.page_shape
+        return self._heads.local_shape((0, *self.page_shape))[1:]
 
     # -- tiers --------------------------------------------------------------------------------
 
@@ -152,18 +184,19 @@ class KVStorage:
 
     @property
     def host(self) -> np.ndarray | None:
-        """The host tier, dtype[num_host_pages, *page_shape], or None when absent."""
+        """The host tier, dtype[num_host_pages, *local_page_shape], or None when absent."""
         self._check_open()
         return self._host
 
     @property
     def disk(self) -> np.memmap | None:
-        """The disk tier, dtype[num_disk_pages, *page_shape], or None when absent."""
+        """The disk tier, dtype[num_disk_pages, *local_page_shape], or None when absent."""
         self._check_open()
         return self._disk
 
     @property
     def page_bytes(self) -> int:
+        """Bytes of one whole page (every KV head, whichever process holds it)."""
         return math.prod(self.page_shape) * self.dtype.itemsize
 
     def num_pages(self, tier: Tier) -> int:
@@ -175,11 +208,13 @@ class KVStorage:
         return self.num_pages(tier) * self.page_bytes
 
     def read_pages(self, tier: Tier, page_ids: Sequence[int]) -> np.ndarray:
-        """A host copy of the pages, dtype[len(page_ids), *page_shape] (for tests and debugging)."""
+        """A host copy of the pages, dtype[len(page_ids), *local_page_shape] (for tests and
+        debugging)."""
         tier = self._check_tier(tier)
-        ids = np.array([self._check_page(tier, p, "page_ids") for p in page_ids], np.int32)
+        ids = [self._check_page(tier, p, "page_ids") for p in page_ids]
         if tier is Tier.DEVICE:
-            return np.array(jax.device_get(jnp.take(self._pool, jnp.asarray(ids), axis=0)))
+            pages = self._gather(self._pool, _padded(ids), np.int32(len(ids)))
+            return self._to_host(pages)[: len(ids)]
         return np.array(self._array(tier)[ids])
 
     def resize(self, tier: Tier, num_pages: int) -> None:
@@ -193,11 +228,9 @@ class KVStorage:
         keep = min(num_pages, self.num_pages(tier))
         if tier is Tier.DEVICE:
             pool, self._pool = self._pool, None  # the old pool is freed once dropped here
-            grow = jnp.zeros((num_pages - keep, *self.page_shape), self.dtype)
-            pool = jnp.concatenate([pool[:keep], grow]) if num_pages > keep else pool[:keep]
-            self._pool = self._placed(pool)
+            self._pool = self._resized(pool, num_pages)
         elif tier is Tier.HOST:
-            host, self._host = self._host, np.zeros((num_pages, *self.page_shape), self.dtype)
+            host, self._host = self._host, np.zeros((num_pages, *self.local_page_shape), self.dtype)
             self._host[:keep] = host[:keep]
         else:
             file, disk = self._disk_file, self._disk
@@ -229,7 +262,7 @@ class KVStorage:
             count += 1
             if colder:
                 jax.block_until_ready(self._gather(self._pool, ids, none))
-                staging = self._placed(np.zeros((bucket, *self.page_shape), self.dtype))
+                staging = self._to_device(np.zeros((bucket, *self.local_page_shape), self.dtype))
                 self._pool = self._scatter(self._pool, staging, ids, none)
                 count += 2
             bucket *= 2
@@ -281,13 +314,13 @@ class KVStorage:
             self._pool = self._copy(self._pool, _padded(src_ids), _padded(dst_ids), num_valid)
         elif src_tier is Tier.DEVICE:
             staging = self._gather(self._pool, _padded(src_ids), num_valid)
-            self._array(dst_tier)[dst_ids] = np.asarray(jax.device_get(staging))[: len(batch)]
+            self._array(dst_tier)[dst_ids] = self._to_host(staging)[: len(batch)]
         elif dst_tier is Tier.DEVICE:
-            staging = np.empty((page_bucket(len(batch)), *self.page_shape), self.dtype)
+            staging = np.empty((page_bucket(len(batch)), *self.local_page_shape), self.dtype)
             # mode="clip" lets take write straight into `out` (ids are checked already).
             np.take(self._array(src_tier), src_ids, axis=0, out=staging[: len(batch)], mode="clip")
             staging[len(batch) :] = 0  # dropped by scatter_pages; zeroed to stay deterministic
-            staging = self._placed(staging)
+            staging = self._to_device(staging)
             self._pool = self._scatter(self._pool, staging, _padded(dst_ids), num_valid)
         else:
             self._array(dst_tier)[dst_ids] = self._array(src_tier)[src_ids]
@@ -297,7 +330,7 @@ class KVStorage:
     def _new_disk(self, num_pages: int):
         # Anonymous file: removed by the OS once closed, so nothing is left in disk_dir.
         file = tempfile.TemporaryFile(dir=self._disk_dir)  # noqa: SIM115  (lives with self)
-        shape = (num_pages, *self.page_shape)
+        shape = (num_pages, *self.local_page_shape)
         return file, np.memmap(file, dtype=self.dtype, mode="w+", shape=shape)
 
     def _array(self, tier: Tier) -> jax.Array | np.ndarray | None:
