@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -30,7 +30,7 @@ from kvjax.sharding import LocalHeads, pool_spec, zeros
 if TYPE_CHECKING:
     from kvjax.tiers import PageMove
 
-__all__ = ["KVStorage", "default_impl", "page_bucket"]
+__all__ = ["KVStorage", "default_impl", "page_bucket", "page_ops"]
 
 
 def page_bucket(count: int) -> int:
@@ -48,6 +48,27 @@ def _padded(page_ids: list[int]) -> np.ndarray:
     padded = np.full(page_bucket(len(page_ids)), NULL_PAGE, np.int32)
     padded[: len(page_ids)] = page_ids
     return padded
+
+
+def page_ops(impl: str, mesh=None, interpret=None) -> tuple[Callable, Callable, Callable]:
+    """`kernels.block_copy`'s (copy, gather, scatter) for `impl`; over a mesh, jitted per shard
+    of the KV heads (`shard_map`) with the pool donated to copy and scatter."""
+    ops = [
+        functools.partial(op, impl=impl, interpret=interpret)
+        for op in (copy_pages, gather_pages, scatter_pages)
+    ]
+    if mesh is None:
+        return tuple(ops)
+    pool, ids = pool_spec(), PartitionSpec()
+    specs = (((pool, ids, ids, ids), pool), ((pool, ids, ids), pool),
+             ((pool, pool, ids, ids), pool))  # fmt: skip
+    return tuple(
+        jax.jit(
+            jax.shard_map(op, mesh=mesh, in_specs=ins, out_specs=out, check_vma=False),
+            donate_argnums=() if op.func is gather_pages else 0,
+        )
+        for op, (ins, out) in zip(ops, specs, strict=True)
+    )
 
 
 class KVStorage:
@@ -104,7 +125,7 @@ class KVStorage:
             )
         self.mesh = mesh
         self._heads = None if mesh is None else LocalHeads(mesh, self.page_shape[2])
-        self._page_ops()
+        self._copy, self._gather, self._scatter = page_ops(self.impl, mesh)
         self._pool = self._zeros(num_device_pages)
         host_shape = (num_host_pages, *self.local_page_shape)
         self._host = np.zeros(host_shape, self.dtype) if num_host_pages else None
@@ -112,23 +133,6 @@ class KVStorage:
         if num_disk_pages:
             self._disk_file, self._disk = self._new_disk(num_disk_pages)
         self._closed = False
-
-    def _page_ops(self) -> None:
-        """The batched page ops of `impl`, per shard of the KV heads when there is a mesh."""
-        ops = [functools.partial(op, impl=self.impl) for op in (copy_pages, gather_pages,
-                                                                 scatter_pages)]  # fmt: skip
-        if self.mesh is not None:
-            pool, ids = pool_spec(), PartitionSpec()
-            specs = (((pool, ids, ids, ids), pool), ((pool, ids, ids), pool),
-                     ((pool, pool, ids, ids), pool))  # fmt: skip
-            ops = [
-                jax.jit(
-                    jax.shard_map(op, mesh=self.mesh, in_specs=ins, out_specs=out, check_vma=False),
-                    donate_argnums=() if op.func is gather_pages else 0,
-                )
-                for op, (ins, out) in zip(ops, specs, strict=True)
-            ]
-        self._copy, self._gather, self._scatter = ops
 
     def _zeros(self, num_pages: int) -> jax.Array:
         """Zero device pages, created sharded over KV heads when there is a mesh."""

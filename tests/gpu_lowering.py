@@ -8,7 +8,7 @@ those errors show up in CI. It does not compile to PTX nor run anything.
 import warnings
 
 import jax
-from jax.sharding import AbstractDevice, AbstractMesh
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 H100 = AbstractMesh(
     (1,),
@@ -19,12 +19,19 @@ H100 = AbstractMesh(
 )
 
 
-def lower_for_gpu(fn, *shape_structs):
+def gpu_mesh(size: int, axis: str) -> AbstractMesh:
+    """`size` abstract H100s on one axis (of automatic sharding, like a `Mesh`'s)."""
+    return AbstractMesh(
+        (size,), (axis,), axis_types=(AxisType.Auto,), abstract_device=H100.abstract_device
+    )
+
+
+def lower_for_gpu(fn, *shape_structs, mesh: AbstractMesh = H100):
     """The CUDA lowering of `fn` (a jitted function, or one to jit) for these abstract args."""
     jitted = fn if hasattr(fn, "trace") else jax.jit(fn)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the Triton backend's notice
-        with jax.sharding.use_abstract_mesh(H100):
+        with jax.sharding.use_abstract_mesh(mesh):
             return jitted.trace(*shape_structs).lower(lowering_platforms=("cuda",))
 
 

@@ -6,12 +6,19 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kernels.block_copy import copy_pages, gather_pages, scatter_pages
 from kernels.kv_write import write_kv
 from kernels.paged_attention import paged_decode_attention
 from kernels.ragged_paged_attention import ragged_paged_attention
-from tests.gpu_lowering import lower_for_gpu, num_triton_kernels
+from kvjax.sharding import TP_AXIS, pool_spec
+from kvjax.step import StepInputs
+from kvjax.storage import page_ops
+from models.config import LlamaConfig
+from models.llama import Llama
+from tests.gpu_lowering import gpu_mesh, lower_for_gpu, num_triton_kernels
 
 S = jax.ShapeDtypeStruct
 I32 = jnp.int32
@@ -89,3 +96,63 @@ def test_kv_write_lowers(tokens):
     fn = functools.partial(write_kv, layer=5, interpret=False)
     lowered = lower_for_gpu(fn, pool, new, new, S((tokens,), I32))
     assert num_triton_kernels(lowered) == 1
+
+
+# Tensor parallelism: (q_heads, kv_heads, devices), local heads per shard from 4 KV heads down to
+# 1, with groups of 4, 8 and 12 query heads.
+TENSOR_PARALLEL = [(32, 8, 2), (32, 8, 8), (64, 8, 4), (48, 4, 4)]
+
+
+@pytest.mark.parametrize(("q_heads", "kv_heads", "devices"), TENSOR_PARALLEL, ids=str)
+def test_tensor_parallel_step_lowers(q_heads, kv_heads, devices):
+    """The sharded Llama step (2 layers, bf16) lowers with its kernels on each shard's heads."""
+    mesh = gpu_mesh(devices, TP_AXIS)
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=q_heads * 128, intermediate_size=1024, num_layers=2,
+        num_heads=q_heads, num_kv_heads=kv_heads, head_dim=128,
+    )  # fmt: skip
+    model = nnx.eval_shape(lambda: Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
+    params = jax.tree.map(
+        lambda spec, variable: jax.tree.map(
+            lambda x: S(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)), variable
+        ),
+        model.partition_specs(),
+        params,
+    )
+    pool = pool_struct(kv_heads, 128, 16, jnp.bfloat16, num_pages=4096, num_layers=2)
+    pool = S(pool.shape, pool.dtype, sharding=NamedSharding(mesh, pool_spec()))
+    seqs, tokens = 8, 256
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # tokens, page_table, kv_lens, cu_q_lens, num_seqs, logits_indices
+    shapes = [(tokens,), (seqs, 512), (seqs,), (seqs + 1,), (1,), (seqs,)]
+    inputs = StepInputs(*(S(shape, I32, sharding=replicated) for shape in shapes))
+
+    def step(params, pool, inputs):
+        model = nnx.merge(graphdef, params)
+        return model(inputs, pool, impl="pallas", interpret=False, mesh=mesh)
+
+    lowered = lower_for_gpu(jax.jit(step, donate_argnums=1), params, pool, inputs, mesh=mesh)
+    assert num_triton_kernels(lowered) == 2 * 2  # a KV write and an attention per layer
+    local_pool = f"tensor<4096x2x2x{kv_heads // devices}x16x128xbf16>"
+    assert local_pool in lowered.as_text()
+
+
+@pytest.mark.parametrize("devices", [2, 8])
+def test_sharded_page_ops_lower(devices):
+    """The storage's page moves, per shard of the KV heads."""
+    mesh = gpu_mesh(devices, TP_AXIS)
+    sharded = NamedSharding(mesh, pool_spec())
+    pool = pool_struct(8, 128, 16, jnp.bfloat16, num_pages=2048)
+    staging = S((512, *pool.shape[1:]), pool.dtype, sharding=sharded)
+    pool = S(pool.shape, pool.dtype, sharding=sharded)
+    ids, count = S((512,), I32), S((), I32)
+    copy, gather, scatter = page_ops("pallas", mesh, interpret=False)
+    for fn, args in (
+        (copy, (pool, ids, ids, count)),
+        (gather, (pool, ids, count)),
+        (scatter, (pool, staging, ids, count)),
+    ):
+        lowered = lower_for_gpu(fn, *args, mesh=mesh)
+        assert num_triton_kernels(lowered) == 1
+        assert f"x{8 // devices}x16x128xbf16>" in lowered.as_text()
