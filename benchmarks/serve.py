@@ -37,6 +37,7 @@ from kvjax.engine import Engine
 from kvjax.engine_setup import cache_config_for
 from kvjax.request import SamplingParams
 from kvjax.scheduler import SchedulerConfig, SchedulerPolicy
+from kvjax.sharding import tensor_parallel_mesh
 from kvjax.speculative import NgramDrafter, SpeculativeConfig
 from models.config import LlamaConfig
 from models.llama import Llama, truncated_draft
@@ -78,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     hosts.add_argument("--coordinator", help="HOST:PORT of process 0")
     hosts.add_argument("--num-processes", type=int, default=1)
     hosts.add_argument("--process-id", type=int, default=0)
+    hosts.add_argument(
+        "--check-agreement", action="store_true", help="check every step's batch across processes"
+    )
     spec = p.add_argument_group("speculative decoding (compared with plain decoding)")
     spec.add_argument("--speculative", choices=["none", "ngram", "draft"], default="none")
     spec.add_argument("--draft-tokens", type=int, default=4)
@@ -91,12 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(args, checkpoint: Path | None = None):
+    """The checkpoint's model (its weights placed straight onto `args.mesh`), or a tiny one."""
     checkpoint = checkpoint or args.checkpoint
     if checkpoint is not None:
         from models.loader import load_hf_checkpoint
 
         dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-        return load_hf_checkpoint(checkpoint, dtype=dtype)
+        return load_hf_checkpoint(checkpoint, dtype=dtype, mesh=args.mesh)
     return Llama(TINY, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
 
 
@@ -171,7 +176,7 @@ def build_engine(model, args, **options) -> tuple[Engine, float]:
     config = cache_config(model, args)
     engine = Engine(
         model, config, scheduler, max_seq_len=args.max_seq_len,
-        tensor_parallel=args.tensor_parallel, **options,
+        tensor_parallel=args.mesh, check_agreement=args.check_agreement, **options,
     )  # fmt: skip
     return engine, time.perf_counter() - start
 
@@ -184,9 +189,16 @@ def cache_config(model, args):
 
 
 def join_processes(args) -> None:
-    """`jax.distributed.initialize` when `--coordinator` is given; progress on process 0 only."""
+    """`jax.distributed.initialize` when `--coordinator` is given, then `args.mesh` (None without
+    `--tensor-parallel`); progress on process 0 only."""
     if args.coordinator is not None:
+        if args.tensor_parallel is None:
+            raise SystemExit(
+                "--coordinator serves one model over several processes: give --tensor-parallel "
+                "(every process's devices)"
+            )
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    args.mesh = args.tensor_parallel and tensor_parallel_mesh(args.tensor_parallel)
     args.no_progress = args.no_progress or jax.process_index() > 0
 
 
@@ -255,7 +267,7 @@ def writes_results(args) -> bool:
 
 
 def args_json(args) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "mesh"}
 
 
 def main_speculative(args, model) -> dict:
@@ -279,7 +291,7 @@ def main_speculative(args, model) -> dict:
             drafter = DraftModelDrafter(
                 draft, cache_config(draft, args), max_draft_tokens=args.draft_tokens,
                 max_seq_len=max_seq_len(args), max_batch_size=args.max_batch_size,
-                max_num_tokens=args.max_num_tokens,
+                max_num_tokens=args.max_num_tokens, mesh=args.mesh,
             )  # fmt: skip
             speculative = SpeculativeConfig(drafter, args.draft_tokens)
         engine, warmup_s = build_engine(model, args, speculative=speculative)

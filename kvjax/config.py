@@ -50,7 +50,8 @@ class CacheConfig:
     pool counts `NULL_PAGE`, so it holds one page fewer than that for requests. The host tier is
     `host_pages` or `host_bytes`; both None means "provision automatically" (see
     `auto_host_pages`), 0 means "no host tier". The disk tier exists when `disk_dir` names an
-    existing directory and `disk_pages` or `disk_bytes` is given.
+    existing directory and `disk_pages` or `disk_bytes` is given. Byte quotas count whole pages:
+    under tensor parallelism each device (and each host) holds its share of every page.
 
     Args:
         enable_partial_reuse: reuse the first mismatching block at token granularity.

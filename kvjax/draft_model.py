@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from kvjax.batch import pack_rows
 from kvjax.config import CacheConfig
@@ -27,7 +28,7 @@ from kvjax.engine_setup import check_model_geometry, compile_steps, powers_of_tw
 from kvjax.kv_cache import KVCache
 from kvjax.manager import KVCacheManager
 from kvjax.request import Request
-from kvjax.sharding import agreed_host_pages
+from kvjax.sharding import check_heads, shard_params
 from kvjax.step import Buckets, StepRegistry, allow_compile
 from kvjax.storage import default_impl
 
@@ -59,6 +60,8 @@ class DraftModelDrafter:
         max_batch_size: the most requests per call (the target's batch limit).
         max_num_tokens: tokens fed per call when catching up (prompts are chunked to it).
         impl, interpret: kernel choice, as for the engine.
+        mesh: the target engine's mesh under tensor parallelism (required when it spans
+            several processes): the draft model and its pool are sharded like the target's.
     """
 
     def __init__(
@@ -72,30 +75,33 @@ class DraftModelDrafter:
         max_num_tokens: int,
         impl: str | None = None,
         interpret: bool | None = None,
+        mesh: Mesh | None = None,
     ) -> None:
         check_model_geometry(model, cache_config)
+        if mesh is not None:
+            check_heads(model.config.num_heads, model.config.num_kv_heads, mesh)
+        self.mesh = mesh
         self.vocab_size = model.config.vocab_size
         if max_num_tokens < max_batch_size:
             raise ValueError(f"max_num_tokens={max_num_tokens} < max_batch_size={max_batch_size}")
         self.max_num_tokens = max_num_tokens
         self.buckets = Buckets(powers_of_two(1, max_batch_size), powers_of_two(1, max_num_tokens))
-        if cache_config.num_host_pages is None:  # provisioned alike on every process
-            host_pages = agreed_host_pages(cache_config)
-            cache_config = dataclasses.replace(cache_config, host_pages=host_pages)
         self.manager = KVCacheManager(
-            cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft_tokens
-        )
-        impl = impl or default_impl()
-        graphdef, self._params = nnx.split(model)
-
-        def step(params, kv_pool, inputs):
-            logits, kv_pool = nnx.merge(graphdef, params)(
-                inputs, kv_pool, impl=impl, interpret=interpret
-            )
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32), kv_pool
-
-        self.registry = StepRegistry(step)
+            cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft_tokens,
+            mesh=mesh,
+        )  # fmt: skip
         try:
+            options = {"impl": impl or default_impl(), "interpret": interpret}
+            graphdef, self._params = nnx.split(model)
+            if mesh is not None:
+                self._params = shard_params(self._params, model.partition_specs(), mesh)
+                options["mesh"] = mesh
+
+            def step(params, kv_pool, inputs):
+                logits, kv_pool = nnx.merge(graphdef, params)(inputs, kv_pool, **options)
+                return jnp.argmax(logits, axis=-1).astype(jnp.int32), kv_pool
+
+            self.registry = StepRegistry(step, mesh)
             with allow_compile():
                 compile_steps(self.registry, self._params, self.manager, self.buckets.keys)
         except BaseException:

@@ -28,7 +28,6 @@ from kvjax.engine_setup import (
 )
 from kvjax.manager import KVCacheManager
 from kvjax.multimodal import MultimodalItem, splice_multimodal_tokens
-from kvjax.pages import Tier
 from kvjax.request import FinishReason, Request, RequestOutput, RequestState, SamplingParams
 from kvjax.resources import CacheResources
 from kvjax.sampling import SamplingInputs
@@ -38,6 +37,7 @@ from kvjax.sharding import (
     check_heads,
     check_same_on_every_process,
     shard_params,
+    spans_processes,
     tensor_parallel_mesh,
 )
 from kvjax.speculative import DraftPlanner, SpeculativeConfig
@@ -45,6 +45,13 @@ from kvjax.step import Buckets, StepRegistry
 from kvjax.storage import default_impl
 
 __all__ = ["Engine"]
+
+
+def _quotas(config: CacheConfig) -> dict:
+    """What of a `CacheConfig` every process must share (the disk tier's directory may differ)."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    fields["disk_dir"] = config.disk_dir is not None
+    return fields
 
 
 class Engine:
@@ -75,9 +82,10 @@ class Engine:
             `jax.distributed.initialize()` the devices of every process count: each process
             builds the same engine and adds the same requests in the same order, so all make
             the same scheduling decisions and page ids without exchanging them.
-        check_agreement: several processes only: before each step, check that every process
-            scheduled the same batch (one small collective per step; a debugging aid). The
-            engine's configuration is always checked once, at construction.
+        check_agreement: a mesh of several processes only: before each step runs, check that
+            every process scheduled the same batch and moved the same pages (a collective per
+            step; a debugging aid). The configuration is always checked once, at construction.
+            After a mismatch (`RuntimeError`) the processes' caches differ: shut the engine down.
     """
 
     def __init__(
@@ -123,6 +131,21 @@ class Engine:
                 f"the draft model's vocab_size={draft_vocab} differs from the target's "
                 f"{self.vocab_size}"
             )
+        drafter_mesh = getattr(speculative and speculative.drafter, "mesh", self.mesh)
+        self.lockstep = spans_processes(self.mesh)
+        if self.lockstep and drafter_mesh != self.mesh:
+            raise ValueError(
+                "across several processes the draft model must be sharded on the engine's mesh: "
+                "build it with DraftModelDrafter(..., mesh=engine mesh)"
+            )
+        if self.lockstep:  # before any other collective: a mismatch fails here, clearly
+            options = (max_seq_len, enable_block_reuse, commit_generated, impl, interpret, seed)
+            check_same_on_every_process(
+                "the engine's configuration", model.config, _quotas(cache_config),
+                self.scheduler_config, self.buckets.keys, draft_lengths, options,
+                sorted((lora_pages or {}).items()), sorted(self.eos_token_ids),
+                [(d.id, d.process_index) for d in self.mesh.devices.flat], self.mesh.axis_names,
+            )  # fmt: skip
         max_draft = draft_lengths[-1]
         self.manager = KVCacheManager(
             cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft, mesh=self.mesh
@@ -152,16 +175,6 @@ class Engine:
                 self.registry, self._params, self.manager, self.buckets, self.scheduler_config,
                 self.mesh,
             )  # fmt: skip
-            # Its gather compiles here, before serving, for the per-step check too.
-            check_same_on_every_process(
-                "the engine's configuration", model.config, cache_config.page_shape,
-                cache_config.dtype, cache_config.enable_partial_reuse,
-                [self.manager.storage.num_pages(tier) for tier in Tier],
-                self.manager.max_blocks, self.manager.max_seq_len, self.buckets.keys,
-                self.scheduler_config, enable_block_reuse, commit_generated,
-                sorted(self.lora_pages.items()), sorted(self.eos_token_ids), seed,
-                draft_lengths,
-            )  # fmt: skip
             self.compiles.mark_warm()
         except BaseException:
             self.manager.shutdown()
@@ -176,7 +189,7 @@ class Engine:
         self._rng = np.random.default_rng(seed)
         self._next_id = 0
         self._empty_steps = 0  # consecutive passes that scheduled nothing
-        self.check_agreement = check_agreement
+        self.check_agreement = check_agreement and self.lockstep
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -284,11 +297,12 @@ class Engine:
             params = request.sampling_params
             sampling.set_row(row, params, params.seed, len(request.output_token_ids))
         if self.check_agreement:
+            # After scheduling, the page moves have run: their digest stands in for them.
             arrays = [*dataclasses.astuple(batch.inputs), *vars(sampling).values()]
             ids = [request.request_id for request in batch.requests]
             check_same_on_every_process(
                 f"the batch of step {len(self.metrics.steps)}",
-                *map(np.asarray, arrays), batch.draft_tokens, ids,
+                *map(np.asarray, arrays), batch.draft_tokens, ids, self.manager.moves_digest,
             )  # fmt: skip
         logits, self.manager.pool = self.registry(self._params, self.manager.pool, batch.inputs)
         accepted, tokens = sampling.verify(logits, batch.draft_tokens, batch.num_drafts)

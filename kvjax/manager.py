@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import blake3
 import numpy as np
 
 from kvjax.checks import check_int
@@ -124,6 +125,7 @@ class KVCacheManager:
         self._stats = CacheStats()
         self._events = EventBuffer(check_int("max_events", max_events, minimum=0))
         self._num_dropped_seen = 0
+        self._moves_digest = b""  # chained over every page move applied
         self._is_shut_down = False
         if max_seq_len is not None:
             check_int("max_seq_len", max_seq_len, minimum=1)
@@ -316,6 +318,12 @@ class KVCacheManager:
     def reset_stats(self) -> None:
         self._stats = CacheStats()
 
+    @property
+    def moves_digest(self) -> bytes:
+        """A blake3 digest chained over every page move applied so far: equal on processes that
+        moved the same pages in the same order."""
+        return self._moves_digest
+
     def take_events(self) -> list[KVEvent]:
         """KV events since the last call, oldest first (see `num_lost_events`)."""
         return self._events.take()
@@ -332,6 +340,9 @@ class KVCacheManager:
         moves = self._tiers.take_moves()
         if moves:
             self._storage.apply(moves)
+            record = [(m.src_tier, m.src_page, m.dst_tier, m.dst_page) for m in moves]
+            record = np.asarray(record, np.int64).tobytes()
+            self._moves_digest = blake3.blake3(self._moves_digest + record).digest()
             kinds = Counter((move.src_tier, move.dst_tier) for move in moves)
             for (src, dst), count in kinds.items():
                 self._stats.count_move(src, dst, count, self.config.page_bytes)

@@ -23,7 +23,6 @@ __all__ = [
     "TP_AXIS",
     "LocalHeads",
     "agreed_host_pages",
-    "agreed_min",
     "check_heads",
     "check_same_on_every_process",
     "place",
@@ -31,6 +30,7 @@ __all__ = [
     "pool_spec",
     "replicated",
     "shard_params",
+    "spans_processes",
     "tensor_parallel_mesh",
     "zeros",
 ]
@@ -112,12 +112,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shard_params(params, specs, mesh: Mesh):
-    """`params` (an `nnx.State`) placed on `mesh` by `specs` (the same tree of PartitionSpecs)."""
-    shardings = jax.tree.map(
-        lambda spec: NamedSharding(mesh, spec),
-        specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+    """`params` (an `nnx.State`) placed on `mesh` by `specs` (the same tree of PartitionSpecs).
+
+    Raises:
+        ValueError: a dimension split over the mesh does not divide by its size (named).
+    """
+    size = mesh.shape[TP_AXIS]
+    leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=_is_spec)
+    for (path, spec), (_, value) in zip(
+        leaves, jax.tree_util.tree_leaves_with_path(params), strict=True
+    ):
+        for dim, axis in enumerate(spec):
+            if axis == TP_AXIS and value.shape[dim] % size:
+                raise ValueError(
+                    f"{jax.tree_util.keystr(path)} of shape {list(value.shape)}: dimension {dim} "
+                    f"({value.shape[dim]}) does not divide over tensor_parallel={size}"
+                )
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
     # A sharding stands for a whole variable (e.g. an `nnx.Param` around one array).
     return jax.tree.map(
         lambda sharding, variable: jax.tree.map(lambda x: place(x, sharding), variable),
@@ -126,16 +137,23 @@ def shard_params(params, specs, mesh: Mesh):
     )
 
 
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
 def place(value, sharding: Sharding | None) -> jax.Array:
     """`value` (the whole array, the same on every process) laid out by `sharding` (None: the
     default device).
 
-    Across processes `jax.device_put` checks that every process passed the same value, with a
-    collective and a compile per shape; the engine's processes compute the same inputs by
-    construction (`Engine(check_agreement=True)` verifies it per step), so each process only
-    transfers the slices its own devices hold.
+    Across processes `jax.device_put` checks that every process passed the same host value,
+    with a collective and a compile per shape; the engine's processes compute the same inputs
+    by construction (`Engine(check_agreement=True)` verifies it per step), so each process only
+    transfers the slices its own devices hold. An array already spread over processes is
+    resharded by `jax.device_put` (nothing moves when it is laid out so already).
     """
     if sharding is None or sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
         return jax.device_put(value, sharding)
     if not isinstance(value, jax.Array):
         value = np.asarray(value)
@@ -191,23 +209,25 @@ class LocalHeads:
         )
 
 
+def spans_processes(mesh: Mesh | None) -> bool:
+    """Whether `mesh` has devices of several processes (which then run in lockstep)."""
+    return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
+
+
 def agreed_host_pages(config, mesh: Mesh | None = None) -> int:
-    """`config.auto_host_pages` (a `CacheConfig`) of this host's free memory, the same on every
-    process: the smallest of theirs, as tiers and page ids must agree. Over `mesh` a host keeps
-    only its devices' KV heads of each page, so a page takes less of its memory."""
+    """`config.auto_host_pages` (a `CacheConfig`) of this host's free memory; over a mesh of
+    several processes the smallest of theirs, as tiers and page ids must agree. Over `mesh` a
+    host keeps only its devices' KV heads of each page, so a page takes less of its memory."""
     from kvjax.manager import available_host_bytes
 
     available = available_host_bytes()
-    if mesh is not None:
-        available = available * config.num_kv_heads // LocalHeads(mesh, config.num_kv_heads).count
-    return agreed_min(config.auto_host_pages(available))
-
-
-def agreed_min(value: int) -> int:
-    """The smallest of every process's `value` (itself with one process)."""
-    if jax.process_count() == 1:
-        return value
-    return int(np.min(multihost_utils.process_allgather(np.int64(value))))
+    if mesh is None:
+        return config.auto_host_pages(available)
+    available = available * config.num_kv_heads // LocalHeads(mesh, config.num_kv_heads).count
+    pages = config.auto_host_pages(available)
+    if not spans_processes(mesh):
+        return pages
+    return int(np.min(multihost_utils.process_allgather(np.int64(pages))))
 
 
 def check_same_on_every_process(what: str, *parts) -> None:

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 
 from kvjax.checks import check_int
 from kvjax.pages import NULL_PAGE
-from kvjax.sharding import place, replicated
+from kvjax.sharding import place, pool_sharding, replicated
 
 __all__ = [
     "BucketKey",
@@ -228,12 +228,14 @@ class StepRegistry:
 
     Args:
         step_fn: the step; the pool (argument 1) is donated.
-        mesh: tensor parallelism: inputs are replicated over it; params and pool keep the
+        mesh: tensor parallelism: inputs and the first output (logits) are replicated over it,
+            the returned pool is sharded over KV heads; params and the pool argument keep the
             shardings they have when compiled.
     """
 
     def __init__(self, step_fn: Callable, mesh=None) -> None:
-        self._jitted = jax.jit(step_fn, donate_argnums=1)
+        out_shardings = None if mesh is None else (replicated(mesh), pool_sharding(mesh))
+        self._jitted = jax.jit(step_fn, donate_argnums=1, out_shardings=out_shardings)
         self._input_sharding = None if mesh is None else replicated(mesh)
         self._executables: dict[BucketKey, Any] = {}
         self.max_blocks: int | None = None  # page-table width, fixed by the first compile

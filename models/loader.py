@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from models.config import LlamaConfig
+from models.config import LlamaConfig, rope_frequencies
 from models.llama import Llama
 
 __all__ = ["hf_tensors", "load_hf_checkpoint", "save_hf_checkpoint"]
@@ -60,8 +61,13 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
 
 
-def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16) -> Llama:
+def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16, mesh=None) -> Llama:
     """A `Llama` with the checkpoint's weights cast to `dtype`; its config travels with it.
+
+    Args:
+        mesh: tensor parallelism (`kvjax.sharding.tensor_parallel_mesh`): each weight goes from
+            host memory straight to its shards (`Llama.partition_specs`), so no device ever
+            holds the whole model. Default: the default device.
 
     Raises:
         ValueError: an unsupported architecture, a missing file, or a missing or misshapen tensor
@@ -72,7 +78,9 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16) -> Llama:
     if not config_path.exists():
         raise ValueError(f"{path} has no config.json")
     config = LlamaConfig.from_hf(json.loads(config_path.read_text()))
-    model = Llama(config, dtype=dtype, rngs=nnx.Rngs(0))
+    # Shapes only: the weights come from the checkpoint, so none are drawn at random.
+    model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    model.inv_freq.set_value(rope_frequencies(config))
     tensors = _read_tensors(path)
     targets = _targets(model)
     unused = sorted(
@@ -94,7 +102,15 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16) -> Llama:
                 f"{path}: tensor {name} has shape {list(tensors[name].shape)}; the config "
                 f"needs {hf_shape}"
             )
-        variable.set_value(jnp.asarray(value, dtype))
+        variable.set_value(np.asarray(value, dtype))  # host memory until placed below
+    state = nnx.state(model)
+    if mesh is None:
+        state = jax.tree.map(jnp.asarray, state)
+    else:
+        from kvjax.sharding import shard_params
+
+        state = shard_params(state, model.partition_specs(), mesh)
+    nnx.update(model, state)
     return model
 
 

@@ -13,6 +13,8 @@ Each process, in lockstep with the other:
 - serves greedy requests on a 4-way engine under prefix reuse, partial reuse and suspend/resume,
   with the per-step agreement check on: the dense model's tokens, the pool sharded after every
   step, nothing compiled after warm-up; then a seeded sampled request;
+- serves them again with the target as its own sharded draft model (a draft model left off
+  the mesh is refused);
 - shows that a different request on one process, or a different configuration, is caught on
   both;
 - writes its tokens to OUT_DIR/tokens_PROCESS_ID.json (the test compares the two files).
@@ -22,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -29,9 +32,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from kvjax.draft_model import DraftModelDrafter
 from kvjax.engine_setup import cache_config_for
 from kvjax.pages import Tier
 from kvjax.request import SamplingParams
+from kvjax.scheduler import SchedulerConfig
 from kvjax.sharding import (
     TP_AXIS,
     LocalHeads,
@@ -41,6 +46,7 @@ from kvjax.sharding import (
     pool_sharding,
     tensor_parallel_mesh,
 )
+from kvjax.speculative import NgramDrafter, SpeculativeConfig
 from kvjax.storage import KVStorage
 from kvjax.tiers import PageMove
 from tests.test_engine import dense_greedy, make_engine
@@ -132,11 +138,43 @@ def check_divergence_caught(model, prompts, process_id: int) -> None:
     engine.add_request(prompts[process_id], SamplingParams(max_new_tokens=2))
     expect_error(engine.step, "the batch of step 0 differs between processes: processes [1]")
     engine.shutdown()
+    # An automatic host tier on one process, 64 pages on the other: refused before the
+    # automatic tier's own collective could run on one process only.
     expect_error(
-        lambda: make_engine(model, device_pages=13, host_pages=64, tensor_parallel=4,
-                            seed=process_id),
+        lambda: make_engine(model, device_pages=13, host_pages=[None, 64][process_id],
+                            tensor_parallel=4),
         "the engine's configuration differs between processes",
     )  # fmt: skip
+
+
+def serve_self_drafting(model, prompts, mesh) -> list[list[int]]:
+    """The target as its own draft model, both sharded on the mesh, the draft's host tier
+    provisioned alike on both processes: dense greedy tokens, drafts accepted."""
+    draft_config = cache_config_for(model, tokens_per_block=4, device_pages=13)
+
+    drafter = DraftModelDrafter(
+        model, draft_config, max_draft_tokens=2, max_seq_len=160, max_batch_size=2,
+        max_num_tokens=16, mesh=mesh,
+    )  # fmt: skip
+
+    off_mesh = NgramDrafter()
+    off_mesh.mesh = None  # what a DraftModelDrafter built without the mesh reports
+    expect_error(
+        lambda: make_engine(model, tensor_parallel=mesh,
+                            speculative=SpeculativeConfig(off_mesh, 3)),
+        "the draft model must be sharded on the engine's mesh", ValueError,
+    )  # fmt: skip
+    speculative = SpeculativeConfig(drafter, 2)
+    scheduler = SchedulerConfig(max_batch_size=2, max_num_tokens=16, chunk_unit=4)
+    engine = make_engine(model, device_pages=13, host_pages=64, tensor_parallel=mesh,
+                         scheduler=scheduler, speculative=speculative,
+                         check_agreement=True)  # fmt: skip
+    outputs = serve(engine, prompts, SamplingParams(max_new_tokens=10, temperature=0.0), 4)
+    assert engine.metrics.summary()["acceptance_rate"] > 0.5, engine.metrics.summary()
+    engine.shutdown()
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == dense_greedy(model, prompt, 10), output
+    return [list(o.token_ids) for o in outputs]
 
 
 def expect_error(call, message: str, kind: type[Exception] = RuntimeError) -> None:
@@ -150,15 +188,26 @@ def expect_error(call, message: str, kind: type[Exception] = RuntimeError) -> No
 
 def main() -> None:
     process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    start = time.perf_counter()
+
+    def done(what: str) -> None:
+        print(f"{time.perf_counter() - start:6.1f} s: {what}", flush=True)
+
     check_benchmark(process_id, port, out)
+    done("benchmark")
     model = random_model(tiny_config(num_heads=8, num_kv_heads=4, head_dim=8))
     mesh = check_meshes_and_host_tier(model)
     check_local_tiers(mesh)
+    done("meshes and tiers")
     rng = np.random.default_rng(0)
     prefix = list(rng.integers(0, 64, 13))  # reuse ends mid-block at tpb 4: partial reuse
     prompts = [prefix + list(rng.integers(0, 64, n)) for n in (3, 9, 14, 5)]
     tokens = serve_greedy(model, prompts)
+    done("greedy and sampled")
+    tokens += serve_self_drafting(model, prompts, mesh)
+    done("self-drafting")
     check_divergence_caught(model, prompts, process_id)
+    done("divergence")
     (out / f"tokens_{process_id}.json").write_text(json.dumps(tokens))
     jax.distributed.shutdown()
     print(f"process {process_id}: multihost ok")

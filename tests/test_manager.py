@@ -433,3 +433,28 @@ def test_given_storage_must_match_the_config():
     assert KVCacheManager(config, storage=storage).storage is storage
     with pytest.raises(ValueError, match="storage has 0 HOST pages; config needs 2"):
         KVCacheManager(config, storage=KVStorage(config.page_shape, config.dtype, 6))
+
+
+def test_moves_digest_follows_the_page_moves():
+    """Managers that moved the same pages in the same order have equal digests (what processes
+    of a mesh compare); any other move sequence gives another."""
+
+    def run(bases):
+        manager, engine = make(tpb=4, device=5, host=12)
+        digests = [manager.moves_digest]
+        caches = []
+        for base in bases:  # each fills the device: the one before moves to the host
+            if caches:
+                caches[-1].suspend()
+            caches.append(start(manager, engine))
+            prefill(engine, caches[-1], range(base, base + 16))
+            digests.append(manager.moves_digest)
+        caches[-1].suspend()
+        assert caches[0].resume()  # back from the host
+        digests.append(manager.moves_digest)
+        return digests
+
+    first, again = run((0, 100, 200)), run((0, 100, 200))
+    assert first == again
+    assert len(set(first)) > 2  # offloads and the onload each changed it
+    assert run((0, 100))[-1] != first[-1]

@@ -49,4 +49,4 @@ def test_two_processes_serve_in_lockstep(tmp_path, compile_cache):
         assert p.returncode == 0, f"process {pid} exited {p.returncode}:\n{both}"
         assert f"process {pid}: multihost ok" in log, both
     tokens = [json.loads((tmp_path / f"tokens_{pid}.json").read_text()) for pid in (0, 1)]
-    assert tokens[0] == tokens[1] and len(tokens[0]) == 5
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 9

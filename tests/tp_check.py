@@ -2,22 +2,23 @@
 `XLA_FLAGS=--xla_force_host_platform_device_count=4`, so other tests keep one device).
 
 A 2- and 4-way sharded engine give the single-device engine's greedy tokens under prefix reuse,
-partial-block reuse and suspend/resume; the pool stays sharded over KV heads after every step;
-no compiled step all-gathers the pool; head counts that do not divide are refused.
+partial-block reuse and suspend/resume (the 4-way one on a checkpoint loaded straight onto the
+mesh); the pool stays sharded over KV heads after every step; no compiled step all-gathers the
+pool; head counts and MLP widths that do not divide are refused.
 """
 
 import re
 
 import jax
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kvjax.request import SamplingParams
-from kvjax.sharding import TP_AXIS
+from kvjax.sharding import TP_AXIS, tensor_parallel_mesh
 from tests.test_engine import assert_all_pages_free, dense_greedy, make_engine
 from tests.test_llama import random_model, tiny_config
 
-POOL_SPEC = PartitionSpec(None, None, None, TP_AXIS)
+POOL_SPEC = PartitionSpec(None, None, None, TP_AXIS)  # KV heads split, the rest whole
 
 
 def serve(engine, prompts, params, tp):
@@ -29,7 +30,9 @@ def serve(engine, prompts, params, tp):
         engine.manager.check_invariants()
         if tp:  # still sharded over KV heads: nothing gathered it to one device
             sharding = engine.manager.pool.sharding
-            assert sharding.spec == POOL_SPEC and sharding.mesh.shape[TP_AXIS] == tp, sharding
+            expected = NamedSharding(engine.mesh, POOL_SPEC)
+            assert sharding.is_equivalent_to(expected, 6), sharding
+            assert sharding.mesh.shape[TP_AXIS] == tp, sharding
     assert engine.compiles.after_warmup == 0
     return [outputs[i] for i in ids]
 
@@ -53,9 +56,10 @@ def main() -> None:
     prompts = [prefix + list(rng.integers(0, 64, n)) for n in (3, 9, 14, 5)]
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     results = {}
+    models = {None: model, 2: model, 4: loaded_sharded(model, tensor_parallel_mesh(4))}
     for tp in (None, 2, 4):
         # 13 device pages for 4 requests of up to 37 tokens: the tail is suspended to the host.
-        engine = make_engine(model, device_pages=13, host_pages=64, tensor_parallel=tp)
+        engine = make_engine(models[tp], device_pages=13, host_pages=64, tensor_parallel=tp)
         cold = serve(engine, prompts[:1], params, tp)
         warm = serve(engine, prompts[1:], params, tp)
         outputs = cold + warm
@@ -68,6 +72,13 @@ def main() -> None:
         print(f"tp={tp}: {len(outputs)} requests, pool {engine.mesh and POOL_SPEC}")
     assert results[None] == results[2] == results[4]
     assert results[None][0] == tuple(dense_greedy(model, prompts[0], 10))
+    odd_mlp = random_model(tiny_config(num_heads=8, num_kv_heads=4, head_dim=8,
+                                       intermediate_size=66))  # fmt: skip
+    expect_refused(
+        lambda: make_engine(odd_mlp, tensor_parallel=4),
+        "['mlp']['down_proj']['kernel'] of shape [66, 32]: dimension 0 (66) does not divide "
+        "over tensor_parallel=4",
+    )
     narrow = random_model(tiny_config(num_heads=4, num_kv_heads=2, head_dim=8))
     expect_refused(
         lambda: make_engine(narrow, tensor_parallel=4),
@@ -78,6 +89,23 @@ def main() -> None:
     )
     check_benchmark()
     print("tensor parallel ok")
+
+
+def loaded_sharded(model, mesh):
+    """`model` saved as a checkpoint and loaded with its weights straight onto `mesh`."""
+    import tempfile
+
+    from models.loader import load_hf_checkpoint, save_hf_checkpoint
+
+    with tempfile.TemporaryDirectory() as path:
+        save_hf_checkpoint(model, path)
+        loaded = load_hf_checkpoint(path, dtype=jax.numpy.float32, mesh=mesh)
+    kernels = {"q_proj": PartitionSpec(None, TP_AXIS), "o_proj": PartitionSpec(TP_AXIS, None)}
+    for name, spec in kernels.items():
+        kernel = getattr(loaded.layers[1].self_attn, name).kernel.get_value()
+        assert kernel.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2), kernel.sharding
+    assert loaded.embed_tokens.embedding.get_value().sharding.is_fully_replicated
+    return loaded
 
 
 def expect_refused(build, message: str) -> None:
