@@ -24,13 +24,17 @@ from jax.sharding import Mesh
 
 from kvjax.batch import pack_rows
 from kvjax.config import CacheConfig
-from kvjax.engine_setup import check_model_geometry, compile_steps, powers_of_two
+from kvjax.engine_setup import (
+    check_model_geometry,
+    compile_steps,
+    model_registry,
+    powers_of_two,
+)
 from kvjax.kv_cache import KVCache
 from kvjax.manager import KVCacheManager
 from kvjax.request import Request
-from kvjax.sharding import check_heads, shard_params
-from kvjax.step import Buckets, StepRegistry, allow_compile
-from kvjax.storage import default_impl
+from kvjax.sharding import check_heads
+from kvjax.step import Buckets, allow_compile
 
 __all__ = ["DraftModelDrafter"]
 
@@ -47,6 +51,10 @@ class _Row:
     sequence: _DraftSequence
     tokens: list[int]  # fed this step
     wants: int  # drafts still to propose for it (0: only catching up)
+
+
+def _argmax(logits):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 class DraftModelDrafter:
@@ -91,17 +99,9 @@ class DraftModelDrafter:
             mesh=mesh,
         )  # fmt: skip
         try:
-            options = {"impl": impl or default_impl(), "interpret": interpret}
-            graphdef, self._params = nnx.split(model)
-            if mesh is not None:
-                self._params = shard_params(self._params, model.partition_specs(), mesh)
-                options["mesh"] = mesh
-
-            def step(params, kv_pool, inputs):
-                logits, kv_pool = nnx.merge(graphdef, params)(inputs, kv_pool, **options)
-                return jnp.argmax(logits, axis=-1).astype(jnp.int32), kv_pool
-
-            self.registry = StepRegistry(step, mesh)
+            self.registry, self._params = model_registry(
+                model, impl=impl, interpret=interpret, mesh=mesh, on_logits=_argmax
+            )
             with allow_compile():
                 compile_steps(self.registry, self._params, self.manager, self.buckets.keys)
         except BaseException:

@@ -24,6 +24,7 @@ from kvjax.engine_setup import (
     check_model_geometry,
     check_speculative,
     default_buckets,
+    model_registry,
     warm_up,
 )
 from kvjax.manager import KVCacheManager
@@ -36,13 +37,11 @@ from kvjax.serving_metrics import EngineMetrics
 from kvjax.sharding import (
     check_heads,
     check_same_on_every_process,
-    shard_params,
     spans_processes,
     tensor_parallel_mesh,
 )
 from kvjax.speculative import DraftPlanner, SpeculativeConfig
-from kvjax.step import Buckets, StepRegistry
-from kvjax.storage import default_impl
+from kvjax.step import Buckets
 
 __all__ = ["Engine"]
 
@@ -159,17 +158,9 @@ class Engine:
             )
             self.lora_pages = dict(lora_pages or {})
             self.scheduler = Scheduler(self.scheduler_config, self.resources, self.lora_pages)
-            impl = impl or default_impl()
-            graphdef, self._params = nnx.split(model)
-            options = {"impl": impl, "interpret": interpret}
-            if self.mesh is not None:
-                self._params = shard_params(self._params, model.partition_specs(), self.mesh)
-                options["mesh"] = self.mesh
-
-            def step(params, kv_pool, inputs):
-                return nnx.merge(graphdef, params)(inputs, kv_pool, **options)
-
-            self.registry = StepRegistry(step, self.mesh)
+            self.registry, self._params = model_registry(
+                model, impl=impl, interpret=interpret, mesh=self.mesh
+            )
             self.compiles = CompileCounter()
             warm_up(
                 self.registry, self._params, self.manager, self.buckets, self.scheduler_config,

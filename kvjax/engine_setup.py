@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from flax import nnx
 
 from kvjax.config import CacheConfig
 from kvjax.manager import KVCacheManager
 from kvjax.sampling import verify_tokens
 from kvjax.scheduler import SchedulerConfig
-from kvjax.sharding import place, replicated
+from kvjax.sharding import place, replicated, shard_params
 from kvjax.speculative import SpeculativeConfig
 from kvjax.step import Buckets, StepInputs, StepRegistry, allow_compile
+from kvjax.storage import default_impl
 
 __all__ = [
     "CompileCounter",
@@ -21,6 +23,7 @@ __all__ = [
     "check_speculative",
     "compile_steps",
     "default_buckets",
+    "model_registry",
     "powers_of_two",
     "warm_up",
 ]
@@ -127,6 +130,27 @@ def warm_up(
             verify_tokens(
                 logits, drafts, ints, zeros, ints, zeros + 1, ints.astype(np.uint32), ints
             )
+
+
+def model_registry(model, *, impl=None, interpret=None, mesh=None, on_logits=None):
+    """`model`'s step as a `StepRegistry`, and the params it runs on: split from the NNX module,
+    and sharded by `model.partition_specs()` over `mesh` when given. `on_logits` maps the
+    logits the step returns (e.g. to argmax tokens).
+
+    Returns:
+        (registry, params).
+    """
+    options = {"impl": impl or default_impl(), "interpret": interpret}
+    graphdef, params = nnx.split(model)
+    if mesh is not None:
+        params = shard_params(params, model.partition_specs(), mesh)
+        options["mesh"] = mesh
+
+    def step(params, kv_pool, inputs):
+        logits, kv_pool = nnx.merge(graphdef, params)(inputs, kv_pool, **options)
+        return (logits if on_logits is None else on_logits(logits)), kv_pool
+
+    return StepRegistry(step, mesh), params
 
 
 def compile_steps(registry: StepRegistry, params, manager: KVCacheManager, keys) -> None:

@@ -46,11 +46,12 @@ def available_host_bytes() -> int:
 
 
 def _auto_host_pages(config: CacheConfig, mesh: Any) -> int:
+    available = available_host_bytes()
     if mesh is None:
-        return config.auto_host_pages(available_host_bytes())
+        return config.auto_host_pages(available)
     from kvjax.sharding import agreed_host_pages  # device side, loaded only when needed
 
-    return agreed_host_pages(config, mesh)
+    return agreed_host_pages(config, mesh, available)
 
 
 class KVCacheManager:

@@ -151,9 +151,8 @@ def place(value, sharding: Sharding | None) -> jax.Array:
     transfers the slices its own devices hold. An array already spread over processes is
     resharded by `jax.device_put` (nothing moves when it is laid out so already).
     """
-    if sharding is None or sharding.is_fully_addressable:
-        return jax.device_put(value, sharding)
-    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    spread = isinstance(value, jax.Array) and not value.is_fully_addressable
+    if sharding is None or sharding.is_fully_addressable or spread:
         return jax.device_put(value, sharding)
     if not isinstance(value, jax.Array):
         value = np.asarray(value)
@@ -214,17 +213,12 @@ def spans_processes(mesh: Mesh | None) -> bool:
     return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
 
 
-def agreed_host_pages(config, mesh: Mesh | None = None) -> int:
-    """`config.auto_host_pages` (a `CacheConfig`) of this host's free memory; over a mesh of
-    several processes the smallest of theirs, as tiers and page ids must agree. Over `mesh` a
-    host keeps only its devices' KV heads of each page, so a page takes less of its memory."""
-    from kvjax.manager import available_host_bytes
-
-    available = available_host_bytes()
-    if mesh is None:
-        return config.auto_host_pages(available)
-    available = available * config.num_kv_heads // LocalHeads(mesh, config.num_kv_heads).count
-    pages = config.auto_host_pages(available)
+def agreed_host_pages(config, mesh: Mesh, available_bytes: int) -> int:
+    """`config.auto_host_pages` (a `CacheConfig`) of this host's `available_bytes`, knowing a
+    host keeps only its devices' KV heads of each page; over a mesh of several processes the
+    smallest of their counts, as tiers and page ids must agree."""
+    local_heads = LocalHeads(mesh, config.num_kv_heads).count
+    pages = config.auto_host_pages(available_bytes * config.num_kv_heads // local_heads)
     if not spans_processes(mesh):
         return pages
     return int(np.min(multihost_utils.process_allgather(np.int64(pages))))

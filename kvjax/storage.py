@@ -123,8 +123,12 @@ class KVStorage:
                 f"impl='pallas' needs power-of-two tokens_per_block={page_size} and "
                 f"head_dim={head_dim} (Triton tiles); use impl='xla'"
             )
-        self.mesh = mesh
         self._heads = None if mesh is None else LocalHeads(mesh, self.page_shape[2])
+        self._sharding = None if mesh is None else self._heads.sharding
+        # A page of the host and disk tiers: `page_shape` with this process's KV heads.
+        self.local_page_shape = self.page_shape
+        if self._heads is not None:
+            self.local_page_shape = self._heads.local_shape((0, *self.page_shape))[1:]
         self._copy, self._gather, self._scatter = page_ops(self.impl, mesh)
         self._pool = self._zeros(num_device_pages)
         host_shape = (num_host_pages, *self.local_page_shape)
@@ -136,8 +140,7 @@ class KVStorage:
 
     def _zeros(self, num_pages: int) -> jax.Array:
         """Zero device pages, created sharded over KV heads when there is a mesh."""
-        sharding = None if self._heads is None else self._heads.sharding
-        return zeros((num_pages, *self.page_shape), self.dtype, sharding)
+        return zeros((num_pages, *self.page_shape), self.dtype, self._sharding)
 
     def _to_host(self, pages: jax.Array) -> np.ndarray:
         """This process's heads of device pages."""
@@ -159,15 +162,7 @@ class KVStorage:
             grow = jnp.zeros((num_pages - keep, *self.page_shape), self.dtype)
             return jnp.concatenate([pool[:keep], grow])
 
-        sharding = None if self._heads is None else self._heads.sharding
-        return jax.jit(resize, out_shardings=sharding, donate_argnums=0)(pool)
-
-    @property
-    def local_page_shape(self) -> tuple[int, ...]:
-        """A page of the host and disk tiers: `page_shape` with this process's KV heads."""
-        if self._heads is None:
-            return self.page_shape
-        return self._heads.local_shape((0, *self.page_shape))[1:]
+        return jax.jit(resize, out_shardings=self._sharding, donate_argnums=0)(pool)
 
     # -- tiers --------------------------------------------------------------------------------
 

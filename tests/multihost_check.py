@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from kvjax.draft_model import DraftModelDrafter
 from kvjax.engine_setup import cache_config_for
+from kvjax.manager import available_host_bytes
 from kvjax.pages import Tier
 from kvjax.request import SamplingParams
 from kvjax.scheduler import SchedulerConfig
@@ -50,8 +51,7 @@ from kvjax.speculative import NgramDrafter, SpeculativeConfig
 from kvjax.storage import KVStorage
 from kvjax.tiers import PageMove
 from tests.test_engine import dense_greedy, make_engine
-from tests.test_llama import random_model, tiny_config
-from tests.tp_check import serve
+from tests.tp_check import expect_error, reuse_case, serve, tiny_benchmark_args
 
 D, H, K = Tier.DEVICE, Tier.HOST, Tier.DISK
 
@@ -60,11 +60,8 @@ def check_benchmark(process_id: int, port: int, out: Path) -> None:
     from benchmarks.serve import main as serve_main
 
     argv = [
-        "--coordinator", f"localhost:{port}", "--num-processes", "2",
-        "--process-id", str(process_id), "--tensor-parallel", "2", "--groups", "1",
-        "--per-group", "2", "--system-len", "24", "--user-len", "4", "8", "--new-tokens", "4",
-        "--max-batch-size", "2", "--max-num-tokens", "32", "--device-pages", "24",
-        "--tokens-per-block", "8", "--out", str(out / f"bench{process_id}"), "--no-progress",
+        *tiny_benchmark_args(2, out / f"bench{process_id}"), "--coordinator",
+        f"localhost:{port}", "--num-processes", "2", "--process-id", str(process_id),
     ]  # fmt: skip
     summary = serve_main(argv)["summary"]
     assert jax.process_count() == 2 and len(jax.devices()) == 4, jax.devices()
@@ -77,15 +74,15 @@ def check_meshes_and_host_tier(model) -> Mesh:
     """Meshes leaving a process out are refused; the provisioned host tier is the same size on
     both processes although each reads its own free memory."""
     refused = "must be a multiple of the 2 processes"
-    expect_error(lambda: tensor_parallel_mesh(3), refused, ValueError)
+    expect_error(lambda: tensor_parallel_mesh(3), refused)
     only_here = Mesh(np.array(jax.devices()[:2]), (TP_AXIS,))
     refused = "the mesh has no device of processes [1]"
-    expect_error(lambda: tensor_parallel_mesh(only_here), refused, ValueError)
+    expect_error(lambda: tensor_parallel_mesh(only_here), refused)
     mesh = tensor_parallel_mesh(4)
     assert [d.process_index for d in mesh.devices] == [0, 0, 1, 1], mesh
     config = cache_config_for(model, tokens_per_block=4, device_pages=13)
     assert config.num_host_pages is None
-    pages = agreed_host_pages(config, mesh)
+    pages = agreed_host_pages(config, mesh, available_host_bytes())
     check_same_on_every_process("the provisioned host pages", pages)
     assert 1 <= pages <= 13, pages
     return mesh
@@ -136,14 +133,15 @@ def check_divergence_caught(model, prompts, process_id: int) -> None:
     engine = make_engine(model, device_pages=13, host_pages=64, tensor_parallel=4,
                          check_agreement=True)  # fmt: skip
     engine.add_request(prompts[process_id], SamplingParams(max_new_tokens=2))
-    expect_error(engine.step, "the batch of step 0 differs between processes: processes [1]")
+    diverged = "the batch of step 0 differs between processes: processes [1]"
+    expect_error(engine.step, diverged, RuntimeError)
     engine.shutdown()
     # An automatic host tier on one process, 64 pages on the other: refused before the
     # automatic tier's own collective could run on one process only.
     expect_error(
         lambda: make_engine(model, device_pages=13, host_pages=[None, 64][process_id],
                             tensor_parallel=4),
-        "the engine's configuration differs between processes",
+        "the engine's configuration differs between processes", RuntimeError,
     )  # fmt: skip
 
 
@@ -162,7 +160,7 @@ def serve_self_drafting(model, prompts, mesh) -> list[list[int]]:
     expect_error(
         lambda: make_engine(model, tensor_parallel=mesh,
                             speculative=SpeculativeConfig(off_mesh, 3)),
-        "the draft model must be sharded on the engine's mesh", ValueError,
+        "the draft model must be sharded on the engine's mesh",
     )  # fmt: skip
     speculative = SpeculativeConfig(drafter, 2)
     scheduler = SchedulerConfig(max_batch_size=2, max_num_tokens=16, chunk_unit=4)
@@ -177,15 +175,6 @@ def serve_self_drafting(model, prompts, mesh) -> list[list[int]]:
     return [list(o.token_ids) for o in outputs]
 
 
-def expect_error(call, message: str, kind: type[Exception] = RuntimeError) -> None:
-    try:
-        call()
-    except kind as error:
-        assert message in str(error), error
-    else:
-        raise AssertionError(f"no error; expected: {message}")
-
-
 def main() -> None:
     process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     start = time.perf_counter()
@@ -195,13 +184,10 @@ def main() -> None:
 
     check_benchmark(process_id, port, out)
     done("benchmark")
-    model = random_model(tiny_config(num_heads=8, num_kv_heads=4, head_dim=8))
+    model, prompts = reuse_case()
     mesh = check_meshes_and_host_tier(model)
     check_local_tiers(mesh)
     done("meshes and tiers")
-    rng = np.random.default_rng(0)
-    prefix = list(rng.integers(0, 64, 13))  # reuse ends mid-block at tpb 4: partial reuse
-    prompts = [prefix + list(rng.integers(0, 64, n)) for n in (3, 9, 14, 5)]
     tokens = serve_greedy(model, prompts)
     done("greedy and sampled")
     tokens += serve_self_drafting(model, prompts, mesh)

@@ -50,10 +50,7 @@ def pool_all_gathers(engine) -> list[str]:
 
 def main() -> None:
     assert len(jax.devices()) == 4, jax.devices()
-    model = random_model(tiny_config(num_heads=8, num_kv_heads=4, head_dim=8))
-    rng = np.random.default_rng(0)
-    prefix = list(rng.integers(0, 64, 13))  # reuse ends mid-block at tpb 4: partial reuse
-    prompts = [prefix + list(rng.integers(0, 64, n)) for n in (3, 9, 14, 5)]
+    model, prompts = reuse_case()
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
     results = {}
     models = {None: model, 2: model, 4: loaded_sharded(model, tensor_parallel_mesh(4))}
@@ -74,17 +71,17 @@ def main() -> None:
     assert results[None][0] == tuple(dense_greedy(model, prompts[0], 10))
     odd_mlp = random_model(tiny_config(num_heads=8, num_kv_heads=4, head_dim=8,
                                        intermediate_size=66))  # fmt: skip
-    expect_refused(
+    expect_error(
         lambda: make_engine(odd_mlp, tensor_parallel=4),
         "['mlp']['down_proj']['kernel'] of shape [66, 32]: dimension 0 (66) does not divide "
         "over tensor_parallel=4",
     )
     narrow = random_model(tiny_config(num_heads=4, num_kv_heads=2, head_dim=8))
-    expect_refused(
+    expect_error(
         lambda: make_engine(narrow, tensor_parallel=4),
         "num_kv_heads=2 does not divide over tensor_parallel=4",
     )
-    expect_refused(
+    expect_error(
         lambda: make_engine(model, tensor_parallel=8), "tensor_parallel=8 must be in [1, 4]"
     )
     check_benchmark()
@@ -108,14 +105,33 @@ def loaded_sharded(model, mesh):
     return loaded
 
 
-def expect_refused(build, message: str) -> None:
-    """`build()` raises a ValueError saying `message`."""
+def expect_error(call, message: str, kind: type[Exception] = ValueError) -> None:
+    """`call()` raises a `kind` saying `message`."""
     try:
-        build()
-    except ValueError as error:
+        call()
+    except kind as error:
         assert message in str(error), error
     else:
-        raise AssertionError(f"accepted; expected: {message}")
+        raise AssertionError(f"no error; expected: {message}")
+
+
+def reuse_case():
+    """A model with 4 KV heads and 4 prompts sharing a 13-token prefix: at 4 tokens per block
+    reuse ends mid-block (partial reuse)."""
+    model = random_model(tiny_config(num_heads=8, num_kv_heads=4, head_dim=8))
+    rng = np.random.default_rng(0)
+    prefix = list(rng.integers(0, 64, 13))
+    return model, [prefix + list(rng.integers(0, 64, n)) for n in (3, 9, 14, 5)]
+
+
+def tiny_benchmark_args(tensor_parallel: int, out) -> list[str]:
+    """Serving benchmark flags for a few short requests."""
+    return [
+        "--tensor-parallel", str(tensor_parallel), "--groups", "1", "--per-group", "2",
+        "--system-len", "24", "--user-len", "4", "8", "--new-tokens", "4",
+        "--max-batch-size", "2", "--max-num-tokens", "32", "--device-pages", "24",
+        "--tokens-per-block", "8", "--out", str(out), "--no-progress",
+    ]  # fmt: skip
 
 
 def check_benchmark() -> None:
@@ -125,13 +141,7 @@ def check_benchmark() -> None:
     from benchmarks.serve import main as serve_main
 
     with tempfile.TemporaryDirectory() as out:
-        argv = [
-            "--tensor-parallel", "2", "--groups", "1", "--per-group", "2", "--system-len", "24",
-            "--user-len", "4", "8", "--new-tokens", "4", "--max-batch-size", "2",
-            "--max-num-tokens", "32", "--device-pages", "24", "--tokens-per-block", "8",
-            "--out", out, "--no-progress",
-        ]  # fmt: skip
-        summary = serve_main(argv)["summary"]
+        summary = serve_main(tiny_benchmark_args(2, out))["summary"]
     assert summary["devices"] == 2 and summary["compilations_after_warmup"] == 0, summary
     assert summary["output_tokens_per_s_per_device"] > 0
 
