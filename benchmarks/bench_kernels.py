@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.block_copy import copy_pages, gather_pages, scatter_pages
+from kernels.page_copy import copy_pages, gather_pages, scatter_pages
 from kernels.paged_attention import paged_decode_attention
 from kernels.ragged_paged_attention import ragged_paged_attention
 

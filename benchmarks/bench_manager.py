@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvjax import CacheConfig, KVCacheManager
+from kvjax.cache import CacheConfig, KVCacheManager
 
 PREFIX_BLOCKS = 64
 VOCAB = 128_000

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvjax import BlockRadixTree, ReuseScope, Tier, TieredPages, block_keys
+from kvjax.cache import BlockRadixTree, ReuseScope, Tier, TieredPages, block_keys
 
 SCOPE = ReuseScope()
 BLOCKS_PER_SEQUENCE = 64

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvjax.step import BucketKey, Buckets, StepInputs, StepRegistry, allow_compile
+from kvjax.runtime.step import BucketKey, Buckets, StepInputs, StepRegistry, allow_compile
 from models.config import LlamaConfig
 from models.llama import Llama, make_step
 

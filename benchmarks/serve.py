@@ -32,13 +32,13 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from benchmarks.workload import RepetitiveWorkload, Workload, ideal_hit_rate
-from kvjax.draft_model import DraftModelDrafter
-from kvjax.engine import Engine
-from kvjax.engine_setup import cache_config_for
-from kvjax.request import SamplingParams
-from kvjax.scheduler import SchedulerConfig, SchedulerPolicy
-from kvjax.sharding import tensor_parallel_mesh
-from kvjax.speculative import NgramDrafter, SpeculativeConfig
+from kvjax.engine.draft_model import DraftModelDrafter
+from kvjax.engine.engine import Engine
+from kvjax.engine.setup import cache_config_for
+from kvjax.runtime.sharding import tensor_parallel_mesh
+from kvjax.serving.request import SamplingParams
+from kvjax.serving.scheduler import SchedulerConfig, SchedulerPolicy
+from kvjax.serving.speculative import NgramDrafter, SpeculativeConfig
 from models.config import LlamaConfig
 from models.llama import Llama, truncated_draft
 

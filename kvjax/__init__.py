@@ -1,55 +1,38 @@
 """kvjax: a paged KV cache for JAX with TensorRT-LLM KVCacheManagerV2 semantics.
 
-The host side (config, keys, radix tree, pages, eviction, tiers, KVCache, KVCacheManager) is plain
-Python and numpy; the device pool and its transfers live in `kvjax.storage` (JAX), which the manager
-loads when it builds its storage.
+The names a user starts from. They load on first use, so `import kvjax.cache` (plain Python and
+numpy) does not pull in JAX through this package.
 """
 
-from kvjax.config import KV_DTYPES, CacheConfig
-from kvjax.eviction import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, PrioritizedLRU
-from kvjax.keys import DIGEST_SIZE, MAX_TOKEN_ID, ReuseScope, Token, block_keys
-from kvjax.kv_cache import CacheStatus, CommitState, KVCache, OutOfPagesError
-from kvjax.manager import KVCacheManager
-from kvjax.multimodal import MultimodalItem, multimodal_key_tokens, splice_multimodal_tokens
-from kvjax.pages import NULL_PAGE, Page, PageAllocator, PageStatus, Tier
-from kvjax.radix_tree import Block, BlockRadixTree, InsertOutcome, InsertResult, MatchResult
-from kvjax.stats import BlockRemoved, BlockStored, CacheStats, KVEvent
-from kvjax.tiers import PageMove, TieredPages
+import importlib
 
-__all__ = [
-    "DIGEST_SIZE",
-    "KV_DTYPES",
-    "MAX_TOKEN_ID",
-    "NULL_PAGE",
-    "PRIORITY_DEFAULT",
-    "PRIORITY_MAX",
-    "PRIORITY_MIN",
-    "Block",
-    "BlockRadixTree",
-    "BlockRemoved",
-    "BlockStored",
-    "CacheConfig",
-    "CacheStats",
-    "CacheStatus",
-    "CommitState",
-    "InsertOutcome",
-    "InsertResult",
-    "KVCache",
-    "KVCacheManager",
-    "KVEvent",
-    "MatchResult",
-    "MultimodalItem",
-    "OutOfPagesError",
-    "Page",
-    "PageAllocator",
-    "PageMove",
-    "PageStatus",
-    "PrioritizedLRU",
-    "ReuseScope",
-    "Tier",
-    "TieredPages",
-    "Token",
-    "block_keys",
-    "multimodal_key_tokens",
-    "splice_multimodal_tokens",
-]
+_PUBLIC = {
+    "CacheConfig": "kvjax.cache.config",
+    "KVCacheManager": "kvjax.cache.manager",
+    "Engine": "kvjax.engine.engine",
+    "cache_config_for": "kvjax.engine.setup",
+    "SamplingParams": "kvjax.serving.request",
+    "RequestOutput": "kvjax.serving.request",
+    "SchedulerConfig": "kvjax.serving.scheduler",
+    "SchedulerPolicy": "kvjax.serving.scheduler",
+    "SpeculativeConfig": "kvjax.serving.speculative",
+    "NgramDrafter": "kvjax.serving.speculative",
+    "DraftModelDrafter": "kvjax.engine.draft_model",
+    "KVStorage": "kvjax.runtime.storage",
+    "load_hf_checkpoint": "models.loader",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvjax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

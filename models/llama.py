@@ -20,9 +20,9 @@ from jax.sharding import PartitionSpec as P
 
 from kernels.kv_write import write_kv
 from kernels.ragged_paged_attention import ragged_paged_attention
-from kvjax.page_table import slot_mapping, token_positions
-from kvjax.sharding import TP_AXIS, pool_spec
-from kvjax.step import StepInputs
+from kvjax.runtime.page_table import slot_mapping, token_positions
+from kvjax.runtime.sharding import TP_AXIS, pool_spec
+from kvjax.runtime.step import StepInputs
 from models.config import LlamaConfig, rope_frequencies
 
 __all__ = ["Llama", "apply_rope", "make_step"]
@@ -116,8 +116,9 @@ class Llama(nnx.Module):
         self.inv_freq = nnx.Variable(jnp.asarray(rope_frequencies(config)))
 
     def partition_specs(self) -> nnx.State:
-        """A `PartitionSpec` over `kvjax.sharding.TP_AXIS` for every array of `nnx.state(self)`:
-        q/k/v, gate and up column-parallel, o and down row-parallel, the rest replicated."""
+        """A `PartitionSpec` over `kvjax.runtime.sharding.TP_AXIS` for every array of
+        `nnx.state(self)`: q/k/v, gate and up column-parallel, o and down row-parallel, the rest
+        replicated."""
         return _partition_specs(self)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -65,9 +65,9 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16, mesh=None) -> Ll
     """A `Llama` with the checkpoint's weights cast to `dtype`; its config travels with it.
 
     Args:
-        mesh: tensor parallelism (`kvjax.sharding.tensor_parallel_mesh`): each weight goes from
-            host memory straight to its shards (`Llama.partition_specs`), so no device ever
-            holds the whole model. Default: the default device.
+        mesh: tensor parallelism (`kvjax.runtime.sharding.tensor_parallel_mesh`): each weight
+            goes from host memory straight to its shards (`Llama.partition_specs`), so no
+            device ever holds the whole model. Default: the default device.
 
     Raises:
         ValueError: an unsupported architecture, a missing file, or a missing or misshapen tensor
@@ -107,7 +107,7 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16, mesh=None) -> Ll
     if mesh is None:
         state = jax.tree.map(jnp.asarray, state)
     else:
-        from kvjax.sharding import shard_params
+        from kvjax.runtime.sharding import shard_params
 
         state = shard_params(state, model.partition_specs(), mesh)
     nnx.update(model, state)

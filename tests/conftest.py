@@ -21,6 +21,6 @@ def interpret(request):
 def compile_cache(tmp_path_factory):
     """JAX's persistent compilation cache for this session: engines of one model and geometry
     compile each step shape once (a fresh directory keeps runs independent)."""
-    from kvjax.step import enable_persistent_cache
+    from kvjax.runtime.step import enable_persistent_cache
 
     enable_persistent_cache(str(tmp_path_factory.mktemp("jax_cache")))

@@ -13,11 +13,11 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import KVCacheManager
-from kvjax.keys import Token
-from kvjax.kv_cache import KVCache
-from kvjax.pages import Tier
-from kvjax.radix_tree import Block
+from kvjax.cache import KVCacheManager
+from kvjax.cache.keys import Token
+from kvjax.cache.kv_cache import KVCache
+from kvjax.cache.pages import Tier
+from kvjax.cache.radix_tree import Block
 
 
 def _token_hash(previous: int, token: Token) -> int:

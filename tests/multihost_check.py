@@ -32,13 +32,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from kvjax.draft_model import DraftModelDrafter
-from kvjax.engine_setup import cache_config_for
-from kvjax.manager import available_host_bytes
-from kvjax.pages import Tier
-from kvjax.request import SamplingParams
-from kvjax.scheduler import SchedulerConfig
-from kvjax.sharding import (
+from kvjax.cache.manager import available_host_bytes
+from kvjax.cache.pages import Tier
+from kvjax.cache.tiers import PageMove
+from kvjax.engine.draft_model import DraftModelDrafter
+from kvjax.engine.setup import cache_config_for
+from kvjax.runtime.sharding import (
     TP_AXIS,
     LocalHeads,
     agreed_host_pages,
@@ -47,9 +46,10 @@ from kvjax.sharding import (
     pool_sharding,
     tensor_parallel_mesh,
 )
-from kvjax.speculative import NgramDrafter, SpeculativeConfig
-from kvjax.storage import KVStorage
-from kvjax.tiers import PageMove
+from kvjax.runtime.storage import KVStorage
+from kvjax.serving.request import SamplingParams
+from kvjax.serving.scheduler import SchedulerConfig
+from kvjax.serving.speculative import NgramDrafter, SpeculativeConfig
 from tests.test_engine import dense_greedy, make_engine
 from tests.tp_check import expect_error, reuse_case, serve, tiny_benchmark_args
 

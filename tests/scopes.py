@@ -1,6 +1,6 @@
 """Reuse scopes that must stay apart: None differs from 0 for both the LoRA id and the salt."""
 
-from kvjax import ReuseScope
+from kvjax.cache import ReuseScope
 
 DISTINCT_SCOPES = [
     ReuseScope(),

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kvjax import CacheConfig
+from kvjax.cache import CacheConfig
 
 GEOMETRY = dict(num_layers=2, num_kv_heads=4, head_dim=8, tokens_per_block=16, dtype="bfloat16")
 PAGE_BYTES = 2 * 2 * 4 * 16 * 8 * 2  # layers * (K, V) * heads * tokens * head_dim * bytes

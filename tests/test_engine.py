@@ -5,12 +5,12 @@ invariants hold after every step; bad requests leave nothing behind; serving nev
 import numpy as np
 import pytest
 
-from kvjax.engine import Engine
-from kvjax.engine_setup import cache_config_for
-from kvjax.multimodal import MultimodalItem
-from kvjax.pages import Tier
-from kvjax.request import FinishReason, SamplingParams
-from kvjax.scheduler import SchedulerConfig, SchedulerPolicy
+from kvjax.cache.multimodal import MultimodalItem
+from kvjax.cache.pages import Tier
+from kvjax.engine.engine import Engine
+from kvjax.engine.setup import cache_config_for
+from kvjax.serving.request import FinishReason, SamplingParams
+from kvjax.serving.scheduler import SchedulerConfig, SchedulerPolicy
 from tests.dense_llama import dense_greedy as reference_greedy
 from tests.test_llama import random_model, tiny_config
 

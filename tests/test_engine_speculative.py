@@ -6,13 +6,13 @@ own pages; the rewind leaves capacity exactly at history; the draft-length sched
 import numpy as np
 import pytest
 
-import kvjax.engine
-from kvjax.batch import build_step_batch
-from kvjax.draft_model import DraftModelDrafter
-from kvjax.engine_setup import cache_config_for
-from kvjax.request import RequestState, SamplingParams
-from kvjax.resources import CacheResources
-from kvjax.speculative import NgramDrafter, SpeculativeConfig
+import kvjax.engine.engine
+from kvjax.engine.batch import build_step_batch
+from kvjax.engine.draft_model import DraftModelDrafter
+from kvjax.engine.setup import cache_config_for
+from kvjax.serving.request import RequestState, SamplingParams
+from kvjax.serving.resources import CacheResources
+from kvjax.serving.speculative import NgramDrafter, SpeculativeConfig
 from tests.test_engine import TPB, assert_all_pages_free, dense_greedy, make_engine, serve_checked
 from tests.test_llama import random_model, tiny_config
 
@@ -66,7 +66,7 @@ def serve_speculative(engine, monkeypatch, prompts, params):
         batches.append(batch)
         return batch
 
-    monkeypatch.setattr(kvjax.engine, "build_step_batch", checked_build)
+    monkeypatch.setattr(kvjax.engine.engine, "build_step_batch", checked_build)
     step = engine.step
 
     def checked_step():
@@ -132,7 +132,7 @@ def test_ngram_greedy_equals_dense_under_pressure_and_reuse(model, monkeypatch):
 def test_guaranteed_no_evict_reserves_room_for_padded_drafts(model, monkeypatch):
     """Whole-life reservations include the most drafts: padding takes no page, rewinds keep
     the reservation, nothing is ever suspended, outputs are exact."""
-    from kvjax.scheduler import SchedulerConfig, SchedulerPolicy
+    from kvjax.serving.scheduler import SchedulerConfig, SchedulerPolicy
 
     scheduler = SchedulerConfig(
         max_batch_size=4, max_num_tokens=32, chunk_unit=4,
@@ -228,7 +228,7 @@ def test_without_the_padding_extension_the_rewind_would_underflow(model, monkeyp
             flagged.append(batch)
         return batch
 
-    monkeypatch.setattr(kvjax.engine, "build_step_batch", build)
+    monkeypatch.setattr(kvjax.engine.engine, "build_step_batch", build)
     engine.add_request([1, 2, 3, 1, 2, 3, 1, 2], greedy(20))
     with pytest.raises(ValueError, match="must be >= history_length"):
         for _ in range(30):
@@ -240,8 +240,8 @@ def test_without_the_padding_extension_the_rewind_would_underflow(model, monkeyp
 
 
 def test_bad_speculative_engine_configs_are_refused(model):
-    from kvjax.scheduler import SchedulerConfig
-    from kvjax.step import Buckets
+    from kvjax.runtime.step import Buckets
+    from kvjax.serving.scheduler import SchedulerConfig
 
     small = SchedulerConfig(max_batch_size=2, max_num_tokens=3, chunk_unit=1)
     with pytest.raises(ValueError, match="max_num_tokens=3 cannot hold one verification row"):

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from kvjax.eviction import PRIORITY_DEFAULT, EvictionQueue, PrioritizedLRU, check_priority
+from kvjax.cache.eviction import PRIORITY_DEFAULT, EvictionQueue, PrioritizedLRU, check_priority
 
 
 @dataclasses.dataclass(eq=False)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scopes import DISTINCT_SCOPES
 
-from kvjax.keys import (
+from kvjax.cache.keys import (
     DIGEST_SIZE,
     MAX_TOKEN_ID,
     ReuseScope,

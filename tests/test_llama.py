@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kvjax.step import StepInputs
+from kvjax.runtime.step import StepInputs
 from models.config import LlamaConfig, rope_frequencies
 from models.llama import Llama
 from models.loader import load_hf_checkpoint, save_hf_checkpoint
@@ -186,7 +186,7 @@ def test_hf_loader_rejects_broken_checkpoints(tmp_path):
 
 
 def test_served_model_steps_never_compile_and_keep_the_pool_in_place():
-    from kvjax.step import Buckets, StepRegistry, allow_compile
+    from kvjax.runtime.step import Buckets, StepRegistry, allow_compile
     from models.llama import make_step
 
     rng = np.random.default_rng(2)

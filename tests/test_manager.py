@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from kvjax import (
+from kvjax.cache import (
     NULL_PAGE,
     CacheConfig,
     CacheStatus,
@@ -19,7 +19,7 @@ from kvjax import (
     Tier,
     splice_multimodal_tokens,
 )
-from kvjax.stats import BlockRemoved, BlockStored
+from kvjax.cache.stats import BlockRemoved, BlockStored
 from tests.fill_check import FillCheckEngine
 from tests.scopes import DISTINCT_SCOPES
 
@@ -426,7 +426,7 @@ def test_resume_refuses_above_max_util_for_resume():
 
 
 def test_given_storage_must_match_the_config():
-    from kvjax.storage import KVStorage
+    from kvjax.runtime.storage import KVStorage
 
     config = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, device_pages=6, host_pages=2)
     storage = KVStorage(config.page_shape, config.dtype, 6, 2)

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from kvjax import CacheStatus
+from kvjax.cache import CacheStatus
 from tests.test_manager import make
 
 

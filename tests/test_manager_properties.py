@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvjax import CacheStatus, CommitState, Tier
+from kvjax.cache import CacheStatus, CommitState, Tier
 from tests.test_manager import make
 
 # Steps are the common case; the rest change state.

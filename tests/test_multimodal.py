@@ -1,8 +1,8 @@
 import blake3
 import pytest
 
-from kvjax import BlockRadixTree, MultimodalItem, ReuseScope
-from kvjax.multimodal import multimodal_key_tokens, splice_multimodal_tokens
+from kvjax.cache import BlockRadixTree, MultimodalItem, ReuseScope
+from kvjax.cache.multimodal import multimodal_key_tokens, splice_multimodal_tokens
 
 VOCAB = 1000
 CAT = blake3.blake3(b"cat.png").digest()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.page_table import pad_rows, slot_mapping, token_positions, token_sequences
+from kvjax.runtime.page_table import pad_rows, slot_mapping, token_positions, token_sequences
 
 TPB = 4
 

@@ -1,6 +1,6 @@
 import pytest
 
-from kvjax.pages import Page, PageAllocator, PageStatus, Tier
+from kvjax.cache.pages import Page, PageAllocator, PageStatus, Tier
 
 
 def test_device_allocator_never_hands_out_null_page():

@@ -1,8 +1,8 @@
 import pytest
 from scopes import DISTINCT_SCOPES
 
-from kvjax import BlockRadixTree, InsertOutcome, ReuseScope
-from kvjax.keys import encode_block
+from kvjax.cache import BlockRadixTree, InsertOutcome, ReuseScope
+from kvjax.cache.keys import encode_block
 
 SCOPE = ReuseScope()
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvjax import BlockRadixTree, InsertOutcome, ReuseScope
+from kvjax.cache import BlockRadixTree, InsertOutcome, ReuseScope
 
 TPB = 3
 SCOPE = ReuseScope()

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.sampling import _filtered, sample_tokens
+from kvjax.runtime.sampling import _filtered, sample_tokens
 
 
 def kept(logits, top_k, top_p):

@@ -4,8 +4,8 @@ ordering, sorting, deadlock)."""
 
 import pytest
 
-from kvjax.request import Request, RequestState
-from kvjax.scheduler import Scheduler, SchedulerConfig, SchedulerPolicy
+from kvjax.serving.request import Request, RequestState
+from kvjax.serving.scheduler import Scheduler, SchedulerConfig, SchedulerPolicy
 
 GEN, CTX = RequestState.GENERATION_IN_PROGRESS, RequestState.CONTEXT_INIT
 

@@ -8,13 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from kvjax.config import CacheConfig
-from kvjax.manager import KVCacheManager
-from kvjax.request import Request, RequestState, SamplingParams
-from kvjax.resources import CacheResources
-from kvjax.sampling import sample_tokens, verify_tokens
-from kvjax.scheduler import Scheduler, SchedulerConfig
-from kvjax.speculative import (
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.manager import KVCacheManager
+from kvjax.runtime.sampling import sample_tokens, verify_tokens
+from kvjax.serving.request import Request, RequestState, SamplingParams
+from kvjax.serving.resources import CacheResources
+from kvjax.serving.scheduler import Scheduler, SchedulerConfig
+from kvjax.serving.speculative import (
     DraftPlanner,
     NgramDrafter,
     SpeculativeConfig,

@@ -9,7 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.step import BucketKey, Buckets, StepInputs, StepRegistry, allow_compile, pad_to_bucket
+from kvjax.runtime.step import (
+    BucketKey,
+    Buckets,
+    StepInputs,
+    StepRegistry,
+    allow_compile,
+    pad_to_bucket,
+)
 
 MAX_BLOCKS = 4
 POOL_SHAPE = (16, 2, 2, 1, 4, 8)
@@ -133,7 +140,7 @@ def test_persistent_cache_keeps_compiled_steps_on_disk(tmp_path):
 
     code = f"""
 import jax, jax.numpy as jnp
-from kvjax.step import BucketKey, StepRegistry, allow_compile, enable_persistent_cache
+from kvjax.runtime.step import BucketKey, StepRegistry, allow_compile, enable_persistent_cache
 from tests.test_step import example, toy_step
 enable_persistent_cache({str(tmp_path)!r})
 registry = StepRegistry(toy_step)

@@ -6,11 +6,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.block_copy import copy_pages, gather_pages, scatter_pages
-from kvjax import storage as storage_module
-from kvjax.pages import NULL_PAGE, Tier
-from kvjax.storage import KVStorage, page_bucket
-from kvjax.tiers import PageMove
+from kernels.page_copy import copy_pages, gather_pages, scatter_pages
+from kvjax.cache.pages import NULL_PAGE, Tier
+from kvjax.cache.tiers import PageMove
+from kvjax.runtime import storage as storage_module
+from kvjax.runtime.storage import KVStorage, page_bucket
 from tests.bits import assert_same_bytes, random_bits
 
 PAGE_SHAPE = (2, 2, 2, 4, 8)  # num_layers, K/V, num_kv_heads, tokens_per_block, head_dim

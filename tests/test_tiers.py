@@ -1,6 +1,14 @@
 import pytest
 
-from kvjax import BlockRadixTree, InsertOutcome, PageMove, PageStatus, ReuseScope, Tier, TieredPages
+from kvjax.cache import (
+    BlockRadixTree,
+    InsertOutcome,
+    PageMove,
+    PageStatus,
+    ReuseScope,
+    Tier,
+    TieredPages,
+)
 
 DEVICE, HOST, DISK = Tier.DEVICE, Tier.HOST, Tier.DISK
 SCOPE = ReuseScope()

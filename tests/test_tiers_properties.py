@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
 
-from kvjax import BlockRadixTree, InsertOutcome, ReuseScope, Tier, TieredPages
+from kvjax.cache import BlockRadixTree, InsertOutcome, ReuseScope, Tier, TieredPages
 
 TPB = 2
 SCOPES = [ReuseScope(), ReuseScope(salt=1)]

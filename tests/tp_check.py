@@ -13,8 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from kvjax.request import SamplingParams
-from kvjax.sharding import TP_AXIS, tensor_parallel_mesh
+from kvjax.runtime.sharding import TP_AXIS, tensor_parallel_mesh
+from kvjax.serving.request import SamplingParams
 from tests.test_engine import assert_all_pages_free, dense_greedy, make_engine
 from tests.test_llama import random_model, tiny_config
 

@@ -18,8 +18,8 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
-from kvjax.checks import check_int
-from kvjax.request import Request, RequestState
+from kvjax.cache.checks import check_int
+from kvjax.serving.request import Request, RequestState
 
 __all__ = [
     "BudgetTracker",

@@ -13,7 +13,7 @@ from pathlib import Path
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so it can be named by string)
 import numpy as np
 
-from kvjax.checks import check_int
+from kvjax.cache.checks import check_int
 
 __all__ = ["KV_DTYPES", "CacheConfig"]
 

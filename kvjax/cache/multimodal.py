@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import blake3
 import numpy as np
 
-from kvjax.checks import check_int
-from kvjax.keys import DIGEST_SIZE, MAX_TOKEN_ID, Token
+from kvjax.cache.checks import check_int
+from kvjax.cache.keys import DIGEST_SIZE, MAX_TOKEN_ID, Token
 
 __all__ = ["MultimodalItem", "multimodal_key_tokens", "splice_multimodal_tokens"]
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import blake3
 import numpy as np
 
-from kvjax.checks import check_int
+from kvjax.cache.checks import check_int
 
 __all__ = [
     "DIGEST_SIZE",

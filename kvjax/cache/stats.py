@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
-from kvjax.keys import BlockKey, Token
-from kvjax.pages import Tier
+from kvjax.cache.keys import BlockKey, Token
+from kvjax.cache.pages import Tier
 
 __all__ = ["BlockRemoved", "BlockStored", "CacheStats", "EventBuffer", "KVEvent"]
 

@@ -8,8 +8,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels.block_copy import copy_pages, gather_pages, scatter_pages
 from kernels.common import NULL_PAGE
+from kernels.page_copy import copy_pages, gather_pages, scatter_pages
 from tests.bits import assert_same_bytes, padded_ids, random_bits
 from tests.gpu_lowering import lower_for_gpu
 

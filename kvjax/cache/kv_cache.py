@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvjax.keys import ReuseScope, Token, check_tokens
-from kvjax.pages import NULL_PAGE, Page, Tier
-from kvjax.radix_tree import Block, InsertOutcome
+from kvjax.cache.keys import ReuseScope, Token, check_tokens
+from kvjax.cache.pages import NULL_PAGE, Page, Tier
+from kvjax.cache.radix_tree import Block, InsertOutcome
 
 if TYPE_CHECKING:
-    from kvjax.manager import KVCacheManager
+    from kvjax.cache.manager import KVCacheManager
 
 __all__ = ["CacheStatus", "CommitState", "KVCache", "OutOfPagesError"]
 

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
-from kvjax.checks import check_int
+from kvjax.cache.checks import check_int
 
 __all__ = [
     "PRIORITY_DEFAULT",

@@ -7,8 +7,8 @@ import dataclasses
 
 import numpy as np
 
-from kvjax.pages import Tier
-from kvjax.request import RequestOutput
+from kvjax.cache.pages import Tier
+from kvjax.serving.request import RequestOutput
 
 __all__ = ["EngineMetrics", "StepRecord", "percentiles"]
 

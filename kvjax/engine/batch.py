@@ -6,10 +6,10 @@ import dataclasses
 
 import numpy as np
 
-from kvjax.manager import KVCacheManager
-from kvjax.request import Request
-from kvjax.scheduler import SchedulerOutput
-from kvjax.step import Buckets, StepInputs
+from kvjax.cache.manager import KVCacheManager
+from kvjax.runtime.step import Buckets, StepInputs
+from kvjax.serving.request import Request
+from kvjax.serving.scheduler import SchedulerOutput
 
 __all__ = ["StepBatch", "build_step_batch", "pack_rows"]
 

@@ -6,8 +6,8 @@ target model verifies them all in one ragged step (q_len = 1 + k per request). D
 proposals (no draft distribution): greedy verification accepts a draft while it equals the
 target's argmax, sampled verification accepts it with the target probability of that token and
 otherwise samples from the target with the token removed, which keeps the target distribution
-exactly (`kvjax.sampling.verify_tokens` does both by comparing each draft with the target's own
-pick). Host side: imports no JAX.
+exactly (`kvjax.runtime.sampling.verify_tokens` does both by comparing each draft with the
+target's own pick). Host side: imports no JAX.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Protocol
 
 import numpy as np
 
-from kvjax.checks import check_int
-from kvjax.request import Request, RequestState
-from kvjax.resources import CacheResources
-from kvjax.scheduler import SchedulerConfig
+from kvjax.cache.checks import check_int
+from kvjax.serving.request import Request, RequestState
+from kvjax.serving.resources import CacheResources
+from kvjax.serving.scheduler import SchedulerConfig
 
 __all__ = [
     "DraftPlanner",
@@ -68,7 +68,7 @@ class SpeculativeConfig:
     """Speculative decoding for an `Engine`.
 
     Args:
-        drafter: proposes the tokens (`NgramDrafter`, `kvjax.draft_model.DraftModelDrafter`).
+        drafter: proposes the tokens (`NgramDrafter`, `kvjax.engine.draft_model.DraftModelDrafter`).
         max_draft_tokens: the most draft tokens per request and step; page tables count them.
         draft_len_schedule: batch-size upper bound -> draft length (each <= max_draft_tokens);
             None drafts `max_draft_tokens` at every batch size. Every length it yields is a

@@ -12,11 +12,11 @@ import enum
 import math
 from collections.abc import Sequence
 
-from kvjax.checks import check_int
-from kvjax.eviction import check_priority
-from kvjax.keys import Token
-from kvjax.kv_cache import KVCache
-from kvjax.multimodal import MultimodalItem
+from kvjax.cache.checks import check_int
+from kvjax.cache.eviction import check_priority
+from kvjax.cache.keys import Token
+from kvjax.cache.kv_cache import KVCache
+from kvjax.cache.multimodal import MultimodalItem
 
 __all__ = [
     "FinishReason",

@@ -22,9 +22,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from kvjax.checks import check_int
-from kvjax.pages import NULL_PAGE
-from kvjax.sharding import place, pool_sharding, replicated
+from kvjax.cache.checks import check_int
+from kvjax.cache.pages import NULL_PAGE
+from kvjax.runtime.sharding import place, pool_sharding, replicated
 
 __all__ = [
     "BucketKey",

@@ -14,11 +14,11 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
-from kvjax.checks import check_int
-from kvjax.eviction import PRIORITY_DEFAULT, EvictionQueue, check_priority
-from kvjax.keys import ReuseScope, Token
-from kvjax.pages import NULL_PAGE, Page, PageAllocator, Tier
-from kvjax.radix_tree import Block, BlockRadixTree, InsertOutcome, InsertResult
+from kvjax.cache.checks import check_int
+from kvjax.cache.eviction import PRIORITY_DEFAULT, EvictionQueue, check_priority
+from kvjax.cache.keys import ReuseScope, Token
+from kvjax.cache.pages import NULL_PAGE, Page, PageAllocator, Tier
+from kvjax.cache.radix_tree import Block, BlockRadixTree, InsertOutcome, InsertResult
 
 __all__ = ["PageMove", "TieredPages"]
 

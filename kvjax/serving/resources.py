@@ -8,10 +8,10 @@ so its KV is never taken from the tree. Host side: imports no JAX.
 
 from __future__ import annotations
 
-from kvjax.checks import check_int
-from kvjax.kv_cache import CommitState
-from kvjax.manager import KVCacheManager
-from kvjax.request import Request
+from kvjax.cache.checks import check_int
+from kvjax.cache.kv_cache import CommitState
+from kvjax.cache.manager import KVCacheManager
+from kvjax.serving.request import Request
 
 __all__ = ["CacheResources"]
 

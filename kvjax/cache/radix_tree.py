@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sortedcontainers import SortedDict
 
-from kvjax.checks import check_int
-from kvjax.keys import (
+from kvjax.cache.checks import check_int
+from kvjax.cache.keys import (
     BlockHasher,
     BlockKey,
     ReuseScope,
@@ -35,7 +35,7 @@ from kvjax.keys import (
 )
 
 if TYPE_CHECKING:
-    from kvjax.pages import Page
+    from kvjax.cache.pages import Page
 
 __all__ = ["Block", "BlockRadixTree", "InsertOutcome", "InsertResult", "MatchResult", "RootBlock"]
 
@@ -74,7 +74,7 @@ class Block(_Node):
     """One committed block: `num_tokens` tokens (`tokens_per_block` unless it is a partial leaf).
 
     Attributes:
-        payload: the encoded tokens (see `kvjax.keys.encode_block`).
+        payload: the encoded tokens (see `kvjax.cache.keys.encode_block`).
         parent: the block or root before it; None once the block left the tree.
         page: its page on some tier, set by `TieredPages`.
     """
@@ -239,7 +239,7 @@ class BlockRadixTree:
         """The longest reusable prefix of `tokens` in `scope`.
 
         Raises:
-            ValueError: a bad token (see `kvjax.keys.encode_block`).
+            ValueError: a bad token (see `kvjax.cache.keys.encode_block`).
         """
         _check_scope(scope)
         tpb = self.tokens_per_block

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kvjax.radix_tree import Block
+    from kvjax.cache.radix_tree import Block
 
 __all__ = ["NULL_PAGE", "Page", "PageAllocator", "PageStatus", "Tier"]
 

@@ -2,7 +2,7 @@
 
 Device side: imports JAX. `KVStorage.apply` carries out the `PageMove`s that `TieredPages`
 records, in order, batching consecutive moves of one kind into one device op of
-`kernels.block_copy` (Pallas on a GPU, XLA elsewhere) and one host transfer. Page counts are padded
+`kernels.page_copy` (Pallas on a GPU, XLA elsewhere) and one host transfer. Page counts are padded
 to power-of-two buckets, with the live count passed as a device scalar, so varying counts reuse
 compiled code.
 """
@@ -21,14 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from kernels.block_copy import copy_pages, gather_pages, scatter_pages
-from kvjax.checks import check_int
-from kvjax.config import KV_DTYPES
-from kvjax.pages import NULL_PAGE, Tier
-from kvjax.sharding import LocalHeads, pool_spec, zeros
+from kernels.page_copy import copy_pages, gather_pages, scatter_pages
+from kvjax.cache.checks import check_int
+from kvjax.cache.config import KV_DTYPES
+from kvjax.cache.pages import NULL_PAGE, Tier
+from kvjax.runtime.sharding import LocalHeads, pool_spec, zeros
 
 if TYPE_CHECKING:
-    from kvjax.tiers import PageMove
+    from kvjax.cache.tiers import PageMove
 
 __all__ = ["KVStorage", "default_impl", "page_bucket", "page_ops"]
 
@@ -51,7 +51,7 @@ def _padded(page_ids: list[int]) -> np.ndarray:
 
 
 def page_ops(impl: str, mesh=None, interpret=None) -> tuple[Callable, Callable, Callable]:
-    """`kernels.block_copy`'s (copy, gather, scatter) for `impl`; over a mesh, jitted per shard
+    """`kernels.page_copy`'s (copy, gather, scatter) for `impl`; over a mesh, jitted per shard
     of the KV heads (`shard_map`) with the pool donated to copy and scatter."""
     ops = [
         functools.partial(op, impl=impl, interpret=interpret)
@@ -84,7 +84,7 @@ class KVStorage:
         num_device_pages: device pool size, `NULL_PAGE` included (>= 2).
         num_host_pages, num_disk_pages: sizes of the colder tiers; 0 leaves a tier out.
         disk_dir: directory of the disk tier's anonymous file; required when num_disk_pages > 0.
-        impl: device ops of `kernels.block_copy`: "pallas" or "xla"; default `default_impl()`.
+        impl: device ops of `kernels.page_copy`: "pallas" or "xla"; default `default_impl()`.
         mesh: tensor parallelism: the pool is sharded over KV heads on this mesh and every page
             op runs per shard (`shard_map`); page ids are the same on every shard. Every process
             of the mesh must make the same calls in the same order.

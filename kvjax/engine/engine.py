@@ -17,9 +17,11 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from kvjax.batch import build_step_batch
-from kvjax.config import CacheConfig
-from kvjax.engine_setup import (
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.manager import KVCacheManager
+from kvjax.cache.multimodal import MultimodalItem, splice_multimodal_tokens
+from kvjax.engine.batch import build_step_batch
+from kvjax.engine.setup import (
     CompileCounter,
     check_model_geometry,
     check_speculative,
@@ -27,21 +29,19 @@ from kvjax.engine_setup import (
     model_registry,
     warm_up,
 )
-from kvjax.manager import KVCacheManager
-from kvjax.multimodal import MultimodalItem, splice_multimodal_tokens
-from kvjax.request import FinishReason, Request, RequestOutput, RequestState, SamplingParams
-from kvjax.resources import CacheResources
-from kvjax.sampling import SamplingInputs
-from kvjax.scheduler import Scheduler, SchedulerConfig
-from kvjax.serving_metrics import EngineMetrics
-from kvjax.sharding import (
+from kvjax.runtime.sampling import SamplingInputs
+from kvjax.runtime.sharding import (
     check_heads,
     check_same_on_every_process,
     spans_processes,
     tensor_parallel_mesh,
 )
-from kvjax.speculative import DraftPlanner, SpeculativeConfig
-from kvjax.step import Buckets
+from kvjax.runtime.step import Buckets
+from kvjax.serving.metrics import EngineMetrics
+from kvjax.serving.request import FinishReason, Request, RequestOutput, RequestState, SamplingParams
+from kvjax.serving.resources import CacheResources
+from kvjax.serving.scheduler import Scheduler, SchedulerConfig
+from kvjax.serving.speculative import DraftPlanner, SpeculativeConfig
 
 __all__ = ["Engine"]
 
@@ -60,7 +60,7 @@ class Engine:
 
     Args:
         model: the NNX module (e.g. from `models.loader.load_hf_checkpoint`).
-        cache_config: pages and quotas; `kvjax.engine_setup.cache_config_for(model, ...)` derives
+        cache_config: pages and quotas; `kvjax.engine.setup.cache_config_for(model, ...)` derives
             the geometry from the model so only the quotas need choosing.
         scheduler_config: batch and token limits and the policy.
         buckets: the step shapes to compile (default: from `scheduler_config`).
@@ -76,7 +76,7 @@ class Engine:
         speculative: a drafter and draft lengths; each step then verifies every generation
             request's drafts (padded to the step's draft length) in one ragged step.
         tensor_parallel: shard over this many devices (or this `jax.sharding.Mesh`, axis
-            `kvjax.sharding.TP_AXIS`): the pool over KV heads, the weights by the model's
+            `kvjax.runtime.sharding.TP_AXIS`): the pool over KV heads, the weights by the model's
             `partition_specs()`; the scheduler and the cache manager stay single. Under
             `jax.distributed.initialize()` the devices of every process count: each process
             builds the same engine and adds the same requests in the same order, so all make

@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import numpy as np
 
-from kvjax.checks import check_int
-from kvjax.config import CacheConfig
-from kvjax.eviction import PRIORITY_DEFAULT, check_priority
-from kvjax.keys import ReuseScope, Token
-from kvjax.kv_cache import CacheStatus, KVCache
-from kvjax.pages import Tier
-from kvjax.radix_tree import Block, BlockRadixTree
-from kvjax.stats import BlockRemoved, BlockStored, CacheStats, EventBuffer, KVEvent
-from kvjax.tiers import TieredPages
+from kvjax.cache.checks import check_int
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.eviction import PRIORITY_DEFAULT, check_priority
+from kvjax.cache.keys import ReuseScope, Token
+from kvjax.cache.kv_cache import CacheStatus, KVCache
+from kvjax.cache.pages import Tier
+from kvjax.cache.radix_tree import Block, BlockRadixTree
+from kvjax.cache.stats import BlockRemoved, BlockStored, CacheStats, EventBuffer, KVEvent
+from kvjax.cache.tiers import TieredPages
 
 if TYPE_CHECKING:
-    from kvjax.storage import KVStorage
+    from kvjax.runtime.storage import KVStorage
 
 __all__ = ["KVCacheManager", "available_host_bytes"]
 
@@ -49,7 +49,7 @@ def _auto_host_pages(config: CacheConfig, mesh: Any) -> int:
     available = available_host_bytes()
     if mesh is None:
         return config.auto_host_pages(available)
-    from kvjax.sharding import agreed_host_pages  # device side, loaded only when needed
+    from kvjax.runtime.sharding import agreed_host_pages  # device side, loaded only when needed
 
     return agreed_host_pages(config, mesh, available)
 
@@ -98,7 +98,7 @@ class KVCacheManager:
         )
         self._tiers.on_blocks_removed = self._blocks_removed
         if storage is None:
-            from kvjax.storage import KVStorage  # device side, loaded only when needed
+            from kvjax.runtime.storage import KVStorage  # device side, loaded only when needed
 
             storage = KVStorage(
                 config.page_shape,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.pages import NULL_PAGE
+from kvjax.cache.pages import NULL_PAGE
 
 __all__ = ["pad_rows", "slot_mapping", "token_positions", "token_sequences"]
 

@@ -7,14 +7,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kvjax.config import CacheConfig
-from kvjax.manager import KVCacheManager
-from kvjax.sampling import verify_tokens
-from kvjax.scheduler import SchedulerConfig
-from kvjax.sharding import place, replicated, shard_params
-from kvjax.speculative import SpeculativeConfig
-from kvjax.step import Buckets, StepInputs, StepRegistry, allow_compile
-from kvjax.storage import default_impl
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.manager import KVCacheManager
+from kvjax.runtime.sampling import verify_tokens
+from kvjax.runtime.sharding import place, replicated, shard_params
+from kvjax.runtime.step import Buckets, StepInputs, StepRegistry, allow_compile
+from kvjax.runtime.storage import default_impl
+from kvjax.serving.scheduler import SchedulerConfig
+from kvjax.serving.speculative import SpeculativeConfig
 
 __all__ = [
     "CompileCounter",
@@ -58,7 +58,7 @@ def check_model_geometry(model, cache_config: CacheConfig) -> None:
         if have != want:
             raise ValueError(
                 f"cache_config.{field}={have} but the model has {field}={want}; "
-                "build it with kvjax.engine_setup.cache_config_for(model, ...)"
+                "build it with kvjax.engine.setup.cache_config_for(model, ...)"
             )
 
 

@@ -9,7 +9,7 @@ drafts it fed last time that the target accepted keep their KV, the rest is rewo
 shrinking capacity, and what is missing (the whole prompt, the first time) is fed, chunked to
 `max_num_tokens` per call; its last logits give the first draft. Then one single-token step per
 further draft. Proposals are the draft model's argmax (point proposals, see
-`kvjax.speculative`). A draft cache that cannot get pages proposes nothing that step.
+`kvjax.serving.speculative`). A draft cache that cannot get pages proposes nothing that step.
 """
 
 from __future__ import annotations
@@ -22,19 +22,19 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from kvjax.batch import pack_rows
-from kvjax.config import CacheConfig
-from kvjax.engine_setup import (
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.kv_cache import KVCache
+from kvjax.cache.manager import KVCacheManager
+from kvjax.engine.batch import pack_rows
+from kvjax.engine.setup import (
     check_model_geometry,
     compile_steps,
     model_registry,
     powers_of_two,
 )
-from kvjax.kv_cache import KVCache
-from kvjax.manager import KVCacheManager
-from kvjax.request import Request
-from kvjax.sharding import check_heads
-from kvjax.step import Buckets, allow_compile
+from kvjax.runtime.sharding import check_heads
+from kvjax.runtime.step import Buckets, allow_compile
+from kvjax.serving.request import Request
 
 __all__ = ["DraftModelDrafter"]
 
@@ -61,7 +61,7 @@ class DraftModelDrafter:
     """Proposes drafts with `model` (same vocabulary as the target).
 
     Args:
-        model: the draft model (follows the model protocol of `kvjax.engine.Engine`).
+        model: the draft model (follows the model protocol of `kvjax.engine.engine.Engine`).
         cache_config: its pages (`cache_config_for(model, ...)`); the draft manager's quotas.
         max_draft_tokens: the most drafts per request and call.
         max_seq_len: the target's longest sequence.
