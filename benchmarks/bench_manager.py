@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kvjax.cache import CacheConfig, KVCacheManager
+from kvjax.runtime.storage import KVStorage
 
 PREFIX_BLOCKS = 64
 VOCAB = 128_000
@@ -53,7 +54,7 @@ def main() -> None:
         device_pages=live * blocks_per_cache + 2 * PREFIX_BLOCKS + 2,
         host_pages=0,
     )
-    manager = KVCacheManager(config)
+    manager = KVCacheManager(config, KVStorage.for_config(config))
     prompt = rng.integers(0, VOCAB, PREFIX_BLOCKS * tpb).tolist()
     seed = manager.create_kv_cache()
     assert seed.resume() and seed.resize(capacity=len(prompt))

@@ -28,13 +28,10 @@ from kernels.common import (
     compiler_params,
     resolve_interpret,
 )
-from kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 
 __all__ = [
     "paged_decode_attention",
     "paged_decode_attention_reference",
-    "ragged_paged_attention",
-    "ragged_paged_attention_reference",
 ]
 
 _MIN_PROGRAMS = 264  # two waves of an H100's 132 SMs

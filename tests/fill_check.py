@@ -109,7 +109,7 @@ class FillCheckEngine:
                 assert np.array_equal(got, self.pattern(hashes[position])), (
                     f"{cache!r}: position {position} in {page!r} holds wrong bytes"
                 )
-        for block in self.manager.tiers.tree.iter_blocks():
+        for block in self.manager.pages.tree.iter_blocks():
             self._check_block(block, tiers)
         self.manager.check_invariants()
 

@@ -32,11 +32,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from kvjax.cache.manager import available_host_bytes
 from kvjax.cache.pages import Tier
-from kvjax.cache.tiers import PageMove
+from kvjax.cache.tier import PageMove
 from kvjax.engine.draft_model import DraftModelDrafter
 from kvjax.engine.setup import cache_config_for
+from kvjax.runtime.host_memory import available_host_bytes
 from kvjax.runtime.sharding import (
     TP_AXIS,
     LocalHeads,

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from kvjax.cache.multimodal import MultimodalItem
-from kvjax.cache.pages import Tier
 from kvjax.engine.engine import Engine
 from kvjax.engine.setup import cache_config_for
 from kvjax.serving.request import FinishReason, SamplingParams
@@ -50,11 +49,14 @@ def serve_checked(engine, prompts, params=GREEDY, **request_options):
 
 
 def assert_all_pages_free(engine):
-    """After shutdown (which aborts live requests and empties the tree) every page is free."""
+    """Nothing leaks while serving, and after shutdown (which aborts live requests and empties
+    the tree) every page is free."""
+    if not engine.num_unfinished:
+        engine.manager.check_no_leaks()
     engine.shutdown()
-    tiers = engine.manager.tiers
+    tiers = engine.manager.pages
     for tier in tiers.tiers:
-        assert tiers.num_free(tier) == tiers.num_pages(tier), tier
+        assert tiers.num_free(tier) == tiers.num_usable(tier), tier
 
 
 def prompts_with_shared_prefix(rng, prefix_len, suffix_lens, vocab=64):
@@ -149,7 +151,7 @@ def test_bad_requests_are_refused_and_leave_nothing_allocated(model):
     with pytest.raises(ValueError, match="request_id=7 is already live"):
         engine.add_request([1, 2], request_id=7)
     engine.abort(7)
-    assert engine.manager.tiers.num_free(Tier.DEVICE) == engine.manager.tiers.num_pages(Tier.DEVICE)
+    engine.manager.check_no_leaks()
     assert_all_pages_free(engine)
 
 

@@ -51,17 +51,6 @@ def test_remove_keeps_order_of_the_rest_and_membership():
         lru.push(items[4])
 
 
-def test_pop_many_is_all_or_nothing():
-    lru = PrioritizedLRU()
-    items = [Item(str(i)) for i in range(3)]
-    for item in items:
-        lru.push(item)
-    assert lru.pop_many(4) is None
-    assert len(lru) == 3 and list(lru) == items
-    assert lru.pop_many(2) == items[:2]
-    assert list(lru) == items[2:]
-
-
 @pytest.mark.parametrize("priority", [-1, 101, 1.5, True])
 def test_priorities_outside_range_are_rejected(priority):
     with pytest.raises(ValueError, match="priority"):

@@ -13,9 +13,9 @@ from kernels.kv_write import write_kv
 from kernels.page_copy import copy_pages, gather_pages, scatter_pages
 from kernels.paged_attention import paged_decode_attention
 from kernels.ragged_paged_attention import ragged_paged_attention
+from kvjax.runtime.page_ops import page_ops
 from kvjax.runtime.sharding import TP_AXIS, pool_spec
 from kvjax.runtime.step import StepInputs
-from kvjax.runtime.storage import page_ops
 from models.config import LlamaConfig
 from models.llama import Llama
 from tests.gpu_lowering import gpu_mesh, lower_for_gpu, num_triton_kernels

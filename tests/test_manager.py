@@ -20,6 +20,7 @@ from kvjax.cache import (
     splice_multimodal_tokens,
 )
 from kvjax.cache.stats import BlockRemoved, BlockStored
+from kvjax.runtime.storage import KVStorage
 from tests.fill_check import FillCheckEngine
 from tests.scopes import DISTINCT_SCOPES
 
@@ -39,7 +40,8 @@ def make(tpb=4, device=8, host=0, disk=0, disk_dir=None, **kwargs):
         disk_pages=disk or None,
         **{k: v for k, v in kwargs.items() if k in ("enable_partial_reuse", "max_util_for_resume")},
     )
-    manager = KVCacheManager(config, max_events=kwargs.get("max_events", 1024))
+    storage = KVStorage.for_config(config)
+    manager = KVCacheManager(config, storage, max_events=kwargs.get("max_events", 1024))
     return manager, FillCheckEngine(manager)
 
 
@@ -77,12 +79,12 @@ def test_shrink_capacity_one_token_at_a_time():
     cache = start(manager, engine)
     prefill(engine, cache, range(5))
     assert cache.resize(capacity=40)
-    assert cache.num_blocks == 10 and manager.tiers.num_free(DEVICE) == 1
+    assert cache.num_blocks == 10 and manager.pages.num_free(DEVICE) == 1
     engine.write(cache, list(range(100, 135)), start=5)  # speculative tokens past history
     for capacity in range(39, 4, -1):
         assert cache.resize(capacity=capacity)
         assert cache.num_blocks == math.ceil(capacity / 4)
-        assert manager.tiers.num_free(DEVICE) == 11 - cache.num_blocks
+        assert manager.pages.num_free(DEVICE) == 11 - cache.num_blocks
         engine.check_all()
     assert (cache.num_committed_tokens, cache.history_length, cache.capacity) == (5, 5, 5)
 
@@ -92,9 +94,9 @@ def test_small_quota_fails_cleanly_and_changes_nothing():
     assert manager.quota(DEVICE) == 4 * manager.config.page_bytes
     cache = start(manager, engine)
     prefill(engine, cache, range(12))
-    before = (cache.capacity, cache.page_ids(), manager.tiers.num_free(DEVICE))
+    before = (cache.capacity, cache.page_ids(), manager.pages.num_free(DEVICE))
     assert not cache.resize(capacity=13)
-    assert (cache.capacity, cache.page_ids(), manager.tiers.num_free(DEVICE)) == before
+    assert (cache.capacity, cache.page_ids(), manager.pages.num_free(DEVICE)) == before
     engine.check_all()
 
 
@@ -112,9 +114,9 @@ def test_suspended_request_holds_no_device_page(tmp_path, cold_tiers):
     first, second, third = caches
     assert {page.tier for page in first.pages()} == {DISK if disk else HOST}
     assert {page.tier for page in second.pages()} == {HOST}
-    capacity, free = third.capacity, manager.tiers.num_free(DEVICE)
+    capacity, free = third.capacity, manager.pages.num_free(DEVICE)
     assert not third.resize(capacity=17)  # one token more than the device holds
-    assert (third.capacity, manager.tiers.num_free(DEVICE)) == (capacity, free)
+    assert (third.capacity, manager.pages.num_free(DEVICE)) == (capacity, free)
     engine.check_all()
     assert not first.resume()  # the device is all locked by the third
     third.suspend()
@@ -177,10 +179,10 @@ def test_identical_full_blocks_rebase_onto_the_tree_page():
         assert cache.resize(capacity=8)
         engine.write(cache, list(range(8)))
     first.commit(list(range(8)))
-    free = manager.tiers.num_free(DEVICE)
+    free = manager.pages.num_free(DEVICE)
     second.commit(list(range(8)))
     assert second.page_ids() == first.page_ids()
-    assert manager.tiers.num_free(DEVICE) == free + 2
+    assert manager.pages.num_free(DEVICE) == free + 2
     assert manager.stats.rebased_blocks == 2
     engine.check_all()
 
@@ -195,7 +197,7 @@ def test_scope_isolation():
         prefill(engine, cache, prompt)
         cache.close()
         assert manager.probe_reuse(prompt, **kwargs) == 8
-    assert len(manager.tiers.tree) == 2 * len(DISTINCT_SCOPES)
+    assert len(manager.pages.tree) == 2 * len(DISTINCT_SCOPES)
 
 
 def test_multimodal_reuse_stops_where_the_image_differs():
@@ -267,7 +269,7 @@ def test_events_and_stats():
     events = manager.take_events()
     assert [type(e) for e in events] == [BlockStored] * 3
     assert events[1].parent_key == events[0].key and events[2].tokens == (8, 9)
-    assert events[0].parent_key == manager.tiers.tree.roots()[0].key
+    assert events[0].parent_key == manager.pages.tree.roots()[0].key
     assert manager.stats.stored_blocks == 3 and manager.stats.missed_blocks == 0
     reader = start(manager, engine, [*range(9), 77])
     assert manager.stats.reused_blocks == 3 and manager.stats.missed_blocks == 0
@@ -288,11 +290,11 @@ def test_close_leaves_committed_blocks_droppable_and_frees_private_pages():
     prefill(engine, cache, range(6))
     assert cache.resize(capacity=12)
     cache.close()
-    assert manager.tiers.num_free(DEVICE) == 7 - 2  # block 0 full, block 1 partial stay cached
-    assert manager.tiers.num_evictable(DEVICE) == 2
+    assert manager.pages.num_free(DEVICE) == 7 - 2  # block 0 full, block 1 partial stay cached
+    assert manager.pages.num_evictable(DEVICE) == 2
     manager.check_invariants()
     manager.clear_reusable_blocks()
-    assert manager.tiers.num_free(DEVICE) == 7
+    assert manager.pages.num_free(DEVICE) == 7
     manager.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         manager.create_kv_cache()
@@ -348,18 +350,19 @@ def test_misuse_raises_and_changes_nothing():
     with pytest.raises(ValueError, match="not a live cache"):
         manager.page_table([cache], 1)
     engine.check_all()
-    assert manager.tiers.num_free(DEVICE) + manager.tiers.num_evictable(DEVICE) == 7
+    assert manager.pages.num_free(DEVICE) + manager.pages.num_evictable(DEVICE) == 7
 
 
 def test_host_tier_is_provisioned_automatically_unless_turned_off():
     config = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, device_pages=6)
-    manager = KVCacheManager(config)
+    manager = KVCacheManager(config, KVStorage.for_config(config))
     # min(device quota, half of the available host memory): a test machine has far more than 6.
-    assert manager.tiers.tiers == (DEVICE, HOST) and manager.tiers.size(HOST) == 6
+    assert manager.pages.tiers == (DEVICE, HOST) and manager.pages.num_pages(HOST) == 6
     assert manager.storage.host.shape == (6, *config.page_shape)
-    assert KVCacheManager(config, auto_host_tier=False).tiers.tiers == (DEVICE,)
+    storage = KVStorage.for_config(config, auto_host_tier=False)
+    assert KVCacheManager(config, storage).pages.tiers == (DEVICE,)
     explicit = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, device_pages=6, host_pages=0)
-    assert KVCacheManager(explicit).tiers.tiers == (DEVICE,)
+    assert KVCacheManager(explicit, KVStorage.for_config(explicit)).pages.tiers == (DEVICE,)
 
 
 def test_caches_that_fill_a_device_without_colder_tiers_resume_again():
@@ -369,7 +372,7 @@ def test_caches_that_fill_a_device_without_colder_tiers_resume_again():
     prefill(engine, second, range(100, 116))
     first.suspend()
     second.suspend()
-    assert manager.tiers.utilization() == 1.0
+    assert manager.pages.utilization() == 1.0
     assert first.resume() and second.resume()  # they take no new page, so they always may
     engine.check_all()
 
@@ -404,10 +407,13 @@ def test_max_seq_len_follows_the_device_quota():
     assert (manager.max_seq_len, manager.max_blocks) == (32, 9)
     assert manager.resize_quota(DEVICE, num_pages=17)
     assert (manager.max_seq_len, manager.max_blocks) == (64, 17)
-    explicit = KVCacheManager(manager.config, max_seq_len=20, max_total_draft_tokens=3)
+    storage = KVStorage.for_config(manager.config)
+    explicit = KVCacheManager(manager.config, storage, max_seq_len=20, max_total_draft_tokens=3)
     assert (explicit.max_seq_len, explicit.max_blocks) == (20, 6)
     with pytest.raises(ValueError, match="max_seq_len=0 must be >= 1"):
-        KVCacheManager(manager.config, max_seq_len=0)
+        KVCacheManager(manager.config, storage, max_seq_len=0)
+    with pytest.warns(UserWarning, match="max_seq_len=100 is clamped to 32"):
+        assert KVCacheManager(manager.config, storage, max_seq_len=100).max_seq_len == 32
     with pytest.raises(ValueError, match=r"num_bytes=10 must be >= \d+"):
         manager.resize_quota(DEVICE, num_bytes=10)
 
@@ -418,7 +424,7 @@ def test_resume_refuses_above_max_util_for_resume():
     prefill(engine, busy, range(12))
     prefill(engine, waiting, range(50, 54))
     waiting.suspend()  # its page stays on the device but becomes evictable
-    assert manager.tiers.utilization() == 0.75
+    assert manager.pages.utilization() == 0.75
     assert not waiting.resume() and waiting.status is CacheStatus.SUSPENDED
     busy.suspend()
     assert waiting.resume()
@@ -426,13 +432,13 @@ def test_resume_refuses_above_max_util_for_resume():
 
 
 def test_given_storage_must_match_the_config():
-    from kvjax.runtime.storage import KVStorage
-
     config = CacheConfig(num_layers=1, num_kv_heads=1, head_dim=4, device_pages=6, host_pages=2)
     storage = KVStorage(config.page_shape, config.dtype, 6, 2)
-    assert KVCacheManager(config, storage=storage).storage is storage
+    assert KVCacheManager(config, storage).storage is storage
     with pytest.raises(ValueError, match="storage has 0 HOST pages; config needs 2"):
-        KVCacheManager(config, storage=KVStorage(config.page_shape, config.dtype, 6))
+        KVCacheManager(config, KVStorage(config.page_shape, config.dtype, 6))
+    with pytest.raises(ValueError, match="storage has 7 DEVICE pages; config needs 6"):
+        KVCacheManager(config, KVStorage(config.page_shape, config.dtype, 7, 2))
 
 
 def test_moves_digest_follows_the_page_moves():

@@ -89,5 +89,5 @@ def test_inflight_batching_with_suspend_resume_and_dialog_reuse(seed):
         request.cache.close()
     assert all(cache.status is CacheStatus.CLOSED for cache in manager.live_caches)
     manager.clear_reusable_blocks()
-    assert manager.tiers.num_free(manager.tiers.tiers[0]) == 15
+    assert manager.pages.num_free(manager.pages.tiers[0]) == 15
     manager.check_invariants()

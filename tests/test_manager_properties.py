@@ -59,8 +59,8 @@ def test_random_life_cycles_keep_bytes_and_invariants(data, disk_dir):
         cache.close()
         engine.check_all()
     manager.clear_reusable_blocks()
-    for tier in manager.tiers.tiers:
-        assert manager.tiers.num_free(tier) == manager.tiers.num_pages(tier), tier
+    for tier in manager.pages.tiers:
+        assert manager.pages.num_free(tier) == manager.pages.num_usable(tier), tier
     manager.check_invariants()
 
 
@@ -69,9 +69,9 @@ def resize_quota(manager, data):
     for cache in manager.live_caches:
         if cache.is_active:
             cache.suspend()
-    tier = data.draw(st.sampled_from(manager.tiers.tiers), label="tier")
+    tier = data.draw(st.sampled_from(manager.pages.tiers), label="tier")
     minimum = 2 if tier is Tier.DEVICE else 1
-    size = data.draw(st.integers(minimum, manager.tiers.size(tier) + 2), label="size")
+    size = data.draw(st.integers(minimum, manager.pages.num_pages(tier) + 2), label="size")
     before = manager.quota(tier)
     if not manager.resize_quota(tier, num_pages=size):
         assert manager.quota(tier) == before

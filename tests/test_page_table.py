@@ -3,9 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from kvjax.runtime.page_table import pad_rows, slot_mapping, token_positions, token_sequences
+from kvjax.runtime.page_table import slot_mapping, token_positions, token_sequences
 
 TPB = 4
 
@@ -46,13 +45,6 @@ def test_sequences_positions_and_slots_of_a_mixed_batch():
     got = jitted(jnp.asarray(table), args[0], args[1], jnp.array([1], jnp.int32), num_tokens, TPB)
     assert got.tolist() == [slots[0]] + [0] * (num_tokens - 1)
     assert jitted._cache_size() == 1
-
-
-def test_pad_rows():
-    table = jnp.ones((2, 3), jnp.int32)
-    assert pad_rows(table, 4).tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0], [0, 0, 0]]
-    with pytest.raises(ValueError, match="more than num_rows=1"):
-        pad_rows(table, 1)
 
 
 def test_positions_outside_the_table_write_only_to_the_null_page():

@@ -11,6 +11,7 @@ import pytest
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.manager import KVCacheManager
 from kvjax.runtime.sampling import sample_tokens, verify_tokens
+from kvjax.runtime.storage import KVStorage
 from kvjax.serving.request import Request, RequestState, SamplingParams
 from kvjax.serving.resources import CacheResources
 from kvjax.serving.scheduler import Scheduler, SchedulerConfig
@@ -67,7 +68,10 @@ def make_resources(device_pages=12, max_draft_tokens=4, host_pages=0):
         num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB, device_pages=device_pages,
         host_pages=host_pages,
     )  # fmt: skip
-    manager = KVCacheManager(config, max_seq_len=32, max_total_draft_tokens=max_draft_tokens)
+    storage = KVStorage.for_config(config)
+    manager = KVCacheManager(
+        config, storage, max_seq_len=32, max_total_draft_tokens=max_draft_tokens
+    )
     return CacheResources(manager, max_draft_tokens=max_draft_tokens)
 
 

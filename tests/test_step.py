@@ -15,7 +15,6 @@ from kvjax.runtime.step import (
     StepInputs,
     StepRegistry,
     allow_compile,
-    pad_to_bucket,
 )
 
 MAX_BLOCKS = 4
@@ -55,10 +54,7 @@ def example(key: BucketKey) -> StepInputs:
     return inputs.padded(key)
 
 
-def test_pad_to_bucket_and_buckets():
-    assert pad_to_bucket((1, 2, 4, 8), 3) == 4
-    with pytest.raises(ValueError, match="9 exceeds the largest bucket 8"):
-        pad_to_bucket((1, 2, 4, 8), 9)
+def test_buckets():
     buckets = Buckets(batch_sizes=[4, 1, 2], token_counts=[16, 8], draft_lengths=[0, 3])
     assert buckets.batch_sizes == (1, 2, 4)
     # Mixed keys return 1 + 3 logit rows per sequence (prompt chunks next to verification).

@@ -8,9 +8,10 @@ import pytest
 
 from kernels.page_copy import copy_pages, gather_pages, scatter_pages
 from kvjax.cache.pages import NULL_PAGE, Tier
-from kvjax.cache.tiers import PageMove
-from kvjax.runtime import storage as storage_module
-from kvjax.runtime.storage import KVStorage, page_bucket
+from kvjax.cache.tier import PageMove
+from kvjax.runtime import page_ops as page_ops_module
+from kvjax.runtime.page_ops import page_bucket
+from kvjax.runtime.storage import KVStorage
 from tests.bits import assert_same_bytes, random_bits
 
 PAGE_SHAPE = (2, 2, 2, 4, 8)  # num_layers, K/V, num_kv_heads, tokens_per_block, head_dim
@@ -141,8 +142,8 @@ def test_device_batches_never_read_a_page_they_write(tmp_path, monkeypatch):
 
         return checked
 
-    monkeypatch.setattr(storage_module, "copy_pages", spy(copy_pages))
-    monkeypatch.setattr(storage_module, "scatter_pages", spy(scatter_pages))
+    monkeypatch.setattr(page_ops_module, "copy_pages", spy(copy_pages))
+    monkeypatch.setattr(page_ops_module, "scatter_pages", spy(scatter_pages))
     storage = make_storage(tmp_path)
     model = snapshot(storage)
     moves = moves_of(

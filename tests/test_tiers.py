@@ -186,7 +186,7 @@ def test_new_holder_refreshes_recency_and_last_release_requeues():
     pool.release(pages[1])  # cached again, now the most recent
     assert ids(pool.eviction_order(DEVICE)) == [1, 2]
     pool.hold(pages[0])
-    pool.lock(pages[0])
+    assert pool.acquire([pages[0]]) == []
     assert ids(pool.eviction_order(DEVICE)) == [2]
     pool.check_invariants()
 
@@ -228,7 +228,7 @@ def test_misuse_raises_and_changes_nothing():
     with pytest.raises(ValueError, match="unlock it first"):
         pool.release(pages[0])
     with pytest.raises(ValueError, match="no unlocked holder to lock"):
-        pool.lock(pages[0])
+        pool.acquire([pages[0]])
     with pytest.raises(ValueError, match="already committed"):
         pool.commit(pages[0], SCOPE, [2])
     close(pool, pages[1:])
@@ -239,8 +239,8 @@ def test_misuse_raises_and_changes_nothing():
         pool.unlock(pages[0])
     pool.make_room(DEVICE, 2)
     assert pages[0].tier is HOST
-    with pytest.raises(ValueError, match="on the device to be locked"):
-        pool.lock(pages[0])
+    assert pool.acquire([pages[0]]) == [] and pages[0].tier is DEVICE  # brought back up
+    pool.unlock(pages[0])
     with pytest.raises(ValueError, match="count=-1"):
         pool.allocate(-1)
     with pytest.raises(ValueError, match="priority=101"):
@@ -439,10 +439,10 @@ def test_resize_tier_relocates_survivors_and_evicts_the_rest():
         PageMove(DEVICE, 5, DEVICE, 1),
     ]
     assert [(p.tier, p.page_id) for p in held] == [(DEVICE, 2), (DEVICE, 1)]
-    assert pool.size(DEVICE) == 3 and pool.num_free(DEVICE) == 0
+    assert pool.num_pages(DEVICE) == 3 and pool.num_free(DEVICE) == 0
     assert pool.resize_tier(HOST, 1)  # drops the two leaves; the root block moves to host page 0
     pool.check_invariants()
-    assert pool.size(HOST) == 1 and pool.num_dropped_blocks == 2
+    assert pool.num_pages(HOST) == 1 and pool.num_dropped_blocks == 2
     assert pool.take_moves() == [PageMove(HOST, 2, HOST, 0)]
     assert pool.resize_tier(DEVICE, 8)
     assert pool.num_free(DEVICE) == 5
@@ -457,6 +457,6 @@ def test_resize_tier_refuses_when_held_pages_would_not_fit():
     suspend(pool, held)
     before = state(pool)
     assert not pool.resize_tier(DEVICE, 2)  # 3 held pages, room for 1 here and 1 on host
-    assert state(pool) == before and pool.size(DEVICE) == 4 and pool.take_moves() == []
+    assert state(pool) == before and pool.num_pages(DEVICE) == 4 and pool.take_moves() == []
     with pytest.raises(ValueError, match="num_pages=1 must be >= 2"):
         pool.resize_tier(DEVICE, 1)

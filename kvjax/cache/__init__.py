@@ -4,6 +4,7 @@ prioritized eviction, the per-sequence `KVCache` and the `KVCacheManager` that o
 Imports nothing above it; the bytes live in a storage the manager is given (`kvjax.runtime`).
 """
 
+from kvjax.cache.blocks import Block, InsertOutcome, InsertResult, MatchResult
 from kvjax.cache.config import KV_DTYPES, CacheConfig
 from kvjax.cache.eviction import PRIORITY_DEFAULT, PRIORITY_MAX, PRIORITY_MIN, PrioritizedLRU
 from kvjax.cache.keys import DIGEST_SIZE, MAX_TOKEN_ID, ReuseScope, Token, block_keys
@@ -11,9 +12,10 @@ from kvjax.cache.kv_cache import CacheStatus, CommitState, KVCache, OutOfPagesEr
 from kvjax.cache.manager import KVCacheManager
 from kvjax.cache.multimodal import MultimodalItem, multimodal_key_tokens, splice_multimodal_tokens
 from kvjax.cache.pages import NULL_PAGE, Page, PageAllocator, PageStatus, Tier
-from kvjax.cache.radix_tree import Block, BlockRadixTree, InsertOutcome, InsertResult, MatchResult
+from kvjax.cache.radix_tree import BlockRadixTree
 from kvjax.cache.stats import BlockRemoved, BlockStored, CacheStats, KVEvent
-from kvjax.cache.tiers import PageMove, TieredPages
+from kvjax.cache.tier import PageMove
+from kvjax.cache.tiers import TieredPages
 
 __all__ = [
     "DIGEST_SIZE",

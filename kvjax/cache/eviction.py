@@ -102,12 +102,6 @@ class PrioritizedLRU[T: Prioritized]:
         self._size -= 1
         return item
 
-    def pop_many(self, count: int) -> list[T] | None:
-        """The next `count` victims, or None and nothing changed when fewer are queued."""
-        if count > self._size:
-            return None
-        return [self.pop() for _ in range(count)]
-
     def _lowest_priority(self) -> int:
         return (self._nonempty & -self._nonempty).bit_length() - 1
 

@@ -113,6 +113,15 @@ def _check_token(index: int, token: object) -> None:
         raise _token_error(index, token)
 
 
+def token_list(tokens: Sequence[Token] | np.ndarray) -> list[Token]:
+    """`tokens` as a list of Python ints and digests (a list is returned as it is)."""
+    if type(tokens) is list:  # the common case: only read
+        return tokens
+    if isinstance(tokens, bytes | str):
+        raise ValueError(f"tokens={tokens[:8]!r}... is not a token sequence; use [digest]")
+    return tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
+
+
 def check_tokens(tokens: Sequence[Token], first_index: int = 0) -> None:
     """Raises `ValueError` naming the first token that is neither an id in `[0, MAX_TOKEN_ID]`
     nor a 32-byte digest (`first_index` offsets the index in the message)."""

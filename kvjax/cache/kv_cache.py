@@ -9,47 +9,28 @@ tokens_per_block)`. Created by `KVCacheManager.create_kv_cache`; host side, no J
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-import numpy as np
-
-from kvjax.cache.keys import ReuseScope, Token, check_tokens
+from kvjax.cache.blocks import Block, InsertOutcome
+from kvjax.cache.cache_status import (
+    CacheOwner,
+    CacheStatus,
+    CommitState,
+    OutOfPagesError,
+    check_block,
+    checked_lengths,
+)
+from kvjax.cache.keys import ReuseScope, Token, check_tokens, token_list
 from kvjax.cache.pages import NULL_PAGE, Page, Tier
-from kvjax.cache.radix_tree import Block, InsertOutcome
-
-if TYPE_CHECKING:
-    from kvjax.cache.manager import KVCacheManager
 
 __all__ = ["CacheStatus", "CommitState", "KVCache", "OutOfPagesError"]
-
-
-class OutOfPagesError(RuntimeError):
-    """The `capacity` setter could not get pages (`resize` returns False instead)."""
-
-
-class CacheStatus(enum.Enum):
-    ACTIVE = "active"  # pages locked on the device; may grow, commit and run
-    SUSPENDED = "suspended"  # pages held anywhere; resume() brings them back
-    CLOSED = "closed"
-
-
-class CommitState(enum.Enum):
-    ALLOWED = "allowed"  # each block that becomes full enters the tree
-    VIRTUAL_STOP = "virtual_stop"  # a block could not enter the tree: tokens still count
-    USER_STOP = "user_stop"  # stop_committing() was called: commit() is refused
-
-
-def _is_int(value: object) -> bool:
-    return type(value) is int or (isinstance(value, int) and not isinstance(value, bool))
 
 
 class KVCache:
     """One sequence's KV pages. Not built directly: use `KVCacheManager.create_kv_cache`.
 
     Args:
-        manager: the owner of the pages, the tree and the device pool.
+        owner: what it reports to: its manager's `CacheLedger` (see `CacheOwner`).
         scope: the reuse scope of its blocks (LoRA id and cache salt).
         reused: tree blocks matching a prefix of the lookup tokens, in order.
         reused_tokens: the matched prefix; the last block may be matched in part.
@@ -58,15 +39,15 @@ class KVCache:
 
     def __init__(
         self,
-        manager: KVCacheManager,
+        owner: CacheOwner,
         scope: ReuseScope,
         reused: Sequence[Block],
         reused_tokens: list[Token],
         priority: int,
     ) -> None:
-        self._manager = manager
-        self._tiers = manager._tiers
-        self._tpb = manager.config.tokens_per_block
+        self._owner = owner
+        self._tiers = owner.tiers
+        self._tpb = owner.tokens_per_block
         self.scope = scope
         self.priority = priority
         self._status = CacheStatus.SUSPENDED
@@ -172,7 +153,7 @@ class KVCache:
         takes_room = num_copies or any(
             page.tier is not Tier.DEVICE or tiers.is_evictable(page) for page in self._pages
         )
-        if takes_room and tiers.utilization(Tier.DEVICE) > self._manager.config.max_util_for_resume:
+        if takes_room and tiers.utilization(Tier.DEVICE) > self._owner.max_util_for_resume:
             return False
         new_pages = tiers.acquire(self._pages, num_copies, priority=self.priority)
         if new_pages is None:
@@ -185,7 +166,7 @@ class KVCache:
             self._pages[self._shared_ordinal] = private
             self._shared_ordinal = None
         self._status = CacheStatus.ACTIVE
-        self._manager._flush()
+        self._owner.apply_moves()
         return True
 
     def suspend(self) -> None:
@@ -208,27 +189,11 @@ class KVCache:
         """
         if self._status is not CacheStatus.ACTIVE:
             self._require(CacheStatus.ACTIVE, "resize")
-        history = self._history
-        if history_length is not None:
-            if not _is_int(history_length):
-                raise ValueError(f"history_length={history_length!r} is not an int")
-            if history_length < history:
-                raise ValueError(
-                    f"history_length={history_length} must not decrease below {history}"
-                )
-            history = history_length
-        new_capacity = self._capacity if capacity is None else capacity
-        if type(new_capacity) is not int and not _is_int(new_capacity):
-            raise ValueError(f"capacity={new_capacity!r} is not an int")
-        if new_capacity < history:
-            raise ValueError(f"capacity={new_capacity} must be >= history_length={history}")
+        current = (self._history, self._capacity)
+        history, new_capacity = checked_lengths(
+            current, history_length, capacity, self._tpb, self._owner.max_blocks
+        )
         num_blocks = -(-new_capacity // self._tpb)
-        max_blocks = self._manager.max_blocks
-        if num_blocks > max_blocks:
-            raise ValueError(
-                f"capacity={new_capacity} needs {num_blocks} blocks > max_blocks={max_blocks} "
-                f"({max_blocks * self._tpb} tokens; see KVCacheManager(max_seq_len=))"
-            )
         have = len(self._pages)
         if num_blocks > have:
             new_pages = self._tiers.allocate(num_blocks - have, priority=self.priority)
@@ -236,8 +201,8 @@ class KVCache:
                 return False
             self._pages += new_pages
             self._tree_blocks += [None] * len(new_pages)
-            self._manager._count(new_blocks=len(new_pages))
-            self._manager._flush()
+            self._owner.count(new_blocks=len(new_pages))
+            self._owner.apply_moves()
         elif num_blocks < have:
             # Past capacity there is no committed token (committed <= history <= capacity), so
             # every trailing page is private and is freed.
@@ -262,10 +227,7 @@ class KVCache:
             self._require(CacheStatus.ACTIVE, "commit")
         if self._commit_state is CommitState.USER_STOP:
             raise RuntimeError("commit() after stop_committing(); use resize(history_length=)")
-        if type(tokens) is not list:  # lists (the common case) are only read
-            if isinstance(tokens, bytes | str):
-                raise ValueError(f"tokens={tokens[:8]!r}... is not a token sequence; use [digest]")
-            tokens = tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
+        tokens = token_list(tokens)
         old_length = len(self._tokens)
         check_tokens(tokens, old_length)
         new_length = old_length + len(tokens)
@@ -281,7 +243,7 @@ class KVCache:
             for ordinal in range(first, end):
                 if not self._commit_block(ordinal):
                     break
-            self._manager._flush()  # a rebase may have brought a tree page up
+            self._owner.apply_moves()  # a rebase may have brought a tree page up
 
     def stop_committing(self) -> None:
         """Commits a trailing partial block, then refuses further commits. Idempotent."""
@@ -294,7 +256,7 @@ class KVCache:
         if allowed and remainder and ordinal != self._shared_ordinal:
             self._commit_block(ordinal)
         self._commit_state = CommitState.USER_STOP
-        self._manager._flush()
+        self._owner.apply_moves()
 
     def close(self) -> None:
         """Stops committing and releases every page, last block first: committed pages stay in
@@ -310,8 +272,8 @@ class KVCache:
         self._tree_blocks.clear()
         self._shared_ordinal = None
         self._status = CacheStatus.CLOSED
-        self._manager._forget(self)
-        self._manager._flush()
+        self._owner.forget(self)
+        self._owner.apply_moves()
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -326,21 +288,20 @@ class KVCache:
         tokens = self._tokens[start : start + self._tpb]
         parent = self.scope if ordinal == 0 else self._tree_blocks[ordinal - 1]
         if parent is None or (isinstance(parent, Block) and not parent.is_attached):
-            self._commit_state = CommitState.VIRTUAL_STOP
-            return False
+            return self._stop_virtually()
         own = self._pages[ordinal]
         result = self._tiers.commit(own, parent, tokens)
         if result.outcome is InsertOutcome.NEW:
             self._tree_blocks[ordinal] = result.block
-            self._manager._block_stored(result.block, tokens)
+            self._owner.block_stored(result.block, tokens)
             return True
         both_full = len(tokens) == self._tpb and result.block.is_full
-        if (
-            result.outcome is InsertOutcome.EXISTING
-            and both_full
-            and self._rebase(ordinal, result.block)
-        ):
-            return True
+        if result.outcome is InsertOutcome.EXISTING and both_full:
+            return self._rebase(ordinal, result.block) or self._stop_virtually()
+        return self._stop_virtually()
+
+    def _stop_virtually(self) -> bool:
+        """A block could not enter the tree: later ones cannot either (returns False)."""
         self._commit_state = CommitState.VIRTUAL_STOP
         return False
 
@@ -356,7 +317,7 @@ class KVCache:
         self._tiers.release(own)
         self._pages[ordinal] = tree_page
         self._tree_blocks[ordinal] = block
-        self._manager._count(rebased_blocks=1)
+        self._owner.count(rebased_blocks=1)
         return True
 
     def _require(self, status: CacheStatus, operation: str) -> None:
@@ -380,18 +341,7 @@ class KVCache:
         assert len(self._tree_blocks) == len(self._pages), "tree blocks out of step with pages"
         active = self._status is CacheStatus.ACTIVE
         assert not (active and self._shared_ordinal is not None), "copy-on-write left undone"
+        allowed = self._commit_state is CommitState.ALLOWED
         for ordinal, (page, block) in enumerate(zip(self._pages, self._tree_blocks, strict=True)):
-            assert page.num_holders >= 1, f"block {ordinal}: {page!r} is not held"
-            assert not active or (page.tier is Tier.DEVICE and page.num_locks), (
-                f"block {ordinal}: {page!r} is not locked on the device"
-            )
-            if block is not None:
-                assert page.block is block, f"block {ordinal}: page and tree block disagree"
-                assert (ordinal + 1) * self._tpb <= committed or not block.is_full, (
-                    f"block {ordinal} is committed past the committed tokens"
-                )
-            elif ordinal != self._shared_ordinal:
-                assert not page.is_committed, f"block {ordinal}: {page!r} is not private"
-                assert self._commit_state is not CommitState.ALLOWED or (
-                    (ordinal + 1) * self._tpb > committed
-                ), f"block {ordinal} is full of committed tokens but not in the tree"
+            shared = ordinal == self._shared_ordinal
+            check_block(ordinal, page, block, active, shared, allowed, committed, self._tpb)

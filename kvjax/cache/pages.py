@@ -10,12 +10,9 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from kvjax.cache.radix_tree import Block
-
-__all__ = ["NULL_PAGE", "Page", "PageAllocator", "PageStatus", "Tier"]
+__all__ = ["NULL_PAGE", "Page", "PageAllocator", "PageStatus", "StoredBlock", "Tier"]
 
 NULL_PAGE = 0  # device page id never handed out; page tables are padded with it
 
@@ -125,6 +122,17 @@ class PageAllocator:
         assert NULL_PAGE not in flagged or self.first_page == NULL_PAGE, "NULL_PAGE is free"
 
 
+class StoredBlock(Protocol):
+    """What a page sees of the tree block it stores (a `kvjax.cache.blocks.Block`)."""
+
+    page: Page | None
+
+    @property
+    def is_attached(self) -> bool:
+        """Whether the block is still in the tree."""
+        ...
+
+
 class Page:
     """One allocated page: where it is, who uses it, and the tree block it stores (if committed).
 
@@ -139,7 +147,7 @@ class Page:
         self.tier = tier
         self.page_id = page_id
         self.priority = priority
-        self.block: Block | None = None
+        self.block: StoredBlock | None = None
         self.num_holders = 0
         self.num_locks = 0
         self.queued_at = 0  # eviction order stamp, set when queued

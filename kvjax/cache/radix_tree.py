@@ -12,14 +12,22 @@ The tree only knows blocks; `TieredPages` links blocks to pages and frees pages 
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
-from sortedcontainers import SortedDict
 
+from kvjax.cache.blocks import (
+    Block,
+    InsertOutcome,
+    InsertResult,
+    MatchResult,
+    Node,
+    RootBlock,
+    SortedChildren,
+    check_scope,
+    common_tokens,
+    order_key,
+)
 from kvjax.cache.checks import check_int
 from kvjax.cache.keys import (
     BlockHasher,
@@ -29,178 +37,11 @@ from kvjax.cache.keys import (
     block_payloads,
     decode_payload,
     encode_block,
-    is_tagged,
     iter_block_keys,
     tagged_payload,
 )
 
-if TYPE_CHECKING:
-    from kvjax.cache.pages import Page
-
 __all__ = ["Block", "BlockRadixTree", "InsertOutcome", "InsertResult", "MatchResult", "RootBlock"]
-
-
-class _Node:
-    """Children of a root or block: by key, plus the partial ones and an optional sorted index."""
-
-    __slots__ = ("_index", "_partial", "children", "key")
-
-    def __init__(self, key: BlockKey) -> None:
-        self.key = key
-        self.children: dict[BlockKey, Block] = {}
-        self._partial: dict[BlockKey, Block] | None = None  # partial children, by key
-        self._index: _SortedChildren | None = None
-
-
-class RootBlock(_Node):
-    """The root of one reuse scope; it exists in the tree while it has children."""
-
-    __slots__ = ("is_attached", "scope", "tree")
-    ordinal = -1
-    is_full = True
-
-    def __init__(self, scope: ReuseScope, tree: BlockRadixTree) -> None:
-        super().__init__(scope.root_key)
-        self.scope = scope
-        self.tree = tree  # blocks of another tree must never become parents here
-        self.is_attached = False
-
-    @property
-    def root(self) -> RootBlock:
-        return self
-
-
-class Block(_Node):
-    """One committed block: `num_tokens` tokens (`tokens_per_block` unless it is a partial leaf).
-
-    Attributes:
-        payload: the encoded tokens (see `kvjax.cache.keys.encode_block`).
-        parent: the block or root before it; None once the block left the tree.
-        page: its page on some tier, set by `TieredPages`.
-    """
-
-    __slots__ = ("is_full", "num_tokens", "ordinal", "page", "parent", "payload", "root")
-
-    def __init__(
-        self, key: BlockKey, payload: bytes, num_tokens: int, parent: _Node, is_full: bool
-    ) -> None:
-        super().__init__(key)
-        self.payload = payload
-        self.num_tokens = num_tokens
-        self.parent: _Node | None = parent
-        self.root: RootBlock = parent.root
-        self.ordinal: int = parent.ordinal + 1
-        self.is_full = is_full
-        self.page: Page | None = None
-
-    @property
-    def is_attached(self) -> bool:
-        return self.parent is not None
-
-    @property
-    def tokens(self) -> list[Token]:
-        return decode_payload(self.payload, self.num_tokens)
-
-    def __repr__(self) -> str:
-        state = "" if self.is_attached else ", detached"
-        return f"Block(#{self.ordinal}, {self.num_tokens} tokens, {self.key[:4].hex()}{state})"
-
-
-class _SortedChildren:
-    """Children ordered by tagged payload: token prefixes are contiguous in this order.
-
-    For a query q, the child with the longest common prefix is next to q's insertion point, and the
-    children that q is a prefix of start right at it. A `SortedDict` keeps add and remove at
-    O(log n) even for a root with a million children (a list insert would be O(n)).
-    """
-
-    __slots__ = ("by_order",)
-
-    def __init__(self, blocks: Sequence[Block]) -> None:
-        self.by_order: SortedDict[bytes, Block] = SortedDict(
-            (_order_key(block), block) for block in blocks
-        )
-
-    def add(self, block: Block) -> None:
-        self.by_order[_order_key(block)] = block
-
-    def remove(self, block: Block) -> None:
-        removed = self.by_order.pop(_order_key(block))
-        assert removed is block, "sorted children out of sync"
-
-    def neighbors(self, order_key: bytes) -> list[Block]:
-        after = next(self.by_order.irange(minimum=order_key), None)
-        before = next(self.by_order.irange(maximum=order_key, reverse=True), None)
-        return [self.by_order[key] for key in (before, after) if key is not None]
-
-    def first_extending(self, order_key: bytes) -> Block | None:
-        after = next(self.by_order.irange(minimum=order_key), None)
-        if after is not None and after.startswith(order_key):
-            return self.by_order[after]
-        return None
-
-
-def _order_key(block: Block) -> bytes:
-    return tagged_payload(block.payload, block.num_tokens)
-
-
-def _common_bytes(a: bytes, b: bytes) -> int:
-    size = min(len(a), len(b))
-    if a[:size] == b[:size]:
-        return size
-    low, high = 0, size  # a[:low] == b[:low] and a[:high] != b[:high]
-    while high - low > 1:
-        middle = (low + high) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle
-    return low
-
-
-def _common_tokens(a: bytes, a_tokens: int, b: bytes, b_tokens: int) -> int:
-    """Length in tokens of the common prefix of two payloads."""
-    if not is_tagged(a, a_tokens) and not is_tagged(b, b_tokens):
-        return _common_bytes(a, b) >> 2
-    common = 0
-    for x, y in zip(decode_payload(a, a_tokens), decode_payload(b, b_tokens), strict=False):
-        if x != y:
-            break
-        common += 1
-    return common
-
-
-def _check_scope(scope: object) -> ReuseScope:
-    if not isinstance(scope, ReuseScope):
-        raise ValueError(f"scope={scope!r} is not a ReuseScope")
-    return scope
-
-
-class InsertOutcome(enum.Enum):
-    NEW = "new"  # the block entered the tree
-    EXISTING = "existing"  # an identical block was there; use it
-    COVERED = "covered"  # partial, and a sibling already holds these tokens and more: useless
-
-
-@dataclasses.dataclass(frozen=True)
-class InsertResult:
-    """What `insert` did: the block now standing for the tokens, and partial siblings it replaced.
-
-    Replaced blocks have left the tree; the caller releases their pages.
-    """
-
-    block: Block
-    outcome: InsertOutcome
-    replaced: tuple[Block, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class MatchResult:
-    """The reusable prefix: its blocks in order and its length. The last block may be used only
-    in part (a partial match), when `num_tokens` ends before that block does."""
-
-    blocks: tuple[Block, ...]
-    num_tokens: int
 
 
 class BlockRadixTree:
@@ -230,7 +71,7 @@ class BlockRadixTree:
 
     def root(self, scope: ReuseScope) -> RootBlock | None:
         """The root of `scope`, or None while no block of it is in the tree."""
-        return self._roots.get(_check_scope(scope).root_key)
+        return self._roots.get(check_scope(scope).root_key)
 
     def roots(self) -> list[RootBlock]:
         return list(self._roots.values())
@@ -241,10 +82,10 @@ class BlockRadixTree:
         Raises:
             ValueError: a bad token (see `kvjax.cache.keys.encode_block`).
         """
-        _check_scope(scope)
+        check_scope(scope)
         tpb = self.tokens_per_block
         payloads = block_payloads(tokens, tpb)
-        node: _Node | None = self._roots.get(scope.root_key)
+        node: Node | None = self._roots.get(scope.root_key)
         if node is None:
             return MatchResult((), 0)
         blocks: list[Block] = []
@@ -267,15 +108,15 @@ class BlockRadixTree:
         return MatchResult(tuple(blocks), num_tokens)
 
     def _longest_common_child(
-        self, node: _Node, payload: bytes, count: int
+        self, node: Node, payload: bytes, count: int
     ) -> tuple[Block | None, int]:
-        if node._index is not None:
-            candidates = node._index.neighbors(tagged_payload(payload, count))
+        if node.sorted_children is not None:
+            candidates = node.sorted_children.neighbors(tagged_payload(payload, count))
         else:
             candidates = node.children.values()
         best, best_common = None, 0
         for child in candidates:
-            common = _common_tokens(child.payload, child.num_tokens, payload, count)
+            common = common_tokens(child.payload, child.num_tokens, payload, count)
             if common > best_common:
                 best, best_common = child, common
         return best, best_common
@@ -319,7 +160,7 @@ class BlockRadixTree:
             self._roots[node.key] = node
         return InsertResult(block, InsertOutcome.NEW, tuple(replaced))
 
-    def _parent_node(self, parent: Block | ReuseScope) -> _Node:
+    def _parent_node(self, parent: Block | ReuseScope) -> Node:
         if isinstance(parent, ReuseScope):
             return self._roots.get(parent.root_key) or RootBlock(parent, self)
         if not isinstance(parent, Block):
@@ -332,20 +173,20 @@ class BlockRadixTree:
             raise ValueError(f"parent {parent!r} is partial; only leaves may be partial")
         return parent
 
-    def _covering_child(self, node: _Node, payload: bytes, count: int) -> Block | None:
-        if node._index is not None:
-            return node._index.first_extending(tagged_payload(payload, count))
+    def _covering_child(self, node: Node, payload: bytes, count: int) -> Block | None:
+        if node.sorted_children is not None:
+            return node.sorted_children.first_extending(tagged_payload(payload, count))
         for child in node.children.values():
             if (
                 child.num_tokens > count
-                and _common_tokens(child.payload, child.num_tokens, payload, count) == count
+                and common_tokens(child.payload, child.num_tokens, payload, count) == count
             ):
                 return child
         return None
 
-    def _extended_partials(self, node: _Node, payload: bytes, count: int) -> list[Block]:
+    def _extended_partials(self, node: Node, payload: bytes, count: int) -> list[Block]:
         """Partial children whose tokens are a proper prefix of the new block's."""
-        partial = node._partial
+        partial = node.partial_children
         if not partial:
             return []
         if len(partial) < count:
@@ -363,28 +204,28 @@ class BlockRadixTree:
             child
             for child in candidates
             if child.num_tokens < count
-            and _common_tokens(child.payload, child.num_tokens, payload, count) == child.num_tokens
+            and common_tokens(child.payload, child.num_tokens, payload, count) == child.num_tokens
         ]
 
-    def _link(self, node: _Node, block: Block) -> None:
+    def _link(self, node: Node, block: Block) -> None:
         node.children[block.key] = block
         if not block.is_full:
-            if node._partial is None:
-                node._partial = {}
-            node._partial[block.key] = block
-        if node._index is not None:
-            node._index.add(block)
+            if node.partial_children is None:
+                node.partial_children = {}
+            node.partial_children[block.key] = block
+        if node.sorted_children is not None:
+            node.sorted_children.add(block)
         elif len(node.children) > self.index_threshold:
-            node._index = _SortedChildren(list(node.children.values()))
+            node.sorted_children = SortedChildren(list(node.children.values()))
         self.num_blocks += 1
 
     def _unlink(self, block: Block) -> None:
         node = block.parent
         del node.children[block.key]
         if not block.is_full:
-            del node._partial[block.key]
-        if node._index is not None:
-            node._index.remove(block)
+            del node.partial_children[block.key]
+        if node.sorted_children is not None:
+            node.sorted_children.remove(block)
         if isinstance(node, RootBlock) and not node.children:
             del self._roots[node.key]
             node.is_attached = False
@@ -397,7 +238,7 @@ class BlockRadixTree:
             removed.append(current)
             stack.extend(reversed(current.children.values()))
             current.children = {}
-            current._partial = current._index = None
+            current.partial_children = current.sorted_children = None
             current.parent = None
         self.num_blocks -= len(removed)
         return removed
@@ -425,7 +266,7 @@ class BlockRadixTree:
 
     def iter_blocks(self) -> Iterator[Block]:
         """Every block in the tree, parents before children."""
-        stack: list[_Node] = list(self._roots.values())
+        stack: list[Node] = list(self._roots.values())
         while stack:
             node = stack.pop()
             if isinstance(node, Block):
@@ -439,7 +280,7 @@ class BlockRadixTree:
             assert root.key == root_key == root.scope.root_key, "root filed under a wrong key"
             assert root.is_attached and root.children, "an empty or detached root stayed"
         hasher = BlockHasher()
-        stack: list[_Node] = list(self._roots.values())
+        stack: list[Node] = list(self._roots.values())
         while stack:
             node = stack.pop()
             self._check_children(node, hasher)
@@ -447,7 +288,7 @@ class BlockRadixTree:
             stack.extend(node.children.values())
         assert count == self.num_blocks, f"num_blocks={self.num_blocks}, tree holds {count}"
 
-    def _check_children(self, node: _Node, hasher: BlockHasher) -> None:
+    def _check_children(self, node: Node, hasher: BlockHasher) -> None:
         tpb = self.tokens_per_block
         for key, child in node.children.items():
             assert child.parent is node and child.key == key, f"{child!r} linked wrongly"
@@ -457,14 +298,15 @@ class BlockRadixTree:
             assert key == hasher(node.key, child.payload, child.num_tokens), f"{child!r} key"
             assert child.is_full or not child.children, f"partial {child!r} has children"
         partial = {key: child for key, child in node.children.items() if not child.is_full}
-        assert partial == (node._partial or {}), "partial children index out of sync"
+        assert partial == (node.partial_children or {}), "partial children index out of sync"
         if len(node.children) > self.index_threshold:
-            assert node._index is not None, "a large node lacks its sorted index"
-        if node._index is not None:
-            assert {id(block) for block in node._index.by_order.values()} == {
+            assert node.sorted_children is not None, "a large node lacks its sorted index"
+        if node.sorted_children is not None:
+            by_order = node.sorted_children.by_order
+            assert {id(block) for block in by_order.values()} == {
                 id(child) for child in node.children.values()
             }, "index names other blocks than the children"
-            assert all(key == _order_key(block) for key, block in node._index.by_order.items()), (
+            assert all(key == order_key(block) for key, block in by_order.items()), (
                 "index filed a block under a wrong key"
             )
         for leaf in partial.values():
@@ -472,7 +314,7 @@ class BlockRadixTree:
                 covers = sibling is not leaf and sibling.num_tokens > leaf.num_tokens
                 assert not (
                     covers
-                    and _common_tokens(
+                    and common_tokens(
                         sibling.payload, sibling.num_tokens, leaf.payload, leaf.num_tokens
                     )
                     == leaf.num_tokens

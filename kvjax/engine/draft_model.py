@@ -34,6 +34,7 @@ from kvjax.engine.setup import (
 )
 from kvjax.runtime.sharding import check_heads
 from kvjax.runtime.step import Buckets, allow_compile
+from kvjax.runtime.storage import KVStorage
 from kvjax.serving.request import Request
 
 __all__ = ["DraftModelDrafter"]
@@ -95,8 +96,8 @@ class DraftModelDrafter:
         self.max_num_tokens = max_num_tokens
         self.buckets = Buckets(powers_of_two(1, max_batch_size), powers_of_two(1, max_num_tokens))
         self.manager = KVCacheManager(
-            cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft_tokens,
-            mesh=mesh,
+            cache_config, KVStorage.for_config(cache_config, mesh=mesh),
+            max_seq_len=max_seq_len, max_total_draft_tokens=max_draft_tokens,
         )  # fmt: skip
         try:
             self.registry, self._params = model_registry(

@@ -37,6 +37,7 @@ from kvjax.runtime.sharding import (
     tensor_parallel_mesh,
 )
 from kvjax.runtime.step import Buckets
+from kvjax.runtime.storage import KVStorage
 from kvjax.serving.metrics import EngineMetrics
 from kvjax.serving.request import FinishReason, Request, RequestOutput, RequestState, SamplingParams
 from kvjax.serving.resources import CacheResources
@@ -147,8 +148,9 @@ class Engine:
             )  # fmt: skip
         max_draft = draft_lengths[-1]
         self.manager = KVCacheManager(
-            cache_config, max_seq_len=max_seq_len, max_total_draft_tokens=max_draft, mesh=self.mesh
-        )
+            cache_config, KVStorage.for_config(cache_config, mesh=self.mesh),
+            max_seq_len=max_seq_len, max_total_draft_tokens=max_draft,
+        )  # fmt: skip
         try:
             self.resources = CacheResources(
                 self.manager,
@@ -275,7 +277,7 @@ class Engine:
             if self._empty_steps > len(queue):
                 raise RuntimeError(
                     f"no request of {len(queue)} can be scheduled; device utilization "
-                    f"{self.manager.tiers.utilization():.0%}: give the KVCacheManager more "
+                    f"{self.manager.pages.utilization():.0%}: give the KVCacheManager more "
                     "device pages or a host tier, or lower max_num_tokens"
                 )
             return []

@@ -9,10 +9,10 @@ from flax import nnx
 
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.manager import KVCacheManager
+from kvjax.runtime.page_ops import default_impl
 from kvjax.runtime.sampling import verify_tokens
 from kvjax.runtime.sharding import place, replicated, shard_params
 from kvjax.runtime.step import Buckets, StepInputs, StepRegistry, allow_compile
-from kvjax.runtime.storage import default_impl
 from kvjax.serving.scheduler import SchedulerConfig
 from kvjax.serving.speculative import SpeculativeConfig
 

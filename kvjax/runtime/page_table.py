@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from kvjax.cache.pages import NULL_PAGE
 
-__all__ = ["pad_rows", "slot_mapping", "token_positions", "token_sequences"]
+__all__ = ["slot_mapping", "token_positions", "token_sequences"]
 
 
 def token_sequences(cu_q_lens: jax.Array, num_seqs: jax.Array, num_tokens: int) -> jax.Array:
@@ -68,10 +68,3 @@ def slot_mapping(
     page = page_table[jnp.maximum(seq, 0), block]
     slot = page * tokens_per_block + position % tokens_per_block
     return jnp.where(inside, slot, NULL_PAGE * tokens_per_block)
-
-
-def pad_rows(table: jax.Array, num_rows: int) -> jax.Array:
-    """`table` with rows of `NULL_PAGE` appended up to `num_rows` (a padded batch)."""
-    if table.shape[0] > num_rows:
-        raise ValueError(f"table has {table.shape[0]} rows, more than num_rows={num_rows}")
-    return jnp.pad(table, ((0, num_rows - table.shape[0]), (0, 0)), constant_values=NULL_PAGE)

@@ -11,7 +11,6 @@ holds raises. Inputs are built and padded on the host (numpy), so a served step 
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import itertools
@@ -33,16 +32,7 @@ __all__ = [
     "StepRegistry",
     "StepStats",
     "enable_persistent_cache",
-    "pad_to_bucket",
 ]
-
-
-def pad_to_bucket(buckets: Sequence[int], n: int) -> int:
-    """The smallest bucket >= n; raises naming the largest bucket when none is."""
-    index = bisect.bisect_left(buckets, n)
-    if index == len(buckets):
-        raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
-    return buckets[index]
 
 
 @dataclasses.dataclass(frozen=True, order=True)

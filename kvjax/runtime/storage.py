@@ -9,66 +9,27 @@ compiled code.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
-from kernels.page_copy import copy_pages, gather_pages, scatter_pages
 from kvjax.cache.checks import check_int
-from kvjax.cache.config import KV_DTYPES
+from kvjax.cache.config import KV_DTYPES, CacheConfig
 from kvjax.cache.pages import NULL_PAGE, Tier
-from kvjax.runtime.sharding import LocalHeads, pool_spec, zeros
+from kvjax.runtime.host_memory import host_tier_pages
+from kvjax.runtime.page_ops import default_impl, padded_page_ids, page_bucket, page_ops
+from kvjax.runtime.sharding import LocalHeads, zeros
 
 if TYPE_CHECKING:
-    from kvjax.cache.tiers import PageMove
+    from kvjax.cache.tier import PageMove
 
-__all__ = ["KVStorage", "default_impl", "page_bucket", "page_ops"]
-
-
-def page_bucket(count: int) -> int:
-    """Smallest power of two >= max(count, 1): the padded page count of a batched device op."""
-    return 1 << max(check_int("count", count, minimum=0) - 1, 0).bit_length()
-
-
-def default_impl() -> str:
-    """The Pallas kernels on a GPU; XLA elsewhere (interpret mode is a test vehicle, not a path)."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
-def _padded(page_ids: list[int]) -> np.ndarray:
-    """int32[page_bucket(n)]: the ids, then NULL_PAGE (masked out by num_valid)."""
-    padded = np.full(page_bucket(len(page_ids)), NULL_PAGE, np.int32)
-    padded[: len(page_ids)] = page_ids
-    return padded
-
-
-def page_ops(impl: str, mesh=None, interpret=None) -> tuple[Callable, Callable, Callable]:
-    """`kernels.page_copy`'s (copy, gather, scatter) for `impl`; over a mesh, jitted per shard
-    of the KV heads (`shard_map`) with the pool donated to copy and scatter."""
-    ops = [
-        functools.partial(op, impl=impl, interpret=interpret)
-        for op in (copy_pages, gather_pages, scatter_pages)
-    ]
-    if mesh is None:
-        return tuple(ops)
-    pool, ids = pool_spec(), PartitionSpec()
-    specs = (((pool, ids, ids, ids), pool), ((pool, ids, ids), pool),
-             ((pool, pool, ids, ids), pool))  # fmt: skip
-    return tuple(
-        jax.jit(
-            jax.shard_map(op, mesh=mesh, in_specs=ins, out_specs=out, check_vma=False),
-            donate_argnums=() if op.func is gather_pages else 0,
-        )
-        for op, (ins, out) in zip(ops, specs, strict=True)
-    )
+__all__ = ["KVStorage"]
 
 
 class KVStorage:
@@ -137,6 +98,26 @@ class KVStorage:
         if num_disk_pages:
             self._disk_file, self._disk = self._new_disk(num_disk_pages)
         self._closed = False
+
+    @classmethod
+    def for_config(
+        cls, config: CacheConfig, *, auto_host_tier: bool = True, impl: str | None = None, mesh=None
+    ) -> KVStorage:
+        """The storage `config` describes; its host tier, when `config` gives none, sized by
+        `host_tier_pages` (min(device quota, half of available host memory); none when
+        `auto_host_tier` is False)."""
+        if not isinstance(config, CacheConfig):
+            raise ValueError(f"config={config!r} is not a CacheConfig")
+        return cls(
+            config.page_shape,
+            config.dtype,
+            config.num_device_pages,
+            host_tier_pages(config, auto_host_tier=auto_host_tier, mesh=mesh),
+            config.num_disk_pages,
+            config.disk_dir,
+            impl=impl,
+            mesh=mesh,
+        )
 
     def _zeros(self, num_pages: int) -> jax.Array:
         """Zero device pages, created sharded over KV heads when there is a mesh."""
@@ -212,7 +193,7 @@ class KVStorage:
         tier = self._check_tier(tier)
         ids = [self._check_page(tier, p, "page_ids") for p in page_ids]
         if tier is Tier.DEVICE:
-            pages = self._gather(self._pool, _padded(ids), np.int32(len(ids)))
+            pages = self._gather(self._pool, padded_page_ids(ids), np.int32(len(ids)))
             return self._to_host(pages)[: len(ids)]
         return np.array(self._array(tier)[ids])
 
@@ -310,9 +291,10 @@ class KVStorage:
         dst_ids = [move.dst_page for move in batch]
         num_valid = np.int32(len(batch))
         if src_tier is Tier.DEVICE and dst_tier is Tier.DEVICE:
-            self._pool = self._copy(self._pool, _padded(src_ids), _padded(dst_ids), num_valid)
+            src, dst = padded_page_ids(src_ids), padded_page_ids(dst_ids)
+            self._pool = self._copy(self._pool, src, dst, num_valid)
         elif src_tier is Tier.DEVICE:
-            staging = self._gather(self._pool, _padded(src_ids), num_valid)
+            staging = self._gather(self._pool, padded_page_ids(src_ids), num_valid)
             self._array(dst_tier)[dst_ids] = self._to_host(staging)[: len(batch)]
         elif dst_tier is Tier.DEVICE:
             staging = np.empty((page_bucket(len(batch)), *self.local_page_shape), self.dtype)
@@ -320,7 +302,7 @@ class KVStorage:
             np.take(self._array(src_tier), src_ids, axis=0, out=staging[: len(batch)], mode="clip")
             staging[len(batch) :] = 0  # dropped by scatter_pages; zeroed to stay deterministic
             staging = self._to_device(staging)
-            self._pool = self._scatter(self._pool, staging, _padded(dst_ids), num_valid)
+            self._pool = self._scatter(self._pool, staging, padded_page_ids(dst_ids), num_valid)
         else:
             self._array(dst_tier)[dst_ids] = self._array(src_tier)[src_ids]
 

@@ -37,7 +37,7 @@ def percentiles(values, points=(50, 90, 99)) -> dict[str, float | None]:
 
 class EngineMetrics:
     def __init__(self, manager) -> None:
-        self._tiers = manager.tiers
+        self._tiers = manager.pages
         self.steps: list[StepRecord] = []
         self.finished: list[RequestOutput] = []
 
@@ -45,7 +45,7 @@ class EngineMetrics:
         self, start, end, batch, output, num_generated: int, num_accepted: int = 0
     ) -> None:
         tiers = self._tiers
-        num_device = tiers.num_pages(Tier.DEVICE)
+        num_device = tiers.num_usable(Tier.DEVICE)
         evictable = tiers.num_evictable(Tier.DEVICE) / num_device
         host = tiers.utilization(Tier.HOST) if Tier.HOST in tiers.tiers else 0.0
         record = StepRecord(

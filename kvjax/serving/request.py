@@ -180,10 +180,6 @@ class Request:
         return self.cache is not None and not self.cache.is_active
 
     @property
-    def is_finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
     def lifetime_tokens(self) -> int:
         """KV tokens it may need at most: prompt, outputs and drafts (the last output is never
         written)."""

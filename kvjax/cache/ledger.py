@@ -1,0 +1,119 @@
+"""CacheLedger: what a manager shares with its caches, behind the `CacheOwner` interface.
+
+Each `KVCache` reports to its manager's ledger, never to the manager itself: the pages on tiers,
+the page moves to carry out on the storage, counters, KV events and the set of live caches. Host
+side, no JAX: the storage is any object with the `PageStorage` methods.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import blake3
+import numpy as np
+
+from kvjax.cache.blocks import Block
+from kvjax.cache.checks import check_int
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.keys import Token
+from kvjax.cache.pages import Tier
+from kvjax.cache.stats import BlockRemoved, BlockStored, CacheStats, EventBuffer
+from kvjax.cache.tier import PageMove
+from kvjax.cache.tiers import TieredPages
+
+__all__ = ["CacheLedger", "PageStorage"]
+
+
+class PageStorage(Protocol):
+    """The bytes of every tier, as the manager drives them (`kvjax.runtime.storage.KVStorage`).
+
+    `pool` is the device array that steps read and return; `apply` carries out page moves in
+    order; `num_pages(tier)` counts `NULL_PAGE` on the device and is 0 for an absent tier.
+    """
+
+    page_shape: tuple[int, ...]
+    dtype: np.dtype
+    pool: Any
+
+    def num_pages(self, tier: Tier) -> int: ...
+
+    def apply(self, moves: Sequence[PageMove]) -> Any: ...
+
+    def resize(self, tier: Tier, num_pages: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CacheLedger:
+    """The state a manager's caches share: `tiers`, `storage`, stats, events and live caches.
+
+    It is the `CacheOwner` each `KVCache` is given. Not thread-safe, like the manager.
+
+    Args:
+        config: geometry and the options caches read (`tokens_per_block`,
+            `max_util_for_resume`).
+        tiers: the page bookkeeping over the radix tree.
+        storage: the bytes the recorded page moves are applied to.
+        max_events: KV events kept until taken (0 turns them off).
+    """
+
+    def __init__(
+        self, config: CacheConfig, tiers: TieredPages, storage: PageStorage, max_events: int
+    ) -> None:
+        self.config = config
+        self.tiers = tiers
+        self.storage = storage
+        self.tokens_per_block = config.tokens_per_block
+        self.max_util_for_resume = config.max_util_for_resume
+        self.max_blocks = 0  # set by the manager from max_seq_len
+        self.stats = CacheStats()
+        self.events = EventBuffer(check_int("max_events", max_events, minimum=0))
+        self.moves_digest = b""  # chained over every page move applied
+        self.caches: dict[int, Any] = {}  # live caches by id(), in creation order
+        self._num_dropped_seen = 0
+        tiers.on_blocks_removed = self._blocks_removed
+
+    def apply_moves(self) -> None:
+        """Applies the recorded page moves to the storage, in order, and counts them."""
+        moves = self.tiers.take_moves()
+        if moves:
+            self.storage.apply(moves)
+            record = [(m.src_tier, m.src_page, m.dst_tier, m.dst_page) for m in moves]
+            record = np.asarray(record, np.int64).tobytes()
+            self.moves_digest = blake3.blake3(self.moves_digest + record).digest()
+            kinds = Counter((move.src_tier, move.dst_tier) for move in moves)
+            for (src, dst), count in kinds.items():
+                self.stats.count_move(src, dst, count, self.config.page_bytes)
+        dropped = self.tiers.num_dropped_blocks
+        self.stats.dropped_blocks += dropped - self._num_dropped_seen
+        self._num_dropped_seen = dropped
+
+    def count(self, **deltas: int) -> None:
+        """Adds to the named `CacheStats` counters."""
+        for name, delta in deltas.items():
+            setattr(self.stats, name, getattr(self.stats, name) + delta)
+
+    def block_stored(self, block: Block, tokens: Sequence[Token]) -> None:
+        """A cache committed a new block to the tree."""
+        self.stats.stored_blocks += 1
+        if self.events.max_events:
+            page = block.page
+            self.events.append(
+                BlockStored(block.key, block.parent.key, tuple(tokens), page.tier, page.priority)
+            )
+
+    def _blocks_removed(self, blocks: Sequence[Block]) -> None:
+        for block in blocks:
+            self.events.append(BlockRemoved(block.key))
+
+    def register(self, cache: Any) -> None:
+        self.caches[id(cache)] = cache
+
+    def forget(self, cache: Any) -> None:
+        """A cache closed: it is no longer live."""
+        del self.caches[id(cache)]
+
+    def is_live(self, cache: Any) -> bool:
+        return self.caches.get(id(cache)) is cache
