@@ -21,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kvjax.runtime.step import BucketKey, Buckets, StepInputs, StepRegistry, allow_compile
+from kvjax.engine.compile import model_registry
+from kvjax.runtime.buckets import BucketKey, Buckets
+from kvjax.runtime.step import StepInputs, allow_compile
 from models.config import LlamaConfig
-from models.llama import Llama, make_step
+from models.llama import Llama
 
 TPB, MAX_BLOCKS = 16, 16
 
@@ -79,12 +81,11 @@ def main() -> None:
         num_kv_heads=2, head_dim=32,
     )  # fmt: skip
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    step, params = make_step(Llama(config, dtype=dtype, rngs=nnx.Rngs(0)), impl=impl)
+    registry, params = model_registry(Llama(config, dtype=dtype, rngs=nnx.Rngs(0)), impl=impl)
     num_pages = 8 * MAX_BLOCKS + 1
     shape = (num_pages, config.num_layers, 2, config.num_kv_heads, TPB, config.head_dim)
     pool = jax.random.normal(jax.random.key(0), shape, dtype)
     buckets = Buckets(batch_sizes=[1, 2, 4, 8], token_counts=[32, 64, 128], draft_lengths=[0, 3])
-    registry = StepRegistry(step)
     rows = []
     for key in buckets.keys:
         start = time.perf_counter()

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from benchmarks.workload import RepetitiveWorkload, Workload, ideal_hit_rate
 from kvjax.engine.draft_model import DraftModelDrafter
 from kvjax.engine.engine import Engine
-from kvjax.engine.setup import cache_config_for
+from kvjax.engine.geometry import cache_config_for
 from kvjax.runtime.sharding import tensor_parallel_mesh
 from kvjax.serving.request import SamplingParams
 from kvjax.serving.scheduler import SchedulerConfig, SchedulerPolicy
@@ -103,11 +103,6 @@ def load_model(args, checkpoint: Path | None = None):
         dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
         return load_hf_checkpoint(checkpoint, dtype=dtype, mesh=args.mesh)
     return Llama(TINY, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
-
-
-def max_seq_len(args) -> int:
-    """The target's `max_seq_len` (default: what its device pages hold)."""
-    return args.max_seq_len or args.device_pages * args.tokens_per_block
 
 
 def serve(engine: Engine, workload: Workload, params: SamplingParams, progress: bool):
@@ -288,11 +283,7 @@ def main_speculative(args, model) -> dict:
             draft = truncated_draft(model, args.draft_layers)
             if args.draft_checkpoint is not None:
                 draft = load_model(args, args.draft_checkpoint)
-            drafter = DraftModelDrafter(
-                draft, cache_config(draft, args), max_draft_tokens=args.draft_tokens,
-                max_seq_len=max_seq_len(args), max_batch_size=args.max_batch_size,
-                max_num_tokens=args.max_num_tokens, mesh=args.mesh,
-            )  # fmt: skip
+            drafter = DraftModelDrafter(draft, cache_config(draft, args), mesh=args.mesh)
             speculative = SpeculativeConfig(drafter, args.draft_tokens)
         engine, warmup_s = build_engine(model, args, speculative=speculative)
         print(f"{mode}: warm-up {warmup_s:.1f} s", flush=True)

@@ -10,7 +10,7 @@ _PUBLIC = {
     "CacheConfig": "kvjax.cache.config",
     "KVCacheManager": "kvjax.cache.manager",
     "Engine": "kvjax.engine.engine",
-    "cache_config_for": "kvjax.engine.setup",
+    "cache_config_for": "kvjax.engine.geometry",
     "SamplingParams": "kvjax.serving.request",
     "RequestOutput": "kvjax.serving.request",
     "SchedulerConfig": "kvjax.serving.scheduler",

@@ -25,7 +25,7 @@ from kvjax.runtime.sharding import TP_AXIS, pool_spec
 from kvjax.runtime.step import StepInputs
 from models.config import LlamaConfig, rope_frequencies
 
-__all__ = ["Llama", "apply_rope", "make_step"]
+__all__ = ["Llama", "apply_rope"]
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
@@ -235,14 +235,3 @@ def truncated_draft(model: Llama, num_layers: int) -> Llama:
     draft.layers = nnx.List(list(model.layers)[:num_layers])
     draft.inv_freq = model.inv_freq
     return draft
-
-
-def make_step(model: Llama, *, impl: str = "pallas", interpret: bool | None = None):
-    """`(step, params)` for `StepRegistry`: `step(params, pool, inputs) -> (logits, pool)` runs
-    the model whose NNX state is `params` (split once, passed as an argument)."""
-    graphdef, params = nnx.split(model)
-
-    def step(params, kv_pool, inputs: StepInputs):
-        return nnx.merge(graphdef, params)(inputs, kv_pool, impl=impl, interpret=interpret)
-
-    return step, params

@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 from kvjax.cache.pages import Tier
 from kvjax.cache.tier import PageMove
 from kvjax.engine.draft_model import DraftModelDrafter
-from kvjax.engine.setup import cache_config_for
+from kvjax.engine.geometry import cache_config_for
 from kvjax.runtime.host_memory import available_host_bytes
 from kvjax.runtime.sharding import (
     TP_AXIS,
@@ -150,10 +150,7 @@ def serve_self_drafting(model, prompts, mesh) -> list[list[int]]:
     provisioned alike on both processes: dense greedy tokens, drafts accepted."""
     draft_config = cache_config_for(model, tokens_per_block=4, device_pages=13)
 
-    drafter = DraftModelDrafter(
-        model, draft_config, max_draft_tokens=2, max_seq_len=160, max_batch_size=2,
-        max_num_tokens=16, mesh=mesh,
-    )  # fmt: skip
+    drafter = DraftModelDrafter(model, draft_config, mesh=mesh)
 
     off_mesh = NgramDrafter()
     off_mesh.mesh = None  # what a DraftModelDrafter built without the mesh reports

@@ -7,7 +7,7 @@ import pytest
 
 from kvjax.cache.multimodal import MultimodalItem
 from kvjax.engine.engine import Engine
-from kvjax.engine.setup import cache_config_for
+from kvjax.engine.geometry import cache_config_for
 from kvjax.serving.request import FinishReason, SamplingParams
 from kvjax.serving.scheduler import SchedulerConfig, SchedulerPolicy
 from tests.dense_llama import dense_greedy as reference_greedy

@@ -9,7 +9,7 @@ import pytest
 import kvjax.engine.engine
 from kvjax.engine.batch import build_step_batch
 from kvjax.engine.draft_model import DraftModelDrafter
-from kvjax.engine.setup import cache_config_for
+from kvjax.engine.geometry import cache_config_for
 from kvjax.serving.request import RequestState, SamplingParams
 from kvjax.serving.resources import CacheResources
 from kvjax.serving.speculative import NgramDrafter, SpeculativeConfig
@@ -89,14 +89,11 @@ def assert_dense_greedy(model, prompts, outputs, num_tokens=NEW_TOKENS):
         assert output.token_ids == dense_greedy(model, prompt, num_tokens)
 
 
-def draft_model_drafter(draft, device_pages=40, host_pages=40, max_batch_size=4):
+def draft_model_drafter(draft, device_pages=40, host_pages=40):
     config = cache_config_for(
         draft, tokens_per_block=TPB, device_pages=device_pages, host_pages=host_pages
     )
-    return DraftModelDrafter(
-        draft, config, max_draft_tokens=MAX_DRAFT, max_seq_len=160,
-        max_batch_size=max_batch_size, max_num_tokens=32,
-    )  # fmt: skip
+    return DraftModelDrafter(draft, config)
 
 
 def test_ngram_greedy_equals_dense_under_pressure_and_reuse(model, monkeypatch):
@@ -240,7 +237,7 @@ def test_without_the_padding_extension_the_rewind_would_underflow(model, monkeyp
 
 
 def test_bad_speculative_engine_configs_are_refused(model):
-    from kvjax.runtime.step import Buckets
+    from kvjax.runtime.buckets import Buckets
     from kvjax.serving.scheduler import SchedulerConfig
 
     small = SchedulerConfig(max_batch_size=2, max_num_tokens=3, chunk_unit=1)
@@ -256,9 +253,8 @@ def test_bad_speculative_engine_configs_are_refused(model):
         make_engine(model, speculative=NgramDrafter())
     other = random_model(tiny_config(vocab_size=32))
     drafter = DraftModelDrafter(
-        other, cache_config_for(other, tokens_per_block=TPB, device_pages=8, host_pages=0),
-        max_draft_tokens=2, max_seq_len=16, max_batch_size=1, max_num_tokens=4,
-    )  # fmt: skip
+        other, cache_config_for(other, tokens_per_block=TPB, device_pages=8, host_pages=0)
+    )
     with pytest.raises(ValueError, match="vocab_size=32 differs from the target's 64"):
         make_engine(model, speculative=SpeculativeConfig(drafter, 2))
     drafter.shutdown()

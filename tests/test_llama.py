@@ -186,13 +186,13 @@ def test_hf_loader_rejects_broken_checkpoints(tmp_path):
 
 
 def test_served_model_steps_never_compile_and_keep_the_pool_in_place():
-    from kvjax.runtime.step import Buckets, StepRegistry, allow_compile
-    from models.llama import make_step
+    from kvjax.engine.compile import model_registry
+    from kvjax.runtime.buckets import Buckets
+    from kvjax.runtime.step import allow_compile
 
     rng = np.random.default_rng(2)
     model = random_model(tiny_config())
-    step, params = make_step(model, impl="xla")
-    registry = StepRegistry(step)
+    registry, params = model_registry(model, impl="xla")
     buckets = Buckets(batch_sizes=[1, 2], token_counts=[8, 16], draft_lengths=[0, 2])
     pool = jnp.zeros((1 + 2 * MAX_BLOCKS, 2, 2, 2, TPB, 16), jnp.float32)
     seqs = Sequences(2, rng)

@@ -9,13 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.runtime.step import (
-    BucketKey,
-    Buckets,
-    StepInputs,
-    StepRegistry,
-    allow_compile,
-)
+from kvjax.runtime.buckets import BucketKey, Buckets
+from kvjax.runtime.step import StepInputs, StepRegistry, allow_compile
 
 MAX_BLOCKS = 4
 POOL_SHAPE = (16, 2, 2, 1, 4, 8)
@@ -136,7 +131,8 @@ def test_persistent_cache_keeps_compiled_steps_on_disk(tmp_path):
 
     code = f"""
 import jax, jax.numpy as jnp
-from kvjax.runtime.step import BucketKey, StepRegistry, allow_compile, enable_persistent_cache
+from kvjax.runtime.buckets import BucketKey
+from kvjax.runtime.step import StepRegistry, allow_compile, enable_persistent_cache
 from tests.test_step import example, toy_step
 enable_persistent_cache({str(tmp_path)!r})
 registry = StepRegistry(toy_step)

@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 
 from kvjax.cache.manager import KVCacheManager
-from kvjax.runtime.step import Buckets, StepInputs
+from kvjax.runtime.buckets import Buckets
+from kvjax.runtime.step import StepInputs
 from kvjax.serving.request import Request
 from kvjax.serving.scheduler import SchedulerOutput
 
@@ -60,6 +61,21 @@ def build_step_batch(
     """Packs the scheduled sequences back to back: each context request's chunk of its prompt;
     each generation request's last sampled token, its drafts and padding up to `draft_len`
     (whose KV lands in the request's own pages: capacity was extended to cover it)."""
+    requests, chunk_sizes, pieces, kv_lens = _scheduled_rows(output, draft_len)
+    num_context = len(output.context_requests)
+    inputs = pack_rows(pieces, kv_lens, [r.cache for r in requests], manager)
+    num_seqs, num_tokens = len(requests), int(inputs.cu_q_lens[-1])
+    key = buckets.pad(num_seqs, num_tokens, num_seqs * (1 + draft_len), draft_len=draft_len)
+    logits_indices, draft_tokens, num_drafts = _logit_layout(
+        requests, num_context, inputs.cu_q_lens, key.num_seqs, key.logits_per_seq, draft_len
+    )
+    inputs = dataclasses.replace(inputs, logits_indices=logits_indices.reshape(-1))
+    padded = inputs.padded(key, manager.max_blocks)
+    return StepBatch(requests, chunk_sizes, padded, draft_len, draft_tokens, num_drafts)
+
+
+def _scheduled_rows(output: SchedulerOutput, draft_len: int):
+    """(requests, chunk sizes, new tokens, KV lengths) of each row: context rows first."""
     requests: list[Request] = []
     chunk_sizes: list[int] = []
     pieces: list[np.ndarray] = []
@@ -71,7 +87,6 @@ def build_step_batch(
         requests.append(request)
         chunk_sizes.append(scheduled.chunk_size)
         kv_lens.append(end)
-    num_context = len(requests)
     for request in output.generation_requests:
         drafts = request.draft_tokens
         if len(drafts) > draft_len:
@@ -83,26 +98,27 @@ def build_step_batch(
         requests.append(request)
         chunk_sizes.append(0)
         kv_lens.append(request.cache.history_length + 1 + draft_len)
-    inputs = pack_rows(pieces, kv_lens, [r.cache for r in requests], manager)
-    cu_q_lens = inputs.cu_q_lens
-    num_seqs, num_tokens = len(requests), int(cu_q_lens[-1])
-    key = buckets.pad(num_seqs, num_tokens, num_seqs * (1 + draft_len), draft_len=draft_len)
-    width = key.logits_per_seq
-    logits_indices = np.zeros((key.num_seqs, width), np.int32)
+    return requests, chunk_sizes, pieces, kv_lens
+
+
+def _logit_layout(
+    requests: list[Request],
+    num_context: int,
+    cu_q_lens: np.ndarray,
+    num_rows: int,
+    width: int,
+    draft_len: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int32[num_rows, width] logit positions (a context row's last token; a generation row's
+    input token and drafts), int32[num_rows, width - 1] drafts and int32[num_rows] counts."""
+    num_seqs = len(requests)
+    logits_indices = np.zeros((num_rows, width), np.int32)
     logits_indices[:num_context, 0] = cu_q_lens[1 : num_context + 1] - 1
     positions = cu_q_lens[num_context:-1, None] + np.arange(1 + draft_len)
     logits_indices[num_context:num_seqs, : 1 + draft_len] = positions
-    draft_tokens = np.zeros((key.num_seqs, width - 1), np.int32)
-    num_drafts = np.zeros(key.num_seqs, np.int32)
+    draft_tokens = np.zeros((num_rows, width - 1), np.int32)
+    num_drafts = np.zeros(num_rows, np.int32)
     for row, request in enumerate(requests[num_context:], start=num_context):
         draft_tokens[row, : request.num_draft_tokens] = request.draft_tokens
         num_drafts[row] = request.num_draft_tokens
-    inputs = dataclasses.replace(inputs, logits_indices=logits_indices.reshape(-1))
-    return StepBatch(
-        requests,
-        chunk_sizes,
-        inputs.padded(key, manager.max_blocks),
-        draft_len,
-        draft_tokens,
-        num_drafts,
-    )
+    return logits_indices, draft_tokens, num_drafts

@@ -26,16 +26,14 @@ from kvjax.cache.config import CacheConfig
 from kvjax.cache.kv_cache import KVCache
 from kvjax.cache.manager import KVCacheManager
 from kvjax.engine.batch import pack_rows
-from kvjax.engine.setup import (
-    check_model_geometry,
-    compile_steps,
-    model_registry,
-    powers_of_two,
-)
+from kvjax.engine.compile import compile_steps, model_registry
+from kvjax.engine.geometry import check_model_geometry
+from kvjax.runtime.buckets import Buckets, default_buckets
 from kvjax.runtime.sharding import check_heads
-from kvjax.runtime.step import Buckets, allow_compile
+from kvjax.runtime.step import allow_compile
 from kvjax.runtime.storage import KVStorage
 from kvjax.serving.request import Request
+from kvjax.serving.speculative import DraftLimits
 
 __all__ = ["DraftModelDrafter"]
 
@@ -59,15 +57,17 @@ def _argmax(logits):
 
 
 class DraftModelDrafter:
-    """Proposes drafts with `model` (same vocabulary as the target).
+    """Proposes drafts with `model` (same vocabulary as the target). It takes the target
+    engine's limits when the engine binds it (`bind`): its cache manager, step registry and
+    compiled steps are built then, inside the engine's construction.
+
+    Not thread-safe: the engine's stepping thread drives it.
 
     Args:
-        model: the draft model (follows the model protocol of `kvjax.engine.engine.Engine`).
+        model: the draft model (follows the model protocol of `kvjax.engine.Engine`).
         cache_config: its pages (`cache_config_for(model, ...)`); the draft manager's quotas.
-        max_draft_tokens: the most drafts per request and call.
-        max_seq_len: the target's longest sequence.
-        max_batch_size: the most requests per call (the target's batch limit).
-        max_num_tokens: tokens fed per call when catching up (prompts are chunked to it).
+        buckets: the draft model's step shapes (default: powers of two up to the engine's batch
+            size and token budget, as the engine's own).
         impl, interpret: kernel choice, as for the engine.
         mesh: the target engine's mesh under tensor parallelism (required when it spans
             several processes): the draft model and its pool are sharded like the target's.
@@ -78,10 +78,7 @@ class DraftModelDrafter:
         model: nnx.Module,
         cache_config: CacheConfig,
         *,
-        max_draft_tokens: int,
-        max_seq_len: int,
-        max_batch_size: int,
-        max_num_tokens: int,
+        buckets: Buckets | None = None,
         impl: str | None = None,
         interpret: bool | None = None,
         mesh: Mesh | None = None,
@@ -89,27 +86,41 @@ class DraftModelDrafter:
         check_model_geometry(model, cache_config)
         if mesh is not None:
             check_heads(model.config.num_heads, model.config.num_kv_heads, mesh)
+        self.model, self.cache_config, self.buckets = model, cache_config, buckets
         self.mesh = mesh
         self.vocab_size = model.config.vocab_size
-        if max_num_tokens < max_batch_size:
-            raise ValueError(f"max_num_tokens={max_num_tokens} < max_batch_size={max_batch_size}")
-        self.max_num_tokens = max_num_tokens
-        self.buckets = Buckets(powers_of_two(1, max_batch_size), powers_of_two(1, max_num_tokens))
-        self.manager = KVCacheManager(
-            cache_config, KVStorage.for_config(cache_config, mesh=mesh),
-            max_seq_len=max_seq_len, max_total_draft_tokens=max_draft_tokens,
+        self._options = {"impl": impl, "interpret": interpret, "mesh": mesh}
+        self.manager: KVCacheManager | None = None
+        self._sequences: dict[int, _DraftSequence] = {}
+        self.num_steps = 0  # draft model steps run
+
+    def bind(self, limits: DraftLimits) -> None:
+        """Builds the draft cache manager and compiles every draft step for the engine's
+        `limits`; a drafter serves one engine."""
+        if self.manager is not None:
+            raise RuntimeError("this DraftModelDrafter is bound to an engine already")
+        if limits.max_num_tokens < limits.max_batch_size:
+            raise ValueError(
+                f"max_num_tokens={limits.max_num_tokens} < max_batch_size={limits.max_batch_size}"
+            )
+        self.max_num_tokens = limits.max_num_tokens
+        if self.buckets is None:
+            self.buckets = default_buckets(limits.max_batch_size, limits.max_num_tokens)
+        storage = KVStorage.for_config(self.cache_config, mesh=self.mesh)
+        manager = KVCacheManager(
+            self.cache_config, storage, max_seq_len=limits.max_seq_len,
+            max_total_draft_tokens=limits.max_draft_tokens,
         )  # fmt: skip
         try:
             self.registry, self._params = model_registry(
-                model, impl=impl, interpret=interpret, mesh=mesh, on_logits=_argmax
+                self.model, on_logits=_argmax, **self._options
             )
             with allow_compile():
-                compile_steps(self.registry, self._params, self.manager, self.buckets.keys)
+                compile_steps(self.registry, self._params, manager, self.buckets.keys)
         except BaseException:
-            self.manager.shutdown()
+            manager.shutdown()
             raise
-        self._sequences: dict[int, _DraftSequence] = {}
-        self.num_steps = 0  # draft model steps run
+        self.manager = manager
 
     # -- Drafter ------------------------------------------------------------------------------
 
@@ -152,7 +163,8 @@ class DraftModelDrafter:
         for sequence in self._sequences.values():
             sequence.cache.close()
         self._sequences.clear()
-        self.manager.shutdown()
+        if self.manager is not None:
+            self.manager.shutdown()
 
     # -- catching up --------------------------------------------------------------------------
 

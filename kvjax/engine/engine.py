@@ -1,14 +1,14 @@
 """The serving loop: requests in, tokens out, through the scheduler, the cache and compiled steps.
 
-Each `step()`: the scheduler decides (and the cache moves pages as it does), the batch is padded
-to a compiled bucket and run with the pool donated, tokens are sampled on the device, prompt
-tokens are committed for reuse, finished requests are closed (their blocks stay in the radix tree
-as cache). Every step shape is compiled at construction; serving never compiles.
+Each `step()` is a pipeline: propose drafts, schedule (the cache moves pages as it decides), build
+the batch padded to a compiled bucket, run it with the pool donated and sample on the device,
+then apply the results (prompt tokens committed for reuse, drafts verified and the rest rewound,
+finished requests closed; their blocks stay in the radix tree as cache). Every step shape is
+compiled at construction; serving never compiles.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
@@ -18,40 +18,33 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from kvjax.cache.config import CacheConfig
-from kvjax.cache.manager import KVCacheManager
-from kvjax.cache.multimodal import MultimodalItem, splice_multimodal_tokens
-from kvjax.engine.batch import build_step_batch
-from kvjax.engine.setup import (
-    CompileCounter,
-    check_model_geometry,
-    check_speculative,
-    default_buckets,
-    model_registry,
-    warm_up,
+from kvjax.cache.multimodal import MultimodalItem
+from kvjax.engine.assembly import EngineOptions, EngineParts, assemble
+from kvjax.engine.batch import StepBatch, build_step_batch
+from kvjax.engine.geometry import check_model_geometry
+from kvjax.engine.preflight import (
+    check_batch_agrees,
+    check_processes_agree,
+    plan,
 )
+from kvjax.runtime.buckets import Buckets
 from kvjax.runtime.sampling import SamplingInputs
 from kvjax.runtime.sharding import (
-    check_heads,
-    check_same_on_every_process,
     spans_processes,
     tensor_parallel_mesh,
 )
-from kvjax.runtime.step import Buckets
-from kvjax.runtime.storage import KVStorage
+from kvjax.serving.intake import RequestIntake
 from kvjax.serving.metrics import EngineMetrics
-from kvjax.serving.request import FinishReason, Request, RequestOutput, RequestState, SamplingParams
-from kvjax.serving.resources import CacheResources
-from kvjax.serving.scheduler import Scheduler, SchedulerConfig
-from kvjax.serving.speculative import DraftPlanner, SpeculativeConfig
+from kvjax.serving.progress import ProgressWatch
+from kvjax.serving.request import Request, RequestOutput, RequestState, SamplingParams
+from kvjax.serving.results import append_token, emitted_tokens
+from kvjax.serving.scheduler import SchedulerConfig, SchedulerOutput
+from kvjax.serving.speculative import (
+    DraftPlanner,
+    SpeculativeConfig,
+)
 
 __all__ = ["Engine"]
-
-
-def _quotas(config: CacheConfig) -> dict:
-    """What of a `CacheConfig` every process must share (the disk tier's directory may differ)."""
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    fields["disk_dir"] = config.disk_dir is not None
-    return fields
 
 
 class Engine:
@@ -59,9 +52,11 @@ class Engine:
     `model(inputs, kv_pool, impl=, interpret=) -> (logits, kv_pool)` and a `config` with
     `vocab_size`, `num_layers`, `num_kv_heads`, `head_dim`.
 
+    Not thread-safe: one thread adds requests, aborts and steps.
+
     Args:
         model: the NNX module (e.g. from `models.loader.load_hf_checkpoint`).
-        cache_config: pages and quotas; `kvjax.engine.setup.cache_config_for(model, ...)` derives
+        cache_config: pages and quotas; `kvjax.cache_config_for(model, ...)` derives
             the geometry from the model so only the quotas need choosing.
         scheduler_config: batch and token limits and the policy.
         buckets: the step shapes to compile (default: from `scheduler_config`).
@@ -107,82 +102,44 @@ class Engine:
         tensor_parallel: int | Mesh | None = None,
         check_agreement: bool = False,
     ) -> None:
-        self.scheduler_config = scheduler_config or SchedulerConfig()
+        config = self.scheduler_config = scheduler_config or SchedulerConfig()
         check_model_geometry(model, cache_config)
         self.mesh = None if tensor_parallel is None else tensor_parallel_mesh(tensor_parallel)
-        if self.mesh is not None:
-            check_heads(model.config.num_heads, model.config.num_kv_heads, self.mesh)
-        self.vocab_size = model.config.vocab_size
-        if eos_token_ids is None:
-            eos_token_ids = getattr(model.config, "eos_token_ids", ())
-        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
-        self.speculative = speculative
-        draft_lengths = check_speculative(speculative, self.scheduler_config)
-        self.buckets = buckets or default_buckets(self.scheduler_config, draft_lengths)
-        missing = sorted(set(draft_lengths) - set(self.buckets.draft_lengths))
-        if missing:
-            raise ValueError(
-                f"draft lengths {missing} of the speculative config are not in "
-                f"buckets.draft_lengths={self.buckets.draft_lengths}"
-            )
-        draft_vocab = getattr(speculative and speculative.drafter, "vocab_size", None)
-        if draft_vocab is not None and draft_vocab != self.vocab_size:
-            raise ValueError(
-                f"the draft model's vocab_size={draft_vocab} differs from the target's "
-                f"{self.vocab_size}"
-            )
-        drafter_mesh = getattr(speculative and speculative.drafter, "mesh", self.mesh)
         self.lockstep = spans_processes(self.mesh)
-        if self.lockstep and drafter_mesh != self.mesh:
-            raise ValueError(
-                "across several processes the draft model must be sharded on the engine's mesh: "
-                "build it with DraftModelDrafter(..., mesh=engine mesh)"
-            )
-        if self.lockstep:  # before any other collective: a mismatch fails here, clearly
-            options = (max_seq_len, enable_block_reuse, commit_generated, impl, interpret, seed)
-            check_same_on_every_process(
-                "the engine's configuration", model.config, _quotas(cache_config),
-                self.scheduler_config, self.buckets.keys, draft_lengths, options,
-                sorted((lora_pages or {}).items()), sorted(self.eos_token_ids),
-                [(d.id, d.process_index) for d in self.mesh.devices.flat], self.mesh.axis_names,
-            )  # fmt: skip
-        max_draft = draft_lengths[-1]
-        self.manager = KVCacheManager(
-            cache_config, KVStorage.for_config(cache_config, mesh=self.mesh),
-            max_seq_len=max_seq_len, max_total_draft_tokens=max_draft,
-        )  # fmt: skip
-        try:
-            self.resources = CacheResources(
-                self.manager,
-                enable_block_reuse=enable_block_reuse,
-                commit_generated=commit_generated,
-                max_draft_tokens=max_draft,
-            )
-            self.lora_pages = dict(lora_pages or {})
-            self.scheduler = Scheduler(self.scheduler_config, self.resources, self.lora_pages)
-            self.registry, self._params = model_registry(
-                model, impl=impl, interpret=interpret, mesh=self.mesh
-            )
-            self.compiles = CompileCounter()
-            warm_up(
-                self.registry, self._params, self.manager, self.buckets, self.scheduler_config,
-                self.mesh,
-            )  # fmt: skip
-            self.compiles.mark_warm()
-        except BaseException:
-            self.manager.shutdown()
-            if hasattr(self, "compiles"):
-                self.compiles.close()
-            raise
-        self.metrics = EngineMetrics(self.manager)
-        self._drafting = speculative and DraftPlanner(
-            speculative, self.resources, self.scheduler_config, self.vocab_size
+        self.speculative = speculative
+        self.vocab_size = model.config.vocab_size
+        self.eos_token_ids, draft_lengths, self.buckets = plan(
+            model, config, buckets, eos_token_ids, speculative, self.mesh, self.lockstep
         )
+        self.lora_pages = dict(lora_pages or {})
+        options = EngineOptions(
+            max_seq_len, enable_block_reuse, commit_generated, self.lora_pages, impl, interpret
+        )
+        if self.lockstep:
+            check_processes_agree(
+                self.mesh, model.config, cache_config, config, self.buckets.keys, draft_lengths,
+                options, seed, sorted(self.eos_token_ids),
+            )  # fmt: skip
+        parts = assemble(
+            model, cache_config, config, self.buckets, options, speculative, draft_lengths[-1],
+            self.mesh,
+        )  # fmt: skip
+        self._start(parts, seed, check_agreement and self.lockstep)
+
+    def _start(self, parts: EngineParts, seed: int, check_agreement: bool) -> None:
+        """Takes the built parts and sets up the serving state."""
+        self.manager, self.resources = parts.manager, parts.resources
+        self.scheduler, self.compiles = parts.scheduler, parts.compiles
+        self.registry, self._params = parts.registry, parts.params
+        config = self.scheduler_config
+        self.metrics = EngineMetrics(self.manager)
+        self._drafting = self.speculative and DraftPlanner(
+            self.speculative, self.resources, config, self.vocab_size
+        )
+        self._intake = RequestIntake(self.manager, config, self.vocab_size, self.lora_pages, seed)
         self._requests: dict[int, Request] = {}  # live requests in arrival order
-        self._rng = np.random.default_rng(seed)
-        self._next_id = 0
-        self._empty_steps = 0  # consecutive passes that scheduled nothing
-        self.check_agreement = check_agreement and self.lockstep
+        self._progress = ProgressWatch()
+        self.check_agreement = check_agreement
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -204,41 +161,12 @@ class Engine:
                 no room below `max_seq_len`; an unknown LoRA id; a taken request id; bad
                 sampling parameters or multimodal items.
         """
-        params = SamplingParams() if sampling_params is None else sampling_params
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params={params!r} is not a SamplingParams")
-        prompt = [int(t) for t in np.asarray(prompt_token_ids).reshape(-1)]
-        max_seq_len = self.manager.max_seq_len
-        if not 1 <= len(prompt) < max_seq_len:
-            raise ValueError(
-                f"a prompt of {len(prompt)} tokens must have 1 to {max_seq_len - 1} tokens "
-                f"(max_seq_len={max_seq_len} leaves room for one generated token)"
-            )
-        config = self.scheduler_config
-        if not config.enable_chunked_prefill and len(prompt) > min(
-            config.context_limit, config.max_num_tokens or np.inf
-        ):
-            raise ValueError(
-                f"a prompt of {len(prompt)} tokens exceeds the per-step token budget "
-                f"{config.max_num_tokens} and chunked prefill is off"
-            )
-        key_tokens = splice_multimodal_tokens(prompt, multimodal_items, self.vocab_size)
-        if lora_id is not None and lora_id not in self.lora_pages:
-            raise ValueError(f"lora_id={lora_id!r} is unknown; known: {sorted(self.lora_pages)}")
-        if request_id is None:
-            request_id = self._next_id
-        if request_id in self._requests:
-            raise ValueError(f"request_id={request_id} is already live")
-        self._next_id = max(self._next_id, request_id + 1)
-        if params.seed is None:
-            params = dataclasses.replace(params, seed=int(self._rng.integers(2**32)))
-        request = Request(
-            request_id, prompt, params, lora_id=lora_id, salt=salt, priority=priority,
-            multimodal_items=tuple(multimodal_items), key_tokens=key_tokens,
-            arrival_time=time.perf_counter(),
+        request = self._intake.make_request(
+            prompt_token_ids, sampling_params, live=self._requests, request_id=request_id,
+            lora_id=lora_id, salt=salt, priority=priority, multimodal_items=multimodal_items,
         )  # fmt: skip
-        self._requests[request_id] = request
-        return request_id
+        self._requests[request.request_id] = request
+        return request.request_id
 
     def abort(self, request_id: int) -> RequestOutput:
         """Stops a live request and frees its pages; returns what it generated."""
@@ -253,7 +181,7 @@ class Engine:
     def num_unfinished(self) -> int:
         return len(self._requests)
 
-    # -- the loop -----------------------------------------------------------------------------
+    # -- the loop: one step as a pipeline ------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the requests that finished in it.
@@ -264,84 +192,68 @@ class Engine:
         if not self._requests:
             return []
         queue = list(self._requests.values())
-        drafting = self._drafting
-        draft_len = drafting.propose(queue) if drafting else 0
-        output = self.scheduler.schedule(queue, padded_draft_len=draft_len)
-        if drafting:  # draft caches follow the target's suspensions
-            for request in output.paused_requests:
-                drafting.drafter.suspend(request)
+        draft_len = self._drafting.propose(queue) if self._drafting else 0
+        output = self._schedule(queue, draft_len)
         if output.is_empty:
-            # Suspending requests may make room for the next pass; with nothing suspended, or
-            # after as many empty passes as there are requests, nothing can ever run.
-            self._empty_steps = self._empty_steps + 1 if output.paused_requests else len(queue) + 1
-            if self._empty_steps > len(queue):
-                raise RuntimeError(
-                    f"no request of {len(queue)} can be scheduled; device utilization "
-                    f"{self.manager.pages.utilization():.0%}: give the KVCacheManager more "
-                    "device pages or a host tier, or lower max_num_tokens"
-                )
             return []
-        self._empty_steps = 0
         start = time.perf_counter()
+        batch, sampling = self._build_batch(output, draft_len)
+        accepted, tokens = self._run(batch, sampling)
+        now = time.perf_counter()
+        finished, num_generated, num_accepted = self._apply_results(
+            batch, accepted, tokens, start, now
+        )
+        self.metrics.record_step(start, now, batch, output, num_generated, num_accepted)
+        return finished
+
+    def _schedule(self, queue: list[Request], draft_len: int) -> SchedulerOutput:
+        """The scheduler's decisions; raises when nothing can ever run."""
+        output = self.scheduler.schedule(queue, padded_draft_len=draft_len)
+        if self._drafting:  # draft caches follow the target's suspensions
+            for request in output.paused_requests:
+                self._drafting.drafter.suspend(request)
+        self._progress.observe(output, len(queue), self.manager.pages.utilization())
+        return output
+
+    def _build_batch(
+        self, output: SchedulerOutput, draft_len: int
+    ) -> tuple[StepBatch, SamplingInputs]:
+        """The padded step inputs and each row's sampling parameters."""
         batch = build_step_batch(output, self.manager, self.buckets, draft_len)
-        key = batch.inputs.key
-        sampling = SamplingInputs(key.num_seqs)
+        sampling = SamplingInputs(batch.inputs.key.num_seqs)
         for row, request in enumerate(batch.requests):
             params = request.sampling_params
             sampling.set_row(row, params, params.seed, len(request.output_token_ids))
         if self.check_agreement:
-            # After scheduling, the page moves have run: their digest stands in for them.
-            arrays = [*dataclasses.astuple(batch.inputs), *vars(sampling).values()]
-            ids = [request.request_id for request in batch.requests]
-            check_same_on_every_process(
-                f"the batch of step {len(self.metrics.steps)}",
-                *map(np.asarray, arrays), batch.draft_tokens, ids, self.manager.moves_digest,
-            )  # fmt: skip
+            check_batch_agrees(len(self.metrics.steps), batch, sampling, self.manager)
+        return batch, sampling
+
+    def _run(self, batch: StepBatch, sampling: SamplingInputs) -> tuple[np.ndarray, np.ndarray]:
+        """Runs the compiled step (the pool donated) and samples: (accepted drafts per row,
+        the tokens picked after each row's input and drafts)."""
         logits, self.manager.pool = self.registry(self._params, self.manager.pool, batch.inputs)
-        accepted, tokens = sampling.verify(logits, batch.draft_tokens, batch.num_drafts)
-        now = time.perf_counter()
+        return sampling.verify(logits, batch.draft_tokens, batch.num_drafts)
+
+    def _apply_results(
+        self, batch: StepBatch, accepted, tokens, start: float, now: float
+    ) -> tuple[list[RequestOutput], int, int]:
+        """Advances every row's cache and tokens; returns (finished outputs, tokens
+        generated, drafts accepted)."""
         finished: list[RequestOutput] = []
         num_generated = num_accepted = 0
         for row, request in enumerate(batch.requests):
-            chunk = batch.chunk_sizes[row]
-            if chunk:
-                if request.metrics.first_scheduled_time is None:
-                    request.metrics.first_scheduled_time = start
-                self.resources.context_computed(request, chunk)
-                if request.context_remaining:
-                    continue  # a non-last chunk: its logit row is not a token
-                request.state = RequestState.GENERATION_IN_PROGRESS
-                request.metrics.first_token_time = now
-                new_tokens = tokens[row, :1]
-            else:
-                # The input token and the accepted drafts have KV; the rest is rewound.
-                n = int(accepted[row])
-                computed = [*request.output_token_ids[-1:], *request.draft_tokens[:n]]
-                self.resources.tokens_computed(request, computed, num_rejected=draft_len - n)
-                new_tokens = tokens[row, : n + 1]
+            new_tokens = emitted_tokens(
+                request, self.resources, chunk=batch.chunk_sizes[row],
+                num_accepted=int(accepted[row]), picks=tokens[row], draft_len=batch.draft_len,
+                start=start, now=now,
+            )  # fmt: skip
             for index, token in enumerate(new_tokens):
                 num_generated += 1
                 num_accepted += index < len(new_tokens) - 1  # a draft (not the last pick)
-                if self._append_token(request, int(token)):
+                if append_token(request, int(token), self.eos_token_ids, self.manager.max_seq_len):
                     finished.append(self._finish(request, now))
                     break
-        self.metrics.record_step(start, now, batch, output, num_generated, num_accepted)
-        return finished
-
-    def _append_token(self, request: Request, token: int) -> bool:
-        """Adds a sampled token; True when the request is finished."""
-        request.output_token_ids.append(token)
-        params = request.sampling_params
-        num_generated = len(request.output_token_ids)
-        if token in params.stop_token_ids or (
-            token in self.eos_token_ids and not params.ignore_eos
-        ):
-            request.finish_reason = FinishReason.STOP
-        elif num_generated >= params.max_new_tokens or (
-            request.prompt_length + num_generated >= self.manager.max_seq_len
-        ):
-            request.finish_reason = FinishReason.LENGTH
-        return request.finish_reason is not None
+        return finished, num_generated, num_accepted
 
     def _finish(self, request: Request, now: float) -> RequestOutput:
         request.state = RequestState.GENERATION_TO_COMPLETE

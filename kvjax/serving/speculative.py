@@ -25,18 +25,35 @@ from kvjax.serving.resources import CacheResources
 from kvjax.serving.scheduler import SchedulerConfig
 
 __all__ = [
+    "DraftLimits",
     "DraftPlanner",
     "Drafter",
     "NgramDrafter",
     "SpeculativeConfig",
+    "check_speculative",
     "draft_len_for_batch_size",
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class DraftLimits:
+    """The target engine's limits, given to its drafter once (`Drafter.bind`)."""
+
+    max_draft_tokens: int  # the most drafts per request and call
+    max_seq_len: int  # the target's longest sequence (prompt and outputs)
+    max_batch_size: int  # the most requests per call
+    max_num_tokens: int  # the target's tokens per step (a catch-up is chunked to it)
+
+
 class Drafter(Protocol):
-    """Proposes draft tokens. The engine calls `propose` once per step for the generation
-    requests whose caches are active, and tells the drafter when a request is suspended or
-    ends, so a drafter with its own KV cache mirrors the target's allocations."""
+    """Proposes draft tokens. The engine binds it to its limits once, calls `propose` once per
+    step for the generation requests whose caches are active, and tells the drafter when a
+    request is suspended or ends, so a drafter with its own KV cache mirrors the target's
+    allocations."""
+
+    def bind(self, limits: DraftLimits) -> None:
+        """The engine it drafts for: set up (and compile) for these limits."""
+        ...
 
     def propose(self, requests: Sequence[Request], max_lens: Sequence[int]) -> list[list[int]]:
         """Up to `max_lens[i]` draft tokens to follow `requests[i]`'s prompt and outputs."""
@@ -133,8 +150,11 @@ class NgramDrafter:
                 return [int(t) for t in seq[start : start + k]]
         return []
 
-    def suspend(self, request: Request) -> None:
+    def bind(self, limits: DraftLimits) -> None:
         pass  # no state
+
+    def suspend(self, request: Request) -> None:
+        pass
 
     def release(self, request: Request) -> None:
         pass
@@ -214,3 +234,21 @@ class DraftPlanner:
             self.resources.manager.max_seq_len - request.prompt_length - generated,
         )
         return left - 1
+
+
+def check_speculative(
+    speculative: SpeculativeConfig | None, config: SchedulerConfig
+) -> tuple[int, ...]:
+    """The draft lengths steps may pad to ((0,) without speculation); raises when a step
+    budget cannot hold one request's verification row."""
+    if speculative is None:
+        return (0,)
+    if not isinstance(speculative, SpeculativeConfig):
+        raise ValueError(f"speculative={speculative!r} is not a SpeculativeConfig")
+    most = speculative.max_draft_tokens
+    if config.max_num_tokens is not None and config.max_num_tokens < 1 + most:
+        raise ValueError(
+            f"max_num_tokens={config.max_num_tokens} cannot hold one verification row of "
+            f"1 + max_draft_tokens={most} tokens"
+        )
+    return speculative.draft_lengths
