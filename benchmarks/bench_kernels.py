@@ -74,29 +74,29 @@ def ceilings(smoke: bool, repeats: int) -> dict:
     }
 
 
-def random_pool(key, num_pages, num_kv_heads, page_size, head_dim, num_layers=1):
-    shape = (num_pages, num_layers, 2, num_kv_heads, page_size, head_dim)
+def random_pool(key, num_pages, num_kv_heads, tokens_per_block, head_dim, num_layers=1):
+    shape = (num_pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim)
     return jax.random.normal(key, shape, BF16)  # never zeros: they can time faster than data
 
 
-def decode_inputs(seed, batch, context, q_heads, kv_heads, page_size, head_dim):
+def decode_inputs(seed, batch, context, q_heads, kv_heads, tokens_per_block, head_dim):
     """A pool holding `batch` sequences of `context` tokens on randomly permuted pages."""
-    blocks = context // page_size
+    blocks = context // tokens_per_block
     rng = np.random.default_rng(seed)
     table = (1 + rng.permutation(batch * blocks)).reshape(batch, blocks).astype(np.int32)
     key = jax.random.key(seed)
-    pool = random_pool(key, batch * blocks + 1, kv_heads, page_size, head_dim)
+    pool = random_pool(key, batch * blocks + 1, kv_heads, tokens_per_block, head_dim)
     q = jax.random.normal(jax.random.fold_in(key, 1), (batch, q_heads, head_dim), BF16)
     lengths = jnp.full((batch,), context, jnp.int32)
     return q, pool, jnp.asarray(table), lengths
 
 
 def bench_decode(batch, context, args, interpret, ceiling) -> dict:
-    q_heads, kv_heads, head_dim, page_size = 32, 8, 128, 16
+    q_heads, kv_heads, head_dim, tokens_per_block = 32, 8, 128, 16
     sm_scale = head_dim**-0.5
     useful = batch * context * 2 * kv_heads * head_dim * 2  # K and V bytes, bf16
     sets = [
-        decode_inputs(seed, batch, context, q_heads, kv_heads, page_size, head_dim)
+        decode_inputs(seed, batch, context, q_heads, kv_heads, tokens_per_block, head_dim)
         for seed in range(2 if useful < (1 << 30) else 1)  # rotate sets smaller than 1 GiB
     ]
     ours = functools.partial(
@@ -159,13 +159,13 @@ def bench_upstream_decode(sets, sm_scale, interpret, repeats) -> float | None:
 
 def bench_mixed(args, interpret, smoke) -> dict:
     """Decode rows plus one prefill chunk over a cached prefix, in one ragged call."""
-    q_heads, kv_heads, head_dim, page_size = 32, 8, 128, 16
+    q_heads, kv_heads, head_dim, tokens_per_block = 32, 8, 128, 16
     decode_rows, context, chunk = (4, 64, 16) if smoke else (64, 2048, 512)
     seqs = decode_rows + 1
-    blocks = (context + chunk) // page_size
+    blocks = (context + chunk) // tokens_per_block
     rng = np.random.default_rng(0)
     table = (1 + rng.permutation(seqs * blocks)).reshape(seqs, blocks).astype(np.int32)
-    pool = random_pool(jax.random.key(3), seqs * blocks + 1, kv_heads, page_size, head_dim)
+    pool = random_pool(jax.random.key(3), seqs * blocks + 1, kv_heads, tokens_per_block, head_dim)
     num_tokens = decode_rows + chunk
     q = jax.random.normal(jax.random.key(4), (num_tokens, q_heads, head_dim)).astype(BF16)
     kv_lens = jnp.array([context] * decode_rows + [context + chunk], jnp.int32)
@@ -176,7 +176,7 @@ def bench_mixed(args, interpret, smoke) -> dict:
     )
     row = {"decode_rows": decode_rows, "context": context, "prefill_chunk": chunk}
     row["ours_us"] = 1e6 * median_seconds(functools.partial(ours, *inputs), args.repeats)
-    if num_tokens * blocks * page_size * kv_heads * head_dim * 8 <= XLA_BYTES_LIMIT:
+    if num_tokens * blocks * tokens_per_block * kv_heads * head_dim * 8 <= XLA_BYTES_LIMIT:
         xla = functools.partial(ours, *inputs, impl="xla")
         row["xla_us"] = 1e6 * median_seconds(xla, args.repeats)
         row["speedup_vs_xla"] = row["xla_us"] / row["ours_us"]

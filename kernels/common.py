@@ -43,10 +43,10 @@ def check_pool(kv_pool: jax.Array, *, layer: int | None = None) -> tuple[int, ..
     if kv_pool.dtype.itemsize not in (2, 4):
         # Triton switches to 64-bit offsets by bytes, so 1-byte pools over 2 GiB would overflow.
         raise ValueError(f"kv_pool dtype {kv_pool.dtype} must be float32, float16 or bfloat16")
-    _, num_layers, _, _, page_size, head_dim = kv_pool.shape
-    if not is_power_of_two(page_size) or not is_power_of_two(head_dim):
+    _, num_layers, _, _, tokens_per_block, head_dim = kv_pool.shape
+    if not is_power_of_two(tokens_per_block) or not is_power_of_two(head_dim):
         raise ValueError(
-            f"tokens_per_block={page_size} and head_dim={head_dim} must be powers of two"
+            f"tokens_per_block={tokens_per_block} and head_dim={head_dim} must be powers of two"
         )
     if layer is not None and not 0 <= layer < num_layers:
         raise ValueError(f"layer={layer} is outside [0, {num_layers})")

@@ -32,12 +32,12 @@ def _write_kernel(slots_ref, k_ref, v_ref, pool_ref, out_ref, *, layer: int):
     # pool_ref, out_ref: the pool [pages, layers, 2, kv_heads, tokens_per_block, head_dim] (aliased)
     del pool_ref  # the output aliases it: rows not written keep their bytes
     token, head = pl.program_id(0), pl.program_id(1)
-    page_size = out_ref.shape[4]
+    tokens_per_block = out_ref.shape[4]
     slot = slots_ref[token]
     # A slot outside the pool (vLLM pads with -1) goes to the null page, never past the buffer.
-    in_pool = (slot >= 0) & (slot < out_ref.shape[0] * page_size)
-    slot = jnp.where(in_pool, slot, NULL_PAGE * page_size)
-    page, offset = slot // page_size, slot % page_size
+    in_pool = (slot >= 0) & (slot < out_ref.shape[0] * tokens_per_block)
+    slot = jnp.where(in_pool, slot, NULL_PAGE * tokens_per_block)
+    page, offset = slot // tokens_per_block, slot % tokens_per_block
     out_ref[page, layer, 0, head, offset] = k_ref[...]
     out_ref[page, layer, 1, head, offset] = v_ref[...]
 
@@ -86,10 +86,10 @@ def write_kv(kv_pool, k, v, slots, *, layer, impl="pallas", interpret=None):
 
 def write_kv_reference(kv_pool, k, v, slots, *, layer):
     """XLA scatter of the same writes (`impl="xla"`)."""
-    page_size = kv_pool.shape[4]
-    in_pool = (slots >= 0) & (slots < kv_pool.shape[0] * page_size)
-    slots = jnp.where(in_pool, slots, NULL_PAGE * page_size)
-    pages, offsets = slots // page_size, slots % page_size
+    tokens_per_block = kv_pool.shape[4]
+    in_pool = (slots >= 0) & (slots < kv_pool.shape[0] * tokens_per_block)
+    slots = jnp.where(in_pool, slots, NULL_PAGE * tokens_per_block)
+    pages, offsets = slots // tokens_per_block, slots % tokens_per_block
     # Advanced indices on axes 0 and 4 put the token axis first: [tokens, kv_heads, head_dim].
     kv_pool = kv_pool.at[pages, layer, 0, :, offsets].set(k)
     return kv_pool.at[pages, layer, 1, :, offsets].set(v)

@@ -76,9 +76,9 @@ def _scatter_kernel(num_valid_ref, ids_ref, staging_ref, pool_ref, out_ref):
 
 def _tile_spec(kv_pool: jax.Array) -> pl.BlockSpec:
     """A `[tokens, head_dim]` tile of a `[bucket, layers, 2, kv_heads, tokens, head_dim]` array."""
-    _, _, _, num_kv_heads, page_size, head_dim = kv_pool.shape
+    _, _, _, num_kv_heads, tokens_per_block, head_dim = kv_pool.shape
     return pl.BlockSpec(
-        (None, None, None, None, page_size, head_dim),
+        (None, None, None, None, tokens_per_block, head_dim),
         lambda i, c: (i, *_tile_index(c, num_kv_heads), 0, 0),
     )
 

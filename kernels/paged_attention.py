@@ -46,10 +46,10 @@ def _decode_kernel(
     # pad it); keys_ref, values_ref: [pages, tokens_per_block, head_dim] of this layer and KV head
     # out_ref: f32[rows, head_dim]; max_ref, sum_ref: f32[rows] (this split's partials)
     seq, split = pl.program_id(0), pl.program_id(2)
-    page_size, head_dim = keys_ref.shape[1], keys_ref.shape[2]
-    chunk_tokens = pages_per_chunk * page_size
+    tokens_per_block, head_dim = keys_ref.shape[1], keys_ref.shape[2]
+    chunk_tokens = pages_per_chunk * tokens_per_block
     kv_len = kv_lens_ref[seq]
-    num_pages = pl.cdiv(kv_len, page_size)
+    num_pages = pl.cdiv(kv_len, tokens_per_block)
     first = split * chunks_per_split
     end = jnp.minimum(first + chunks_per_split, pl.cdiv(num_pages, pages_per_chunk))
     q = q_ref[...]
@@ -140,7 +140,7 @@ def paged_decode_attention(
             q, kv_pool, page_table, kv_lens, layer=layer, sm_scale=sm_scale, soft_cap=soft_cap
         )
     batch, num_q_heads, head_dim = q.shape
-    num_pages, _, _, num_kv_heads, page_size, _ = kv_pool.shape
+    num_pages, _, _, num_kv_heads, tokens_per_block, _ = kv_pool.shape
     max_blocks = page_table.shape[1]
     group = num_q_heads // num_kv_heads
     # The dot needs 16 rows: a smaller group is padded with zero rows. Decode is bound by
@@ -159,7 +159,7 @@ def paged_decode_attention(
 
     def kv_view(kind):  # one layer and KV head of K or V, selected without copying the pool
         return pl.BlockSpec(
-            (num_pages, None, None, None, page_size, head_dim),
+            (num_pages, None, None, None, tokens_per_block, head_dim),
             lambda b, h, s: (0, layer, kind, h, 0, 0),
         )
 

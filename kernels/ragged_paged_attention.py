@@ -3,10 +3,10 @@ prefix, and verification rows of speculative decoding (q_len = 1 + draft).
 
 Queries of all sequences are concatenated: sequence s owns rows `cu_q_lens[s]:cu_q_lens[s + 1]`,
 and its row r sits at position `kv_len - q_len + r`, so it sees keys up to there (causal). Grid
-`(tokens // block_q + seqs, kv_heads)` is static: sequence s starts a fresh block of `block_q`
-rows at program `cu_q_lens[s] // block_q + s`, each program binary-searches its sequence, and
+`(tokens // tile_q + seqs, kv_heads)` is static: sequence s starts a fresh tile of `tile_q`
+rows at program `cu_q_lens[s] // tile_q + s`, each program binary-searches its sequence, and
 programs without rows exit at once (the design of vLLM's Triton unified attention). Rows of a
-program are `block_q` positions times the query heads of one KV group. Outputs are stored under a
+program are `tile_q` positions times the query heads of one KV group. Outputs are stored under a
 row mask, so a program never writes rows of another sequence; rows past `cu_q_lens[num_seqs]` are
 left unwritten (unspecified).
 """
@@ -37,54 +37,54 @@ __all__ = ["ragged_paged_attention", "ragged_paged_attention_reference"]
 
 def _ragged_kernel(
     cu_q_lens_ref, kv_lens_ref, num_seqs_ref, page_table_ref, q_ref, pool_ref, out_ref, *,
-    layer, sm_scale, soft_cap, block_q, group, search_steps,
+    layer, sm_scale, soft_cap, tile_q, group, search_steps,
 ):  # fmt: skip
     # cu_q_lens_ref: int32[seqs + 1]; kv_lens_ref: int32[seqs]; num_seqs_ref: int32[1]
     # page_table_ref: int32[seqs, max_blocks]; q_ref, out_ref: [tokens, q_heads, head_dim]
     # pool_ref: the whole pool [pages, layers, 2, kv_heads, tokens_per_block, head_dim]
     program, head = pl.program_id(0), pl.program_id(1)
     num_seqs = jnp.minimum(num_seqs_ref[0], kv_lens_ref.shape[0])  # never read past the arrays
-    page_size, head_dim = pool_ref.shape[4], pool_ref.shape[5]
+    tokens_per_block, head_dim = pool_ref.shape[4], pool_ref.shape[5]
     group_pad = pl.next_power_of_2(group)
 
     def search(_, bounds):  # the last sequence whose first program is at or before this one
         low, high = bounds
         middle = (low + high) // 2
-        right = cu_q_lens_ref[middle] // block_q + middle <= program
+        right = cu_q_lens_ref[middle] // tile_q + middle <= program
         return jnp.where(right, middle, low), jnp.where(right, high, middle)
 
     seq, _ = jax.lax.fori_loop(0, search_steps, search, (0, jnp.maximum(num_seqs, 1)))
     q_start = cu_q_lens_ref[seq]
     q_len = cu_q_lens_ref[seq + 1] - q_start
-    first_row = (program - (q_start // block_q + seq)) * block_q
+    first_row = (program - (q_start // tile_q + seq)) * tile_q
 
     @pl.when((num_seqs > 0) & (first_row >= 0) & (first_row < q_len))
     def _():
         kv_len = kv_lens_ref[seq]
-        rows = jnp.arange(block_q * group_pad)
+        rows = jnp.arange(tile_q * group_pad)
         positions = kv_len - q_len + first_row + rows // group_pad  # position of each row
-        token_ok = first_row + jnp.arange(block_q) < q_len
+        token_ok = first_row + jnp.arange(tile_q) < q_len
         head_ok = jnp.arange(group_pad) < group
         mask = (token_ok[:, None] & head_ok[None, :])[:, :, None]
-        mask = jnp.broadcast_to(mask, (block_q, group_pad, head_dim))
-        window = (pl.ds(q_start + first_row, block_q), pl.ds(head * group, group_pad))
+        mask = jnp.broadcast_to(mask, (tile_q, group_pad, head_dim))
+        window = (pl.ds(q_start + first_row, tile_q), pl.ds(head * group, group_pad))
         q = pl_triton.load(q_ref.at[window[0], window[1], :], mask=mask, other=0)
-        q = q.reshape(block_q * group_pad, head_dim)
-        last_position = kv_len - q_len + jnp.minimum(first_row + block_q, q_len) - 1
+        q = q.reshape(tile_q * group_pad, head_dim)
+        last_position = kv_len - q_len + jnp.minimum(first_row + tile_q, q_len) - 1
 
         def fold_page(block, state):
             page = page_table_ref[seq, block]
             keys = pool_ref[page, layer, 0, head]
             values = pool_ref[page, layer, 1, head]
-            key_positions = block * page_size + jnp.arange(page_size)
+            key_positions = block * tokens_per_block + jnp.arange(tokens_per_block)
             valid = key_positions < kv_len
             visible = valid[None, :] & (key_positions[None, :] <= positions[:, None])
             scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap)
             return online_softmax_step(state, scores, visible, values, valid)
 
-        num_pages = jnp.minimum(last_position // page_size + 1, page_table_ref.shape[1])
+        num_pages = jnp.minimum(last_position // tokens_per_block + 1, page_table_ref.shape[1])
         state = jax.lax.fori_loop(0, num_pages, fold_page, empty_state(*q.shape))
-        out = finish(state).reshape(block_q, group_pad, head_dim).astype(out_ref.dtype)
+        out = finish(state).reshape(tile_q, group_pad, head_dim).astype(out_ref.dtype)
         pl_triton.store(out_ref.at[window[0], window[1], :], out, mask=mask)
 
 
@@ -112,11 +112,11 @@ def _check(q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, layer):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("layer", "sm_scale", "soft_cap", "block_q", "impl", "interpret")
+    jax.jit, static_argnames=("layer", "sm_scale", "soft_cap", "tile_q", "impl", "interpret")
 )
 def ragged_paged_attention(
     q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, *, layer, sm_scale, soft_cap=None,
-    block_q=None, impl="pallas", interpret=None,
+    tile_q=None, impl="pallas", interpret=None,
 ):  # fmt: skip
     """Causal attention of a mixed batch of new tokens over their paged contexts.
 
@@ -128,7 +128,7 @@ def ragged_paged_attention(
         kv_lens: int32[seqs]; keys of each sequence, its new tokens included (>= its q_len).
         cu_q_lens: int32[seqs + 1]; query rows of sequence s are `cu_q_lens[s]:cu_q_lens[s + 1]`.
         num_seqs: int32[1]; live sequences; metadata past them is never read.
-        block_q: static query positions per program (default: 32 rows of positions x heads).
+        tile_q: static query positions per program (default: 32 rows of positions x heads).
 
     Returns:
         [tokens, q_heads, head_dim] in q's dtype; rows past `cu_q_lens[num_seqs]` unspecified.
@@ -143,20 +143,20 @@ def ragged_paged_attention(
     num_tokens, num_q_heads, _ = q.shape
     seqs = page_table.shape[0]
     group = num_q_heads // kv_pool.shape[3]
-    block_q = block_q or max(1, 32 // pl.next_power_of_2(group))
-    if block_q & (block_q - 1):
-        raise ValueError(f"block_q={block_q} must be a power of two")
+    tile_q = tile_q or max(1, 32 // pl.next_power_of_2(group))
+    if tile_q & (tile_q - 1):
+        raise ValueError(f"tile_q={tile_q} must be a power of two")
     return pl.pallas_call(
         functools.partial(
             _ragged_kernel,
             layer=layer,
             sm_scale=sm_scale,
             soft_cap=soft_cap,
-            block_q=block_q,
+            tile_q=tile_q,
             group=group,
             search_steps=max(1, math.ceil(math.log2(seqs))) + 1,
         ),
-        grid=(num_tokens // block_q + seqs, kv_pool.shape[3]),
+        grid=(num_tokens // tile_q + seqs, kv_pool.shape[3]),
         in_specs=[pl.no_block_spec] * 6,
         out_specs=pl.no_block_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),

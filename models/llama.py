@@ -156,10 +156,10 @@ class Llama(nnx.Module):
         """
         config = self.config
         num_tokens = inputs.tokens.shape[0]
-        page_size = kv_pool.shape[4]
+        tokens_per_block = kv_pool.shape[4]
         args = (inputs.cu_q_lens, inputs.kv_lens, inputs.num_seqs)
         positions = token_positions(*args, num_tokens)
-        slots = slot_mapping(inputs.page_table, *args, num_tokens, page_size)
+        slots = slot_mapping(inputs.page_table, *args, num_tokens, tokens_per_block)
         x = self.embed_tokens(inputs.tokens)
         if embeddings is not None:
             x = jnp.where(embedding_mask[:, None], embeddings.astype(x.dtype), x)

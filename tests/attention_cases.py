@@ -21,18 +21,22 @@ GPU_TOLERANCE = {F32: 1e-3, F16: 5e-3, BF16: 1e-2}  # TF32 dots
 class PagedBatch:
     """Pages of `len(kv_lens)` sequences in a NaN-poisoned pool (host copies, float64 kept)."""
 
-    pool: np.ndarray  # [pages, layers, 2, kv_heads, page_size, head_dim]
+    pool: np.ndarray  # [pages, layers, 2, kv_heads, tokens_per_block, head_dim]
     page_table: np.ndarray  # int32[seqs, max_blocks], unused entries garbage (in range)
     kv_lens: np.ndarray  # int32[seqs]
 
 
-def paged_batch(rng, kv_lens, *, num_layers, num_kv_heads, page_size, head_dim, dtype, max_blocks):
+def paged_batch(
+    rng, kv_lens, *, num_layers, num_kv_heads, tokens_per_block, head_dim, dtype, max_blocks
+):
     """Each sequence's pages are a random permutation of the pool; every byte no valid key owns
     is NaN (free pages, slots past kv_len)."""
     kv_lens = np.asarray(kv_lens, np.int32)
-    needed = [-(-int(n) // page_size) for n in kv_lens]
+    needed = [-(-int(n) // tokens_per_block) for n in kv_lens]
     num_pages = 1 + sum(needed) + 3  # NULL_PAGE, the sequences' pages, some free ones
-    pool = np.full((num_pages, num_layers, 2, num_kv_heads, page_size, head_dim), np.nan, dtype)
+    pool = np.full(
+        (num_pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim), np.nan, dtype
+    )
     pages = rng.permutation(np.arange(1, num_pages))
     page_table = rng.integers(0, num_pages, (len(kv_lens), max_blocks)).astype(np.int32)
     used = 0
@@ -41,7 +45,7 @@ def paged_batch(rng, kv_lens, *, num_layers, num_kv_heads, page_size, head_dim, 
         used += count
         page_table[seq, :count] = own
         for block, page in enumerate(own):
-            valid = min(page_size, int(length) - block * page_size)
+            valid = min(tokens_per_block, int(length) - block * tokens_per_block)
             shape = (num_layers, 2, num_kv_heads, valid, head_dim)
             pool[page, :, :, :, :valid] = rng.standard_normal(shape).astype(dtype)
     return PagedBatch(pool, page_table, kv_lens)
@@ -61,9 +65,9 @@ def golden_attention(q, keys, values, *, sm_scale, soft_cap=None, visible=None):
 
 def sequence_kv(batch: PagedBatch, seq: int, layer: int, head: int):
     """The valid keys and values of one sequence and KV head: two [kv_len, head_dim] arrays."""
-    page_size = batch.pool.shape[4]
+    tokens_per_block = batch.pool.shape[4]
     length = int(batch.kv_lens[seq])
-    pages = batch.page_table[seq, : -(-length // page_size)]
+    pages = batch.page_table[seq, : -(-length // tokens_per_block)]
     keys = batch.pool[pages, layer, 0, head].reshape(-1, batch.pool.shape[5])[:length]
     values = batch.pool[pages, layer, 1, head].reshape(-1, batch.pool.shape[5])[:length]
     return keys, values

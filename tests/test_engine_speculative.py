@@ -10,6 +10,7 @@ import kvjax.engine.engine
 from kvjax.engine.batch import build_step_batch
 from kvjax.engine.draft_model import DraftModelDrafter
 from kvjax.engine.geometry import cache_config_for
+from kvjax.runtime.buckets import Buckets, default_buckets
 from kvjax.serving.request import RequestState, SamplingParams
 from kvjax.serving.resources import CacheResources
 from kvjax.serving.speculative import NgramDrafter, SpeculativeConfig
@@ -258,3 +259,18 @@ def test_bad_speculative_engine_configs_are_refused(model):
     with pytest.raises(ValueError, match="vocab_size=32 differs from the target's 64"):
         make_engine(model, speculative=SpeculativeConfig(drafter, 2))
     drafter.shutdown()
+
+
+def test_a_draft_model_drafter_takes_the_engines_limits_once(model):
+    """The drafter is built for the engine that binds it: its manager follows the engine's
+    `max_seq_len` and draft length, its default buckets are the engine's own (not every power
+    of two up to the token budget), and a second engine cannot bind it."""
+    drafter = draft_model_drafter(model)
+    assert drafter.manager is None
+    engine = make_engine(model, speculative=SpeculativeConfig(drafter, MAX_DRAFT))
+    assert drafter.manager.max_seq_len == min(engine.manager.max_seq_len, 39 * TPB)
+    assert drafter.buckets.keys == default_buckets(4, 32).keys
+    assert len(drafter.buckets.keys) < len(Buckets([1, 2, 4], [1, 2, 4, 8, 16, 32]).keys)
+    with pytest.raises(RuntimeError, match="bound to an engine already"):
+        make_engine(model, speculative=SpeculativeConfig(drafter, MAX_DRAFT))
+    engine.shutdown()

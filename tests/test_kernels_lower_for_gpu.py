@@ -33,22 +33,22 @@ ATTENTION_SHAPES = [
 ]
 
 
-def pool_struct(kv_heads, head_dim, page_size, dtype, num_pages=8192, num_layers=32):
-    return S((num_pages, num_layers, 2, kv_heads, page_size, head_dim), dtype)
+def pool_struct(kv_heads, head_dim, tokens_per_block, dtype, num_pages=8192, num_layers=32):
+    return S((num_pages, num_layers, 2, kv_heads, tokens_per_block, head_dim), dtype)
 
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
 @pytest.mark.parametrize("batch", [1, 128])
 def test_decode_attention_lowers(shape, batch):
-    q_heads, kv_heads, head_dim, page_size, dtype = shape
-    max_blocks = 32768 // page_size
+    q_heads, kv_heads, head_dim, tokens_per_block, dtype = shape
+    max_blocks = 32768 // tokens_per_block
     fn = functools.partial(
         paged_decode_attention, layer=31, sm_scale=head_dim**-0.5, soft_cap=50.0,
         interpret=False,
     )  # fmt: skip
     args = (
         S((batch, q_heads, head_dim), dtype),
-        pool_struct(kv_heads, head_dim, page_size, dtype),
+        pool_struct(kv_heads, head_dim, tokens_per_block, dtype),
         S((batch, max_blocks), I32),
         S((batch,), I32),
     )
@@ -56,17 +56,17 @@ def test_decode_attention_lowers(shape, batch):
 
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
-@pytest.mark.parametrize(("tokens", "seqs", "block_q"), [(2048, 64, None), (256, 256, 1)])
-def test_ragged_attention_lowers(shape, tokens, seqs, block_q):
-    q_heads, kv_heads, head_dim, page_size, dtype = shape
+@pytest.mark.parametrize(("tokens", "seqs", "tile_q"), [(2048, 64, None), (256, 256, 1)])
+def test_ragged_attention_lowers(shape, tokens, seqs, tile_q):
+    q_heads, kv_heads, head_dim, tokens_per_block, dtype = shape
     fn = functools.partial(
-        ragged_paged_attention, layer=0, sm_scale=head_dim**-0.5, block_q=block_q,
+        ragged_paged_attention, layer=0, sm_scale=head_dim**-0.5, tile_q=tile_q,
         interpret=False,
     )  # fmt: skip
     args = (
         S((tokens, q_heads, head_dim), dtype),
-        pool_struct(kv_heads, head_dim, page_size, dtype),
-        S((seqs, 8192 // page_size), I32),
+        pool_struct(kv_heads, head_dim, tokens_per_block, dtype),
+        S((seqs, 8192 // tokens_per_block), I32),
         S((seqs,), I32),
         S((seqs + 1,), I32),
         S((1,), I32),

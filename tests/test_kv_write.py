@@ -15,19 +15,23 @@ DTYPES = [np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)]
 
 @pytest.mark.parametrize("impl", ["pallas", "xla"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("page_size", [8, 16])
-def test_write_kv_stores_every_token_at_its_slot(impl, dtype, page_size, interpret):
-    rng = np.random.default_rng(page_size)
+@pytest.mark.parametrize("tokens_per_block", [8, 16])
+def test_write_kv_stores_every_token_at_its_slot(impl, dtype, tokens_per_block, interpret):
+    rng = np.random.default_rng(tokens_per_block)
     num_pages, num_layers, num_kv_heads, head_dim = 6, 3, 2, 64
-    pool = random_bits(rng, (num_pages, num_layers, 2, num_kv_heads, page_size, head_dim), dtype)
+    pool = random_bits(
+        rng, (num_pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim), dtype
+    )
     # Real tokens in random free slots of pages 1..5, then 3 padding tokens into NULL_PAGE.
-    real = rng.permutation(np.arange(page_size, num_pages * page_size))[:9]
-    slots = np.concatenate([real, [NULL_PAGE * page_size + i for i in (0, 1, 0)]]).astype(np.int32)
+    real = rng.permutation(np.arange(tokens_per_block, num_pages * tokens_per_block))[:9]
+    slots = np.concatenate([real, [NULL_PAGE * tokens_per_block + i for i in (0, 1, 0)]]).astype(
+        np.int32
+    )
     k = random_bits(rng, (len(slots), num_kv_heads, head_dim), dtype)
     v = random_bits(rng, (len(slots), num_kv_heads, head_dim), dtype)
     expected = pool.copy()
     for token, slot in enumerate(real):
-        page, offset = divmod(int(slot), page_size)
+        page, offset = divmod(int(slot), tokens_per_block)
         expected[page, 2, 0, :, offset] = k[token]
         expected[page, 2, 1, :, offset] = v[token]
     out = write_kv(

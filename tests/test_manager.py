@@ -464,3 +464,20 @@ def test_moves_digest_follows_the_page_moves():
     assert first == again
     assert len(set(first)) > 2  # offloads and the onload each changed it
     assert run((0, 100))[-1] != first[-1]
+
+
+def test_check_no_leaks_names_open_caches_and_held_pages():
+    manager, engine = make(tpb=4, device=8, host=4)
+    cache = start(manager, engine)
+    prefill(engine, cache, range(10))
+    with pytest.raises(AssertionError, match="1 caches are still open"):
+        manager.check_no_leaks()
+    cache.suspend()
+    with pytest.raises(AssertionError, match="still open"):
+        manager.check_no_leaks()
+    cache.close()
+    manager.check_no_leaks()  # 2 full blocks and the partial one stay cached: not leaked
+    assert manager.pages.num_evictable(DEVICE) == 3
+    manager.clear_reusable_blocks()
+    manager.check_no_leaks()
+    assert manager.pages.num_free(DEVICE) == manager.pages.num_usable(DEVICE) == 7

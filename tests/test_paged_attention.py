@@ -31,11 +31,18 @@ CASES = [
 ]
 
 
-def decode_inputs(rng, group, head_dim, page_size, dtype, num_kv_heads=2):
+def decode_inputs(rng, group, head_dim, tokens_per_block, dtype, num_kv_heads=2):
     max_blocks = 6
-    lengths = [1, page_size - 1, page_size, page_size + 1, max_blocks * page_size, 0]
+    lengths = [
+        1,
+        tokens_per_block - 1,
+        tokens_per_block,
+        tokens_per_block + 1,
+        max_blocks * tokens_per_block,
+        0,
+    ]
     batch = paged_batch(
-        rng, lengths, num_layers=2, num_kv_heads=num_kv_heads, page_size=page_size,
+        rng, lengths, num_layers=2, num_kv_heads=num_kv_heads, tokens_per_block=tokens_per_block,
         head_dim=head_dim, dtype=dtype, max_blocks=max_blocks,
     )  # fmt: skip
     q = rng.standard_normal((len(lengths), num_kv_heads * group, head_dim)).astype(dtype)
@@ -65,10 +72,10 @@ def run(batch, q, *, layer, sm_scale, **kwargs):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(("group", "head_dim", "page_size", "dtype"), CASES, ids=str)
-def test_pallas_decode_matches_the_golden(group, head_dim, page_size, dtype, interpret):
-    rng = np.random.default_rng(group * head_dim + page_size)
-    batch, q = decode_inputs(rng, group, head_dim, page_size, dtype)
+@pytest.mark.parametrize(("group", "head_dim", "tokens_per_block", "dtype"), CASES, ids=str)
+def test_pallas_decode_matches_the_golden(group, head_dim, tokens_per_block, dtype, interpret):
+    rng = np.random.default_rng(group * head_dim + tokens_per_block)
+    batch, q = decode_inputs(rng, group, head_dim, tokens_per_block, dtype)
     golden = golden_decode(batch, q, layer=1, sm_scale=head_dim**-0.5)
     out = run(batch, q, layer=1, sm_scale=head_dim**-0.5, interpret=interpret)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -91,10 +98,10 @@ def test_every_split_count_gives_the_same_answer(num_splits, interpret):
     assert relative_error(out[:-1], golden[:-1]) <= (1e-5 if interpret else 1e-3)
 
 
-@pytest.mark.parametrize(("group", "head_dim", "page_size", "dtype"), CASES[:3], ids=str)
-def test_reference_and_xla_path_match_the_golden(group, head_dim, page_size, dtype):
+@pytest.mark.parametrize(("group", "head_dim", "tokens_per_block", "dtype"), CASES[:3], ids=str)
+def test_reference_and_xla_path_match_the_golden(group, head_dim, tokens_per_block, dtype):
     rng = np.random.default_rng(7)
-    batch, q = decode_inputs(rng, group, head_dim, page_size, dtype)
+    batch, q = decode_inputs(rng, group, head_dim, tokens_per_block, dtype)
     golden = golden_decode(batch, q, layer=1, sm_scale=0.2, soft_cap=3.0)
     args = (jnp.asarray(q), jnp.asarray(batch.pool), jnp.asarray(batch.page_table))
     args += (jnp.asarray(batch.kv_lens),)

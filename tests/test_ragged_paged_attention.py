@@ -32,9 +32,9 @@ CASES = [
 ]
 
 
-def mixed_batch(rng, group, head_dim, page_size, dtype, *, num_kv_heads=2, num_tokens=48):
+def mixed_batch(rng, group, head_dim, tokens_per_block, dtype, *, num_kv_heads=2, num_tokens=48):
     """(kv_len, q_len) per live sequence, then 2 padding sequences with garbage metadata."""
-    p = page_size
+    p = tokens_per_block
     sequences = [
         (p + 1, 1),  # decode
         (3 * p + 2, p + 3),  # a prefill chunk over a cached prefix
@@ -45,7 +45,7 @@ def mixed_batch(rng, group, head_dim, page_size, dtype, *, num_kv_heads=2, num_t
     num_seqs, seqs = len(sequences), len(sequences) + 2
     kv_lens = [kv for kv, _ in sequences] + [7 * p, 3]  # garbage for the padding sequences
     batch = paged_batch(
-        rng, kv_lens, num_layers=2, num_kv_heads=num_kv_heads, page_size=p,
+        rng, kv_lens, num_layers=2, num_kv_heads=num_kv_heads, tokens_per_block=p,
         head_dim=head_dim, dtype=dtype, max_blocks=8,
     )  # fmt: skip
     cu_q_lens = np.zeros(seqs + 1, np.int32)
@@ -82,10 +82,10 @@ def run(fn, batch, q, cu_q_lens, num_seqs, **kwargs):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize(("group", "head_dim", "page_size", "dtype"), CASES, ids=str)
-def test_pallas_ragged_matches_the_golden(group, head_dim, page_size, dtype, interpret):
-    rng = np.random.default_rng(group * head_dim + page_size)
-    batch, q, cu_q_lens, num_seqs = mixed_batch(rng, group, head_dim, page_size, dtype)
+@pytest.mark.parametrize(("group", "head_dim", "tokens_per_block", "dtype"), CASES, ids=str)
+def test_pallas_ragged_matches_the_golden(group, head_dim, tokens_per_block, dtype, interpret):
+    rng = np.random.default_rng(group * head_dim + tokens_per_block)
+    batch, q, cu_q_lens, num_seqs = mixed_batch(rng, group, head_dim, tokens_per_block, dtype)
     golden = golden_ragged(batch, q, cu_q_lens, num_seqs, layer=1, sm_scale=head_dim**-0.5)
     out = run(
         ragged_paged_attention, batch, q, cu_q_lens, num_seqs, layer=1,
@@ -98,15 +98,15 @@ def test_pallas_ragged_matches_the_golden(group, head_dim, page_size, dtype, int
     assert relative_error(out, golden[:valid]) <= tolerance
 
 
-@pytest.mark.parametrize("block_q", [1, 2, 8, 16])
-def test_every_query_block_gives_the_same_answer(block_q, interpret):
+@pytest.mark.parametrize("tile_q", [1, 2, 8, 16])
+def test_every_query_tile_gives_the_same_answer(tile_q, interpret):
     """Blocks smaller than, equal to and larger than the sequences' query lengths."""
-    rng = np.random.default_rng(block_q)
+    rng = np.random.default_rng(tile_q)
     batch, q, cu_q_lens, num_seqs = mixed_batch(rng, 2, 64, 8, F32, num_tokens=40)
     golden = golden_ragged(batch, q, cu_q_lens, num_seqs, layer=0, sm_scale=0.1, soft_cap=4.0)
     out = run(
         ragged_paged_attention, batch, q, cu_q_lens, num_seqs, layer=0, sm_scale=0.1,
-        soft_cap=4.0, block_q=block_q, interpret=interpret,
+        soft_cap=4.0, tile_q=tile_q, interpret=interpret,
     )  # fmt: skip
     valid = int(cu_q_lens[num_seqs])
     assert relative_error(out[:valid], golden[:valid]) <= (1e-5 if interpret else 1e-3)
@@ -122,7 +122,7 @@ def test_programs_never_write_rows_past_the_live_sequences(num_live):
     golden = golden_ragged(batch, q, cu_q_lens, num_live, layer=0, sm_scale=0.1)
     out = run(
         ragged_paged_attention, batch, q, cu_q_lens, num_live, layer=0, sm_scale=0.1,
-        block_q=4, interpret=True,
+        tile_q=4, interpret=True,
     )  # fmt: skip
     out = np.asarray(out)
     live = int(cu_q_lens[num_live])
@@ -139,10 +139,10 @@ def test_soft_cap_must_be_positive():
             soft_cap=0.0)  # fmt: skip
 
 
-@pytest.mark.parametrize(("group", "head_dim", "page_size", "dtype"), CASES[:2], ids=str)
-def test_reference_and_xla_path_match_the_golden(group, head_dim, page_size, dtype):
+@pytest.mark.parametrize(("group", "head_dim", "tokens_per_block", "dtype"), CASES[:2], ids=str)
+def test_reference_and_xla_path_match_the_golden(group, head_dim, tokens_per_block, dtype):
     rng = np.random.default_rng(11)
-    batch, q, cu_q_lens, num_seqs = mixed_batch(rng, group, head_dim, page_size, dtype)
+    batch, q, cu_q_lens, num_seqs = mixed_batch(rng, group, head_dim, tokens_per_block, dtype)
     golden = golden_ragged(batch, q, cu_q_lens, num_seqs, layer=1, sm_scale=0.2, soft_cap=3.0)
     valid = int(cu_q_lens[num_seqs])
     for fn, extra in (
@@ -162,7 +162,7 @@ def test_bad_inputs_name_the_shapes():
     cu, num = jnp.zeros((3,), jnp.int32), jnp.ones((1,), jnp.int32)
     with pytest.raises(ValueError, match=r"cu_q_lens \[2\]"):
         ragged_paged_attention(q, pool, table, lens, cu[:2], num, layer=0, sm_scale=1.0)
-    with pytest.raises(ValueError, match="block_q=3 must be a power of two"):
-        ragged_paged_attention(q, pool, table, lens, cu, num, layer=0, sm_scale=1.0, block_q=3)
+    with pytest.raises(ValueError, match="tile_q=3 must be a power of two"):
+        ragged_paged_attention(q, pool, table, lens, cu, num, layer=0, sm_scale=1.0, tile_q=3)
     with pytest.raises(ValueError, match="num_seqs"):
         ragged_paged_attention(q, pool, table, lens, cu, num[0], layer=0, sm_scale=1.0)

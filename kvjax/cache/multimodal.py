@@ -113,23 +113,7 @@ def splice_multimodal_tokens(
     check_int("end", end, minimum=0)
     if not start <= end <= num_tokens:
         raise ValueError(f"range [{start}, {end}) must lie within [0, {num_tokens}]")
-    for item in items:
-        if not isinstance(item, MultimodalItem):
-            raise ValueError(f"{item!r} is not a MultimodalItem")
-    ordered = sorted(items, key=lambda item: item.position)
-    previous_end = 0
-    for item in ordered:
-        if item.end > num_tokens:
-            raise ValueError(
-                f"multimodal item at {item.position} of length {item.length} ends at {item.end}, "
-                f"past the {num_tokens} prompt tokens"
-            )
-        if item.position < previous_end:
-            raise ValueError(
-                f"multimodal item at {item.position} overlaps the previous item ending at "
-                f"{previous_end}"
-            )
-        previous_end = item.end
+    ordered = _ordered_items(items, num_tokens)
     spliced: list[Token] = list(tokens[start:end])
     for offset, token in enumerate(spliced):
         if isinstance(token, bool) or not isinstance(token, int | np.integer):
@@ -148,3 +132,26 @@ def splice_multimodal_tokens(
         )
         spliced[lo - start : hi - start] = key_tokens[: hi - lo]
     return spliced
+
+
+def _ordered_items(items: Sequence[MultimodalItem], num_tokens: int) -> list[MultimodalItem]:
+    """`items` by position; raises unless each is a `MultimodalItem` inside the prompt of
+    `num_tokens` tokens and none overlaps another."""
+    for item in items:
+        if not isinstance(item, MultimodalItem):
+            raise ValueError(f"{item!r} is not a MultimodalItem")
+    ordered = sorted(items, key=lambda item: item.position)
+    previous_end = 0
+    for item in ordered:
+        if item.end > num_tokens:
+            raise ValueError(
+                f"multimodal item at {item.position} of length {item.length} ends at {item.end}, "
+                f"past the {num_tokens} prompt tokens"
+            )
+        if item.position < previous_end:
+            raise ValueError(
+                f"multimodal item at {item.position} overlaps the previous item ending at "
+                f"{previous_end}"
+            )
+        previous_end = item.end
+    return ordered

@@ -78,10 +78,12 @@ class KVStorage:
         self.impl = default_impl() if impl is None else impl
         if self.impl not in ("pallas", "xla"):
             raise ValueError(f"impl={impl!r} must be 'pallas', 'xla' or None (the default)")
-        page_size, head_dim = self.page_shape[3], self.page_shape[4]
-        if self.impl == "pallas" and (page_size & (page_size - 1) or head_dim & (head_dim - 1)):
+        tokens_per_block, head_dim = self.page_shape[3], self.page_shape[4]
+        if self.impl == "pallas" and (
+            tokens_per_block & (tokens_per_block - 1) or head_dim & (head_dim - 1)
+        ):
             raise ValueError(
-                f"impl='pallas' needs power-of-two tokens_per_block={page_size} and "
+                f"impl='pallas' needs power-of-two tokens_per_block={tokens_per_block} and "
                 f"head_dim={head_dim} (Triton tiles); use impl='xla'"
             )
         self._heads = None if mesh is None else LocalHeads(mesh, self.page_shape[2])
