@@ -1,0 +1,84 @@
+"""The JAX-free parts of a step, alone: the request door, the deadlock watch and how a sampled
+token finishes a request."""
+
+import types
+
+import numpy as np
+import pytest
+
+from kvjax.serving.intake import RequestIntake
+from kvjax.serving.progress import ProgressWatch
+from kvjax.serving.request import FinishReason, Request, SamplingParams
+from kvjax.serving.results import append_token
+from kvjax.serving.scheduler import SchedulerConfig, SchedulerOutput
+
+
+def intake(max_seq_len=32, **config):
+    manager = types.SimpleNamespace(max_seq_len=max_seq_len)  # all the door reads of it
+    config = SchedulerConfig(max_batch_size=4, max_num_tokens=8, chunk_unit=4, **config)
+    return RequestIntake(manager, config, vocab_size=64, lora_pages={3: 1}, seed=0)
+
+
+def test_the_door_refuses_what_cannot_run_and_numbers_the_rest():
+    door = intake()
+    first = door.make_request(np.array([[1, 2], [3, 4]]), None, live={})
+    assert first.request_id == 0 and first.prompt_token_ids == [1, 2, 3, 4]
+    assert first.sampling_params.seed is not None  # drawn from the engine's seed
+    assert door.make_request([5], None, live={}, request_id=9).request_id == 9
+    assert door.make_request([5], None, live={}).request_id == 10  # past the largest given
+    with pytest.raises(ValueError, match="request_id=9 is already live"):
+        door.make_request([5], None, live={9}, request_id=9)
+    with pytest.raises(ValueError, match="must have 1 to 31 tokens"):
+        door.make_request(list(range(32)), None, live={})
+    with pytest.raises(ValueError, match=r"lora_id=4 is unknown; known: \[3\]"):
+        door.make_request([1], None, live={}, lora_id=4)
+    with pytest.raises(ValueError, match="is not a SamplingParams"):
+        door.make_request([1], {"temperature": 0}, live={})
+    unchunked = intake(enable_chunked_prefill=False)
+    with pytest.raises(ValueError, match="exceeds the per-step token budget 8"):
+        unchunked.make_request(list(range(9)), None, live={})
+    seeds = [intake().make_request([1], None, live={}).sampling_params.seed for _ in range(2)]
+    assert seeds[0] == seeds[1]  # the same engine seed draws the same request seeds
+
+
+def outcome(num_paused=0, num_running=0):
+    request = Request(0, [1])
+    return SchedulerOutput([], [request] * num_running, [request] * num_paused, num_running)
+
+
+def test_the_progress_watch_waits_while_suspensions_make_room():
+    watch = ProgressWatch()
+    watch.observe(outcome(num_paused=1), num_queued=2, device_utilization=0.5)
+    watch.observe(outcome(num_paused=1), num_queued=2, device_utilization=0.5)
+    with pytest.raises(
+        RuntimeError, match="no request of 2 can be scheduled; device utilization 50%"
+    ):
+        watch.observe(outcome(num_paused=1), num_queued=2, device_utilization=0.5)
+    watch = ProgressWatch()
+    watch.observe(outcome(num_paused=1), num_queued=1, device_utilization=1.0)
+    watch.observe(outcome(num_running=1), num_queued=1, device_utilization=1.0)  # progress
+    watch.observe(outcome(num_paused=1), num_queued=1, device_utilization=1.0)
+    with pytest.raises(RuntimeError, match="give the KVCacheManager more device pages"):
+        watch.observe(outcome(), num_queued=1, device_utilization=1.0)  # nothing suspended
+
+
+@pytest.mark.parametrize(
+    ("token", "params", "reason"),
+    [
+        (7, SamplingParams(stop_token_ids=(7,)), FinishReason.STOP),
+        (2, SamplingParams(), FinishReason.STOP),  # EOS
+        (2, SamplingParams(ignore_eos=True), None),
+        (5, SamplingParams(max_new_tokens=1), FinishReason.LENGTH),
+    ],
+)
+def test_a_sampled_token_finishes_a_request_by_stop_eos_or_length(token, params, reason):
+    request = Request(0, [1, 2, 3], params)
+    assert append_token(request, token, eos_token_ids={2}, max_seq_len=32) is (reason is not None)
+    assert request.output_token_ids == [token] and request.finish_reason is reason
+
+
+def test_a_request_ends_at_max_seq_len():
+    request = Request(0, [1, 2, 3], SamplingParams(max_new_tokens=10))
+    assert not append_token(request, 5, eos_token_ids=(), max_seq_len=5)
+    assert append_token(request, 5, eos_token_ids=(), max_seq_len=5)
+    assert request.finish_reason is FinishReason.LENGTH
