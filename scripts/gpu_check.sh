@@ -15,7 +15,7 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$py" -c "import jax; print(jax.__version__, jax.devices())" | tee "$out/devices.txt"
 tests=()  # without blake3 only the kernel tests (which import no kvjax) can be collected
-"$py" -c "import blake3" 2>/dev/null || tests=(tests/test_block_copy.py tests/test_kv_write.py
+"$py" -c "import blake3" 2>/dev/null || tests=(tests/test_page_copy.py tests/test_kv_write.py
   tests/test_paged_attention.py tests/test_ragged_paged_attention.py)
 timeout 240 "$py" -m pytest -q -m gpu -p no:cacheprovider "${tests[@]}" > "$out/pytest_gpu.log" 2>&1
 echo "pytest -m gpu: exit $?; $(tail -1 "$out/pytest_gpu.log")"
