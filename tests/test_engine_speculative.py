@@ -14,7 +14,14 @@ from kvjax.runtime.buckets import Buckets, default_buckets
 from kvjax.serving.request import RequestState, SamplingParams
 from kvjax.serving.resources import CacheResources
 from kvjax.serving.speculative import NgramDrafter, SpeculativeConfig
-from tests.test_engine import TPB, assert_all_pages_free, dense_greedy, make_engine, serve_checked
+from tests.test_engine import (
+    GREEDY,
+    TPB,
+    assert_all_pages_free,
+    dense_greedy,
+    make_engine,
+    serve_checked,
+)
 from tests.test_llama import random_model, tiny_config
 
 MAX_DRAFT = 3
@@ -274,3 +281,33 @@ def test_a_draft_model_drafter_takes_the_engines_limits_once(model):
     with pytest.raises(RuntimeError, match="bound to an engine already"):
         make_engine(model, speculative=SpeculativeConfig(drafter, MAX_DRAFT))
     engine.shutdown()
+    config = cache_config_for(model, tokens_per_block=TPB, device_pages=8, host_pages=0)
+    small = DraftModelDrafter(model, config, buckets=Buckets([1, 2], [8]))
+    with pytest.raises(ValueError, match="fits no allowed bucket"):
+        make_engine(model, speculative=SpeculativeConfig(small, MAX_DRAFT))
+    assert small.manager is None and small.buckets.batch_sizes == (1, 2)  # nothing kept
+
+
+class _Echo:
+    """A user's drafter without `bind` (it needs no limits): proposes the last token again."""
+
+    def propose(self, requests, max_lens):
+        return [[r.output_token_ids[-1]] * k for r, k in zip(requests, max_lens, strict=True)]
+
+    def suspend(self, request):
+        pass
+
+    def release(self, request):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+def test_a_drafter_without_bind_serves_exact_outputs(model):
+    engine = make_engine(model, speculative=SpeculativeConfig(_Echo(), 2))
+    prompts = workload(seed=3)[:2]
+    outputs = serve_checked(engine, prompts)
+    assert_dense_greedy(model, prompts, outputs, GREEDY.max_new_tokens)
+    assert engine.metrics.summary()["draft_tokens"] > 0
+    assert_all_pages_free(engine)

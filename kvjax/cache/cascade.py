@@ -165,8 +165,9 @@ class TierCascade:
         self._relocate(pages, device, device.allocator.allocate(len(pages)))
 
     def _relocate(self, pages: list[Page], target: TierPages, target_ids: list[int] | None) -> None:
-        """Moves dequeued pages to `target_ids` of `target` (handed out for them; the same
-        tier or another), recording each move and freeing the ids they leave."""
+        """Moves pages to `target_ids` of `target` (handed out for them), recording each move
+        and freeing the ids they leave. Across tiers the pages must be dequeued; within a tier
+        a queued page keeps its place (queues do not depend on ids)."""
         assert target_ids is not None, "make room on the target tier first"
         for page, target_id in zip(pages, target_ids, strict=True):
             self._moves.append(PageMove(page.tier, page.page_id, target.tier, target_id))

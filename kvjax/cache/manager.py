@@ -87,18 +87,18 @@ class KVCacheManager:
         self._is_shut_down = False
         self._requested_lengths = (max_seq_len, num_extra_kv_tokens, max_total_draft_tokens)
         self._set_max_lengths()
+        if max_seq_len is not None and self.max_seq_len < max_seq_len:
+            warnings.warn(
+                f"max_seq_len={max_seq_len} is clamped to {self.max_seq_len}: the tokens "
+                f"{self.pages.num_usable(Tier.DEVICE)} usable device pages hold",
+                stacklevel=2,
+            )
 
     def _set_max_lengths(self) -> None:
         """`max_seq_len` clamped to the device (default: all of it) and `max_blocks` from it."""
         requested, extra, draft = self._requested_lengths
         device_tokens = self.pages.num_usable(Tier.DEVICE) * self.config.tokens_per_block
         self.max_seq_len = self.clamp_max_seq_len(1, requested or device_tokens)
-        if requested is not None and self.max_seq_len < requested:
-            warnings.warn(
-                f"max_seq_len={requested} is clamped to {self.max_seq_len}: the tokens "
-                f"{self.pages.num_usable(Tier.DEVICE)} usable device pages hold",
-                stacklevel=3,
-            )
         self.max_blocks = self.max_blocks_per_seq(self.max_seq_len, extra, draft)
         self._ledger.max_blocks = self.max_blocks
 

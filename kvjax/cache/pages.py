@@ -136,9 +136,9 @@ class StoredBlock(Protocol):
 class Page:
     """One allocated page: where it is, who uses it, and the tree block it stores (if committed).
 
-    Only `TieredPages` changes these fields. `block` is None while the page is private to one cache
-    (uncommitted); a committed page whose block left the tree (an orphan) is freed by its last
-    holder instead of being cached.
+    Only the tier bookkeeping (`TieredPages` and its `TierPages`) changes these fields. `block`
+    is None while the page is private to one cache (uncommitted); a committed page whose block
+    left the tree (an orphan) is freed by its last holder instead of being cached.
     """
 
     __slots__ = ("block", "num_holders", "num_locks", "page_id", "priority", "queued_at", "tier")

@@ -1,7 +1,8 @@
 """One tier's page state: its free list, the live page at each id, and its eviction queue.
 
-`TieredPages` keeps one `TierPages` per configured tier and moves pages between them; a page is
-live on a tier when the tier's page map holds it at its id.
+The eviction cascade (`TierCascade`, the base of `TieredPages`) keeps one `TierPages` per
+configured tier and moves pages between them; a page is live on a tier when the tier's page map
+holds it at its id.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class TierPages:
         self.page_map[page_id] = page
 
     def vacate(self, page: Page) -> None:
-        """Unfiles a live, dequeued page and frees its id."""
+        """Unfiles a live page and frees its id (the caller dequeues it first when it leaves
+        the tier)."""
         self.page_map[page.page_id] = None
         self.allocator.free([page.page_id])
 

@@ -1,4 +1,5 @@
-"""The serving loop on top of every layer: the engine, step batches, the draft model and setup."""
+"""The serving loop on top of every layer: preflight checks, assembly and compilation, step
+batches, the engine and the draft model."""
 
 from kvjax.engine.engine import Engine
 

@@ -19,7 +19,18 @@ from kvjax.serving.resources import CacheResources
 from kvjax.serving.scheduler import Scheduler, SchedulerConfig
 from kvjax.serving.speculative import DraftLimits, SpeculativeConfig
 
-__all__ = ["EngineParts", "assemble"]
+__all__ = ["EngineOptions", "EngineParts", "assemble", "new_manager"]
+
+
+def new_manager(config: CacheConfig, mesh=None, **options) -> KVCacheManager:
+    """A `KVCacheManager` (with `options`) on a new `KVStorage` for `config`; the storage is
+    closed again when the manager refuses it."""
+    storage = KVStorage.for_config(config, mesh=mesh)
+    try:
+        return KVCacheManager(config, storage, **options)
+    except BaseException:
+        storage.close()
+        raise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +54,13 @@ class EngineOptions:
     impl: str | None
     interpret: bool | None
 
+    def agreement_key(self) -> tuple:
+        """What every process must share, in an order-independent form."""
+        return (
+            self.max_seq_len, self.enable_block_reuse, self.commit_generated, self.impl,
+            self.interpret, sorted(self.lora_pages.items()),
+        )  # fmt: skip
+
 
 def assemble(
     model: nnx.Module,
@@ -55,12 +73,12 @@ def assemble(
     mesh=None,
 ) -> EngineParts:
     """The engine's parts, warmed up; on any failure, what was built is released."""
-    storage = KVStorage.for_config(cache_config, mesh=mesh)
-    manager = KVCacheManager(
-        cache_config, storage, max_seq_len=options.max_seq_len,
+    manager = new_manager(
+        cache_config, mesh, max_seq_len=options.max_seq_len,
         max_total_draft_tokens=max_draft_tokens,
     )  # fmt: skip
     drafter = speculative and speculative.drafter
+    bind = getattr(drafter, "bind", None)  # drafters without their own cache need no limits
     bound = False
     try:
         resources = CacheResources(
@@ -68,28 +86,36 @@ def assemble(
             commit_generated=options.commit_generated, max_draft_tokens=max_draft_tokens,
         )  # fmt: skip
         scheduler = Scheduler(config, resources, options.lora_pages)
-        if drafter:
-            limits = DraftLimits(
-                max_draft_tokens, manager.max_seq_len, config.max_batch_size, config.max_num_tokens
-            )
-            drafter.bind(limits)
-            bound = True
-        registry, params = model_registry(
-            model, impl=options.impl, interpret=options.interpret, mesh=mesh
-        )
-        compiles = CompileCounter()
-        try:
-            warm_up(
-                registry, params, manager, buckets, config.max_batch_size, config.max_num_tokens,
-                mesh,
+        if bind is not None:
+            bind(
+                DraftLimits(
+                    max_draft_tokens, manager.max_seq_len, config.max_batch_size,
+                    config.max_num_tokens,
+                )
             )  # fmt: skip
-        except BaseException:
-            compiles.close()
-            raise
-        compiles.mark_warm()
+            bound = True
+        registry, params, compiles = _compiled(model, options, manager, buckets, config, mesh)
     except BaseException:
         if bound:
             drafter.shutdown()
         manager.shutdown()
         raise
     return EngineParts(manager, resources, scheduler, registry, params, compiles)
+
+
+def _compiled(model, options: EngineOptions, manager, buckets: Buckets, config, mesh):
+    """The model's step registry and params with every bucket compiled, and the counter of
+    compilations after that."""
+    registry, params = model_registry(
+        model, impl=options.impl, interpret=options.interpret, mesh=mesh
+    )
+    compiles = CompileCounter()
+    try:
+        warm_up(
+            registry, params, manager, buckets, config.max_batch_size, config.max_num_tokens, mesh
+        )
+    except BaseException:
+        compiles.close()
+        raise
+    compiles.mark_warm()
+    return registry, params, compiles

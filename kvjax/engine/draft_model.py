@@ -25,13 +25,13 @@ from jax.sharding import Mesh
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.kv_cache import KVCache
 from kvjax.cache.manager import KVCacheManager
+from kvjax.engine.assembly import new_manager
 from kvjax.engine.batch import pack_rows
 from kvjax.engine.compile import compile_steps, model_registry
 from kvjax.engine.geometry import check_model_geometry
 from kvjax.runtime.buckets import Buckets, default_buckets
 from kvjax.runtime.sharding import check_heads
 from kvjax.runtime.step import allow_compile
-from kvjax.runtime.storage import KVStorage
 from kvjax.serving.request import Request
 from kvjax.serving.speculative import DraftLimits
 
@@ -96,31 +96,32 @@ class DraftModelDrafter:
 
     def bind(self, limits: DraftLimits) -> None:
         """Builds the draft cache manager and compiles every draft step for the engine's
-        `limits`; a drafter serves one engine."""
+        `limits`; a drafter serves one engine. Raises, with nothing kept, when the buckets
+        cannot hold a catch-up step of the engine's batch and token budget."""
         if self.manager is not None:
             raise RuntimeError("this DraftModelDrafter is bound to an engine already")
-        if limits.max_num_tokens < limits.max_batch_size:
-            raise ValueError(
-                f"max_num_tokens={limits.max_num_tokens} < max_batch_size={limits.max_batch_size}"
-            )
-        self.max_num_tokens = limits.max_num_tokens
-        if self.buckets is None:
-            self.buckets = default_buckets(limits.max_batch_size, limits.max_num_tokens)
-        storage = KVStorage.for_config(self.cache_config, mesh=self.mesh)
-        manager = KVCacheManager(
-            self.cache_config, storage, max_seq_len=limits.max_seq_len,
+        batch, budget = limits.max_batch_size, limits.max_num_tokens
+        if budget < batch:
+            raise ValueError(f"max_num_tokens={budget} < max_batch_size={batch}")
+        buckets = self.buckets or default_buckets(batch, budget)
+        buckets.pad(batch, budget)  # raises naming the largest bucket when none holds it
+        config = self.cache_config
+        # The target's sequences may be longer than the draft device holds: such requests get
+        # no drafts (see `_catch_up_row`), so the draft manager takes what its device holds.
+        device_tokens = (config.num_device_pages - 1) * config.tokens_per_block
+        manager = new_manager(
+            config, self.mesh, max_seq_len=min(limits.max_seq_len, device_tokens),
             max_total_draft_tokens=limits.max_draft_tokens,
         )  # fmt: skip
         try:
-            self.registry, self._params = model_registry(
-                self.model, on_logits=_argmax, **self._options
-            )
+            registry, params = model_registry(self.model, on_logits=_argmax, **self._options)
             with allow_compile():
-                compile_steps(self.registry, self._params, manager, self.buckets.keys)
+                compile_steps(registry, params, manager, buckets.keys)
         except BaseException:
             manager.shutdown()
             raise
-        self.manager = manager
+        self.buckets, self.max_num_tokens, self.manager = buckets, budget, manager
+        self.registry, self._params = registry, params
 
     # -- Drafter ------------------------------------------------------------------------------
 

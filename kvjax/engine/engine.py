@@ -118,7 +118,7 @@ class Engine:
         if self.lockstep:
             check_processes_agree(
                 self.mesh, model.config, cache_config, config, self.buckets.keys, draft_lengths,
-                options, seed, sorted(self.eos_token_ids),
+                options.agreement_key(), seed, sorted(self.eos_token_ids),
             )  # fmt: skip
         parts = assemble(
             model, cache_config, config, self.buckets, options, speculative, draft_lengths[-1],

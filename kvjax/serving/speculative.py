@@ -37,7 +37,8 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class DraftLimits:
-    """The target engine's limits, given to its drafter once (`Drafter.bind`)."""
+    """The target engine's limits, given once to a drafter that defines `bind` (see
+    `Drafter`)."""
 
     max_draft_tokens: int  # the most drafts per request and call
     max_seq_len: int  # the target's longest sequence (prompt and outputs)
@@ -46,14 +47,13 @@ class DraftLimits:
 
 
 class Drafter(Protocol):
-    """Proposes draft tokens. The engine binds it to its limits once, calls `propose` once per
-    step for the generation requests whose caches are active, and tells the drafter when a
-    request is suspended or ends, so a drafter with its own KV cache mirrors the target's
-    allocations."""
+    """Proposes draft tokens. The engine calls `propose` once per step for the generation
+    requests whose caches are active, and tells the drafter when a request is suspended or
+    ends, so a drafter with its own KV cache mirrors the target's allocations.
 
-    def bind(self, limits: DraftLimits) -> None:
-        """The engine it drafts for: set up (and compile) for these limits."""
-        ...
+    A drafter that needs the engine's limits (its own cache, compiled steps) also defines
+    `bind(limits: DraftLimits) -> None`, which the engine calls once while it is built.
+    """
 
     def propose(self, requests: Sequence[Request], max_lens: Sequence[int]) -> list[list[int]]:
         """Up to `max_lens[i]` draft tokens to follow `requests[i]`'s prompt and outputs."""
@@ -150,11 +150,8 @@ class NgramDrafter:
                 return [int(t) for t in seq[start : start + k]]
         return []
 
-    def bind(self, limits: DraftLimits) -> None:
-        pass  # no state
-
     def suspend(self, request: Request) -> None:
-        pass
+        pass  # no state
 
     def release(self, request: Request) -> None:
         pass
