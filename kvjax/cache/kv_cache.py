@@ -227,7 +227,8 @@ class KVCache:
             self._require(CacheStatus.ACTIVE, "commit")
         if self._commit_state is CommitState.USER_STOP:
             raise RuntimeError("commit() after stop_committing(); use resize(history_length=)")
-        tokens = token_list(tokens)
+        if type(tokens) is not list:  # lists (the common case) are only read
+            tokens = token_list(tokens)
         old_length = len(self._tokens)
         check_tokens(tokens, old_length)
         new_length = old_length + len(tokens)
