@@ -153,6 +153,8 @@ def test_bad_requests_are_refused_and_leave_nothing_allocated(model):
     engine.abort(7)
     engine.manager.check_no_leaks()
     assert_all_pages_free(engine)
+    with pytest.raises(RuntimeError, match=r"add_request\(\) after shutdown\(\)"):
+        engine.add_request([1, 2])
 
 
 def test_sampling_is_seeded_per_request_and_stops_on_stop_tokens(model):

@@ -21,8 +21,9 @@ def intake(max_seq_len=32, **config):
 
 def test_the_door_refuses_what_cannot_run_and_numbers_the_rest():
     door = intake()
-    first = door.make_request(np.array([[1, 2], [3, 4]]), None, live={})
+    first = door.make_request(np.array([1, 2, 3, 4], np.int64), None, live={})
     assert first.request_id == 0 and first.prompt_token_ids == [1, 2, 3, 4]
+    assert all(type(token) is int for token in first.prompt_token_ids)
     assert first.sampling_params.seed is not None  # drawn from the engine's seed
     assert door.make_request([5], None, live={}, request_id=9).request_id == 9
     assert door.make_request([5], None, live={}).request_id == 10  # past the largest given
@@ -82,3 +83,57 @@ def test_a_request_ends_at_max_seq_len():
     assert not append_token(request, 5, eos_token_ids=(), max_seq_len=5)
     assert append_token(request, 5, eos_token_ids=(), max_seq_len=5)
     assert request.finish_reason is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ([1.0, 2.0], "prompt token 1.0 at index 0 is not an int id"),
+        (["1", "2"], "prompt token '1' at index 0 is not an int id"),
+        ("12", "must be a sequence of token ids"),
+        ([[1, 2], [3]], r"prompt token \[1, 2\] at index 0 is not an int id"),
+        ([1, True], "prompt token True at index 1 is not an int id"),
+        (np.array([[1, 2]]), r"shape \(1, 2\); expected a 1-D integer array"),
+        (np.array([1.5]), "dtype float64"),
+        (5, "prompt_token_ids=5 must be a sequence"),
+        ([1, 64], "token 64 at index 1 is outside the vocabulary"),
+    ],
+)
+def test_the_door_takes_only_a_1d_sequence_of_token_ids(prompt, message):
+    with pytest.raises(ValueError, match=message):
+        intake().make_request(prompt, None, live={})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"salt": 3.5}, "salt=3.5 must be an int, str, bytes or None"),
+        ({"lora_id": 1.0}, "lora_id=1.0 must be an int or None"),
+        ({"lora_id": True}, "lora_id=True must be an int or None"),
+        ({"request_id": 2.0}, "request_id=2.0 must be an int"),
+        ({"request_id": -1}, "request_id=-1 must be >= 0"),
+        ({"priority": 101}, "priority=101 must be in"),
+    ],
+)
+def test_the_door_checks_every_field_before_queuing(options, message):
+    door = intake()
+    with pytest.raises(ValueError, match=message):
+        door.make_request([1, 2], None, live={}, **options)
+    assert door.make_request([1], None, live={}).request_id == 0  # no id was used up
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"top_k": 2**40}, r"top_k=1099511627776 must be in \[0, 2147483647\]"),
+        ({"stop_token_ids": 5}, "stop_token_ids=5 must be a sequence of token ids"),
+        ({"stop_token_ids": "5"}, "stop_token_ids='5' must be a sequence"),
+        ({"ignore_eos": "no"}, "ignore_eos='no' must be a bool"),
+        ({"temperature": True}, "temperature=True must be a finite float"),
+        ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
+        ({"max_new_tokens": 1.5}, "max_new_tokens=1.5 must be an int"),
+    ],
+)
+def test_sampling_params_refuse_bad_fields(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**fields)

@@ -9,6 +9,8 @@ compiled at construction; serving never compiles.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -37,6 +39,7 @@ from kvjax.serving.intake import RequestIntake
 from kvjax.serving.metrics import EngineMetrics
 from kvjax.serving.progress import ProgressWatch
 from kvjax.serving.request import Request, RequestOutput, RequestState, SamplingParams
+from kvjax.serving.request_queue import RequestQueue
 from kvjax.serving.results import append_token, emitted_tokens
 from kvjax.serving.scheduler import SchedulerConfig, SchedulerOutput
 from kvjax.serving.speculative import (
@@ -136,8 +139,10 @@ class Engine:
         self._drafting = self.speculative and DraftPlanner(
             self.speculative, self.resources, config, self.vocab_size
         )
-        self._intake = RequestIntake(self.manager, config, self.vocab_size, self.lora_pages, seed)
-        self._requests: dict[int, Request] = {}  # live requests in arrival order
+        intake = RequestIntake(self.manager, config, self.vocab_size, self.lora_pages, seed)
+        self._queue = RequestQueue(intake)
+        # Held by a step and by what changes live requests: abort waits for a running step.
+        self._step_lock = threading.RLock()
         self._progress = ProgressWatch()
         self.check_agreement = check_agreement
 
@@ -155,56 +160,60 @@ class Engine:
         multimodal_items: Sequence[MultimodalItem] = (),
     ) -> int:
         """Queues a request and returns its id; nothing is allocated until it is scheduled.
+        Safe from any thread, also while another thread steps: the next step admits it.
 
         Raises:
+            RuntimeError: the engine was shut down.
             ValueError: a prompt that is empty, holds a token outside the vocabulary or leaves
                 no room below `max_seq_len`; an unknown LoRA id; a taken request id; bad
                 sampling parameters or multimodal items.
         """
-        request = self._intake.make_request(
-            prompt_token_ids, sampling_params, live=self._requests, request_id=request_id,
-            lora_id=lora_id, salt=salt, priority=priority, multimodal_items=multimodal_items,
+        return self._queue.submit(
+            prompt_token_ids, sampling_params, request_id=request_id, lora_id=lora_id,
+            salt=salt, priority=priority, multimodal_items=multimodal_items,
         )  # fmt: skip
-        self._requests[request.request_id] = request
-        return request.request_id
 
     def abort(self, request_id: int) -> RequestOutput:
-        """Stops a live request and frees its pages; returns what it generated."""
-        request = self._requests.pop(request_id, None)
-        if request is None:
-            raise ValueError(f"request_id={request_id} is not live")
-        self._release(request)
-        request.state = RequestState.COMPLETE
-        return request.output()
+        """Stops a queued or running request and frees its pages; returns what it generated.
+        Safe from any thread: it waits for a running step to end first."""
+        with self._step_lock:
+            request, started = self._queue.withdraw(request_id)
+            if started:
+                self._release(request)
+            request.state = RequestState.COMPLETE
+            return request.output()
 
     @property
     def num_unfinished(self) -> int:
-        return len(self._requests)
+        """Requests queued or running (safe from any thread)."""
+        return len(self._queue)
 
     # -- the loop: one step as a pipeline ------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns the requests that finished in it.
+        """Runs one step; returns the requests that finished in it (and any finished earlier
+        but not returned yet). Call it from one thread at a time.
 
         Raises:
             RuntimeError: requests wait but none can be scheduled (a deadlock).
         """
-        if not self._requests:
-            return []
-        queue = list(self._requests.values())
+        with self._step_lock:
+            queue = self._queue.admit()
+            if queue:
+                self._step(queue)
+            return self._queue.take_finished()
+
+    def _step(self, queue: list[Request]) -> None:
         draft_len = self._drafting.propose(queue) if self._drafting else 0
         output = self._schedule(queue, draft_len)
         if output.is_empty:
-            return []
+            return
         start = time.perf_counter()
         batch, sampling = self._build_batch(output, draft_len)
         accepted, tokens = self._run(batch, sampling)
         now = time.perf_counter()
-        finished, num_generated, num_accepted = self._apply_results(
-            batch, accepted, tokens, start, now
-        )
+        num_generated, num_accepted = self._apply_results(batch, accepted, tokens, start, now)
         self.metrics.record_step(start, now, batch, output, num_generated, num_accepted)
-        return finished
 
     def _schedule(self, queue: list[Request], draft_len: int) -> SchedulerOutput:
         """The scheduler's decisions; raises when nothing can ever run."""
@@ -236,10 +245,9 @@ class Engine:
 
     def _apply_results(
         self, batch: StepBatch, accepted, tokens, start: float, now: float
-    ) -> tuple[list[RequestOutput], int, int]:
-        """Advances every row's cache and tokens; returns (finished outputs, tokens
+    ) -> tuple[int, int]:
+        """Advances every row's cache and tokens, finishing requests; returns (tokens
         generated, drafts accepted)."""
-        finished: list[RequestOutput] = []
         num_generated = num_accepted = 0
         for row, request in enumerate(batch.requests):
             new_tokens = emitted_tokens(
@@ -251,19 +259,18 @@ class Engine:
                 num_generated += 1
                 num_accepted += index < len(new_tokens) - 1  # a draft (not the last pick)
                 if append_token(request, int(token), self.eos_token_ids, self.manager.max_seq_len):
-                    finished.append(self._finish(request, now))
+                    self._finish(request, now)
                     break
-        return finished, num_generated, num_accepted
+        return num_generated, num_accepted
 
-    def _finish(self, request: Request, now: float) -> RequestOutput:
+    def _finish(self, request: Request, now: float) -> None:
         request.state = RequestState.GENERATION_TO_COMPLETE
         self._release(request)
         request.state = RequestState.COMPLETE
         request.metrics.finish_time = now
-        del self._requests[request.request_id]
         output = request.output()
+        self._queue.finish(request, output)
         self.metrics.record_finished(output)
-        return output
 
     def _release(self, request: Request) -> None:
         self.resources.free(request)
@@ -294,27 +301,40 @@ class Engine:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
         ids: list[int] = []
+        outputs: dict[int, RequestOutput] = {}
         try:
             for prompt, params in zip(prompts, sampling_params, strict=True):
                 ids.append(self.add_request(prompt, params, **request_options))
-        except BaseException:
+            self._serve_until_done(ids, outputs, use_tqdm)
+        finally:  # a bad request or an interrupt leaves none of this call's requests queued
             for request_id in ids:
-                self.abort(request_id)
-            raise
-        wanted, outputs = set(ids), {}
-        with tqdm(total=len(ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
-            while len(outputs) < len(ids):
-                for output in self.step():
-                    if output.request_id in wanted:
-                        outputs[output.request_id] = output
-                        bar.update(1)
+                if request_id not in outputs:
+                    with contextlib.suppress(ValueError):  # finished meanwhile
+                        self.abort(request_id)
         return [outputs[request_id] for request_id in ids]
+
+    def _serve_until_done(self, ids, outputs: dict[int, RequestOutput], use_tqdm: bool) -> None:
+        """Steps until every request of `ids` finished, collecting their outputs; outputs of
+        other requests are kept for the next `step()`."""
+        wanted, others = set(ids), []
+        try:
+            with tqdm(total=len(ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
+                while len(outputs) < len(ids):
+                    for output in self.step():
+                        if output.request_id in wanted:
+                            outputs[output.request_id] = output
+                            bar.update(1)
+                        else:
+                            others.append(output)
+        finally:
+            self._queue.put_back(others)
 
     # -- the end ------------------------------------------------------------------------------
 
     def shutdown(self) -> None:
         """Aborts live requests and releases the cache. Idempotent."""
-        for request_id in list(self._requests):
+        self._queue.close()
+        for request_id in self._queue.live_ids():
             self.abort(request_id)
         if self._drafting:
             self._drafting.drafter.shutdown()

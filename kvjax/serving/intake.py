@@ -12,18 +12,43 @@ from collections.abc import Container, Mapping, Sequence
 
 import numpy as np
 
+from kvjax.cache.checks import check_int
+from kvjax.cache.eviction import check_priority
+from kvjax.cache.keys import ReuseScope
 from kvjax.cache.manager import KVCacheManager
 from kvjax.cache.multimodal import MultimodalItem, splice_multimodal_tokens
 from kvjax.serving.request import Request, SamplingParams
 from kvjax.serving.scheduler import SchedulerConfig
 
-__all__ = ["RequestIntake"]
+__all__ = ["RequestIntake", "prompt_ids"]
+
+
+def prompt_ids(tokens: object) -> list[int]:
+    """`tokens` as a list of Python ints: a 1-D sequence of ints or a 1-D numpy integer array.
+
+    Raises:
+        ValueError: anything else (strings, floats, bools, nested lists, other arrays), naming
+            the first offending value.
+    """
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise ValueError(
+                f"prompt_token_ids: an array of dtype {tokens.dtype} and shape {tokens.shape}; "
+                "expected a 1-D integer array"
+            )
+        return tokens.tolist()
+    if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
+        raise ValueError(f"prompt_token_ids={tokens!r:.80} must be a sequence of token ids")
+    for index, token in enumerate(tokens):
+        if isinstance(token, bool) or not isinstance(token, int | np.integer):
+            raise ValueError(f"prompt token {token!r:.40} at index {index} is not an int id")
+    return [int(token) for token in tokens]
 
 
 class RequestIntake:
     """Checks requests against the engine's limits and makes their records.
 
-    Not thread-safe: the engine calls it from the thread that adds requests.
+    Not thread-safe by itself: `RequestQueue.submit` calls it under the queue's lock.
 
     Args:
         manager: the target's cache manager (its `max_seq_len` bounds prompt and outputs).
@@ -64,13 +89,17 @@ class RequestIntake:
         params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params={params!r} is not a SamplingParams")
-        prompt = [int(t) for t in np.asarray(prompt_token_ids).reshape(-1)]
+        prompt = prompt_ids(prompt_token_ids)
         self._check_prompt_length(len(prompt))
         key_tokens = splice_multimodal_tokens(prompt, multimodal_items, self.vocab_size)
+        ReuseScope(lora_id, salt)  # raises naming a bad LoRA id or salt
         if lora_id is not None and lora_id not in self.lora_pages:
             raise ValueError(f"lora_id={lora_id!r} is unknown; known: {sorted(self.lora_pages)}")
+        if priority is not None:
+            check_priority(priority)
         if request_id is None:
             request_id = self._next_id
+        check_int("request_id", request_id, minimum=0)
         if request_id in live:
             raise ValueError(f"request_id={request_id} is already live")
         self._next_id = max(self._next_id, request_id + 1)

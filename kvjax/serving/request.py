@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 from kvjax.cache.checks import check_int
 from kvjax.cache.eviction import check_priority
@@ -36,6 +38,13 @@ class RequestState(enum.Enum):
     GENERATION_IN_PROGRESS = 1
     GENERATION_TO_COMPLETE = 2  # its last token is sampled; resources not released yet
     COMPLETE = 3
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 class FinishReason(enum.Enum):
@@ -68,17 +77,20 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        check_int("top_k", self.top_k, minimum=0)
-        if not (isinstance(self.temperature, int | float) and 0 <= self.temperature < math.inf):
+        check_int("top_k", self.top_k, minimum=0, maximum=INT32_MAX)  # an int32 on the device
+        if not (_is_real(self.temperature) and 0 <= self.temperature < math.inf):
             raise ValueError(f"temperature={self.temperature!r} must be a finite float >= 0")
-        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
+        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
-        stop = tuple(self.stop_token_ids)
-        for token in stop:
-            check_int("stop token id", token, minimum=0)
+        stop = self.stop_token_ids
+        if isinstance(stop, int | str | bytes) or not isinstance(stop, Iterable):
+            raise ValueError(f"stop_token_ids={stop!r} must be a sequence of token ids")
+        stop = tuple(check_int("stop token id", t, minimum=0, maximum=INT32_MAX) for t in stop)
         object.__setattr__(self, "stop_token_ids", stop)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
 
 
 @dataclasses.dataclass
