@@ -115,16 +115,36 @@ def test_memory_pressure_suspends_and_resumes_with_exact_outputs(model, policy):
     assert_all_pages_free(engine)
 
 
-def test_no_host_tier_under_pressure_is_a_clear_deadlock(model):
+def test_guaranteed_no_evict_serves_a_request_longer_than_max_seq_len_allows(model):
+    """A lifetime (prompt + max_new_tokens) past max_seq_len reserves only what max_seq_len
+    lets the sequence reach: the request runs and ends at max_seq_len (it used to wait forever,
+    its reservation one block larger than the device)."""
+    scheduler = SchedulerConfig(
+        max_batch_size=4, max_num_tokens=32, chunk_unit=4,
+        policy=SchedulerPolicy.GUARANTEED_NO_EVICT,
+    )  # fmt: skip
+    engine = make_engine(model, device_pages=8, host_pages=0, scheduler=scheduler)
+    max_seq_len = engine.manager.max_seq_len
+    prompt = list(np.random.default_rng(3).integers(0, 64, 10))
+    (output,) = serve_checked(engine, [prompt], SamplingParams(max_new_tokens=100))
+    assert output.finish_reason is FinishReason.LENGTH
+    assert len(prompt) + len(output.token_ids) == max_seq_len == 7 * TPB
+    engine.shutdown()
+
+
+def test_without_a_host_tier_pressure_recomputes_instead_of_deadlocking(model):
+    """Suspended pages have nowhere to go: requests that cannot resume are preempted by
+    recomputation (their KV dropped, their committed blocks left cached), and every output is
+    still exactly the dense model's (this used to raise a deadlock)."""
     rng = np.random.default_rng(2)
     prompts = [list(rng.integers(0, 64, n)) for n in (9, 12, 10, 11)]
     engine = make_engine(model, device_pages=13, host_pages=0)
-    for prompt in prompts:
-        engine.add_request(prompt, SamplingParams(max_new_tokens=13, temperature=0.0))
-    with pytest.raises(RuntimeError, match="host tier"):
-        for _ in range(100):
-            engine.step()
-    engine.manager.check_invariants()
+    params = SamplingParams(max_new_tokens=13, temperature=0.0)
+    outputs = serve_checked(engine, prompts, params)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == dense_greedy(model, prompt, 13)
+    assert sum(o.metrics.num_recomputations for o in outputs) > 0
+    engine.manager.check_no_leaks()
     engine.shutdown()
 
 

@@ -48,7 +48,7 @@ def check_writes_stay_private(engine, batch):
     cu, kv_lens = inputs.cu_q_lens, inputs.kv_lens
     others = {
         id(r.cache): set(r.cache.page_ids())
-        for r in engine._requests.values()
+        for r in engine._queue.live()
         if r.cache is not None and r.cache.is_active
     }
     for row, request in enumerate(batch.requests):
@@ -79,7 +79,7 @@ def serve_speculative(engine, monkeypatch, prompts, params):
 
     def checked_step():
         finished = step()
-        for request in engine._requests.values():
+        for request in engine._queue.live():
             if request.state is RequestState.GENERATION_IN_PROGRESS and not request.is_paused:
                 assert request.cache.capacity == request.cache.history_length
         return finished
@@ -239,7 +239,7 @@ def test_without_the_padding_extension_the_rewind_would_underflow(model, monkeyp
         for _ in range(30):
             engine.step()
     assert flagged and flagged[-1].draft_len > flagged[-1].num_drafts.max()
-    for request_id in list(engine._requests):
+    for request_id in engine._queue.live_ids():
         engine.abort(request_id)
     engine.shutdown()
 

@@ -13,8 +13,9 @@ GEN, CTX = RequestState.GENERATION_IN_PROGRESS, RequestState.CONTEXT_INIT
 class FakeCache:
     """Device memory in units (one unit per token); suspended requests' units leave the device."""
 
-    def __init__(self, free=10**9, fail_prepare=(), reuse=None):
+    def __init__(self, free=10**9, fail_prepare=(), reuse=None, host=None):
         self.free = free
+        self.host = host  # units the colder tiers can take (None: any number)
         self.active: dict[int, int] = {}
         self.suspended: dict[int, int] = {}
         self.fail_prepare = set(fail_prepare)
@@ -75,12 +76,27 @@ class FakeCache:
         self.calls.append(("extend", request.request_id, padded_draft_len))
         return self._take(request.request_id, padded_draft_len - request.num_draft_tokens)
 
+    def can_suspend(self, request):
+        return self.host is None or self.host >= self.active[request.request_id]
+
     def suspend_request(self, request):
         rid = request.request_id
         self.calls.append(("suspend", rid))
         units = self.active.pop(rid)
         self.suspended[rid] = units
         self.free += units
+        if self.host is not None:
+            self.host -= units
+
+    def recompute_request(self, request):
+        rid = request.request_id
+        self.calls.append(("recompute", rid))
+        if rid in self.suspended:
+            units = self.suspended.pop(rid)
+            self.host = None if self.host is None else self.host + units
+        else:
+            self.free += self.active.pop(rid)
+        request.restart_for_recompute()
 
     def is_request_active(self, request):
         return request.request_id in self.active
@@ -193,9 +209,16 @@ def test_suspended_unstarted_and_finished_requests_are_not_victims():
         return cache, requests
 
     cache, requests = setup(False)
+    # No active victim: the paused request is recomputed (its KV dropped), then the head
+    # suspends itself; the next pass has nothing left to preempt: a deadlock.
+    out = schedule(requests, cache, max_num_tokens=1)
+    assert ids(out.paused_requests) == [1, 0] and cache.suspended == {0: 1}
+    assert (
+        requests[1].state is RequestState.CONTEXT_INIT and requests[1].num_recomputed_outputs == 0
+    )
     with pytest.raises(RuntimeError, match="deadlock"):  # self-eviction is no progress
         schedule(requests, cache, max_num_tokens=1)
-    assert cache.suspended == {1: 1, 0: 1}
+    assert cache.suspended == {0: 1}
     cache, requests = setup(True)
     out = schedule(requests, cache, max_num_tokens=1)
     assert ids(out.generation_requests) == [0] and ids(out.paused_requests) == [4]
@@ -331,8 +354,11 @@ def test_guaranteed_no_evict_reserves_the_whole_life_and_never_pauses():
 def test_deadlock_raises_with_what_to_change_but_eviction_is_progress():
     cache = FakeCache(free=0)
     cache.suspended = {0: 2, 1: 2}
-    with pytest.raises(RuntimeError, match="host tier"):
-        schedule([gen(0), gen(1)], cache)
+    requests = [gen(0), gen(1)]
+    out = schedule(requests, cache)  # the last resort: recompute the paused tail
+    assert ids(out.paused_requests) == [1] and cache.suspended == {0: 2}
+    with pytest.raises(RuntimeError, match="host tier"):  # nothing left to preempt
+        schedule(requests, cache)
     cache = FakeCache(free=2)
     requests = [cache.start(gen(0), units=1), cache.start(gen(1), units=1)]
     requests[0].draft_tokens = [0] * 3
@@ -357,3 +383,39 @@ def test_bad_scheduler_config_is_refused():
         SchedulerConfig(chunk_unit=0)
     with pytest.raises(ValueError, match="policy"):
         SchedulerConfig(policy="fcfs")
+
+
+def test_new_prompts_wait_while_a_started_request_is_paused():
+    """Admission control: memory freed while a paused request cannot resume goes to it, not to
+    a new prompt; a prompt already started continues."""
+    cache = FakeCache(free=7 + 5 + 4)  # 7 free once the two below are started
+    running = cache.start(gen(0), units=5)
+    paused = ctx(1, position=4)  # a chunked prompt suspended halfway
+    cache.suspended[1] = 7  # more than is free once `running` grew
+    # The new prompt would fit next to the started one: admission control keeps it out.
+    started, fresh = cache.start(ctx(2, position=4), units=4), ctx(3, length=2)
+    out = schedule([running, paused, started, fresh], cache)
+    assert ids(out.generation_requests) == [0]
+    assert [c.request.request_id for c in out.context_requests] == [2]
+    assert 3 not in cache.active  # the new prompt took nothing
+    out = schedule([running, fresh], FakeCache(free=50))
+    assert [c.request.request_id for c in out.context_requests] == [3]  # nothing paused
+
+
+def test_recomputation_when_the_colder_tiers_cannot_take_a_victim():
+    """A victim whose pages the host cannot take is recomputed: its KV dropped, back to the
+    context phase with its outputs as context; one the host can take is suspended."""
+    cache = FakeCache(free=2 + 2 + 4, host=3)  # the device is full once they are started
+    head = cache.start(gen(0), units=2)
+    small, large = cache.start(gen(1), units=2), cache.start(gen(2), units=4)
+    large.output_token_ids = [5, 6, 7]
+    out = schedule([head, small, large], cache)
+    assert ids(out.generation_requests) == [0, 1] and ids(out.paused_requests) == [2]
+    assert ("recompute", 2) in cache.calls and large.state is RequestState.CONTEXT_INIT
+    assert large.num_recomputed_outputs == 3 and large.context_length == 8 + 3
+    assert (
+        large.context_token_ids(6, 11) == [1, 1, 5, 6, 7] and large.metrics.num_recomputations == 1
+    )
+    cache.free = 0
+    out = schedule([head, small], cache)
+    assert ids(out.paused_requests) == [1] and ("suspend", 1) in cache.calls

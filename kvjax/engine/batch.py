@@ -83,7 +83,7 @@ def _scheduled_rows(output: SchedulerOutput, draft_len: int):
     for scheduled in output.context_requests:
         request, start = scheduled.request, scheduled.request.context_position
         end = start + scheduled.chunk_size
-        pieces.append(np.asarray(request.prompt_token_ids[start:end], np.int32))
+        pieces.append(np.asarray(request.context_token_ids(start, end), np.int32))
         requests.append(request)
         chunk_sizes.append(scheduled.chunk_size)
         kv_lens.append(end)

@@ -103,6 +103,7 @@ class RequestMetrics:
     finish_time: float | None = None
     num_reused_tokens: int = 0  # prompt tokens whose KV came from the radix tree
     num_preemptions: int = 0  # times the scheduler suspended it
+    num_recomputations: int = 0  # times it was preempted by dropping its KV (recomputed)
 
     @property
     def ttft(self) -> float | None:
@@ -162,6 +163,9 @@ class Request:
     cache: KVCache | None = None
     context_position: int = 0
     context_started: bool = False  # a chunk of its prompt has run (it may now be a victim)
+    # Outputs that are part of the context: a request preempted by recomputation computes the
+    # KV of its prompt and of these again, and its last logits give its next token.
+    num_recomputed_outputs: int = 0
     metrics: RequestMetrics = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -182,9 +186,37 @@ class Request:
         return len(self.draft_tokens)
 
     @property
+    def context_length(self) -> int:
+        """Tokens of the context phase: the prompt, and the outputs to recompute."""
+        return self.prompt_length + self.num_recomputed_outputs
+
+    @property
     def context_remaining(self) -> int:
-        """Prompt tokens whose KV is still to be computed."""
-        return self.prompt_length - self.context_position
+        """Context tokens whose KV is still to be computed."""
+        return self.context_length - self.context_position
+
+    def context_token_ids(self, start: int, end: int) -> list[int]:
+        """Context tokens `[start, end)`: prompt ids, then recomputed outputs."""
+        num_prompt = len(self.prompt_token_ids)
+        outputs = self.output_token_ids[max(start - num_prompt, 0) : max(end - num_prompt, 0)]
+        return [*self.prompt_token_ids[start:end], *outputs]
+
+    @property
+    def context_key_tokens(self) -> Sequence[Token]:
+        """The context as block-key tokens (prompt keys, then recomputed outputs)."""
+        if not self.num_recomputed_outputs:
+            return self.key_tokens
+        return [*self.key_tokens, *self.output_token_ids[: self.num_recomputed_outputs]]
+
+    def restart_for_recompute(self) -> None:
+        """Preempted by recomputation (its cache closed): back to the context phase, where the
+        KV of the prompt and of every output so far is computed again."""
+        self.state = RequestState.CONTEXT_INIT
+        self.num_recomputed_outputs = len(self.output_token_ids)
+        self.context_position = 0
+        self.context_started = False
+        self.draft_tokens = []
+        self.metrics.num_recomputations += 1
 
     @property
     def is_paused(self) -> bool:

@@ -96,6 +96,11 @@ class RequestQueue:
         outputs, self._unreturned = self._unreturned, []
         return outputs
 
+    def live(self) -> list[Request]:
+        """The admitted requests, oldest first (a snapshot, for checks)."""
+        with self._lock:
+            return list(self._live.values())
+
     def live_ids(self) -> list[int]:
         with self._lock:
             return [*self._live, *self._pending]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from kvjax.cache.checks import check_int
 from kvjax.cache.kv_cache import CommitState
 from kvjax.cache.manager import KVCacheManager
+from kvjax.cache.pages import Tier
 from kvjax.serving.request import Request
 
 __all__ = ["CacheResources"]
@@ -56,7 +57,7 @@ class CacheResources:
         cache = request.cache
         if cache is not None:
             return cache.is_active or cache.resume()
-        lookup = request.key_tokens[:-1] if self.enable_block_reuse else None
+        lookup = request.context_key_tokens[:-1] if self.enable_block_reuse else None
         cache = self.manager.create_kv_cache(
             lookup, lora_id=request.lora_id, salt=request.salt, priority=request.priority
         )
@@ -74,7 +75,7 @@ class CacheResources:
         cache = request.cache
         wanted = request.context_position + num_tokens
         if reserve_tokens:
-            reserve_tokens = min(reserve_tokens + self.max_draft_tokens, self.max_tokens)
+            reserve_tokens = self._reservation(reserve_tokens)
         capacity = max(cache.capacity, wanted, reserve_tokens)
         if cache.resize(capacity=capacity):
             if reserve_tokens:
@@ -82,6 +83,14 @@ class CacheResources:
             return True
         self.release_unstarted(request)
         return False
+
+    def _reservation(self, lifetime_tokens: int) -> int:
+        """KV tokens a whole-life reservation takes: the lifetime, but never past what
+        `max_seq_len` lets a sequence reach (plus drafts), nor what the device holds."""
+        manager = self.manager
+        tokens = min(lifetime_tokens, manager.max_seq_len) + self.max_draft_tokens
+        device_tokens = manager.pages.num_usable(Tier.DEVICE) * manager.config.tokens_per_block
+        return min(tokens, self.max_tokens, device_tokens)
 
     def release_unstarted(self, request: Request) -> None:
         if request.cache is not None and not request.context_started:
@@ -139,6 +148,23 @@ class CacheResources:
         request.cache.suspend()
         request.metrics.num_preemptions += 1
 
+    def can_suspend(self, request: Request) -> bool:
+        """Whether the colder tiers can take the request's pages (free, or made free by moving
+        or dropping cached pages); without a colder tier its pages stay on the device."""
+        pages = self.manager.pages
+        colder = pages.tiers[1:]
+        if not colder:
+            return True
+        room = sum(pages.num_free(tier) + pages.num_evictable(tier) for tier in colder)
+        return room >= request.cache.num_blocks
+
+    def recompute_request(self, request: Request) -> None:
+        """Closes the request's cache (committed blocks stay in the tree, so the recomputation
+        reuses what is still cached) and sends it back to the context phase."""
+        self.free(request)
+        request.restart_for_recompute()
+        request.metrics.num_preemptions += 1
+
     def is_request_active(self, request: Request) -> bool:
         return request.cache is not None and request.cache.is_active
 
@@ -150,12 +176,12 @@ class CacheResources:
         cache = request.cache
         end = request.context_position + num_tokens
         if self._committing(request):
-            cache.commit(request.key_tokens[cache.num_committed_tokens : end])
+            cache.commit(request.context_key_tokens[cache.num_committed_tokens : end])
         else:
             cache.resize(history_length=end)
         request.context_position = end
         request.context_started = True
-        if end == request.prompt_length and not self.commit_generated:
+        if end == request.context_length and not self.commit_generated:
             cache.stop_committing()
 
     def tokens_computed(self, request: Request, tokens: list[int], num_rejected: int = 0) -> None:

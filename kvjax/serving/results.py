@@ -43,7 +43,8 @@ def emitted_tokens(
         if request.context_remaining:
             return picks[:0]  # a non-last chunk: its logit row is not a token
         request.state = RequestState.GENERATION_IN_PROGRESS
-        request.metrics.first_token_time = now
+        if request.metrics.first_token_time is None:  # not a recomputation
+            request.metrics.first_token_time = now
         return picks[:1]
     # The input token and the accepted drafts have KV; the rest is rewound.
     computed = [*request.output_token_ids[-1:], *request.draft_tokens[:num_accepted]]

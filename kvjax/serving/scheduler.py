@@ -1,11 +1,15 @@
 """The two-phase scheduler of the seed PR: generation first, then context, in one pass that
 allocates KV as it decides ("try and see").
 
-Phase 1 grows every generation request by 1 + its draft tokens; on a shortage it suspends started
-requests from the tail of the queue (they stay queued, paused), then itself. Phase 2 takes the
-context requests it deferred, in arrival order: it prepares the cache first (prefix reuse may
-shorten what remains), then takes a chunk within the token budget. LoRA adapters are charged once
-each against a device-page budget, and adapters of requests finishing are pre-claimed. A pass
+Phase 1 grows every generation request by 1 + its draft tokens; on a shortage it preempts
+started requests from the tail of the queue, then itself: by suspension while the colder tiers
+can take their pages (they stay queued, paused), else by recomputation (their KV dropped, the
+committed blocks left in the tree; they return to the context phase). Phase 2 takes the context
+requests it deferred, in arrival order: it prepares the cache first (prefix reuse may shorten
+what remains), then takes a chunk within the token budget; while a started request stays paused
+it admits no new prompt (admission control), so the paused ones get the memory first. LoRA
+adapters are charged once each against a device-page budget, and adapters of requests finishing
+are pre-claimed. A pass
 that schedules nothing, evicts nothing and could not grow a started request is a deadlock: it
 raises saying what to change. Host side: imports no JAX.
 """
@@ -19,6 +23,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 from kvjax.cache.checks import check_int
+from kvjax.serving.budget import BudgetTracker
 from kvjax.serving.request import Request, RequestState
 
 __all__ = [
@@ -102,6 +107,14 @@ class CacheOps(Protocol):
 
     def suspend_request(self, request: Request) -> None: ...
 
+    def can_suspend(self, request: Request) -> bool:
+        """Whether suspending the active request keeps its KV: colder tiers have room for it
+        (else suspending frees no device page, and only recomputation makes room)."""
+
+    def recompute_request(self, request: Request) -> None:
+        """Preemption by recomputation: drops the request's KV (its committed blocks stay in
+        the tree as cache) and sends it back to the context phase."""
+
     def is_request_active(self, request: Request) -> bool: ...
 
 
@@ -128,49 +141,11 @@ class SchedulerOutput:
         return self.num_requests == 0
 
 
-class BudgetTracker:
-    """Tokens, request slots and LoRA device pages left in one pass.
-
-    Args:
-        lora_pages: device pages each adapter takes (adapters not listed take none).
-    """
-
-    def __init__(self, config: SchedulerConfig, lora_pages: Mapping[int, int]) -> None:
-        limit = config.max_num_tokens
-        self.tokens_left: float = math.inf if limit is None else limit
-        self.num_requests = 0
-        self.max_requests = config.max_batch_size
-        self._max_lora_pages = config.max_lora_pages
-        self._lora_pages = lora_pages
-        self._loaded: set[int] = set()
-        self.lora_pages_used = 0
-
-    @property
-    def is_full(self) -> bool:
-        return self.num_requests >= self.max_requests
-
-    def lora_pages_needed(self, lora_id: int | None) -> int | None:
-        """Pages the request's adapter adds (0 if loaded or none); None when they don't fit."""
-        if lora_id is None or lora_id in self._loaded:
-            return 0
-        pages = self._lora_pages.get(lora_id, 0)
-        if self._max_lora_pages is not None and self.lora_pages_used + pages > self._max_lora_pages:
-            return None
-        return pages
-
-    def pre_claim_lora(self, lora_id: int | None) -> None:
-        """Charges an adapter without scheduling a request (it is still in use)."""
-        pages = self.lora_pages_needed(lora_id)
-        if lora_id is not None and pages:
-            self._loaded.add(lora_id)
-            self.lora_pages_used += pages
-
-    def commit(self, num_tokens: int, lora_id: int | None, lora_pages: int) -> None:
-        self.tokens_left -= num_tokens
-        self.num_requests += 1
-        if lora_id is not None:
-            self._loaded.add(lora_id)
-            self.lora_pages_used += lora_pages
+def _is_started(request: Request) -> bool:
+    """Whether the request holds KV a step computed (a preemption candidate)."""
+    if request.state is RequestState.GENERATION_IN_PROGRESS:
+        return True
+    return request.state is RequestState.CONTEXT_INIT and request.context_started
 
 
 def _lora_order(lora_id: int | None) -> tuple[int, int]:
@@ -221,6 +196,10 @@ class Scheduler:
         generation, deferred, paused, stuck = self._generation_phase(
             requests, inflight_ids, budget, padded_draft_len
         )
+        # Admission control: while a started request stays paused, no new prompt takes memory.
+        active = self.cache.is_request_active
+        if any(_is_started(r) and not active(r) for r in requests):
+            deferred = [r for r in deferred if r.context_started]
         context = self._context_phase(deferred, budget)
         if stuck and not generation and not context:
             raise RuntimeError(
@@ -261,15 +240,15 @@ class Scheduler:
                 break
             while not self._grow(request, padded_draft_len):
                 victim = None if no_evict else self._tail_victim(requests, index, end)
-                if victim is not None:  # suspend the newest started request and retry
-                    cache.suspend_request(requests[victim])
+                if victim is not None:  # preempt the newest started request and retry
+                    self._preempt(requests[victim])
                     paused.append(requests[victim])
                     num_victims += 1
                     end = victim
                     continue
                 kv_failed = True
                 if not no_evict and cache.is_request_active(request):
-                    cache.suspend_request(request)  # itself: no progress, the next pass retries
+                    self._preempt(request)  # itself: no progress, the next pass retries
                     paused.append(request)
                 break
             else:
@@ -287,15 +266,19 @@ class Scheduler:
         return padded_draft_len == 0 or cache.extend_capacity_for_tokens(request, padded_draft_len)
 
     def _tail_victim(self, requests: Sequence[Request], start: int, end: int) -> int | None:
-        """The index of the last started request in `[start, end)` whose cache is active."""
-        for index in range(end - 1, start - 1, -1):
-            request = requests[index]
-            started = request.state is RequestState.GENERATION_IN_PROGRESS or (
-                request.state is RequestState.CONTEXT_INIT and request.context_started
-            )
-            if started and self.cache.is_request_active(request):
-                return index
-        return None
+        """The index of the last started request in `[start, end)` whose cache is active; else
+        of the last paused one (recomputing it frees the pages it holds)."""
+        started = [i for i in range(start, end) if _is_started(requests[i])]
+        active = [i for i in started if self.cache.is_request_active(requests[i])]
+        return (active or started or [None])[-1]
+
+    def _preempt(self, request: Request) -> None:
+        """Suspends `request` when that keeps its KV, else recomputes it."""
+        cache = self.cache
+        if cache.is_request_active(request) and cache.can_suspend(request):
+            cache.suspend_request(request)
+        else:
+            cache.recompute_request(request)
 
     def _context_phase(self, deferred: list[Request], budget: BudgetTracker):
         config, cache = self.config, self.cache
