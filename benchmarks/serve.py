@@ -343,7 +343,7 @@ def report(s: dict) -> None:
     print(f"TPOT                {ms(s['tpot_s'])}")
     hit, ideal = s["prefix_hit_rate"], s["ideal_prefix_hit_rate"]
     print(f"prefix hit rate     {hit:.1%} (ideal {ideal:.1%})")
-    print(f"preemptions         {s['preemptions']}")
+    print(f"preemptions         {s['preemptions']} ({s['recomputations']} by recomputation)")
     print(f"padding waste       {s['padding_waste']:.1%} of token rows")
     print(f"compilations after warm-up: {s['compilations_after_warmup']}")
     if s["devices"] > 1:

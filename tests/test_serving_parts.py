@@ -137,3 +137,21 @@ def test_the_door_checks_every_field_before_queuing(options, message):
 def test_sampling_params_refuse_bad_fields(fields, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**fields)
+
+
+def test_engine_metrics_keep_totals_and_a_bounded_window():
+    from kvjax.serving.metrics import EngineMetrics
+    from kvjax.serving.request import RequestMetrics, RequestOutput
+
+    manager = types.SimpleNamespace(pages=None)
+    metrics = EngineMetrics(manager, window=3)
+    for i in range(10):
+        request_metrics = RequestMetrics(arrival_time=i, first_token_time=i + 0.5)
+        request_metrics.num_preemptions, request_metrics.num_recomputations = 2, 1
+        output = RequestOutput(i, (1, 2, 3), (4, 5), FinishReason.LENGTH, request_metrics)
+        metrics.record_finished(output)
+    assert len(metrics.finished) == 3  # the window
+    summary = metrics.summary()
+    assert summary["requests"] == 10 and summary["output_tokens"] == 20  # the totals
+    assert summary["prompt_tokens"] == 30 and summary["preemptions"] == 20
+    assert summary["recomputations"] == 10 and summary["ttft_s"]["p50"] == 0.5

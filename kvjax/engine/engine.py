@@ -234,7 +234,7 @@ class Engine:
             params = request.sampling_params
             sampling.set_row(row, params, params.seed, len(request.output_token_ids))
         if self.check_agreement:
-            check_batch_agrees(len(self.metrics.steps), batch, sampling, self.manager)
+            check_batch_agrees(self.metrics.num_steps, batch, sampling, self.manager)
         return batch, sampling
 
     def _run(self, batch: StepBatch, sampling: SamplingInputs) -> tuple[np.ndarray, np.ndarray]:

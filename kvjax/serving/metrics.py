@@ -3,6 +3,7 @@ TTFT and TPOT percentiles, prefix hit rate, preemptions). Host side: imports no 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import numpy as np
@@ -10,7 +11,7 @@ import numpy as np
 from kvjax.cache.pages import Tier
 from kvjax.serving.request import RequestOutput
 
-__all__ = ["EngineMetrics", "StepRecord", "percentiles"]
+__all__ = ["EngineMetrics", "StepRecord", "Totals", "percentiles"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +36,61 @@ def percentiles(values, points=(50, 90, 99)) -> dict[str, float | None]:
     return {f"p{p}": float(np.percentile(values, p)) if values else None for p in points}
 
 
+@dataclasses.dataclass
+class Totals:
+    """Running sums since the engine started (kept whatever the window drops)."""
+
+    steps: int = 0
+    requests: int = 0
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    computed_tokens: int = 0
+    padded_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    verified_seqs: int = 0
+    preemptions: int = 0
+    recomputations: int = 0
+    first_start: float | None = None
+    last_end: float = 0.0
+
+    def add_step(self, record: StepRecord) -> None:
+        if self.first_start is None:
+            self.first_start = record.start
+        self.last_end = record.end
+        self.steps += 1
+        self.computed_tokens += record.num_tokens
+        self.padded_tokens += record.num_padded_tokens
+        self.drafted += record.num_drafted
+        self.accepted += record.num_accepted
+        self.verified_seqs += record.num_verified_seqs
+
+    def add_request(self, output: RequestOutput) -> None:
+        self.requests += 1
+        self.output_tokens += len(output.token_ids)
+        self.prompt_tokens += len(output.prompt_token_ids)
+        self.reused_tokens += output.metrics.num_reused_tokens
+        self.preemptions += output.metrics.num_preemptions
+        self.recomputations += output.metrics.num_recomputations
+
+
 class EngineMetrics:
-    def __init__(self, manager) -> None:
+    """Totals since the start and the last `window` steps and finished requests (the timeline
+    and the percentiles), so that a long-running engine keeps bounded memory.
+
+    Written by the stepping thread; `summary` from another thread may see a step half-counted.
+    """
+
+    def __init__(self, manager, window: int = 100_000) -> None:
         self._tiers = manager.pages
-        self.steps: list[StepRecord] = []
-        self.finished: list[RequestOutput] = []
+        self.totals = Totals()
+        self.steps: collections.deque[StepRecord] = collections.deque(maxlen=window)
+        self.finished: collections.deque[RequestOutput] = collections.deque(maxlen=window)
+
+    @property
+    def num_steps(self) -> int:
+        return self.totals.steps
 
     def record_step(
         self, start, end, batch, output, num_generated: int, num_accepted: int = 0
@@ -59,26 +110,25 @@ class EngineMetrics:
             device_evictable=evictable, host_in_use=host,
         )  # fmt: skip
         self.steps.append(record)
+        self.totals.add_step(record)
 
     def record_finished(self, output: RequestOutput) -> None:
         self.finished.append(output)
+        self.totals.add_request(output)
 
     def summary(self) -> dict:
-        """Figures over the recorded steps and finished requests."""
-        steps, done = self.steps, self.finished
-        elapsed = steps[-1].end - steps[0].start if steps else 0.0
-        generated = sum(len(o.token_ids) for o in done)
-        prompt = sum(len(o.prompt_token_ids) for o in done)
-        reused = sum(o.metrics.num_reused_tokens for o in done)
-        computed = sum(s.num_tokens for s in steps)
-        padded = sum(s.num_padded_tokens for s in steps)
-        drafted = sum(s.num_drafted for s in steps)
-        accepted = sum(s.num_accepted for s in steps)
-        decode_steps = [s for s in steps if s.num_verified_seqs]
-        verified = sum(s.num_verified_seqs for s in decode_steps)
+        """Totals since the start; TTFT and TPOT percentiles over the window."""
+        t, done = self.totals, self.finished
+        elapsed = t.last_end - t.first_start if t.first_start is not None else 0.0
+        generated, prompt, verified, drafted = (
+            t.output_tokens,
+            t.prompt_tokens,
+            t.verified_seqs,
+            t.drafted,
+        )
         return {
-            "requests": len(done),
-            "steps": len(steps),
+            "requests": t.requests,
+            "steps": t.steps,
             "elapsed_s": elapsed,
             "output_tokens": generated,
             "prompt_tokens": prompt,
@@ -86,11 +136,12 @@ class EngineMetrics:
             "total_tokens_per_s": (generated + prompt) / elapsed if elapsed else 0.0,
             "ttft_s": percentiles(o.metrics.ttft for o in done),
             "tpot_s": percentiles(o.tpot for o in done),
-            "prefix_hit_rate": reused / prompt if prompt else 0.0,
-            "preemptions": sum(o.metrics.num_preemptions for o in done),
-            "padding_waste": 1 - computed / padded if padded else 0.0,
+            "prefix_hit_rate": t.reused_tokens / prompt if prompt else 0.0,
+            "preemptions": t.preemptions,
+            "recomputations": t.recomputations,
+            "padding_waste": 1 - t.computed_tokens / t.padded_tokens if t.padded_tokens else 0.0,
             "draft_tokens": drafted,
-            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "acceptance_rate": t.accepted / drafted if drafted else 0.0,
             # Tokens a generation request gains per step it is verified in (1 without drafts).
-            "tokens_per_step": (verified + accepted) / verified if verified else 0.0,
+            "tokens_per_step": (verified + t.accepted) / verified if verified else 0.0,
         }
