@@ -13,6 +13,7 @@ from kvjax.cache import (
     NULL_PAGE,
     CacheConfig,
     CacheStatus,
+    CommitState,
     KVCacheManager,
     MultimodalItem,
     OutOfPagesError,
@@ -481,3 +482,25 @@ def test_check_no_leaks_names_open_caches_and_held_pages():
     manager.clear_reusable_blocks()
     manager.check_no_leaks()
     assert manager.pages.num_free(DEVICE) == manager.pages.num_usable(DEVICE) == 7
+
+
+def test_a_colliding_commit_stops_committing_and_keeps_every_invariant(monkeypatch):
+    import kvjax.cache.radix_tree as radix_tree
+    from tests.test_radix_tree import ConstantHasher
+
+    manager, engine = make(tpb=4, device=8)
+    first = start(manager, engine)
+    prefill(engine, first, [1, 2, 3, 4, 5])
+    (block,) = manager.pages.tree.iter_blocks()
+    monkeypatch.setattr(radix_tree, "BlockHasher", lambda: ConstantHasher(block.key))
+    second = start(manager, engine)
+    prefill(engine, second, [6, 7, 8, 9, 10])  # its first block collides with [1, 2, 3, 4]
+    monkeypatch.undo()
+    assert second.commit_state is CommitState.VIRTUAL_STOP
+    assert second.num_committed_tokens == 5 and len(manager.pages.tree) == 1
+    manager.check_invariants()
+    third = manager.create_kv_cache([6, 7, 8, 9, 10])
+    assert third.num_reused_tokens == 0  # the other block's KV is never served
+    for cache in (first, second, third):
+        cache.close()
+    manager.check_no_leaks()

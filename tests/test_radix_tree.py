@@ -108,8 +108,8 @@ def test_hash_hit_is_verified_against_stored_tokens():
     block = commit(tree, [1, 2, 3, 4])[0].block
     block.payload = encode_block([9, 9, 9, 9])  # as if another sequence had the same key
     assert tree.match(SCOPE, [1, 2, 3, 4, 5]).num_tokens == 0
-    with pytest.raises(RuntimeError, match="collision"):
-        tree.insert(SCOPE, [1, 2, 3, 4])
+    result = tree.insert(SCOPE, [1, 2, 3, 4])  # a collision: refused, nothing changes
+    assert result.outcome is InsertOutcome.COLLIDED and result.block is None and len(tree) == 1
 
 
 def test_remove_prunes_subtree_and_empty_root():
@@ -242,3 +242,37 @@ def test_blocks_of_another_tree_are_refused():
         tree.remove(foreign)
     assert len(tree) == 0 and len(other) == 1
     assert foreign.root.scope == SCOPE and foreign.root.tree is other
+
+
+class ConstantHasher:
+    """Forces a blake3 collision: every block gets the same key."""
+
+    def __init__(self, key):
+        self.key = key
+
+    def __call__(self, parent_key, payload, count):
+        return self.key
+
+
+def test_a_block_hash_collision_changes_nothing(monkeypatch):
+    import kvjax.cache.radix_tree as radix_tree
+
+    tree = BlockRadixTree(2)
+    first = tree.insert(SCOPE, [1, 2]).block
+    monkeypatch.setattr(radix_tree, "BlockHasher", lambda: ConstantHasher(first.key))
+    result = tree.insert(SCOPE, [3, 4])
+    assert result.outcome is InsertOutcome.COLLIDED and result.block is None
+    monkeypatch.undo()
+    assert len(tree) == 1 and tree.match(SCOPE, [3, 4]).num_tokens == 0
+    tree.check_invariants()
+
+
+def test_a_scope_root_collision_is_never_a_match():
+    tree = BlockRadixTree(2)
+    tree.insert(SCOPE, [1, 2])
+    other = ReuseScope(salt="tenant-b")
+    other.__dict__["root_key"] = SCOPE.root_key  # forced: the scopes' root keys collide
+    assert tree.match(other, [1, 2, 3]).num_tokens == 0 and tree.root(other) is None
+    assert tree.insert(other, [1, 2]).outcome is InsertOutcome.COLLIDED
+    assert len(tree) == 1 and tree.match(SCOPE, [1, 2]).num_tokens == 2
+    tree.check_invariants()

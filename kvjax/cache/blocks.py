@@ -177,16 +177,20 @@ class InsertOutcome(enum.Enum):
     NEW = "new"  # the block entered the tree
     EXISTING = "existing"  # an identical block was there; use it
     COVERED = "covered"  # partial, and a sibling already holds these tokens and more: useless
+    # Another block (or another scope's root) has this key: a hash collision. The tokens stay
+    # out of the tree; the caller stops committing that sequence.
+    COLLIDED = "collided"
 
 
 @dataclasses.dataclass(frozen=True)
 class InsertResult:
-    """What `insert` did: the block now standing for the tokens, and partial siblings it replaced.
+    """What `insert` did: the block now standing for the tokens (None after a collision), and
+    partial siblings it replaced.
 
     Replaced blocks have left the tree; the caller releases their pages.
     """
 
-    block: Block
+    block: Block | None
     outcome: InsertOutcome
     replaced: tuple[Block, ...] = ()
 

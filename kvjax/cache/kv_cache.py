@@ -282,8 +282,8 @@ class KVCache:
         """Offers block `ordinal` (full, or the partial last one) to the tree.
 
         New: our page becomes the tree's. Identical and both full: rebase onto the tree's page
-        and free ours. Anything else (a partial block, the `is_full` guard of the seed PR):
-        keep the private page and stop committing (VIRTUAL_STOP).
+        and free ours. Anything else (a partial block, the `is_full` guard of the seed PR, a hash
+        collision): keep the private page and stop committing (VIRTUAL_STOP).
         """
         start = ordinal * self._tpb
         tokens = self._tokens[start : start + self._tpb]
@@ -296,9 +296,9 @@ class KVCache:
             self._tree_blocks[ordinal] = result.block
             self._owner.block_stored(result.block, tokens)
             return True
-        both_full = len(tokens) == self._tpb and result.block.is_full
-        if result.outcome is InsertOutcome.EXISTING and both_full:
-            return self._rebase(ordinal, result.block) or self._stop_virtually()
+        if result.outcome is InsertOutcome.EXISTING and len(tokens) == self._tpb:
+            if result.block.is_full:  # both full: the seed PR's `is_full` guard
+                return self._rebase(ordinal, result.block) or self._stop_virtually()
         return self._stop_virtually()
 
     def _stop_virtually(self) -> bool:

@@ -71,7 +71,13 @@ class BlockRadixTree:
 
     def root(self, scope: ReuseScope) -> RootBlock | None:
         """The root of `scope`, or None while no block of it is in the tree."""
-        return self._roots.get(check_scope(scope).root_key)
+        return self._root_of(check_scope(scope))
+
+    def _root_of(self, scope: ReuseScope) -> RootBlock | None:
+        """The root stored under the scope's key, when it is this scope's (keys are hashes: a
+        root of another scope under the same key is a collision, never a match)."""
+        root = self._roots.get(scope.root_key)
+        return root if root is not None and root.scope == scope else None
 
     def roots(self) -> list[RootBlock]:
         return list(self._roots.values())
@@ -85,7 +91,7 @@ class BlockRadixTree:
         check_scope(scope)
         tpb = self.tokens_per_block
         payloads = block_payloads(tokens, tpb)
-        node: Node | None = self._roots.get(scope.root_key)
+        node: Node | None = self._root_of(scope)
         if node is None:
             return MatchResult((), 0)
         blocks: list[Block] = []
@@ -127,11 +133,16 @@ class BlockRadixTree:
         A duplicate returns the existing block; a partial block whose tokens a sibling already
         starts with is covered (useless); a new block replaces the partial siblings it extends.
 
+        A hash collision (a different block, or another scope's root, under the same key) is
+        `InsertOutcome.COLLIDED`: nothing changes.
+
         Raises:
             ValueError: the parent is partial or no longer in the tree, the token count is outside
                 `[1, tokens_per_block]`, or a token is bad.
         """
         node = self._parent_node(parent)
+        if node is None:  # another scope's root under this scope's key
+            return InsertResult(None, InsertOutcome.COLLIDED)
         if not isinstance(tokens, Sequence | np.ndarray):
             tokens = list(tokens)
         count = len(tokens)
@@ -142,8 +153,8 @@ class BlockRadixTree:
         key = hasher(node.key, payload, count)
         existing = node.children.get(key)
         if existing is not None:
-            if existing.payload != payload:
-                raise RuntimeError(f"blake3 collision between two blocks under key {key.hex()}")
+            if existing.payload != payload:  # a hash collision: never share the other's KV
+                return InsertResult(None, InsertOutcome.COLLIDED)
             return InsertResult(existing, InsertOutcome.EXISTING)
         is_full = count == self.tokens_per_block
         if not is_full:
@@ -160,9 +171,13 @@ class BlockRadixTree:
             self._roots[node.key] = node
         return InsertResult(block, InsertOutcome.NEW, tuple(replaced))
 
-    def _parent_node(self, parent: Block | ReuseScope) -> Node:
+    def _parent_node(self, parent: Block | ReuseScope) -> Node | None:
+        """The node to insert under; None when another scope's root holds the scope's key."""
         if isinstance(parent, ReuseScope):
-            return self._roots.get(parent.root_key) or RootBlock(parent, self)
+            root = self._roots.get(parent.root_key)
+            if root is None:
+                return RootBlock(parent, self)
+            return root if root.scope == parent else None
         if not isinstance(parent, Block):
             raise ValueError(f"parent {parent!r} is neither a Block nor a ReuseScope")
         if parent.root.tree is not self:
