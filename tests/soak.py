@@ -1,0 +1,166 @@
+"""A randomized engine soak: requests with shared prefixes from two tenants arrive from a second
+thread, which also aborts some at random, while the main thread steps a scarce engine. After
+every step the cache's invariants hold; at the end nothing leaks and every finished output equals
+the same request served alone on an ample engine (greedy and seeded sampling alike).
+
+Used by `tests/test_engine_soak.py` (bounded) and runnable longer:
+`python -m tests.soak --requests 400 --device-pages 16`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import threading
+import time
+
+import numpy as np
+
+from kvjax.engine.engine import Engine
+from kvjax.engine.geometry import cache_config_for
+from kvjax.serving.request import SamplingParams
+from kvjax.serving.scheduler import SchedulerConfig, SchedulerPolicy
+
+TPB = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SoakRequest:
+    prompt: tuple[int, ...]
+    params: SamplingParams
+    salt: str
+
+
+@dataclasses.dataclass
+class SoakReport:
+    requests: int = 0
+    finished: int = 0
+    aborted: int = 0
+    steps: int = 0
+    suspensions: int = 0
+    recomputations: int = 0
+    wrong_outputs: int = 0
+    leaks: int = 0
+    seconds: float = 0.0
+
+
+def workload(rng: np.random.Generator, num_requests: int, vocab: int = 64) -> list[SoakRequest]:
+    """Requests of two tenants, each sharing one of two system prompts, greedy or sampled."""
+    prefixes = [list(rng.integers(0, vocab, n)) for n in (9, 6)]
+    requests = []
+    for index in range(num_requests):
+        prefix = prefixes[int(rng.integers(2))]
+        prompt = tuple(int(t) for t in [*prefix, *rng.integers(0, vocab, int(rng.integers(1, 8)))])
+        max_new = int(rng.integers(3, 12))
+        if rng.random() < 0.5:
+            params = SamplingParams(max_new_tokens=max_new, temperature=0.0)
+        else:
+            params = SamplingParams(max_new_tokens=max_new, temperature=0.8, seed=index)
+        requests.append(SoakRequest(prompt, params, f"tenant-{int(rng.integers(2))}"))
+    return requests
+
+
+def make_engine(model, *, device_pages, host_pages, policy, **options) -> Engine:
+    config = cache_config_for(
+        model, tokens_per_block=TPB, device_pages=device_pages, host_pages=host_pages
+    )
+    scheduler = SchedulerConfig(max_batch_size=4, max_num_tokens=32, chunk_unit=4, policy=policy)
+    return Engine(model, config, scheduler, eos_token_ids=[], **options)
+
+
+def served_alone(engine: Engine, requests: list[SoakRequest]) -> list[tuple[int, ...]]:
+    """Each request's tokens served on its own (the engine must be ample)."""
+    outputs = []
+    for request in requests:
+        (output,) = engine.generate(
+            [list(request.prompt)], request.params, use_tqdm=False, salt=request.salt
+        )
+        outputs.append(output.token_ids)
+    return outputs
+
+
+def soak(engine: Engine, requests, expected, *, seed: int, abort_fraction: float) -> SoakReport:
+    """Serves `requests` arriving from a second thread (which aborts some), checking the cache
+    after every step; returns the figures."""
+    rng = np.random.default_rng(seed)
+    report, ids, aborted, errors = SoakReport(requests=len(requests)), {}, set(), []
+    arrivals = threading.Event()
+
+    def arrive():
+        try:
+            for index, request in enumerate(requests):
+                ids[engine.add_request(list(request.prompt), request.params, salt=request.salt)] = (
+                    index
+                )
+                if ids and rng.random() < abort_fraction:
+                    victim = list(ids)[int(rng.integers(len(ids)))]
+                    try:
+                        engine.abort(victim)
+                        aborted.add(victim)
+                    except ValueError:  # finished already
+                        pass
+                time.sleep(0.001 * int(rng.integers(0, 3)))
+        except Exception as error:
+            errors.append(error)
+        finally:
+            arrivals.set()
+
+    thread = threading.Thread(target=arrive)
+    start = time.perf_counter()
+    thread.start()
+    outputs = {}
+    while not arrivals.is_set() or engine.num_unfinished:
+        for output in engine.step():
+            outputs[output.request_id] = output
+        engine.manager.check_invariants()
+    thread.join()
+    if errors:
+        raise errors[0]
+    report.seconds = time.perf_counter() - start
+    report.steps = engine.metrics.num_steps
+    report.aborted = len(aborted - set(outputs))
+    report.finished = len(outputs)
+    for request_id, output in outputs.items():
+        report.wrong_outputs += output.token_ids != expected[ids[request_id]]
+        report.recomputations += output.metrics.num_recomputations
+        report.suspensions += output.metrics.num_preemptions - output.metrics.num_recomputations
+    try:
+        engine.manager.check_no_leaks()
+    except AssertionError:
+        report.leaks += 1
+    return report
+
+
+def main() -> None:
+    from tests.test_llama import random_model, tiny_config
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--device-pages", type=int, default=16)
+    parser.add_argument("--host-pages", type=int, default=24)
+    parser.add_argument("--abort-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    model = random_model(tiny_config(vocab_size=64))
+    requests = workload(np.random.default_rng(args.seed), args.requests)
+    ample = make_engine(
+        model, device_pages=64, host_pages=0, policy=SchedulerPolicy.MAX_UTILIZATION
+    )
+    expected = served_alone(ample, requests)
+    ample.shutdown()
+    for policy in SchedulerPolicy:
+        for host_pages in (args.host_pages, 0):
+            engine = make_engine(
+                model, device_pages=args.device_pages, host_pages=host_pages, policy=policy
+            )
+            report = soak(
+                engine, requests, expected, seed=args.seed, abort_fraction=args.abort_fraction
+            )
+            engine.shutdown()
+            counts = collections.OrderedDict(dataclasses.asdict(report))
+            print(f"{policy.name} host_pages={host_pages}: {dict(counts)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
