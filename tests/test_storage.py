@@ -268,3 +268,23 @@ def test_close_is_idempotent_and_later_use_raises(tmp_path):
     ):
         with pytest.raises(RuntimeError, match="closed"):
             use()
+
+
+def test_the_disk_tier_is_reserved_up_front_or_refused_clearly(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    storage = KVStorage(PAGE_SHAPE, DTYPES[0], 4, 0, 3, disk_dir=tmp_path, impl="xla")
+    num_bytes = storage.nbytes(Tier.DISK)
+    assert os.fstat(storage._disk_file.fileno()).st_blocks * 512 >= num_bytes  # not sparse
+    storage.close()
+
+    def full_disk(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk)
+    with pytest.raises(
+        OSError, match=rf"the disk tier needs {num_bytes} bytes in .*; \d+ are free"
+    ):
+        KVStorage(PAGE_SHAPE, DTYPES[0], 4, 0, 3, disk_dir=tmp_path, impl="xla")
+    assert list(tmp_path.iterdir()) == []  # nothing left behind

@@ -296,9 +296,9 @@ class KVCache:
             self._tree_blocks[ordinal] = result.block
             self._owner.block_stored(result.block, tokens)
             return True
-        if result.outcome is InsertOutcome.EXISTING and len(tokens) == self._tpb:
-            if result.block.is_full:  # both full: the seed PR's `is_full` guard
-                return self._rebase(ordinal, result.block) or self._stop_virtually()
+        existing = result.outcome is InsertOutcome.EXISTING
+        if existing and len(tokens) == self._tpb and result.block.is_full:  # the is_full guard
+            return self._rebase(ordinal, result.block) or self._stop_virtually()
         return self._stop_virtually()
 
     def _stop_virtually(self) -> bool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ import numpy as np
 from kvjax.cache.checks import check_int
 from kvjax.cache.config import KV_DTYPES, CacheConfig
 from kvjax.cache.pages import NULL_PAGE, Tier
+from kvjax.runtime.disk import new_disk_tier
 from kvjax.runtime.host_memory import host_tier_pages
 from kvjax.runtime.page_ops import default_impl, padded_page_ids, page_bucket, page_ops
 from kvjax.runtime.sharding import LocalHeads, zeros
@@ -311,10 +311,7 @@ class KVStorage:
     # -- checks -------------------------------------------------------------------------------
 
     def _new_disk(self, num_pages: int):
-        # Anonymous file: removed by the OS once closed, so nothing is left in disk_dir.
-        file = tempfile.TemporaryFile(dir=self._disk_dir)  # noqa: SIM115  (lives with self)
-        shape = (num_pages, *self.local_page_shape)
-        return file, np.memmap(file, dtype=self.dtype, mode="w+", shape=shape)
+        return new_disk_tier(self._disk_dir, (num_pages, *self.local_page_shape), self.dtype)
 
     def _array(self, tier: Tier) -> jax.Array | np.ndarray | None:
         self._check_open()
