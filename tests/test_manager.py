@@ -504,3 +504,25 @@ def test_a_colliding_commit_stops_committing_and_keeps_every_invariant(monkeypat
     for cache in (first, second, third):
         cache.close()
     manager.check_no_leaks()
+
+
+def test_a_partial_reuse_resume_needs_no_more_device_pages_than_the_cold_run():
+    """A 38-token prompt on 5 usable pages of 8 tokens: cold it takes 5 pages; warm, the match
+    ends mid-block, and copying the shared page would take a 6th. The resume then reuses the
+    full blocks only (the issue's repro: served once, the same prompt could never run again)."""
+    manager, engine = make(tpb=8, device=6, host=8)
+    prompt = list(range(1, 39))
+    cold = start(manager, engine, prompt[:-1])
+    assert cold.resize(capacity=38)
+    prefill(engine, cold, prompt)
+    cold.close()
+    warm = manager.create_kv_cache(prompt[:-1])
+    engine.register(warm)
+    assert warm.num_reused_tokens == 37  # 4 full blocks and 5 tokens of the partial one
+    assert warm.resume()
+    assert warm.num_committed_tokens == warm.num_reused_tokens == 32  # full blocks only
+    assert warm.resize(capacity=38)
+    engine.check_all()
+    prefill(engine, warm, prompt)
+    warm.close()
+    manager.check_no_leaks()

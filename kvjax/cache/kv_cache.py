@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvjax.cache.blocks import Block, InsertOutcome
+from kvjax.cache.block_commits import BlockCommits
+from kvjax.cache.blocks import Block
 from kvjax.cache.cache_status import (
     CacheOwner,
     CacheStatus,
@@ -20,13 +21,13 @@ from kvjax.cache.cache_status import (
     check_block,
     checked_lengths,
 )
-from kvjax.cache.keys import ReuseScope, Token, check_tokens, token_list
+from kvjax.cache.keys import ReuseScope, Token
 from kvjax.cache.pages import NULL_PAGE, Page, Tier
 
 __all__ = ["CacheStatus", "CommitState", "KVCache", "OutOfPagesError"]
 
 
-class KVCache:
+class KVCache(BlockCommits):
     """One sequence's KV pages. Not built directly: use `KVCacheManager.create_kv_cache`.
 
     Args:
@@ -157,8 +158,9 @@ class KVCache:
             return False
         new_pages = tiers.acquire(self._pages, num_copies, priority=self.priority)
         if new_pages is None:
-            return False
-        if self._shared_ordinal is not None:
+            if not num_copies or not self._resume_full_blocks_only():
+                return False
+        elif self._shared_ordinal is not None:
             shared, private = self._pages[self._shared_ordinal], new_pages[0]
             tiers.record_copy(shared, private)
             tiers.unlock(shared)
@@ -167,6 +169,21 @@ class KVCache:
             self._shared_ordinal = None
         self._status = CacheStatus.ACTIVE
         self._owner.apply_moves()
+        return True
+
+    def _resume_full_blocks_only(self) -> bool:
+        """Locks the full reused blocks and gives up the shared partial one (its copy takes one
+        page more than a cold run would): its tokens are computed again. False, with nothing
+        changed, when even the full blocks do not fit."""
+        ordinal = self._shared_ordinal  # the last block: a suspended cache never grew
+        if self._tiers.acquire(self._pages[:ordinal], priority=self.priority) is None:
+            return False
+        self._tiers.release(self._pages.pop())
+        self._tree_blocks.pop()
+        del self._tokens[ordinal * self._tpb :]
+        self._history = self._capacity = self.num_reused_tokens = len(self._tokens)
+        self._shared_ordinal = None
+        self._owner.count(reused_blocks=-1, partially_reused_blocks=-1, missed_blocks=1)
         return True
 
     def suspend(self) -> None:
@@ -214,51 +231,6 @@ class KVCache:
         self._history = history
         return True
 
-    def commit(self, tokens: Sequence[Token]) -> None:
-        """Appends tokens whose KV is written; each block that becomes full enters the tree.
-
-        History moves up to at least the committed length.
-
-        Raises:
-            RuntimeError: the cache is not ACTIVE, or `stop_committing()` was called.
-            ValueError: a bad token, or more committed tokens than capacity.
-        """
-        if self._status is not CacheStatus.ACTIVE:
-            self._require(CacheStatus.ACTIVE, "commit")
-        if self._commit_state is CommitState.USER_STOP:
-            raise RuntimeError("commit() after stop_committing(); use resize(history_length=)")
-        if type(tokens) is not list:  # lists (the common case) are only read
-            tokens = token_list(tokens)
-        old_length = len(self._tokens)
-        check_tokens(tokens, old_length)
-        new_length = old_length + len(tokens)
-        if new_length > self._capacity:
-            raise ValueError(
-                f"committing {len(tokens)} tokens makes {new_length} > capacity={self._capacity}"
-            )
-        self._tokens += tokens
-        if new_length > self._history:
-            self._history = new_length
-        first, end = old_length // self._tpb, new_length // self._tpb
-        if first < end and self._commit_state is CommitState.ALLOWED:
-            for ordinal in range(first, end):
-                if not self._commit_block(ordinal):
-                    break
-            self._owner.apply_moves()  # a rebase may have brought a tree page up
-
-    def stop_committing(self) -> None:
-        """Commits a trailing partial block, then refuses further commits. Idempotent."""
-        self._require_open("stop_committing")
-        if self._commit_state is CommitState.USER_STOP:
-            return
-        ordinal, remainder = divmod(len(self._tokens), self._tpb)
-        # A still-shared partial block already is a prefix of a tree block: nothing to add.
-        allowed = self._commit_state is CommitState.ALLOWED
-        if allowed and remainder and ordinal != self._shared_ordinal:
-            self._commit_block(ordinal)
-        self._commit_state = CommitState.USER_STOP
-        self._owner.apply_moves()
-
     def close(self) -> None:
         """Stops committing and releases every page, last block first: committed pages stay in
         the tree as DROPPABLE cache, private ones are freed. Idempotent."""
@@ -277,49 +249,6 @@ class KVCache:
         self._owner.apply_moves()
 
     # -- internals ----------------------------------------------------------------------------
-
-    def _commit_block(self, ordinal: int) -> bool:
-        """Offers block `ordinal` (full, or the partial last one) to the tree.
-
-        New: our page becomes the tree's. Identical and both full: rebase onto the tree's page
-        and free ours. Anything else (a partial block, the `is_full` guard of the seed PR, a hash
-        collision): keep the private page and stop committing (VIRTUAL_STOP).
-        """
-        start = ordinal * self._tpb
-        tokens = self._tokens[start : start + self._tpb]
-        parent = self.scope if ordinal == 0 else self._tree_blocks[ordinal - 1]
-        if parent is None or (isinstance(parent, Block) and not parent.is_attached):
-            return self._stop_virtually()
-        own = self._pages[ordinal]
-        result = self._tiers.commit(own, parent, tokens)
-        if result.outcome is InsertOutcome.NEW:
-            self._tree_blocks[ordinal] = result.block
-            self._owner.block_stored(result.block, tokens)
-            return True
-        existing = result.outcome is InsertOutcome.EXISTING
-        if existing and len(tokens) == self._tpb and result.block.is_full:  # the is_full guard
-            return self._rebase(ordinal, result.block) or self._stop_virtually()
-        return self._stop_virtually()
-
-    def _stop_virtually(self) -> bool:
-        """A block could not enter the tree: later ones cannot either (returns False)."""
-        self._commit_state = CommitState.VIRTUAL_STOP
-        return False
-
-    def _rebase(self, ordinal: int, block: Block) -> bool:
-        """Swaps our private page of `ordinal` for the identical full tree block's page."""
-        tree_page, own = block.page, self._pages[ordinal]
-        self._tiers.hold(tree_page)
-        if self._status is CacheStatus.ACTIVE:
-            if self._tiers.acquire([tree_page]) is None:
-                self._tiers.release(tree_page)
-                return False
-            self._tiers.unlock(own)
-        self._tiers.release(own)
-        self._pages[ordinal] = tree_page
-        self._tree_blocks[ordinal] = block
-        self._owner.count(rebased_blocks=1)
-        return True
 
     def _require(self, status: CacheStatus, operation: str) -> None:
         if self._status is not status:
