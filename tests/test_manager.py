@@ -526,3 +526,15 @@ def test_a_partial_reuse_resume_needs_no_more_device_pages_than_the_cold_run():
     prefill(engine, warm, prompt)
     warm.close()
     manager.check_no_leaks()
+
+
+def test_a_cache_dropped_without_close_is_released_with_a_warning():
+    manager, engine = make(tpb=4, device=8, host=4)
+    cache = start(manager, engine)
+    prefill(engine, cache, range(10))
+    del cache  # dropped, active and unclosed: its three pages stay locked until released
+    with pytest.warns(ResourceWarning, match="dropped without close"):
+        manager.check_invariants()
+    assert manager.live_caches == []
+    manager.check_no_leaks()  # its full blocks stay cached, the rest is free
+    assert manager.pages.num_evictable(DEVICE) == 2

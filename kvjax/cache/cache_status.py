@@ -19,6 +19,7 @@ __all__ = [
     "CacheOwner",
     "CacheStatus",
     "CommitState",
+    "Holdings",
     "OutOfPagesError",
     "check_block",
     "checked_lengths",
@@ -39,6 +40,17 @@ class CommitState(enum.Enum):
     ALLOWED = "allowed"  # each block that becomes full enters the tree
     VIRTUAL_STOP = "virtual_stop"  # a block could not enter the tree: tokens still count
     USER_STOP = "user_stop"  # stop_committing() was called: commit() is refused
+
+
+class Holdings:
+    """The pages a cache holds (the same list the cache grows) and whether it locks them: what
+    its finalizer hands back should the cache be dropped without `close()`."""
+
+    __slots__ = ("locked", "pages")
+
+    def __init__(self) -> None:
+        self.pages: list[Page] = []
+        self.locked = False
 
 
 class CacheOwner(Protocol):
@@ -63,6 +75,11 @@ class CacheOwner(Protocol):
 
     def forget(self, cache: Any) -> None:
         """The cache closed."""
+        ...
+
+    def adopt_orphan(self, holdings: Holdings) -> None:
+        """A cache was dropped unclosed (called by its finalizer, at any time): release its
+        pages at the owner's next operation."""
         ...
 
 

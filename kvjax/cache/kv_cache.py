@@ -9,6 +9,7 @@ tokens_per_block)`. Created by `KVCacheManager.create_kv_cache`; host side, no J
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 from kvjax.cache.block_commits import BlockCommits
@@ -17,6 +18,7 @@ from kvjax.cache.cache_status import (
     CacheOwner,
     CacheStatus,
     CommitState,
+    Holdings,
     OutOfPagesError,
     check_block,
     checked_lengths,
@@ -51,12 +53,15 @@ class KVCache(BlockCommits):
         self._tpb = owner.tokens_per_block
         self.scope = scope
         self.priority = priority
+        # What a finalizer releases should the cache be dropped without close().
+        self._holdings = Holdings()
+        self._finalizer = weakref.finalize(self, owner.adopt_orphan, self._holdings)
         self._status = CacheStatus.SUSPENDED
         self._commit_state = CommitState.ALLOWED
         self._tokens: list[Token] = reused_tokens
         self._history = self._capacity = len(reused_tokens)
         self.num_reused_tokens = len(reused_tokens)
-        self._pages: list[Page] = []
+        self._pages: list[Page] = self._holdings.pages
         self._tree_blocks: list[Block | None] = []  # the committed block of each ordinal
         for block in reused:
             self._tiers.hold(block.page)
@@ -167,7 +172,7 @@ class KVCache(BlockCommits):
             tiers.release(shared)
             self._pages[self._shared_ordinal] = private
             self._shared_ordinal = None
-        self._status = CacheStatus.ACTIVE
+        self._set_status(CacheStatus.ACTIVE)
         self._owner.apply_moves()
         return True
 
@@ -191,7 +196,7 @@ class KVCache(BlockCommits):
         self._require(CacheStatus.ACTIVE, "suspend")
         for page in reversed(self._pages):  # the tail becomes the first to move
             self._tiers.unlock(page)
-        self._status = CacheStatus.SUSPENDED
+        self._set_status(CacheStatus.SUSPENDED)
 
     def resize(self, capacity: int | None = None, history_length: int | None = None) -> bool:
         """Sets the capacity (grow allocates, shrink frees trailing blocks: the speculative
@@ -244,11 +249,16 @@ class KVCache(BlockCommits):
         self._pages.clear()
         self._tree_blocks.clear()
         self._shared_ordinal = None
-        self._status = CacheStatus.CLOSED
+        self._set_status(CacheStatus.CLOSED)
+        self._finalizer.detach()
         self._owner.forget(self)
         self._owner.apply_moves()
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _set_status(self, status: CacheStatus) -> None:
+        self._status = status
+        self._holdings.locked = status is CacheStatus.ACTIVE
 
     def _require(self, status: CacheStatus, operation: str) -> None:
         if self._status is not status:

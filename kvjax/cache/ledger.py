@@ -7,6 +7,8 @@ side, no JAX: the storage is any object with the `PageStorage` methods.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -15,6 +17,7 @@ import blake3
 import numpy as np
 
 from kvjax.cache.blocks import Block
+from kvjax.cache.cache_status import Holdings
 from kvjax.cache.checks import check_int
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.keys import Token
@@ -71,7 +74,9 @@ class CacheLedger:
         self.stats = CacheStats()
         self.events = EventBuffer(check_int("max_events", max_events, minimum=0))
         self.moves_digest = b""  # chained over every page move applied
-        self.caches: dict[int, Any] = {}  # live caches by id(), in creation order
+        # Live caches by id(), in creation order; weak, so a cache dropped unclosed is found.
+        self.caches: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self.orphans: list[Holdings] = []  # of caches dropped unclosed, not released yet
         self._num_dropped_seen = 0
         tiers.on_blocks_removed = self._blocks_removed
 
@@ -117,3 +122,24 @@ class CacheLedger:
 
     def is_live(self, cache: Any) -> bool:
         return self.caches.get(id(cache)) is cache
+
+    def adopt_orphan(self, holdings: Holdings) -> None:
+        # A finalizer may run in the middle of any operation: only queue the pages here.
+        self.orphans.append(holdings)
+
+    def release_orphans(self) -> None:
+        """Releases the pages of caches dropped without `close()`, with a warning."""
+        while self.orphans:
+            holdings = self.orphans.pop()
+            for page in reversed(holdings.pages):
+                if holdings.locked:
+                    self.tiers.unlock(page)
+                self.tiers.release(page)
+            warnings.warn(
+                f"a KVCache was dropped without close(): its {len(holdings.pages)} pages are "
+                "released now; close caches when their sequence ends",
+                ResourceWarning,
+                stacklevel=3,
+            )
+            holdings.pages.clear()
+            self.apply_moves()

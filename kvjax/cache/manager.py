@@ -249,6 +249,7 @@ class KVCacheManager:
 
     def get_batch_cache_indices(self, caches: Sequence[KVCache]) -> list[list[int]]:
         """Device page ids of each ACTIVE cache, block by block."""
+        self._ledger.release_orphans()
         for cache in caches:
             if not self._ledger.is_live(cache):
                 raise ValueError(f"{cache!r} is not a live cache of this manager")
@@ -266,6 +267,7 @@ class KVCacheManager:
         """Clears the tree and releases the storage; every cache must be closed. Idempotent."""
         if self._is_shut_down:
             return
+        self._ledger.release_orphans()
         if self._ledger.caches:
             num_open = len(self._ledger.caches)
             raise RuntimeError(f"shutdown with {num_open} caches still open; close them")
@@ -301,11 +303,13 @@ class KVCacheManager:
     def _require_running(self) -> None:
         if self._is_shut_down:
             raise RuntimeError("this KVCacheManager was shut down")
+        self._ledger.release_orphans()
 
     def check_invariants(self) -> None:
         """Raises `AssertionError` unless every page is in one place, every reference count is
         exact (holders = caches holding the page, locks = ACTIVE ones), the lengths of every
         cache hold, and the storage has the tiers' sizes."""
+        self._ledger.release_orphans()
         self.pages.check_invariants()
         holders: Counter[int] = Counter()
         locks: Counter[int] = Counter()
