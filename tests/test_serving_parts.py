@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kvjax.serving.intake import RequestIntake
-from kvjax.serving.progress import ProgressWatch
+from kvjax.serving.progress import ProgressWatch, memory_report
 from kvjax.serving.request import FinishReason, Request, SamplingParams
 from kvjax.serving.results import append_token
 from kvjax.serving.scheduler import SchedulerConfig, SchedulerOutput
@@ -48,19 +48,32 @@ def outcome(num_paused=0, num_running=0):
 
 
 def test_the_progress_watch_waits_while_suspensions_make_room():
-    watch = ProgressWatch()
-    watch.observe(outcome(num_paused=1), num_queued=2, device_utilization=0.5)
-    watch.observe(outcome(num_paused=1), num_queued=2, device_utilization=0.5)
+    def report():
+        return "device: 12 of 12 pages held"
+
+    watch = ProgressWatch(report)
+    watch.observe(outcome(num_paused=1), num_queued=2)
+    watch.observe(outcome(num_paused=1), num_queued=2)
     with pytest.raises(
-        RuntimeError, match="no request of 2 can be scheduled; device utilization 50%"
+        RuntimeError, match=r"no request of 2 can be scheduled \(device: 12 of 12 pages held\)"
     ):
-        watch.observe(outcome(num_paused=1), num_queued=2, device_utilization=0.5)
-    watch = ProgressWatch()
-    watch.observe(outcome(num_paused=1), num_queued=1, device_utilization=1.0)
-    watch.observe(outcome(num_running=1), num_queued=1, device_utilization=1.0)  # progress
-    watch.observe(outcome(num_paused=1), num_queued=1, device_utilization=1.0)
-    with pytest.raises(RuntimeError, match="give the KVCacheManager more device pages"):
-        watch.observe(outcome(), num_queued=1, device_utilization=1.0)  # nothing suspended
+        watch.observe(outcome(num_paused=1), num_queued=2)
+    watch = ProgressWatch(report)
+    watch.observe(outcome(num_paused=1), num_queued=1)
+    watch.observe(outcome(num_running=1), num_queued=1)  # progress
+    watch.observe(outcome(num_paused=1), num_queued=1)
+    with pytest.raises(RuntimeError, match="more pages where every page is held"):
+        watch.observe(outcome(), num_queued=1)  # nothing preempted
+
+
+def test_the_memory_report_names_each_tier_and_the_budget():
+    from kvjax.cache import BlockRadixTree, TieredPages
+
+    pages = TieredPages(BlockRadixTree(4), num_device_pages=5, num_host_pages=3)
+    assert pages.allocate(2) is not None
+    assert memory_report(pages, 32) == (
+        "device: 2 of 4 pages held; host: 0 of 3 pages held; no disk tier; token budget 32 per step"
+    )
 
 
 @pytest.mark.parametrize(

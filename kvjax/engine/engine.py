@@ -10,6 +10,7 @@ compiled at construction; serving never compiles.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -37,7 +38,7 @@ from kvjax.runtime.sharding import (
 )
 from kvjax.serving.intake import RequestIntake
 from kvjax.serving.metrics import EngineMetrics
-from kvjax.serving.progress import ProgressWatch
+from kvjax.serving.progress import ProgressWatch, memory_report
 from kvjax.serving.request import Request, RequestOutput, RequestState, SamplingParams
 from kvjax.serving.request_queue import RequestQueue
 from kvjax.serving.results import append_token, emitted_tokens
@@ -143,7 +144,8 @@ class Engine:
         self._queue = RequestQueue(intake)
         # Held by a step and by what changes live requests: abort waits for a running step.
         self._step_lock = threading.RLock()
-        self._progress = ProgressWatch()
+        report = functools.partial(memory_report, self.manager.pages, config.max_num_tokens)
+        self._progress = ProgressWatch(report)
         self.check_agreement = check_agreement
 
     # -- requests -----------------------------------------------------------------------------
@@ -221,7 +223,7 @@ class Engine:
         if self._drafting:  # draft caches follow the target's suspensions
             for request in output.paused_requests:
                 self._drafting.drafter.suspend(request)
-        self._progress.observe(output, len(queue), self.manager.pages.utilization())
+        self._progress.observe(output, len(queue))
         return output
 
     def _build_batch(
