@@ -117,3 +117,44 @@ def test_generate_keeps_other_outputs_and_cleans_up_its_own(model):
     assert len(calls) == 2 and engine.num_unfinished == 0  # generate aborted its own requests
     engine.manager.check_no_leaks()
     engine.shutdown()
+
+
+def test_a_step_that_loses_the_donated_pool_is_survived_once(model):
+    """The compiled step fails after the pool was donated (a device fault): the engine rebuilds
+    the pool, forgets the device's blocks, recomputes the requests in flight, and every output
+    is still exactly the dense model's; a second failure in a row raises."""
+    engine = make_engine(model)
+    rng = np.random.default_rng(7)
+    prompts = prompts_with_shared_prefix(rng, 6, [4, 9, 3])
+    registry, calls = engine.registry, []
+
+    def failing_registry(params, pool, inputs):
+        calls.append(1)
+        if len(calls) == 3:  # mid-generation, after prefix blocks entered the tree
+            pool.delete()  # what donation does to the caller's array
+            raise RuntimeError("device fault")
+        return registry(params, pool, inputs)
+
+    engine.registry = failing_registry
+    ids = [engine.add_request(prompt, GREEDY) for prompt in prompts]
+    outputs = {}
+    with pytest.warns(RuntimeWarning, match="a step failed after donating the KV pool"):
+        while engine.num_unfinished:
+            for output in engine.step():
+                outputs[output.request_id] = output
+            engine.manager.check_invariants()
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        assert outputs[request_id].token_ids == dense_greedy(model, prompt)
+    assert sum(o.metrics.num_recomputations for o in outputs.values()) == len(prompts)
+    engine.manager.check_no_leaks()
+
+    def always_failing(params, pool, inputs):
+        pool.delete()
+        raise RuntimeError("device gone")
+
+    engine.registry = always_failing
+    engine.add_request(prompts[0], GREEDY)
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="device gone"):
+        for _ in range(3):
+            engine.step()
+    engine.shutdown()

@@ -257,10 +257,14 @@ class KVCacheManager:
                 raise ValueError(f"{cache!r} is not ACTIVE; resume it first")
         return [cache.page_ids() for cache in caches]
 
-    def clear_reusable_blocks(self) -> None:
-        """Empties the radix tree: cached pages are freed; pages live caches hold stay theirs."""
+    def clear_reusable_blocks(self, tier: Tier | None = None) -> None:
+        """Empties the radix tree, or drops only the blocks whose pages are on `tier` (and
+        their subtrees): cached pages are freed; pages live caches hold stay theirs."""
         self._require_running()
-        self.pages.clear()
+        if tier is None:
+            self.pages.clear()
+        else:
+            self.pages.drop_blocks_on(tier)
         self._ledger.apply_moves()
 
     def shutdown(self) -> None:

@@ -181,6 +181,15 @@ class TieredPages(TierCascade):
         self._forget_pages(removed)
         return removed
 
+    def drop_blocks_on(self, tier: Tier) -> list[Block]:
+        """Drops every block whose page is on `tier`, with its subtree (e.g. the device's,
+        when the device pool was lost)."""
+        removed: list[Block] = []
+        for page in list(self.live_pages(tier)):
+            if page.block is not None and page.block.is_attached:  # an earlier drop may prune it
+                removed += self.drop_block(page.block)
+        return removed
+
     def clear(self) -> list[Block]:
         """Empties the tree; cached pages are freed, held ones stay with their holders."""
         removed = self.tree.clear()

@@ -30,6 +30,7 @@ from kvjax.engine.preflight import (
     check_processes_agree,
     plan,
 )
+from kvjax.engine.recovery import recover_lost_pool
 from kvjax.runtime.buckets import Buckets
 from kvjax.runtime.sampling import SamplingInputs
 from kvjax.runtime.sharding import (
@@ -41,7 +42,7 @@ from kvjax.serving.metrics import EngineMetrics
 from kvjax.serving.progress import ProgressWatch, memory_report
 from kvjax.serving.request import Request, RequestOutput, RequestState, SamplingParams
 from kvjax.serving.request_queue import RequestQueue
-from kvjax.serving.results import append_token, emitted_tokens
+from kvjax.serving.results import apply_results
 from kvjax.serving.scheduler import SchedulerConfig, SchedulerOutput
 from kvjax.serving.speculative import (
     DraftPlanner,
@@ -146,6 +147,7 @@ class Engine:
         self._step_lock = threading.RLock()
         report = functools.partial(memory_report, self.manager.pages, config.max_num_tokens)
         self._progress = ProgressWatch(report)
+        self._lost_pool = False  # a step lost the pool, and none succeeded since
         self.check_agreement = check_agreement
 
     # -- requests -----------------------------------------------------------------------------
@@ -212,9 +214,22 @@ class Engine:
             return
         start = time.perf_counter()
         batch, sampling = self._build_batch(output, draft_len)
-        accepted, tokens = self._run(batch, sampling)
+        try:
+            accepted, tokens = self._run(batch, sampling)
+        except Exception as error:
+            # A failure that consumed the donated pool: recover once; twice in a row, raise.
+            if not self.manager.pool.is_deleted() or self._lost_pool:
+                raise
+            recover_lost_pool(error, queue, self.resources, self.manager)
+            self._lost_pool = True
+            return
+        self._lost_pool = False
         now = time.perf_counter()
-        num_generated, num_accepted = self._apply_results(batch, accepted, tokens, start, now)
+        num_generated, num_accepted = apply_results(
+            batch.requests, batch.chunk_sizes, accepted, tokens, batch.draft_len, self.resources,
+            eos_token_ids=self.eos_token_ids, max_seq_len=self.manager.max_seq_len,
+            finish=self._finish, start=start, now=now,
+        )  # fmt: skip
         self.metrics.record_step(start, now, batch, output, num_generated, num_accepted)
 
     def _schedule(self, queue: list[Request], draft_len: int) -> SchedulerOutput:
@@ -244,26 +259,6 @@ class Engine:
         the tokens picked after each row's input and drafts)."""
         logits, self.manager.pool = self.registry(self._params, self.manager.pool, batch.inputs)
         return sampling.verify(logits, batch.draft_tokens, batch.num_drafts)
-
-    def _apply_results(
-        self, batch: StepBatch, accepted, tokens, start: float, now: float
-    ) -> tuple[int, int]:
-        """Advances every row's cache and tokens, finishing requests; returns (tokens
-        generated, drafts accepted)."""
-        num_generated = num_accepted = 0
-        for row, request in enumerate(batch.requests):
-            new_tokens = emitted_tokens(
-                request, self.resources, chunk=batch.chunk_sizes[row],
-                num_accepted=int(accepted[row]), picks=tokens[row], draft_len=batch.draft_len,
-                start=start, now=now,
-            )  # fmt: skip
-            for index, token in enumerate(new_tokens):
-                num_generated += 1
-                num_accepted += index < len(new_tokens) - 1  # a draft (not the last pick)
-                if append_token(request, int(token), self.eos_token_ids, self.manager.max_seq_len):
-                    self._finish(request, now)
-                    break
-        return num_generated, num_accepted
 
     def _finish(self, request: Request, now: float) -> None:
         request.state = RequestState.GENERATION_TO_COMPLETE

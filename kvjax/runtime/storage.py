@@ -221,6 +221,11 @@ class KVStorage:
             del disk
             file.close()
 
+    def reset_pool(self) -> None:
+        """A zero pool in place of one a failed step consumed (donated, then lost)."""
+        self._check_open()
+        self._pool = self._zeros(self._pool.shape[0])
+
     def close(self) -> None:
         """Drops every tier and closes the disk file; later use raises `RuntimeError`."""
         if self._closed:

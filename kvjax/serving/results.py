@@ -6,14 +6,14 @@ Host side, no JAX: the picks arrive as numpy arrays.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
 from kvjax.serving.request import FinishReason, Request, RequestState
 from kvjax.serving.resources import CacheResources
 
-__all__ = ["append_token", "emitted_tokens"]
+__all__ = ["append_token", "apply_results", "emitted_tokens"]
 
 
 def emitted_tokens(
@@ -67,3 +67,38 @@ def append_token(
     ):
         request.finish_reason = FinishReason.LENGTH
     return request.finish_reason is not None
+
+
+def apply_results(
+    requests: Sequence[Request],
+    chunk_sizes: Sequence[int],
+    accepted: np.ndarray,
+    tokens: np.ndarray,
+    draft_len: int,
+    resources: CacheResources,
+    *,
+    eos_token_ids: Collection[int],
+    max_seq_len: int,
+    finish: Callable[[Request, float], None],
+    start: float,
+    now: float,
+) -> tuple[int, int]:
+    """Advances every row's cache and outputs (`emitted_tokens`, `append_token`), calling
+    `finish` for each request that ends; returns (tokens generated, drafts accepted).
+
+    Args:
+        accepted: int32[rows] drafts accepted per row; tokens: int32[rows, 1 + W] picks.
+    """
+    num_generated = num_accepted = 0
+    for row, request in enumerate(requests):
+        new_tokens = emitted_tokens(
+            request, resources, chunk=chunk_sizes[row], num_accepted=int(accepted[row]),
+            picks=tokens[row], draft_len=draft_len, start=start, now=now,
+        )  # fmt: skip
+        for index, token in enumerate(new_tokens):
+            num_generated += 1
+            num_accepted += index < len(new_tokens) - 1  # a draft (not the last pick)
+            if append_token(request, int(token), eos_token_ids, max_seq_len):
+                finish(request, now)
+                break
+    return num_generated, num_accepted
