@@ -158,3 +158,33 @@ def test_a_step_that_loses_the_donated_pool_is_survived_once(model):
         for _ in range(3):
             engine.step()
     engine.shutdown()
+
+
+def test_a_request_that_fails_inside_a_step_fails_alone(model):
+    from kvjax.serving.request import FinishReason
+
+    engine = make_engine(model)
+    rng = np.random.default_rng(8)
+    prompts = prompts_with_shared_prefix(rng, 5, [3, 6, 4])
+    ids = [engine.add_request(prompt, GREEDY) for prompt in prompts]
+    computed = engine.resources.context_computed
+
+    def context_computed(request, num_tokens):
+        if request.request_id == ids[1]:
+            raise ValueError("a broken request")
+        computed(request, num_tokens)
+
+    engine.resources.context_computed = context_computed
+    outputs = {}
+    while engine.num_unfinished:
+        for output in engine.step():
+            outputs[output.request_id] = output
+        engine.manager.check_invariants()
+    failed = outputs[ids[1]]
+    assert failed.finish_reason is FinishReason.ERROR and failed.token_ids == ()
+    assert failed.error == "ValueError: a broken request"
+    for request_id in (ids[0], ids[2]):
+        prompt = prompts[ids.index(request_id)]
+        assert outputs[request_id].token_ids == dense_greedy(model, prompt)
+    engine.manager.check_no_leaks()
+    engine.shutdown()

@@ -419,3 +419,16 @@ def test_recomputation_when_the_colder_tiers_cannot_take_a_victim():
     cache.free = 0
     out = schedule([head, small], cache)
     assert ids(out.paused_requests) == [1] and ("suspend", 1) in cache.calls
+
+
+def test_a_request_whose_cache_operation_raises_fails_alone():
+    class Broken(FakeCache):
+        def prepare_context(self, request):
+            if request.request_id == 1:
+                raise ValueError("a broken request")
+            return super().prepare_context(request)
+
+    requests = [ctx(0), ctx(1), ctx(2)]
+    out = schedule(requests, Broken())
+    assert [c.request.request_id for c in out.context_requests] == [0, 2]
+    assert ids(out.failed_requests) == [1] and requests[1].error == "ValueError: a broken request"

@@ -238,6 +238,8 @@ class Engine:
         if self._drafting:  # draft caches follow the target's suspensions
             for request in output.paused_requests:
                 self._drafting.drafter.suspend(request)
+        for request in output.failed_requests:
+            self._finish(request, time.perf_counter())
         self._progress.observe(output, len(queue))
         return output
 

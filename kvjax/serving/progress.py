@@ -48,7 +48,7 @@ class ProgressWatch:
         Raises:
             RuntimeError: no request can ever be scheduled (a deadlock), saying what is short.
         """
-        if not output.is_empty:
+        if not output.is_empty or output.failed_requests:
             self.num_empty_passes = 0
             return
         # Preempting requests may make room for the next pass; with nothing preempted, or

@@ -50,6 +50,7 @@ def _is_real(value: object) -> bool:
 class FinishReason(enum.Enum):
     STOP = "stop"  # a stop token (or EOS) was sampled
     LENGTH = "length"  # max_new_tokens reached, or the sequence reached max_seq_len
+    ERROR = "error"  # it failed inside a step (`RequestOutput.error` says why); others ran on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +121,7 @@ class RequestOutput:
     token_ids: tuple[int, ...]  # generated tokens
     finish_reason: FinishReason | None  # None while unfinished
     metrics: RequestMetrics
+    error: str | None = None  # why it failed (FinishReason.ERROR)
 
     @property
     def finished(self) -> bool:
@@ -159,6 +161,7 @@ class Request:
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     draft_tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
+    error: str | None = None  # why it failed inside a step
     # Kept by CacheResources: the request's cache and how many prompt tokens have KV.
     cache: KVCache | None = None
     context_position: int = 0
@@ -208,6 +211,11 @@ class Request:
             return self.key_tokens
         return [*self.key_tokens, *self.output_token_ids[: self.num_recomputed_outputs]]
 
+    def fail(self, error: BaseException) -> None:
+        """It failed inside a step: it ends with `FinishReason.ERROR` (the others run on)."""
+        self.finish_reason = FinishReason.ERROR
+        self.error = f"{type(error).__name__}: {error}"
+
     def restart_for_recompute(self) -> None:
         """Preempted by recomputation (its cache closed): back to the context phase, where the
         KV of the prompt and of every output so far is computed again."""
@@ -236,4 +244,5 @@ class Request:
             token_ids=tuple(self.output_token_ids),
             finish_reason=self.finish_reason,
             metrics=dataclasses.replace(self.metrics),
+            error=self.error,
         )

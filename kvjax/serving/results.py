@@ -84,17 +84,23 @@ def apply_results(
     now: float,
 ) -> tuple[int, int]:
     """Advances every row's cache and outputs (`emitted_tokens`, `append_token`), calling
-    `finish` for each request that ends; returns (tokens generated, drafts accepted).
+    `finish` for each request that ends (one whose update raises ends with
+    `FinishReason.ERROR`, the others go on); returns (tokens generated, drafts accepted).
 
     Args:
         accepted: int32[rows] drafts accepted per row; tokens: int32[rows, 1 + W] picks.
     """
     num_generated = num_accepted = 0
     for row, request in enumerate(requests):
-        new_tokens = emitted_tokens(
-            request, resources, chunk=chunk_sizes[row], num_accepted=int(accepted[row]),
-            picks=tokens[row], draft_len=draft_len, start=start, now=now,
-        )  # fmt: skip
+        try:
+            new_tokens = emitted_tokens(
+                request, resources, chunk=chunk_sizes[row], num_accepted=int(accepted[row]),
+                picks=tokens[row], draft_len=draft_len, start=start, now=now,
+            )  # fmt: skip
+        except Exception as error:  # this request's failure: it ends alone
+            request.fail(error)
+            finish(request, now)
+            continue
         for index, token in enumerate(new_tokens):
             num_generated += 1
             num_accepted += index < len(new_tokens) - 1  # a draft (not the last pick)

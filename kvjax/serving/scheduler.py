@@ -131,6 +131,8 @@ class SchedulerOutput:
     generation_requests: list[Request]
     paused_requests: list[Request]  # suspended by this pass
     num_tokens: int  # tokens this step computes
+    # Requests whose cache operations raised: each fails alone (`Request.fail`).
+    failed_requests: list[Request] = dataclasses.field(default_factory=list)
 
     @property
     def num_requests(self) -> int:
@@ -200,8 +202,9 @@ class Scheduler:
         active = self.cache.is_request_active
         if any(_is_started(r) and not active(r) for r in requests):
             deferred = [r for r in deferred if r.context_started]
-        context = self._context_phase(deferred, budget)
-        if stuck and not generation and not context:
+        failed: list[Request] = []
+        context = self._context_phase(deferred, budget, failed)
+        if stuck and not generation and not context and not failed:
             raise RuntimeError(
                 "scheduler deadlock: started requests cannot grow, none can be suspended to make "
                 "room and nothing else fits; give the KVCacheManager a host tier (host_pages or "
@@ -213,7 +216,7 @@ class Scheduler:
             c.chunk_size + c.is_last_chunk * c.request.num_draft_tokens for c in context
         )
         num_tokens += sum(1 + max(r.num_draft_tokens, padded_draft_len) for r in generation)
-        return SchedulerOutput(context, generation, paused, num_tokens)
+        return SchedulerOutput(context, generation, paused, num_tokens, failed)
 
     def _generation_phase(self, requests, inflight_ids, budget: BudgetTracker, padded_draft_len):
         cache, no_evict = self.cache, self.config.policy is SchedulerPolicy.GUARANTEED_NO_EVICT
@@ -280,7 +283,7 @@ class Scheduler:
         else:
             cache.recompute_request(request)
 
-    def _context_phase(self, deferred: list[Request], budget: BudgetTracker):
+    def _context_phase(self, deferred: list[Request], budget: BudgetTracker, failed: list):
         config, cache = self.config, self.cache
         chunked = config.enable_chunked_prefill
         reserve = config.policy is SchedulerPolicy.GUARANTEED_NO_EVICT
@@ -293,7 +296,12 @@ class Scheduler:
                 continue
             if chunked and budget.tokens_left < min(config.chunk_unit, request.context_remaining):
                 continue
-            if not cache.prepare_context(request):
+            try:
+                if not cache.prepare_context(request):
+                    continue
+            except Exception as error:  # this request's failure: it ends alone
+                request.fail(error)
+                failed.append(request)
                 continue
             draft = request.num_draft_tokens
             chunk = self._chunk_size(request.context_remaining, draft, budget.tokens_left)
