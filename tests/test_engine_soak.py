@@ -1,10 +1,10 @@
-"""The bounded engine soak in CI (the long one: `python -m tests.soak --requests 400`)."""
+"""The bounded engine soak in CI (the long one: `python -m benchmarks.soak --requests 400`)."""
 
 import numpy as np
 import pytest
 
+from benchmarks.soak import make_engine, served_alone, soak, workload
 from kvjax.serving.scheduler import SchedulerPolicy
-from tests.soak import make_engine, served_alone, soak, workload
 from tests.test_llama import random_model, tiny_config
 
 NUM_REQUESTS = 24

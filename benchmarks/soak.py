@@ -3,24 +3,30 @@ thread, which also aborts some at random, while the main thread steps a scarce e
 every step the cache's invariants hold; at the end nothing leaks and every finished output equals
 the same request served alone on an ample engine (greedy and seeded sampling alike).
 
-Used by `tests/test_engine_soak.py` (bounded) and runnable longer:
-`python -m tests.soak --requests 400 --device-pages 16`.
+`tests/test_engine_soak.py` runs a bounded one and asserts on its report; this script runs a
+longer one on a tiny random Llama and writes `results/soak.json`:
+`python -m benchmarks.soak --requests 400 --device-pages 16`.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
+import json
 import threading
 import time
+from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from benchmarks.serve import TINY
 from kvjax.engine.engine import Engine
 from kvjax.engine.geometry import cache_config_for
 from kvjax.serving.request import SamplingParams
 from kvjax.serving.scheduler import SchedulerConfig, SchedulerPolicy
+from models.llama import Llama
 
 TPB = 4
 
@@ -133,22 +139,22 @@ def soak(engine: Engine, requests, expected, *, seed: int, abort_fraction: float
 
 
 def main() -> None:
-    from tests.test_llama import random_model, tiny_config
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--device-pages", type=int, default=16)
     parser.add_argument("--host-pages", type=int, default=24)
     parser.add_argument("--abort-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
-    model = random_model(tiny_config(vocab_size=64))
+    model = Llama(TINY, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
     requests = workload(np.random.default_rng(args.seed), args.requests)
     ample = make_engine(
         model, device_pages=64, host_pages=0, policy=SchedulerPolicy.MAX_UTILIZATION
     )
     expected = served_alone(ample, requests)
     ample.shutdown()
+    reports = []
     for policy in SchedulerPolicy:
         for host_pages in (args.host_pages, 0):
             engine = make_engine(
@@ -158,8 +164,14 @@ def main() -> None:
                 engine, requests, expected, seed=args.seed, abort_fraction=args.abort_fraction
             )
             engine.shutdown()
-            counts = collections.OrderedDict(dataclasses.asdict(report))
-            print(f"{policy.name} host_pages={host_pages}: {dict(counts)}", flush=True)
+            row = {"policy": policy.name, "host_pages": host_pages, **dataclasses.asdict(report)}
+            reports.append(row)
+            print(row, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "soak.json").write_text(
+        json.dumps({"args": vars(args), "runs": reports}, default=str)
+    )
+    print(f"wrote {args.out / 'soak.json'}")
 
 
 if __name__ == "__main__":
