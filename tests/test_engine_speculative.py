@@ -11,7 +11,7 @@ from kvjax.engine.batch import build_step_batch
 from kvjax.engine.draft_model import DraftModelDrafter
 from kvjax.engine.geometry import cache_config_for
 from kvjax.runtime.buckets import Buckets, default_buckets
-from kvjax.serving.request import RequestState, SamplingParams
+from kvjax.serving.request import FinishReason, RequestState, SamplingParams
 from kvjax.serving.resources import CacheResources
 from kvjax.serving.speculative import NgramDrafter, SpeculativeConfig
 from tests.test_engine import (
@@ -235,12 +235,16 @@ def test_without_the_padding_extension_the_rewind_would_underflow(model, monkeyp
 
     monkeypatch.setattr(kvjax.engine.engine, "build_step_batch", build)
     engine.add_request([1, 2, 3, 1, 2, 3, 1, 2], greedy(20))
-    with pytest.raises(ValueError, match="must be >= history_length"):
-        for _ in range(30):
-            engine.step()
+    outputs = []
+    for _ in range(30):
+        outputs += engine.step()
+        if outputs:
+            break
+    # The rewind's refusal fails the request alone (the engine goes on serving).
+    (output,) = outputs
+    assert output.finish_reason is FinishReason.ERROR
+    assert "must be >= history_length" in output.error, output.error
     assert flagged and flagged[-1].draft_len > flagged[-1].num_drafts.max()
-    for request_id in engine._queue.live_ids():
-        engine.abort(request_id)
     engine.shutdown()
 
 
