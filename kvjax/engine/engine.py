@@ -57,7 +57,8 @@ class Engine:
     `model(inputs, kv_pool, impl=, interpret=) -> (logits, kv_pool)` and a `config` with
     `vocab_size`, `num_layers`, `num_kv_heads`, `head_dim`.
 
-    Not thread-safe: one thread adds requests, aborts and steps.
+    Threads: `add_request`, `abort` and `num_unfinished` are safe from any thread while one
+    thread calls `step()` or `generate()`; call those two from one thread at a time.
 
     Args:
         model: the NNX module (e.g. from `models.loader.load_hf_checkpoint`).
