@@ -409,17 +409,71 @@ def test_acquire_brings_held_pages_back_and_evicts_others():
         pool.acquire([other[0], other[0]])
 
 
-def test_acquire_fails_when_the_targets_fill_the_room_below():
+def test_rising_pages_free_their_slots_for_the_pages_they_displace():
     pool = make(device=4, host=3)
     mine = pool.allocate(2)
     suspend(pool, mine)
     other = pool.allocate(3)
     suspend(pool, other)
     pool.take_moves()
+    # One host page is free: one of other's pages goes there, mine[1] rises into its device
+    # page, and the host page mine[1] left takes the next of other's pages.
+    assert pool.acquire(mine) == []
+    pool.check_invariants()
+    assert [p.tier for p in mine] == [DEVICE, DEVICE]
+    assert sorted(p.tier for p in other) == [DEVICE, HOST, HOST]
+    moves = pool.take_moves()
+    assert [(m.src_tier, m.dst_tier) for m in moves] == [
+        (DEVICE, HOST),
+        (HOST, DEVICE),
+        (DEVICE, HOST),
+        (HOST, DEVICE),
+    ]
+    assert moves[2].dst_page == moves[1].src_page  # the slot mine's first page vacated
+
+
+def test_a_swap_between_full_tiers_is_refused_and_changes_nothing():
+    pool = make(device=2, host=1)
+    mine = pool.allocate(1)
+    suspend(pool, mine)
+    other = pool.allocate(1)  # mine goes to the host
+    suspend(pool, other)
+    pool.take_moves()
     before = state(pool)
-    # Mine sit on host pages that only free up after they move: no room for other's pages.
+    # Both pages would fit after a swap, but no page anywhere is free to stage it.
     assert pool.acquire(mine) is None
     assert state(pool) == before and pool.take_moves() == []
+
+
+def test_pages_pushed_into_a_full_tier_continue_down():
+    """Device full of suspended pages, a 2-page host, an empty disk: taking 3 pages at once
+    ends where taking them one by one does."""
+
+    def placed(one_by_one):
+        pool = make(device=9, host=2, disk=32)
+        held = pool.allocate(8)
+        suspend(pool, held)
+        taken = [pool.allocate(1) for _ in range(3)] if one_by_one else [pool.allocate(3)]
+        assert all(pages is not None for pages in taken)
+        pool.check_invariants()
+        return [(p.tier, p.page_id if p.tier is DEVICE else None) for p in held]
+
+    assert placed(one_by_one=False) == placed(one_by_one=True)
+    assert [tier for tier, _ in placed(one_by_one=False)].count(DISK) == 1
+
+
+def test_a_cache_spread_over_host_and_disk_resumes_when_the_tiers_have_room():
+    pool = make(device=6, host=3, disk=4)
+    mine = pool.allocate(5)
+    suspend(pool, mine)
+    other = pool.allocate(5)
+    suspend(pool, other)
+    assert {p.tier for p in mine} == {HOST, DISK}
+    pool.take_moves()
+    assert pool.acquire(mine) == []
+    pool.check_invariants()
+    assert all(p.tier is DEVICE and p.status is PageStatus.LOCKED for p in mine)
+    assert sorted(p.tier for p in other) == [HOST] * 3 + [DISK] * 2
 
 
 def test_resize_tier_relocates_survivors_and_evicts_the_rest():

@@ -1,6 +1,8 @@
 """Random cache life cycles on tiny tiers: eviction never loses a held page nor leaks one, every
 failed call changes nothing, and the recorded moves carry every page's bytes along."""
 
+import random
+
 import pytest
 from hypothesis import HealthCheck, given, settings, target
 from hypothesis import strategies as st
@@ -18,7 +20,7 @@ operation = st.one_of(
     run,  # a new cache allocates, computes and commits
     st.tuples(st.just("reuse"), st.tuples(sequence, index)),  # a suspended cache reuses a prefix
     st.tuples(st.just("suspend"), st.tuples(index, flag)),
-    st.tuples(st.just("resume"), st.tuples(index)),
+    st.tuples(st.just("resume"), st.tuples(index, st.integers(0, 3))),  # and grow
     st.tuples(st.just("share"), st.tuples(index)),  # another holder of the same pages
     st.tuples(st.just("close"), st.tuples(index, flag)),
     st.tuples(st.just("close"), st.tuples(index, flag)),
@@ -55,11 +57,28 @@ def snapshot(pool):
     return pages, order, len(pool.tree), pool.num_dropped_blocks
 
 
+def fits(pool, targets, num_new):
+    """Whether the tiers together can hold the result of locking `targets` on the device and
+    taking `num_new` pages: the locked pages fit the device and the held ones fit every tier;
+    pages rising from colder tiers swap places with device pages only through one page of room
+    (a free or an unheld page somewhere)."""
+    pages = [page for tier in pool.tiers for page in pool.live_pages(tier)]
+    locked = sum(page.num_locks > 0 for page in pages) + num_new
+    locked += sum(page.num_locks == 0 for page in targets)
+    held = sum(page.num_holders > 0 for page in pages) + num_new
+    if locked > pool.num_usable(Tier.DEVICE) or held > sum(map(pool.num_usable, pool.tiers)):
+        return False
+    room = sum(map(pool.num_free, pool.tiers)) + sum(not page.num_holders for page in pages)
+    return room > 0 or all(page.tier is Tier.DEVICE for page in targets)
+
+
 def run_cache(pool, storage, tokens, priority, scope):
     """Allocates a page per block, commits blocks until one is not new; None when out of pages."""
     blocks = [tokens[i : i + TPB] for i in range(0, len(tokens), TPB)]
     before = snapshot(pool)
+    expected = fits(pool, [], len(blocks))
     pages = pool.allocate(len(blocks), priority=priority)
+    assert (pages is not None) == expected
     if pages is None:
         assert snapshot(pool) == before and pool.take_moves() == []  # all or nothing
         return None
@@ -98,8 +117,16 @@ def step(pool, storage, caches, kind, args):
             pool.hold(page)
         caches.append(FakeCache(list(pick.pages), locked=False))
     elif kind == "resume" and pick is not None and not pick.locked:
-        if all(page.tier is Tier.DEVICE for page in pick.pages):
-            assert pool.acquire(pick.pages) == []
+        before, expected = snapshot(pool), fits(pool, pick.pages, args[1])
+        new_pages = pool.acquire(pick.pages, args[1])
+        assert (new_pages is not None) == expected, (expected, before)
+        if new_pages is None:
+            assert snapshot(pool) == before and pool.take_moves() == []
+        else:
+            storage.apply(pool)
+            for page in new_pages:
+                storage[Tier.DEVICE, page.page_id] = id(page)
+            pick.pages += new_pages
             pick.locked = True
     elif kind in ("suspend", "close") and pick is not None:
         if pick.locked:
@@ -150,3 +177,25 @@ def test_random_life_cycles_keep_every_page_accounted_for(device, host, disk, op
     pool.check_invariants()
     for tier in pool.tiers:
         assert pool.num_free(tier) == pool.num_usable(tier)  # nothing leaked
+
+
+@pytest.mark.parametrize(("device", "host", "disk"), [(4, 2, 3), (3, 2, 2), (5, 1, 4)])
+def test_tight_tiers_take_exactly_what_fits(device, host, disk):
+    """Seeded random life cycles on tiers kept nearly full of suspended caches, where refusals
+    are common: every acquire and allocate succeeds exactly when `fits` says so."""
+    rng = random.Random(device * 100 + host * 10 + disk)
+    pool = TieredPages(BlockRadixTree(TPB), device, host, disk)
+    caches, storage = [], FakeStorage()
+    for _ in range(1500):
+        kind = rng.choice(["run", "run", "suspend", "suspend", "resume", "resume", "close"])
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 3 * TPB + 1))]
+        args = {
+            "run": (tokens, rng.randrange(3), rng.randrange(2)),
+            "resume": (rng.randrange(10**6), rng.randrange(3)),
+        }.get(kind, (rng.randrange(10**6), rng.random() < 0.3))
+        step(pool, storage, caches, kind, args)
+        pool.check_invariants()
+        storage.apply(pool)
+        for tier in pool.tiers:
+            for page in pool.live_pages(tier):
+                assert storage[tier, page.page_id] == id(page), page

@@ -1,11 +1,15 @@
 """The eviction cascade over the tiers' page states: queries, making room, relocation, quotas.
 
-Making room on a tier evicts its least valuable pages (lowest priority, least recent) to the next
-colder tier, recursively making room there. When the colder tiers cannot take every victim (they
-are full of HELD pages), the HELD victims get the room and the least valuable DROPPABLE victims are
-dropped (`_drop`, which the subclass `TieredPages` carries out by removing the block and its
-subtree from the radix tree). Every move is recorded as a `PageMove` for the storage layer to carry
-out in order. `make_room` checks feasibility first, so it either succeeds or changes nothing.
+Making room on a tier evicts its least valuable pages (lowest priority, least recent) to the
+colder tiers. A page pushed into a full tier makes room there in turn, or, when that tier cannot
+shed a page itself, passes on to the next one; so a tier's HELD pages never limit what flows
+through it. When the colder tiers cannot take every victim (they are full of HELD pages), the
+HELD victims get the room and the least valuable DROPPABLE victims are dropped (`_drop`, which
+the subclass `TieredPages` carries out by removing the block and its subtree from the radix tree).
+Pages rising to the device free their slots for the pages they displace. Every move is recorded
+as a `PageMove` for the storage layer to carry out in order. Each operation checks feasibility
+first, so it either succeeds or changes nothing; it succeeds whenever the tiers together can hold
+its result, except a swap between tiers with no free or droppable page anywhere to stage it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from kvjax.cache.pages import Page, Tier
 from kvjax.cache.tier import PageMove, TierPages
 
 __all__ = ["TierCascade"]
+
+# Queued pages an acquire must not evict, counted per (tier, held).
+Excluded = Counter[tuple[Tier, bool]]
 
 
 class TierCascade:
@@ -96,20 +103,25 @@ class TierCascade:
         self._make_room(tier, count)
         return True
 
-    def _num_acceptable(self, tier: Tier | None, excluded: Counter[Tier] | None = None) -> int:
-        """Pages `tier` could take in from above: free ones plus those it can shed."""
+    def _num_acceptable(self, tier: Tier | None, excluded: Excluded | None = None) -> int:
+        """Pages `tier` and the tiers below it could take in from above: their free pages and
+        their DROPPABLE ones. Pages pushed into a full tier continue down (its HELD pages, or the
+        newcomers themselves), so a tier's HELD pages never limit what it passes on."""
         if tier is None:
             return 0
-        return self.num_free(tier) + self._num_freeable(tier, excluded)
+        queue = self._tier[tier].queue
+        droppable = len(queue.droppable) - (excluded[(tier, False)] if excluded else 0)
+        below = self._num_acceptable(self._next.get(tier), excluded)
+        return self.num_free(tier) + droppable + below
 
-    def _num_freeable(self, tier: Tier, excluded: Counter[Tier] | None = None) -> int:
-        """Pages of `tier` that eviction can free, not counting `excluded[tier]` HELD ones."""
+    def _num_freeable(self, tier: Tier, excluded: Excluded | None = None) -> int:
+        """Pages of `tier` that eviction can free, not counting the `excluded[(tier, held)]`
+        queued ones (the targets of an acquire, which must not become victims)."""
         # DROPPABLE pages can always go (moved or dropped); HELD ones only to a colder tier.
         queue = self._tier[tier].queue
-        num_held = len(queue.held) - (excluded[tier] if excluded else 0)
-        return len(queue.droppable) + min(
-            num_held, self._num_acceptable(self._next.get(tier), excluded)
-        )
+        num_held = len(queue.held) - (excluded[(tier, True)] if excluded else 0)
+        num_droppable = len(queue.droppable) - (excluded[(tier, False)] if excluded else 0)
+        return num_droppable + min(num_held, self._num_acceptable(self._next.get(tier), excluded))
 
     def _make_room(self, tier: Tier, count: int) -> None:
         shortfall = count - self.num_free(tier)
@@ -118,28 +130,30 @@ class TierCascade:
         colder = self._next.get(tier)
         room_below = self._num_acceptable(colder)
         victims = self._tier[tier].queue.pop_victims(shortfall, max_held=room_below)
-        assert victims is not None, "feasibility was checked by make_room"
+        assert victims is not None, "feasibility was checked by the caller"
         # The room below goes to the HELD victims (they cannot be dropped), then to the most
         # recent DROPPABLE ones; the least valuable DROPPABLE victims are dropped.
         droppable = [page for page in victims if not page.num_holders]
         to_drop = droppable[: max(len(victims) - room_below, 0)]
         dropping = set(map(id, to_drop))
-        # Make room below one page at a time: a drop down there may prune pages of this tier
-        # (victims included), so each step counts again what is still needed. Moves go before
-        # drops, since a move keeps the data.
+        # Open a slot below one page at a time, taking its id at once: a drop down there may
+        # prune pages of this tier (victims included), so each step counts again what is still
+        # needed. Moves go before drops, since a move keeps the data.
         moving: list[Page] = []
+        slots: list[tuple[TierPages, int]] = []
         for page in victims:
             if id(page) in dropping or count - self.num_free(tier) - len(moving) <= 0:
                 continue
             if not self._is_live(page):
                 continue
             free_before = self.num_free(tier)
-            self._make_room(colder, len(moving) + 1)
+            slots.append(self._open_slot(colder))
             if self.num_free(tier) != free_before:  # pruned here: chosen victims may be gone
                 moving = [chosen for chosen in moving if self._is_live(chosen)]
             if self._is_live(page):
                 moving.append(page)
-        self._move_down(moving)
+            self._free_slots(slots, len(slots) - len(moving))
+        self._move_down(moving, slots)
         for page in to_drop:
             if self.num_free(tier) >= count:
                 break
@@ -151,13 +165,66 @@ class TierCascade:
         for page in reversed(unused):
             self._enqueue(page, evict_first=True)
 
-    def _move_down(self, victims: list[Page]) -> None:
-        """Moves dequeued victims of one tier to the next colder one, which has room for them."""
-        if victims:
-            target = self._tier[self._next[victims[0].tier]]
-            self._relocate(victims, target, target.allocator.allocate(len(victims)))
-            for page in victims:
-                self._enqueue(page)
+    def _open_slot(self, tier: Tier) -> tuple[TierPages, int]:
+        """Takes a free id on `tier`, evicting there when needed, or else on a colder tier (the
+        page passes through); `_num_acceptable(tier)` must be positive."""
+        state = self._tier[tier]
+        if state.num_free + self._num_freeable(tier) == 0:
+            return self._open_slot(self._next[tier])
+        self._make_room(tier, 1)
+        (page_id,) = state.allocator.allocate(1)
+        return state, page_id
+
+    def _move_down(self, victims: list[Page], slots: list[tuple[TierPages, int]]) -> None:
+        """Moves dequeued victims (least valuable first) into as many ids opened for them on
+        colder tiers, in order: the most valuable take the warmest tier."""
+        slots.sort(key=lambda slot: -slot[0].tier)  # stable: each tier's ids in opened order
+        for page, (target, target_id) in zip(victims, slots, strict=True):
+            self._relocate([page], target, [target_id])
+            self._enqueue(page)
+
+    @staticmethod
+    def _free_slots(slots: list[tuple[TierPages, int]], count: int) -> None:
+        """Gives back the `count` coldest opened ids (their victims were pruned)."""
+        for _ in range(count):
+            coldest = max(range(len(slots)), key=lambda index: slots[index][0].tier)
+            target, target_id = slots.pop(coldest)
+            target.allocator.free([target_id])
+
+    def _acquire_room(self, rising: list[Page], num_new: int) -> None:
+        """Moves the dequeued `rising` pages to the device and leaves `num_new` device pages
+        free, evicting others; the slots rising pages vacate take later victims. Feasible when
+        `_can_acquire` says so."""
+        rising = sorted(rising, key=lambda page: page.tier)
+        while rising:
+            room = self.num_free(Tier.DEVICE) + self._num_freeable(Tier.DEVICE)
+            self._make_room(Tier.DEVICE, min(len(rising) + num_new, room))
+            count = min(len(rising), self.num_free(Tier.DEVICE))
+            assert count > 0, "feasibility was checked by _can_acquire"
+            self._move_up(rising[:count])
+            rising = rising[count:]
+        self._make_room(Tier.DEVICE, num_new)
+
+    def _can_acquire(self, targets: list[Page], num_new: int) -> bool:
+        """Whether the device can take the rising `targets` and `num_new` new pages, the queued
+        targets staying out of eviction: the slots rising pages vacate count, but only once the
+        first one has risen (a swap of full tiers needs one page of room somewhere)."""
+        device = Tier.DEVICE
+        num_rising = sum(page.tier is not device for page in targets)
+        needed = num_rising + num_new
+        free = self.num_free(device)
+        if needed <= free:
+            return True
+        excluded = Counter(
+            (page.tier, page.num_holders > 0) for page in targets if self.is_evictable(page)
+        )
+        queue = self._tier[device].queue
+        room_below = self._num_acceptable(self._next.get(device), excluded)
+        num_held = len(queue.held) - excluded[(device, True)]
+        cheap = free + len(queue.droppable) - excluded[(device, False)]
+        if num_rising and cheap + min(num_held, room_below) == 0:
+            return False
+        return needed <= cheap + min(num_held, room_below + num_rising)
 
     def _move_up(self, pages: list[Page]) -> None:
         """Moves dequeued pages of colder tiers to the device, which has room for them."""

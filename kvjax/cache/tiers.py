@@ -6,7 +6,6 @@ A page's users hold it and, while active, lock it on the device; the eviction ca
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 from kvjax.cache.blocks import Block, InsertOutcome, InsertResult
@@ -84,18 +83,11 @@ class TieredPages(TierCascade):
             self._check_live(page)
             if page.num_locks >= page.num_holders:
                 raise ValueError(f"{page!r} has no unlocked holder to lock; hold it first")
-        rising = [page for page in pages if page.tier is not Tier.DEVICE]
-        needed = num_new + len(rising)
-        if needed > self.num_free(Tier.DEVICE):
-            # The targets must not be chosen as victims: count the room without them.
-            excluded = Counter(page.tier for page in pages if self.is_evictable(page))
-            if needed > self.num_free(Tier.DEVICE) + self._num_freeable(Tier.DEVICE, excluded):
-                return None
+        if not self._can_acquire(list(pages), num_new):
+            return None
         for page in pages:
             self._dequeue(page)
-        self._make_room(Tier.DEVICE, needed)
-        if rising:
-            self._move_up(sorted(rising, key=lambda page: page.tier))
+        self._acquire_room([page for page in pages if page.tier is not Tier.DEVICE], num_new)
         for page in pages:
             page.num_locks += 1
         return self._new_pages(num_new, priority)
