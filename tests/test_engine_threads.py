@@ -1,11 +1,13 @@
 """The engine's thread contract: `add_request`, `abort` and `num_unfinished` from any thread
 while one thread steps; `generate` leaves nothing of its own behind and drops nothing of others'."""
 
+import signal
 import threading
 
 import numpy as np
 import pytest
 
+from kvjax.serving import results
 from kvjax.serving.request import FinishReason, SamplingParams
 from tests.test_engine import GREEDY, dense_greedy, make_engine, prompts_with_shared_prefix
 from tests.test_llama import random_model, tiny_config
@@ -186,5 +188,38 @@ def test_a_request_that_fails_inside_a_step_fails_alone(model):
     for request_id in (ids[0], ids[2]):
         prompt = prompts[ids.index(request_id)]
         assert outputs[request_id].token_ids == dense_greedy(model, prompt)
+    engine.manager.check_no_leaks()
+    engine.shutdown()
+
+
+def test_ctrl_c_while_results_are_applied_lands_after_them(model, monkeypatch):
+    """SIGINT arrives between a cache advancing and its token being appended: the step finishes
+    its books first, then raises KeyboardInterrupt; serving on gives the dense model's tokens
+    (without the deferral the next step would write that token's KV twice)."""
+    engine = make_engine(model)
+    rng = np.random.default_rng(8)
+    prompts = prompts_with_shared_prefix(rng, 5, [4, 9])
+    ids = {engine.add_request(prompt, LONG): prompt for prompt in prompts}
+    real_append, signals = results.append_token, []
+
+    def append_after_sigint(*args, **kwargs):
+        step = engine.metrics.num_steps
+        if step in (2, 4) and step not in signals:  # one interrupt in each of two steps
+            signals.append(step)
+            signal.raise_signal(signal.SIGINT)  # delivered at once unless deferred
+        return real_append(*args, **kwargs)
+
+    monkeypatch.setattr(results, "append_token", append_after_sigint)
+    outputs, interrupts = {}, 0
+    while engine.num_unfinished:
+        try:
+            for output in engine.step():
+                outputs[output.request_id] = output
+        except KeyboardInterrupt:
+            interrupts += 1
+        engine.manager.check_invariants()
+    assert interrupts == 2
+    for request_id, prompt in ids.items():
+        assert outputs[request_id].token_ids == dense_greedy(model, prompt, LONG.max_new_tokens)
     engine.manager.check_no_leaks()
     engine.shutdown()

@@ -168,3 +168,26 @@ def test_engine_metrics_keep_totals_and_a_bounded_window():
     assert summary["requests"] == 10 and summary["output_tokens"] == 20  # the totals
     assert summary["prompt_tokens"] == 30 and summary["preemptions"] == 20
     assert summary["recomputations"] == 10 and summary["ttft_s"]["p50"] == 0.5
+
+
+def test_interrupts_are_held_back_to_the_end_of_the_block():
+    import signal
+    import threading
+
+    from kvjax.serving.interrupts import interrupts_deferred
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        signal.raise_signal(signal.SIGINT)
+        steps.append("finished the block")
+    assert steps == ["finished the block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+    def elsewhere():  # no signals off the main thread: the block just runs
+        with interrupts_deferred():
+            steps.append("ran in a thread")
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert steps[-1] == "ran in a thread"

@@ -33,21 +33,16 @@ from kvjax.engine.preflight import (
 from kvjax.engine.recovery import recover_lost_pool
 from kvjax.runtime.buckets import Buckets
 from kvjax.runtime.sampling import SamplingInputs
-from kvjax.runtime.sharding import (
-    spans_processes,
-    tensor_parallel_mesh,
-)
+from kvjax.runtime.sharding import spans_processes, tensor_parallel_mesh
 from kvjax.serving.intake import RequestIntake
+from kvjax.serving.interrupts import interrupts_deferred
 from kvjax.serving.metrics import EngineMetrics
 from kvjax.serving.progress import ProgressWatch, memory_report
 from kvjax.serving.request import Request, RequestOutput, RequestState, SamplingParams
 from kvjax.serving.request_queue import RequestQueue
 from kvjax.serving.results import apply_results
 from kvjax.serving.scheduler import SchedulerConfig, SchedulerOutput
-from kvjax.serving.speculative import (
-    DraftPlanner,
-    SpeculativeConfig,
-)
+from kvjax.serving.speculative import DraftPlanner, SpeculativeConfig
 
 __all__ = ["Engine"]
 
@@ -210,7 +205,8 @@ class Engine:
 
     def _step(self, queue: list[Request]) -> None:
         draft_len = self._drafting.propose(queue) if self._drafting else 0
-        output = self._schedule(queue, draft_len)
+        with interrupts_deferred():  # the books change: no Ctrl-C half way
+            output = self._schedule(queue, draft_len)
         if output.is_empty:
             return
         start = time.perf_counter()
@@ -226,11 +222,12 @@ class Engine:
             return
         self._lost_pool = False
         now = time.perf_counter()
-        num_generated, num_accepted = apply_results(
-            batch.requests, batch.chunk_sizes, accepted, tokens, batch.draft_len, self.resources,
-            eos_token_ids=self.eos_token_ids, max_seq_len=self.manager.max_seq_len,
-            finish=self._finish, start=start, now=now,
-        )  # fmt: skip
+        with interrupts_deferred():  # each cache advances with its request's tokens
+            num_generated, num_accepted = apply_results(
+                batch.requests, batch.chunk_sizes, accepted, tokens, batch.draft_len,
+                self.resources, eos_token_ids=self.eos_token_ids,
+                max_seq_len=self.manager.max_seq_len, finish=self._finish, start=start, now=now,
+            )  # fmt: skip
         self.metrics.record_step(start, now, batch, output, num_generated, num_accepted)
 
     def _schedule(self, queue: list[Request], draft_len: int) -> SchedulerOutput:
