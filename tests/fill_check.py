@@ -100,7 +100,7 @@ class FillCheckEngine:
         tiers = {Tier.DEVICE: np.asarray(storage.pool), Tier.HOST: storage.host}
         tiers[Tier.DISK] = storage.disk
         for cache in self.manager.live_caches:
-            if id(cache) not in self._tokens:
+            if id(cache) not in self._tokens or cache.kv_lost:  # lost bytes are never read
                 continue
             hashes, pages = self._prefix_hashes[id(cache)], cache.pages()
             for position in range(cache.history_length):

@@ -538,3 +538,73 @@ def test_a_cache_dropped_without_close_is_released_with_a_warning():
     assert manager.live_caches == []
     manager.check_no_leaks()  # its full blocks stay cached, the rest is free
     assert manager.pages.num_evictable(DEVICE) == 2
+
+
+class DiskFaults:
+    """Makes the disk tier's `pwrite` or `preadv` fail with EIO while `failing` is set."""
+
+    def __init__(self, monkeypatch, call):
+        import errno
+        import os
+
+        real, self.failing, self.num_failed = getattr(os, call), False, 0
+
+        def faulty(*args):
+            if self.failing:
+                self.num_failed += 1
+                raise OSError(errno.EIO, "Input/output error")
+            return real(*args)
+
+        monkeypatch.setattr(os, call, faulty)
+
+
+def fill_device_three_times(manager, engine):
+    """Three 4-block caches on a 4-page device: the first ends on the disk, the second on the
+    host, the third on the device."""
+    caches = []
+    for base in (0, 100, 200):
+        if caches:
+            caches[-1].suspend()
+        caches.append(start(manager, engine))
+        prefill(engine, caches[-1], range(base, base + 16))
+    return caches
+
+
+def test_a_failed_disk_write_loses_those_pages_not_their_bytes(tmp_path, monkeypatch):
+    faults = DiskFaults(monkeypatch, "pwrite")
+    manager, engine = make(tpb=4, device=5, host=4, disk=8, disk_dir=tmp_path)
+    faults.failing = True  # every write to the disk fails
+    with pytest.warns(RuntimeWarning, match="4 pages lost"):
+        first, second, third = fill_device_three_times(manager, engine)
+    assert faults.num_failed == 4
+    assert first.kv_lost and not second.kv_lost and not third.kv_lost
+    assert manager.take_lost_caches() == [first] and manager.take_lost_caches() == []
+    assert manager.stats.lost_pages == 4
+    assert manager.probe_reuse(range(16)) == 0  # the tree forgot the unwritten blocks
+    engine.check_all()  # every block still in the tree holds its bytes
+    first.close()
+    third.suspend()
+    faults.failing = False
+    again = start(manager, engine, list(range(16)))  # recomputed from scratch, then checked
+    prefill(engine, again, range(16))
+    for cache in (second, third, again):
+        cache.close()
+    manager.check_no_leaks()
+
+
+def test_a_failed_disk_read_loses_the_pages_it_brought_up(tmp_path, monkeypatch):
+    faults = DiskFaults(monkeypatch, "preadv")
+    manager, engine = make(tpb=4, device=5, host=4, disk=8, disk_dir=tmp_path)
+    first, second, third = fill_device_three_times(manager, engine)
+    third.suspend()
+    faults.failing = True
+    with pytest.warns(RuntimeWarning, match="pages lost"):
+        assert first.resume()  # comes back from the disk: no read lands
+    assert first.kv_lost and manager.take_lost_caches() == [first]
+    assert manager.probe_reuse(range(16)) == 0
+    faults.failing = False
+    engine.check_all()  # second and third moved around first: their bytes are intact
+    for cache in (first, second, third):
+        cache.close()
+    manager.check_no_leaks()
+    engine.check_all()

@@ -21,6 +21,7 @@ class FakeCache:
         self.fail_prepare = set(fail_prepare)
         self.reuse = dict(reuse or {})
         self.calls: list[tuple[str, int]] = []
+        self.lost: set[int] = set()  # request ids whose KV a disk failure lost
 
     def start(self, request, units=1):
         self.active[request.request_id] = units
@@ -87,6 +88,13 @@ class FakeCache:
         self.free += units
         if self.host is not None:
             self.host -= units
+
+    def recompute_lost(self, requests):
+        lost = [r for r in requests if r.request_id in self.lost]
+        for request in lost:
+            self.recompute_request(request)
+        self.lost = set()
+        return lost
 
     def recompute_request(self, request):
         rid = request.request_id
@@ -432,3 +440,14 @@ def test_a_request_whose_cache_operation_raises_fails_alone():
     out = schedule(requests, Broken())
     assert [c.request.request_id for c in out.context_requests] == [0, 2]
     assert ids(out.failed_requests) == [1] and requests[1].error == "ValueError: a broken request"
+
+
+def test_requests_whose_kv_a_disk_failure_lost_recompute_and_leave_the_batch():
+    cache = FakeCache()
+    requests = [cache.start(gen(0)), cache.start(gen(1)), cache.start(ctx(2, position=4))]
+    cache.lost = {1, 2}
+    out = schedule(requests, cache, max_num_tokens=100)
+    assert ids(out.generation_requests) == [0] and ctx_ids(out) == []
+    assert out.num_tokens == 1
+    assert ("recompute", 1) in cache.calls and ("recompute", 2) in cache.calls
+    assert requests[1].state is RequestState.CONTEXT_INIT  # back to its context phase

@@ -8,7 +8,7 @@ import pytest
 
 from kernels.page_copy import copy_pages, gather_pages, scatter_pages
 from kvjax.cache.pages import NULL_PAGE, Tier
-from kvjax.cache.tier import PageMove
+from kvjax.cache.tier import PageMove, PageMoveError
 from kvjax.runtime import page_ops as page_ops_module
 from kvjax.runtime.page_ops import page_bucket
 from kvjax.runtime.storage import KVStorage
@@ -276,7 +276,7 @@ def test_the_disk_tier_is_reserved_up_front_or_refused_clearly(tmp_path, monkeyp
 
     storage = KVStorage(PAGE_SHAPE, DTYPES[0], 4, 0, 3, disk_dir=tmp_path, impl="xla")
     num_bytes = storage.nbytes(Tier.DISK)
-    assert os.fstat(storage._disk_file.fileno()).st_blocks * 512 >= num_bytes  # not sparse
+    assert os.fstat(storage.disk.fileno()).st_blocks * 512 >= num_bytes  # not sparse
     storage.close()
 
     def full_disk(fd, offset, length):
@@ -288,3 +288,26 @@ def test_the_disk_tier_is_reserved_up_front_or_refused_clearly(tmp_path, monkeyp
     ):
         KVStorage(PAGE_SHAPE, DTYPES[0], 4, 0, 3, disk_dir=tmp_path, impl="xla")
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_failed_disk_io_is_reported_per_move_and_the_other_moves_land(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    storage = make_storage(tmp_path)
+    before = {tier: storage.read_pages(tier, range(storage.num_pages(tier))) for tier in (D, H)}
+    real_pwrite = os.pwrite
+    bad_offset = 3 * storage.page_bytes  # disk page 3
+
+    def pwrite(fd, data, offset):
+        if offset == bad_offset:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    moves = [PageMove(D, 1, K, 2), PageMove(H, 0, K, 3), PageMove(D, 2, K, 4), PageMove(H, 1, D, 5)]
+    with pytest.raises(PageMoveError, match=r"1 page moves failed \(positions \[1\]\)") as error:
+        storage.apply(moves)
+    assert error.value.failed == [1]
+    assert_same_bytes(storage.read_pages(K, [2, 4]), before[D][[1, 2]])
+    assert_same_bytes(storage.read_pages(D, [5]), before[H][[1]])

@@ -14,7 +14,7 @@ from kvjax.cache.multimodal import MultimodalItem, multimodal_key_tokens, splice
 from kvjax.cache.pages import NULL_PAGE, Page, PageAllocator, PageStatus, Tier
 from kvjax.cache.radix_tree import BlockRadixTree
 from kvjax.cache.stats import BlockRemoved, BlockStored, CacheStats, KVEvent
-from kvjax.cache.tier import PageMove
+from kvjax.cache.tier import PageMove, PageMoveError
 from kvjax.cache.tiers import TieredPages
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "Page",
     "PageAllocator",
     "PageMove",
+    "PageMoveError",
     "PageStatus",
     "PrioritizedLRU",
     "ReuseScope",

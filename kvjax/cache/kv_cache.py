@@ -58,6 +58,7 @@ class KVCache(BlockCommits):
         self._finalizer = weakref.finalize(self, owner.adopt_orphan, self._holdings)
         self._status = CacheStatus.SUSPENDED
         self._commit_state = CommitState.ALLOWED
+        self._kv_lost = False
         self._tokens: list[Token] = reused_tokens
         self._history = self._capacity = len(reused_tokens)
         self.num_reused_tokens = len(reused_tokens)
@@ -78,6 +79,19 @@ class KVCache(BlockCommits):
     @property
     def status(self) -> CacheStatus:
         return self._status
+
+    @property
+    def kv_lost(self) -> bool:
+        """Whether a failed disk read or write lost bytes of this cache's pages: its KV is not
+        to be read again; close it and recompute the sequence."""
+        return self._kv_lost
+
+    def mark_kv_lost(self) -> None:
+        """Called by the manager when bytes of this cache's pages were lost: nothing more is
+        committed (later blocks would hang off a block the tree dropped)."""
+        self._kv_lost = True
+        if self._commit_state is CommitState.ALLOWED:
+            self._commit_state = CommitState.VIRTUAL_STOP
 
     @property
     def is_active(self) -> bool:

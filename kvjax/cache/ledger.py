@@ -23,7 +23,7 @@ from kvjax.cache.config import CacheConfig
 from kvjax.cache.keys import Token
 from kvjax.cache.pages import Tier
 from kvjax.cache.stats import BlockRemoved, BlockStored, CacheStats, EventBuffer
-from kvjax.cache.tier import PageMove
+from kvjax.cache.tier import PageMove, PageMoveError
 from kvjax.cache.tiers import TieredPages
 
 __all__ = ["CacheLedger", "PageStorage"]
@@ -79,6 +79,7 @@ class CacheLedger:
         # Live caches by id(), in creation order; weak, so a cache dropped unclosed is found.
         self.caches: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self.orphans: list[Holdings] = []  # of caches dropped unclosed, not released yet
+        self.lost_caches: list[weakref.ref] = []  # marked kv_lost, not taken yet
         self._num_dropped_seen = 0
         tiers.on_blocks_removed = self._blocks_removed
 
@@ -86,7 +87,10 @@ class CacheLedger:
         """Applies the recorded page moves to the storage, in order, and counts them."""
         moves = self.tiers.take_moves()
         if moves:
-            self.storage.apply(moves)
+            try:
+                self.storage.apply(moves)
+            except PageMoveError as error:
+                self._lose_pages(moves, error)
             record = [(m.src_tier, m.src_page, m.dst_tier, m.dst_page) for m in moves]
             record = np.asarray(record, np.int64).tobytes()
             self.moves_digest = blake3.blake3(self.moves_digest + record).digest()
@@ -96,6 +100,38 @@ class CacheLedger:
         dropped = self.tiers.num_dropped_blocks
         self.stats.dropped_blocks += dropped - self._num_dropped_seen
         self._num_dropped_seen = dropped
+
+    def _lose_pages(self, moves: list[PageMove], error: PageMoveError) -> None:
+        """Forgets the pages whose bytes a failed move left unwritten: their blocks leave the
+        tree (with their subtrees) and every cache holding one is marked `kv_lost`."""
+        failed, tainted = set(error.failed), set()
+        for index, move in enumerate(moves):  # follow the bad bytes through later moves
+            src, dst = (move.src_tier, move.src_page), (move.dst_tier, move.dst_page)
+            # A copy keeps its source, a relocation leaves it: a slot stays suspect either way
+            # (at worst a new page there is counted lost and its cache recomputes).
+            (tainted.add if index in failed or src in tainted else tainted.discard)(dst)
+        lost = [page for slot in tainted if (page := self.tiers.page(*slot)) is not None]
+        lost_ids = {id(page) for page in lost}
+        holders = [c for c in self.caches.values() if any(id(p) in lost_ids for p in c.pages())]
+        for cache in holders:
+            cache.mark_kv_lost()
+            self.lost_caches.append(weakref.ref(cache))
+        for page in lost:
+            if page.block is not None and page.block.is_attached:  # not pruned already
+                self.tiers.drop_block(page.block)
+        self.stats.lost_pages += len(lost)
+        warnings.warn(
+            f"{error}: {len(lost)} pages lost; their blocks left the radix tree and "
+            f"{len(holders)} caches holding them must be recomputed",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def take_lost_caches(self) -> list[Any]:
+        """Live caches marked `kv_lost` since the last call."""
+        caches = [cache for ref in self.lost_caches if (cache := ref()) is not None]
+        self.lost_caches = []
+        return [cache for cache in caches if self.is_live(cache)]
 
     def count(self, **deltas: int) -> None:
         """Adds to the named `CacheStats` counters."""

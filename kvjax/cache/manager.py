@@ -295,6 +295,11 @@ class KVCacheManager:
         moved the same pages in the same order."""
         return self._ledger.moves_digest
 
+    def take_lost_caches(self) -> list[KVCache]:
+        """Open caches whose KV a failed disk read or write lost (`KVCache.kv_lost`) since the
+        last call: close each and recompute its sequence."""
+        return self._ledger.take_lost_caches()
+
     def take_events(self) -> list[KVEvent]:
         """KV events since the last call, oldest first (see `num_lost_events`)."""
         return self._ledger.events.take()

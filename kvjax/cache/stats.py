@@ -23,7 +23,8 @@ class CacheStats:
     tree at creation, `partially_reused_blocks` of them matched only in part (copied on resume);
     `missed_blocks` lookup blocks the tree could not serve; `rebased_blocks` private blocks swapped
     for an identical tree block at commit; `stored_blocks` blocks that entered the tree;
-    `dropped_blocks` blocks removed from the tree by eviction; `allocated_blocks` new plus reused.
+    `dropped_blocks` blocks removed from the tree by eviction; `allocated_blocks` new plus reused;
+    `lost_pages` pages whose bytes a failed disk read or write lost.
     Pages and bytes moved: onto the device (`onboarded`), off it (`offloaded`), device to device
     (`copied`: copy-on-write and relocation), and between host and disk (`spilled`).
     """
@@ -35,6 +36,7 @@ class CacheStats:
     rebased_blocks: int = 0
     stored_blocks: int = 0
     dropped_blocks: int = 0
+    lost_pages: int = 0
     onboarded_pages: int = 0
     onboarded_bytes: int = 0
     offloaded_pages: int = 0

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from kvjax.cache.eviction import EvictionQueue
 from kvjax.cache.pages import NULL_PAGE, Page, PageAllocator, Tier
 
-__all__ = ["PageMove", "TierPages"]
+__all__ = ["PageMove", "PageMoveError", "TierPages"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,19 @@ class PageMove:
     src_page: int
     dst_tier: Tier
     dst_page: int
+
+
+class PageMoveError(OSError):
+    """Some page moves did not land (a failed disk read or write): their targets hold bytes
+    that were never written. Every other move of the call ran.
+
+    Attributes:
+        failed: positions, in the list of moves the storage was given, of those that failed.
+    """
+
+    def __init__(self, failed: list[int], cause: str) -> None:
+        super().__init__(f"{len(failed)} page moves failed (positions {failed[:8]}): {cause}")
+        self.failed = failed
 
 
 class TierPages:

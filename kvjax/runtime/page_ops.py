@@ -6,7 +6,7 @@ varying counts reuse compiled code.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -15,9 +15,10 @@ from jax.sharding import PartitionSpec
 from kernels.page_copy import copy_pages, gather_pages, scatter_pages
 from kvjax.cache.checks import check_int
 from kvjax.cache.pages import NULL_PAGE
+from kvjax.cache.tier import PageMove
 from kvjax.runtime.sharding import pool_spec
 
-__all__ = ["default_impl", "padded_page_ids", "page_bucket", "page_ops"]
+__all__ = ["default_impl", "move_batches", "padded_page_ids", "page_bucket", "page_ops"]
 
 
 def page_bucket(count: int) -> int:
@@ -35,6 +36,29 @@ def padded_page_ids(page_ids: list[int]) -> np.ndarray:
     padded = np.full(page_bucket(len(page_ids)), NULL_PAGE, np.int32)
     padded[: len(page_ids)] = page_ids
     return padded
+
+
+def move_batches(moves: Sequence[PageMove]) -> Iterator[tuple[int, int]]:
+    """(start, end) of each batch of `moves`: consecutive moves of one (src_tier, dst_tier)
+    kind, cut before a move that reads a page the batch writes or writes a page it reads or
+    writes. So no batch reads a page it writes or writes a page twice: its copies may run in
+    any order (as a kernel copying page by page would) and still equal running them in order."""
+    start, read, written = 0, set(), set()
+    for index, move in enumerate(moves):
+        src, dst = (move.src_tier, move.src_page), (move.dst_tier, move.dst_page)
+        first = moves[start]
+        if index > start and (
+            (move.src_tier, move.dst_tier) != (first.src_tier, first.dst_tier)
+            or src in written
+            or dst in read
+            or dst in written
+        ):
+            yield start, index
+            start, read, written = index, set(), set()
+        read.add(src)
+        written.add(dst)
+    if moves:
+        yield start, len(moves)
 
 
 def page_ops(impl: str, mesh=None, interpret=None) -> tuple[Callable, Callable, Callable]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +21,17 @@ import numpy as np
 from kvjax.cache.checks import check_int
 from kvjax.cache.config import KV_DTYPES, CacheConfig
 from kvjax.cache.pages import NULL_PAGE, Tier
-from kvjax.runtime.disk import new_disk_tier
+from kvjax.cache.tier import PageMove, PageMoveError
+from kvjax.runtime.disk import DiskPages
 from kvjax.runtime.host_memory import host_tier_pages
-from kvjax.runtime.page_ops import default_impl, padded_page_ids, page_bucket, page_ops
+from kvjax.runtime.page_ops import (
+    default_impl,
+    move_batches,
+    padded_page_ids,
+    page_bucket,
+    page_ops,
+)
 from kvjax.runtime.sharding import LocalHeads, zeros
-
-if TYPE_CHECKING:
-    from kvjax.cache.tier import PageMove
 
 __all__ = ["KVStorage"]
 
@@ -96,9 +100,7 @@ class KVStorage:
         self._pool = self._zeros(num_device_pages)
         host_shape = (num_host_pages, *self.local_page_shape)
         self._host = np.zeros(host_shape, self.dtype) if num_host_pages else None
-        self._disk_file = self._disk = None
-        if num_disk_pages:
-            self._disk_file, self._disk = self._new_disk(num_disk_pages)
+        self._disk = self._new_disk(num_disk_pages) if num_disk_pages else None
         self._closed = False
 
     @classmethod
@@ -171,8 +173,8 @@ class KVStorage:
         return self._host
 
     @property
-    def disk(self) -> np.memmap | None:
-        """The disk tier, dtype[num_disk_pages, *local_page_shape], or None when absent."""
+    def disk(self) -> DiskPages | None:
+        """The disk tier, array-like dtype[num_disk_pages, *local_page_shape], or None."""
         self._check_open()
         return self._disk
 
@@ -215,11 +217,11 @@ class KVStorage:
             host, self._host = self._host, np.zeros((num_pages, *self.local_page_shape), self.dtype)
             self._host[:keep] = host[:keep]
         else:
-            file, disk = self._disk_file, self._disk
-            self._disk_file, self._disk = self._new_disk(num_pages)
-            self._disk[:keep] = disk[:keep]
-            del disk
-            file.close()
+            disk, self._disk = self._disk, self._new_disk(num_pages)
+            try:
+                self._disk[:keep] = disk[:keep]  # raises OSError when a page cannot be copied
+            finally:
+                disk.close()
 
     def reset_pool(self) -> None:
         """A zero pool in place of one a failed step consumed (donated, then lost)."""
@@ -231,10 +233,9 @@ class KVStorage:
         if self._closed:
             return
         self._closed = True
+        if self._disk is not None:
+            self._disk.close()
         self._pool = self._host = self._disk = None
-        if self._disk_file is not None:
-            self._disk_file.close()
-            self._disk_file = None
 
     def warmup(self) -> int:
         """Compiles the batched page ops for every page-count bucket a move can need, by running
@@ -258,41 +259,26 @@ class KVStorage:
     # -- moves --------------------------------------------------------------------------------
 
     def apply(self, moves: Sequence[PageMove]) -> dict[tuple[Tier, Tier], int]:
-        """Carries out the moves in order; checks them all before changing anything.
+        """Carries out the moves in order, checking them all before changing anything; runs of
+        one kind run as one batch (`page_ops.move_batches`). Returns the pages moved per
+        (src_tier, dst_tier).
 
-        Consecutive moves of one (src_tier, dst_tier) kind run as one batch, cut before a move
-        that reads a page the batch writes or writes a page it reads or writes. So no batch reads
-        a page it writes or writes a page twice: its copies may run in any order (as a kernel
-        copying page by page would) and still equal running the moves one by one.
-
-        Returns:
-            Pages moved per (src_tier, dst_tier).
+        Raises:
+            PageMoveError: disk reads or writes failed; every other move ran.
         """
         self._check_open()
         moves = list(moves)
         for move in moves:
             self._check_move(move)
-        counts: dict[tuple[Tier, Tier], int] = {}
-        batch: list[PageMove] = []
-        read: set[tuple[Tier, int]] = set()
-        written: set[tuple[Tier, int]] = set()
-        batch_kind = None
-        for move in moves:
-            kind = (move.src_tier, move.dst_tier)
-            src, dst = (move.src_tier, move.src_page), (move.dst_tier, move.dst_page)
-            if batch and (kind != batch_kind or src in written or dst in read or dst in written):
-                self._run_batch(batch)
-                batch, read, written = [], set(), set()
-            batch_kind = kind
-            batch.append(move)
-            read.add(src)
-            written.add(dst)
-            counts[kind] = counts.get(kind, 0) + 1
-        if batch:
-            self._run_batch(batch)
-        return counts
+        failed: list[int] = []
+        for start, end in move_batches(moves):
+            failed += [start + i for i in self._run_batch(moves[start:end])]
+        if failed:
+            raise PageMoveError(failed, f"disk I/O failed in {self._disk_dir}")
+        return dict(Counter((move.src_tier, move.dst_tier) for move in moves))
 
-    def _run_batch(self, batch: list[PageMove]) -> None:
+    def _run_batch(self, batch: list[PageMove]) -> list[int]:
+        """Runs one batch; returns the positions in it whose disk read or write failed."""
         src_tier, dst_tier = batch[0].src_tier, batch[0].dst_tier
         src_ids = [move.src_page for move in batch]
         dst_ids = [move.dst_page for move in batch]
@@ -300,23 +286,39 @@ class KVStorage:
         if src_tier is Tier.DEVICE and dst_tier is Tier.DEVICE:
             src, dst = padded_page_ids(src_ids), padded_page_ids(dst_ids)
             self._pool = self._copy(self._pool, src, dst, num_valid)
-        elif src_tier is Tier.DEVICE:
+            return []
+        if src_tier is Tier.DEVICE:
             staging = self._gather(self._pool, padded_page_ids(src_ids), num_valid)
-            self._array(dst_tier)[dst_ids] = self._to_host(staging)[: len(batch)]
-        elif dst_tier is Tier.DEVICE:
-            staging = np.empty((page_bucket(len(batch)), *self.local_page_shape), self.dtype)
-            # mode="clip" lets take write straight into `out` (ids are checked already).
-            np.take(self._array(src_tier), src_ids, axis=0, out=staging[: len(batch)], mode="clip")
-            staging[len(batch) :] = 0  # dropped by scatter_pages; zeroed to stay deterministic
-            staging = self._to_device(staging)
+            return self._put(dst_tier, dst_ids, self._to_host(staging)[: len(batch)])
+        if dst_tier is Tier.DEVICE:
+            staging = np.zeros((page_bucket(len(batch)), *self.local_page_shape), self.dtype)
+            failed = self._take(src_tier, src_ids, staging[: len(batch)])
+            staging = self._to_device(staging)  # padding rows are dropped by scatter_pages
             self._pool = self._scatter(self._pool, staging, padded_page_ids(dst_ids), num_valid)
-        else:
-            self._array(dst_tier)[dst_ids] = self._array(src_tier)[src_ids]
+            return failed
+        pages = np.empty((len(batch), *self.local_page_shape), self.dtype)
+        failed = self._take(src_tier, src_ids, pages)
+        return sorted({*failed, *self._put(dst_tier, dst_ids, pages)})
+
+    def _take(self, tier: Tier, page_ids: list[int], out: np.ndarray) -> list[int]:
+        """Copies pages of the host or disk tier into `out`; returns the failed positions."""
+        if tier is Tier.DISK:
+            out[...], failed = self._disk.read(page_ids)
+            return failed
+        np.take(self._host, page_ids, axis=0, out=out, mode="clip")  # ids are checked already
+        return []
+
+    def _put(self, tier: Tier, page_ids: list[int], pages: np.ndarray) -> list[int]:
+        """Writes pages to the host or disk tier; returns the failed positions."""
+        if tier is Tier.HOST:
+            self._host[page_ids] = pages
+            return []
+        return self._disk.write(page_ids, pages)
 
     # -- checks -------------------------------------------------------------------------------
 
-    def _new_disk(self, num_pages: int):
-        return new_disk_tier(self._disk_dir, (num_pages, *self.local_page_shape), self.dtype)
+    def _new_disk(self, num_pages: int) -> DiskPages:
+        return DiskPages(self._disk_dir, num_pages, self.local_page_shape, self.dtype)
 
     def _array(self, tier: Tier) -> jax.Array | np.ndarray | None:
         self._check_open()

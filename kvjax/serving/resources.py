@@ -8,6 +8,8 @@ so its KV is never taken from the tree. Host side: imports no JAX.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kvjax.cache.checks import check_int
 from kvjax.cache.kv_cache import CommitState
 from kvjax.cache.manager import KVCacheManager
@@ -164,6 +166,15 @@ class CacheResources:
         self.free(request)
         request.restart_for_recompute()
         request.metrics.num_preemptions += 1
+
+    def recompute_lost(self, requests: Sequence[Request]) -> list[Request]:
+        """Sends back to recompute the requests whose cache lost KV to a failed disk read or
+        write (`KVCacheManager.take_lost_caches`); returns them."""
+        lost = set(map(id, self.manager.take_lost_caches()))
+        hit = [r for r in requests if r.cache is not None and id(r.cache) in lost]
+        for request in hit:
+            self.recompute_request(request)
+        return hit
 
     def is_request_active(self, request: Request) -> bool:
         return request.cache is not None and request.cache.is_active

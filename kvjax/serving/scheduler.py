@@ -117,6 +117,10 @@ class CacheOps(Protocol):
 
     def is_request_active(self, request: Request) -> bool: ...
 
+    def recompute_lost(self, requests: Sequence[Request]) -> list[Request]:
+        """Sends back to recompute the requests whose KV a failed disk read or write lost;
+        returns them."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledContext:
@@ -210,6 +214,10 @@ class Scheduler:
                 "room and nothing else fits; give the KVCacheManager a host tier (host_pages or "
                 "host_bytes in CacheConfig) to suspend to, or more device pages"
             )
+        lost = set(map(id, self.cache.recompute_lost(requests)))
+        if lost:  # a disk read or write failed (in this pass or since the last): recompute
+            context = [c for c in context if id(c.request) not in lost]
+            generation = [r for r in generation if id(r) not in lost]
         context.sort(key=lambda c: (c.is_last_chunk, _lora_order(c.request.lora_id)))
         generation.sort(key=lambda r: _lora_order(r.lora_id))
         num_tokens = sum(
