@@ -5,16 +5,23 @@ the same request served alone on an ample engine (greedy and seeded sampling ali
 
 `tests/test_engine_soak.py` runs a bounded one and asserts on its report; this script runs a
 longer one on a tiny random Llama and writes `results/soak.json`:
-`python -m benchmarks.soak --requests 400 --device-pages 16`.
+`python -m benchmarks.soak --requests 400 --device-pages 16`. Each policy runs with a host tier,
+without one, and with a small host tier over a disk tier whose reads and writes fail now and then
+(`--disk-fault-period`: every N-th `pread`/`pwrite` raises EIO).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
+import os
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -46,6 +53,7 @@ class SoakReport:
     steps: int = 0
     suspensions: int = 0
     recomputations: int = 0
+    lost_pages: int = 0  # to failed disk reads and writes
     wrong_outputs: int = 0
     leaks: int = 0
     seconds: float = 0.0
@@ -67,9 +75,11 @@ def workload(rng: np.random.Generator, num_requests: int, vocab: int = 64) -> li
     return requests
 
 
-def make_engine(model, *, device_pages, host_pages, policy, **options) -> Engine:
+def make_engine(model, *, device_pages, host_pages, policy, disk_dir=None, **options) -> Engine:
+    """A small engine; with `disk_dir`, a 48-page disk tier below the host tier."""
+    disk = {"disk_pages": 48, "disk_dir": disk_dir} if disk_dir else {}
     config = cache_config_for(
-        model, tokens_per_block=TPB, device_pages=device_pages, host_pages=host_pages
+        model, tokens_per_block=TPB, device_pages=device_pages, host_pages=host_pages, **disk
     )
     scheduler = SchedulerConfig(max_batch_size=4, max_num_tokens=32, chunk_unit=4, policy=policy)
     return Engine(model, config, scheduler, eos_token_ids=[], **options)
@@ -84,6 +94,30 @@ def served_alone(engine: Engine, requests: list[SoakRequest]) -> list[tuple[int,
         )
         outputs.append(output.token_ids)
     return outputs
+
+
+@contextlib.contextmanager
+def failing_disk_io(period: int) -> Iterator[None]:
+    """Makes every `period`-th disk read and write (`os.preadv`, `os.pwrite`) fail with EIO."""
+    real = {name: getattr(os, name) for name in ("preadv", "pwrite")}
+    calls = [0]
+
+    def failing(name):
+        def call(*args):
+            calls[0] += 1
+            if calls[0] % period == 0:
+                raise OSError(errno.EIO, "Input/output error (injected)")
+            return real[name](*args)
+
+        return call
+
+    try:
+        for name in real:
+            setattr(os, name, failing(name))
+        yield
+    finally:
+        for name, function in real.items():
+            setattr(os, name, function)
 
 
 def soak(engine: Engine, requests, expected, *, seed: int, abort_fraction: float) -> SoakReport:
@@ -127,6 +161,7 @@ def soak(engine: Engine, requests, expected, *, seed: int, abort_fraction: float
     report.steps = engine.metrics.num_steps
     report.aborted = len(aborted - set(outputs))
     report.finished = len(outputs)
+    report.lost_pages = engine.manager.stats.lost_pages
     for request_id, output in outputs.items():
         report.wrong_outputs += output.token_ids != expected[ids[request_id]]
         report.recomputations += output.metrics.num_recomputations
@@ -144,6 +179,7 @@ def main() -> None:
     parser.add_argument("--device-pages", type=int, default=16)
     parser.add_argument("--host-pages", type=int, default=24)
     parser.add_argument("--abort-fraction", type=float, default=0.1)
+    parser.add_argument("--disk-fault-period", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("results"))
     args = parser.parse_args()
@@ -156,17 +192,24 @@ def main() -> None:
     ample.shutdown()
     reports = []
     for policy in SchedulerPolicy:
-        for host_pages in (args.host_pages, 0):
-            engine = make_engine(
-                model, device_pages=args.device_pages, host_pages=host_pages, policy=policy
-            )
-            report = soak(
-                engine, requests, expected, seed=args.seed, abort_fraction=args.abort_fraction
-            )
-            engine.shutdown()
-            row = {"policy": policy.name, "host_pages": host_pages, **dataclasses.asdict(report)}
-            reports.append(row)
-            print(row, flush=True)
+        for host_pages, disk in ((args.host_pages, False), (0, False), (4, True)):
+            with tempfile.TemporaryDirectory() as disk_dir:
+                engine = make_engine(
+                    model, device_pages=args.device_pages, host_pages=host_pages, policy=policy,
+                    disk_dir=disk_dir if disk else None,
+                )  # fmt: skip
+                faults = (
+                    failing_disk_io(args.disk_fault_period) if disk else contextlib.nullcontext()
+                )
+                with faults:
+                    report = soak(
+                        engine, requests, expected, seed=args.seed,
+                        abort_fraction=args.abort_fraction,
+                    )  # fmt: skip
+                engine.shutdown()
+            row = {"policy": policy.name, "host_pages": host_pages, "disk": disk}
+            reports.append({**row, **dataclasses.asdict(report)})
+            print(reports[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "soak.json").write_text(
         json.dumps({"args": vars(args), "runs": reports}, default=str)

@@ -1,9 +1,11 @@
 """The bounded engine soak in CI (the long one: `python -m benchmarks.soak --requests 400`)."""
 
+import contextlib
+
 import numpy as np
 import pytest
 
-from benchmarks.soak import make_engine, served_alone, soak, workload
+from benchmarks.soak import failing_disk_io, make_engine, served_alone, soak, workload
 from kvjax.serving.scheduler import SchedulerPolicy
 from tests.test_llama import random_model, tiny_config
 
@@ -27,23 +29,29 @@ def served(model):
 
 
 @pytest.mark.parametrize(
-    ("policy", "host_pages"),
+    ("policy", "host_pages", "disk"),
     [
-        (SchedulerPolicy.MAX_UTILIZATION, 8),
-        (SchedulerPolicy.MAX_UTILIZATION, 0),
-        (SchedulerPolicy.GUARANTEED_NO_EVICT, 8),
+        (SchedulerPolicy.MAX_UTILIZATION, 8, False),
+        (SchedulerPolicy.MAX_UTILIZATION, 0, False),
+        (SchedulerPolicy.GUARANTEED_NO_EVICT, 8, False),
+        (SchedulerPolicy.MAX_UTILIZATION, 2, True),
     ],
-    ids=["max-util-host", "max-util-no-host", "no-evict-host"],
+    ids=["max-util-host", "max-util-no-host", "no-evict-host", "max-util-failing-disk"],
 )
 def test_a_randomized_soak_serves_every_request_exactly_and_leaks_nothing(
-    model, served, policy, host_pages
+    model, served, policy, host_pages, disk, tmp_path
 ):
     requests, expected = served
-    engine = make_engine(model, device_pages=10, host_pages=host_pages, policy=policy)
-    report = soak(engine, requests, expected, seed=1, abort_fraction=0.15)
+    engine = make_engine(
+        model, device_pages=10, host_pages=host_pages, policy=policy,
+        disk_dir=tmp_path if disk else None,
+    )  # fmt: skip
+    with failing_disk_io(5) if disk else contextlib.nullcontext():
+        report = soak(engine, requests, expected, seed=1, abort_fraction=0.15)
     engine.shutdown()
     print(report)
     assert report.wrong_outputs == 0 and report.leaks == 0, report
     assert report.finished + report.aborted == NUM_REQUESTS, report
     if policy is SchedulerPolicy.MAX_UTILIZATION:
         assert report.suspensions + report.recomputations > 0, report  # the device was scarce
+    assert (report.lost_pages > 0) == disk, report  # the failing disk did lose pages
