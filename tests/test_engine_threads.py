@@ -192,7 +192,7 @@ def test_a_request_that_fails_inside_a_step_fails_alone(model):
     engine.shutdown()
 
 
-def test_ctrl_c_while_results_are_applied_lands_after_them(model, monkeypatch):
+def test_ctrl_c_while_results_are_applied_lands_after_them(model, monkeypatch, request):
     """SIGINT arrives between a cache advancing and its token being appended: the step finishes
     its books first, then raises KeyboardInterrupt; serving on gives the dense model's tokens
     (without the deferral the next step would write that token's KV twice)."""
@@ -210,6 +210,9 @@ def test_ctrl_c_while_results_are_applied_lands_after_them(model, monkeypatch):
         return real_append(*args, **kwargs)
 
     monkeypatch.setattr(results, "append_token", append_after_sigint)
+    # A background shell starts Python with SIGINT ignored: make Ctrl-C mean KeyboardInterrupt.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     outputs, interrupts = {}, 0
     while engine.num_unfinished:
         try:

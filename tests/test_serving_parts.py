@@ -170,12 +170,15 @@ def test_engine_metrics_keep_totals_and_a_bounded_window():
     assert summary["recomputations"] == 10 and summary["ttft_s"]["p50"] == 0.5
 
 
-def test_interrupts_are_held_back_to_the_end_of_the_block():
+def test_interrupts_are_held_back_to_the_end_of_the_block(request):
     import signal
     import threading
 
     from kvjax.serving.interrupts import interrupts_deferred
 
+    # A background shell starts Python with SIGINT ignored: make Ctrl-C mean KeyboardInterrupt.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     steps = []
     with pytest.raises(KeyboardInterrupt), interrupts_deferred():
         signal.raise_signal(signal.SIGINT)
