@@ -17,10 +17,11 @@ def interpret(request):
     return request.param
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def compile_cache(tmp_path_factory):
     """JAX's persistent compilation cache for this session: engines of one model and geometry
-    compile each step shape once (a fresh directory keeps runs independent)."""
-    from kvjax.runtime.step import enable_persistent_cache
+    compile each step shape once (a fresh directory keeps runs independent, and engines leave
+    a configured cache as it is, so no test writes to the user's cache)."""
+    from kvjax.runtime.compile_cache import enable_persistent_cache
 
     enable_persistent_cache(str(tmp_path_factory.mktemp("jax_cache")))

@@ -132,7 +132,8 @@ def test_persistent_cache_keeps_compiled_steps_on_disk(tmp_path):
     code = f"""
 import jax, jax.numpy as jnp
 from kvjax.runtime.buckets import BucketKey
-from kvjax.runtime.step import StepRegistry, allow_compile, enable_persistent_cache
+from kvjax.runtime.compile_cache import enable_persistent_cache
+from kvjax.runtime.step import StepRegistry, allow_compile
 from tests.test_step import example, toy_step
 enable_persistent_cache({str(tmp_path)!r})
 registry = StepRegistry(toy_step)
@@ -142,3 +143,29 @@ with allow_compile():
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).parent.parent))
     assert any(tmp_path.iterdir()), "nothing was written to the compilation cache"
+
+
+def test_engines_turn_the_compile_cache_on_in_a_per_user_directory(tmp_path, monkeypatch):
+    import jax
+
+    from kvjax.runtime.compile_cache import configure_compile_cache, default_cache_dir
+
+    monkeypatch.setenv("KVJAX_COMPILE_CACHE", str(tmp_path / "env"))
+    assert default_cache_dir() == tmp_path / "env"
+    monkeypatch.delenv("KVJAX_COMPILE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "kvjax" / "xla"
+    configured = jax.config.jax_compilation_cache_dir  # the session's (tests/conftest.py)
+    try:
+        assert configure_compile_cache(True) == configured  # a configured cache is kept
+        assert configure_compile_cache(False) == configured  # False changes nothing
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert configure_compile_cache(False) is None
+        assert configure_compile_cache(True) == str(tmp_path / "xdg" / "kvjax" / "xla")
+        assert (tmp_path / "xdg" / "kvjax" / "xla").is_dir()
+        assert configure_compile_cache(tmp_path / "mine") == str(tmp_path / "mine")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+        with pytest.raises(ValueError, match="compile_cache=3"):
+            configure_compile_cache(3)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", configured)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ from kvjax.engine.preflight import (
 )
 from kvjax.engine.recovery import recover_lost_pool
 from kvjax.runtime.buckets import Buckets
+from kvjax.runtime.compile_cache import configure_compile_cache
 from kvjax.runtime.sampling import SamplingInputs
 from kvjax.runtime.sharding import spans_processes, tensor_parallel_mesh
 from kvjax.serving.intake import RequestIntake
@@ -66,8 +68,7 @@ class Engine:
         commit_generated: also commit generated tokens, so follow-up turns reuse them.
         lora_pages: the known LoRA adapters and the device pages each takes (the scheduler's
             LoRA budget); requests naming another id are refused.
-        eos_token_ids: tokens that end a request unless it ignores EOS (default the model
-            config's `eos_token_ids`, if any).
+        eos_token_ids: tokens that end a request unless it ignores EOS (default the model's).
         impl, interpret: kernel choice (default Pallas on a GPU, XLA elsewhere).
         seed: draws the seeds of requests that give none.
         speculative: a drafter and draft lengths; each step then verifies every generation
@@ -78,6 +79,8 @@ class Engine:
             `jax.distributed.initialize()` the devices of every process count: each process
             builds the same engine and adds the same requests in the same order, so all make
             the same scheduling decisions and page ids without exchanging them.
+        compile_cache: JAX's persistent compilation cache: True (default) uses the directory
+            of `kvjax.runtime.compile_cache`, a path that directory, False leaves JAX as is.
         check_agreement: a mesh of several processes only: before each step runs, check that
             every process scheduled the same batch and moved the same pages (a collective per
             step; a debugging aid). The configuration is always checked once, at construction.
@@ -102,8 +105,10 @@ class Engine:
         speculative: SpeculativeConfig | None = None,
         tensor_parallel: int | Mesh | None = None,
         check_agreement: bool = False,
+        compile_cache: bool | str | os.PathLike = True,
     ) -> None:
         config = self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.compile_cache_dir = configure_compile_cache(compile_cache)
         check_model_geometry(model, cache_config)
         self.mesh = None if tensor_parallel is None else tensor_parallel_mesh(tensor_parallel)
         self.lockstep = spans_processes(self.mesh)

@@ -28,7 +28,6 @@ __all__ = [
     "StepInputs",
     "StepRegistry",
     "StepStats",
-    "enable_persistent_cache",
 ]
 
 
@@ -194,9 +193,3 @@ class StepRegistry:
             lambda a: place(np.asarray(a, np.int32), self._input_sharding), inputs
         )
         return executable(params, pool, device_inputs)
-
-
-def enable_persistent_cache(path: str, *, min_compile_seconds: float = 0.0) -> None:
-    """Keeps compiled steps on disk across processes (JAX's persistent compilation cache)."""
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
