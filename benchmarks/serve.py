@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-pages", type=int, default=160)
     p.add_argument("--host-pages", type=int, default=None, help="default: provisioned")
     p.add_argument("--tokens-per-block", type=int, default=16)
-    p.add_argument("--max-seq-len", type=int, default=None, help="default: the device's")
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: the workload's")
     p.add_argument(
         "--tensor-parallel", type=int, default=None,
         help="shard over N devices (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)",
@@ -204,16 +204,18 @@ def main(argv=None) -> dict:
     if args.speculative != "none":
         return main_speculative(args, model)
     commit_generated = not args.no_commit_generated
+    workload = Workload(
+        model.config.vocab_size, args.groups, args.per_group, args.system_len,
+        tuple(args.user_len), args.follow_up_fraction, args.seed,
+    )  # fmt: skip
+    # Page tables as wide as the workload's longest sequence, not the whole device.
+    args.max_seq_len = args.max_seq_len or workload.max_seq_len(args.new_tokens)
     engine, warmup_s = build_engine(model, args, commit_generated=commit_generated)
     print(
         f"warm-up: {engine.registry.stats.compiled} step shapes compiled in {warmup_s:.1f} s "
         f"on {jax.devices()[0].device_kind}",
         flush=True,
     )
-    workload = Workload(
-        model.config.vocab_size, args.groups, args.per_group, args.system_len,
-        tuple(args.user_len), args.follow_up_fraction, args.seed,
-    )  # fmt: skip
     params = SamplingParams(
         max_new_tokens=args.new_tokens, temperature=args.temperature, ignore_eos=True
     )

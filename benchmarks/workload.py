@@ -51,6 +51,11 @@ class Workload:
                 turns.append(Turn(prompt, follow_up))
         return turns
 
+    def max_seq_len(self, new_tokens: int) -> int:
+        """The longest sequence the workload can make: a follow-up holds its first turn's
+        prompt and answer, then its own message and answer."""
+        return self.system_len + 2 * (self.user_len[1] + new_tokens)
+
     def _tokens(self, rng, length: int) -> list[int]:
         return rng.integers(0, self.vocab_size, length).tolist()
 

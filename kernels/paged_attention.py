@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 
 from kernels.attention_reference import dense_paged_attention
 from kernels.attention_tiles import empty_state, online_softmax_step, page_scores
+from kernels.attention_xla import context_paged_attention
 from kernels.common import (
     NULL_PAGE,
     check_impl,
@@ -135,10 +136,11 @@ def paged_decode_attention(
     """
     _check(q, kv_pool, page_table, kv_lens, layer)
     check_soft_cap(soft_cap)
-    if check_impl(impl) == "xla":
-        return paged_decode_attention_reference(
-            q, kv_pool, page_table, kv_lens, layer=layer, sm_scale=sm_scale, soft_cap=soft_cap
-        )
+    if check_impl(impl) == "xla":  # the new token is the last key: it sees every key
+        return context_paged_attention(
+            q, kv_pool, page_table, kv_lens, kv_lens - 1, layer=layer, sm_scale=sm_scale,
+            soft_cap=soft_cap,
+        )  # fmt: skip
     batch, num_q_heads, head_dim = q.shape
     num_pages, _, _, num_kv_heads, tokens_per_block, _ = kv_pool.shape
     max_blocks = page_table.shape[1]
@@ -199,7 +201,7 @@ def paged_decode_attention(
 def paged_decode_attention_reference(
     q, kv_pool, page_table, kv_lens, *, layer, sm_scale, soft_cap=None
 ):
-    """Dense jnp attention over the gathered pages, float32 inside (`impl="xla"`)."""
+    """Dense jnp attention over every gathered page, float32 inside."""
     # The new token is the last key: it sees every key of its sequence.
     return dense_paged_attention(
         q, kv_pool, page_table, kv_lens, kv_lens - 1, layer=layer, sm_scale=sm_scale,

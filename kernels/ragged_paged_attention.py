@@ -23,6 +23,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from kernels.attention_reference import dense_paged_attention
 from kernels.attention_tiles import empty_state, finish, online_softmax_step, page_scores
+from kernels.attention_xla import context_paged_attention
 from kernels.common import (
     check_impl,
     check_int32,
@@ -138,7 +139,7 @@ def ragged_paged_attention(
     if check_impl(impl) == "xla":
         return ragged_paged_attention_reference(
             q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs,
-            layer=layer, sm_scale=sm_scale, soft_cap=soft_cap,
+            layer=layer, sm_scale=sm_scale, soft_cap=soft_cap, attend=context_paged_attention,
         )  # fmt: skip
     num_tokens, num_q_heads, _ = q.shape
     seqs = page_table.shape[0]
@@ -166,11 +167,12 @@ def ragged_paged_attention(
 
 
 def ragged_paged_attention_reference(
-    q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, *, layer, sm_scale, soft_cap=None
-):
-    """Dense jnp version over every token, float32 inside (`impl="xla"`): each token finds its
-    sequence, gathers that sequence's pages, and attends causally. Rows of no live sequence
-    give zeros."""
+    q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, *, layer, sm_scale, soft_cap=None,
+    attend=dense_paged_attention,
+):  # fmt: skip
+    """Dense jnp version over every token, float32 inside: each token finds its sequence,
+    gathers that sequence's pages, and attends causally. Rows of no live sequence give zeros.
+    `impl="xla"` runs it with `attend=context_paged_attention` (cost follows the context)."""
     num_tokens = q.shape[0]
     seqs = kv_lens.shape[0]
     token = jnp.arange(num_tokens)
@@ -180,7 +182,7 @@ def ragged_paged_attention_reference(
     live = token < cu_q_lens[num_seqs[0]]
     q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
     position = kv_lens[seq] - q_len + token - cu_q_lens[seq]
-    return dense_paged_attention(
+    return attend(
         q, kv_pool, page_table[seq], jnp.where(live, kv_lens[seq], 0), position, layer=layer,
         sm_scale=sm_scale, soft_cap=soft_cap,
     )  # fmt: skip
