@@ -39,7 +39,7 @@ class EngineParts:
     resources: CacheResources
     scheduler: Scheduler
     registry: StepRegistry
-    params: nnx.State
+    params: list  # the model's arrays, flat (`model_registry`)
     compiles: CompileCounter
 
 

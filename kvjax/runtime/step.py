@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 
 from kvjax.cache.pages import NULL_PAGE
 from kvjax.runtime.buckets import BucketKey, smallest_holding
-from kvjax.runtime.sharding import place, pool_sharding, replicated
+from kvjax.runtime.sharding import place_all, pool_sharding, replicated
 
 __all__ = [
     "StepInputs",
@@ -189,7 +189,10 @@ class StepRegistry:
             executable = self._executables[key]
             self.stats.fallbacks += 1
         self.stats.runs += 1
-        device_inputs = jax.tree.map(
-            lambda a: place(np.asarray(a, np.int32), self._input_sharding), inputs
-        )
-        return executable(params, pool, device_inputs)
+        leaves, treedef = jax.tree.flatten(inputs)
+        leaves = [np.asarray(a, np.int32) for a in leaves]
+        if self._input_sharding is not None:  # over a mesh: laid out by this process
+            leaves = place_all(leaves, self._input_sharding)
+        # Host arrays go straight in: the executable's own transfer is ~10x faster on a CPU
+        # than a `device_put` first.
+        return executable(params, pool, jax.tree.unflatten(treedef, leaves))
