@@ -11,8 +11,10 @@ holds raises. Inputs are built and padded on the host (numpy), so a served step 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -94,6 +96,10 @@ class StepInputs:
         )
 
 
+def _compiled(lowered):
+    return lowered.compile()
+
+
 def _padded(array, shape: tuple[int, ...], fill: int = 0) -> np.ndarray:
     """int32 `array` in the top-left corner of `shape`, the rest `fill` (np.pad is ~10x
     slower on the small arrays of a step)."""
@@ -157,15 +163,24 @@ class StepRegistry:
 
     def warmup(self, params, pool, example: Callable[[BucketKey], StepInputs], keys) -> None:
         """Compiles every key from shapes alone (nothing runs); must be inside `allow_compile()`.
+        Keys are traced one by one, then compiled on a thread per core (XLA compiles outside
+        the GIL).
 
         Args:
             params, pool: arrays or `jax.ShapeDtypeStruct`s of the real ones.
             example: builds host inputs of a key (only their shapes are used).
         """
-        for key in keys:
-            self._compile(key, params, pool, example(key))
+        keys = [key for key in keys if key not in self._executables]
+        lowered = [self._lower(key, params, pool, example(key)) for key in keys]
+        workers = max(1, min(len(lowered), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as threads:
+            for key, executable in zip(keys, threads.map(_compiled, lowered), strict=True):
+                self._add(key, executable)
 
     def _compile(self, key, params, pool, inputs) -> Any:
+        return self._add(key, self._lower(key, params, pool, inputs).compile())
+
+    def _lower(self, key, params, pool, inputs) -> Any:
         if not _compile_allowed[0]:
             raise RuntimeError(f"compiling step {key} outside allow_compile()")
         width = inputs.page_table.shape[1]
@@ -174,7 +189,9 @@ class StepRegistry:
         self.max_blocks = width
         structs = jax.tree.map(_struct, params)
         inputs = inputs.shape_structs(self._input_sharding)
-        executable = self._jitted.lower(structs, _struct(pool), inputs).compile()
+        return self._jitted.lower(structs, _struct(pool), inputs)
+
+    def _add(self, key: BucketKey, executable) -> Any:
         self._executables[key] = executable
         self.stats.compiled += 1
         return executable
