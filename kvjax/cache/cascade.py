@@ -292,9 +292,7 @@ class TierCascade:
             queue.push(page, held=page.num_holders > 0, evict_first=evict_first)
 
     def _dequeue(self, page: Page) -> None:
-        queue = self._tier[page.tier].queue
-        if page in queue:
-            queue.remove(page)
+        self._tier[page.tier].queue.discard(page)
 
     def _free(self, page: Page) -> None:
         self._dequeue(page)

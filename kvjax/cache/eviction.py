@@ -38,6 +38,9 @@ class Prioritized(Protocol):
     priority: int
 
 
+_ABSENT = object()  # a sentinel: no queued item maps to it
+
+
 class PrioritizedLRU[T: Prioritized]:
     """Evictable items of one tier in eviction order, with O(1) push, remove and pop.
 
@@ -83,6 +86,16 @@ class PrioritizedLRU[T: Prioritized]:
         if not queue:
             self._nonempty &= ~(1 << item.priority)
         self._size -= 1
+
+    def discard(self, item: T) -> bool:
+        """Takes `item` out if it is queued; returns whether it was (one lookup)."""
+        queue = self._queues[item.priority]
+        if queue.pop(item, _ABSENT) is _ABSENT:
+            return False
+        if not queue:
+            self._nonempty &= ~(1 << item.priority)
+        self._size -= 1
+        return True
 
     def peek(self) -> T:
         """The next victim, left in place; raises `IndexError` when empty."""
@@ -158,10 +171,12 @@ class EvictionQueue[T: Queued]:
 
     def remove(self, item: T) -> None:
         """Takes `item` out; raises `KeyError` when it is not queued."""
-        if item in self.held:
-            self.held.remove(item)
-        else:
-            self.droppable.remove(item)
+        if not self.discard(item):
+            raise KeyError(item)
+
+    def discard(self, item: T) -> bool:
+        """Takes `item` out if it is queued; returns whether it was."""
+        return self.held.discard(item) or self.droppable.discard(item)
 
     def pop_victims(self, count: int, *, max_held: int) -> list[T] | None:
         """Removes the next `count` victims in eviction order, taking at most `max_held` HELD
