@@ -169,3 +169,21 @@ def test_engines_turn_the_compile_cache_on_in_a_per_user_directory(tmp_path, mon
             configure_compile_cache(3)
     finally:
         jax.config.update("jax_compilation_cache_dir", configured)
+
+
+def test_step_inputs_travel_packed_in_one_buffer():
+    rng = np.random.default_rng(3)
+    key = BucketKey(4, 8, 4)
+    inputs = StepInputs(
+        tokens=rng.integers(0, 99, 8).astype(np.int32),
+        page_table=rng.integers(0, 99, (4, 5)).astype(np.int32),
+        kv_lens=rng.integers(0, 99, 4).astype(np.int32),
+        cu_q_lens=np.arange(5, dtype=np.int32) * 2,
+        num_seqs=np.array([3], np.int32),
+        logits_indices=rng.integers(0, 8, 4).astype(np.int32),
+    )
+    packed = inputs.pack()
+    assert packed.shape == (StepInputs.packed_size(key, 5),) and packed.dtype == np.int32
+    unpacked = StepInputs.unpack(packed, key, 5)
+    for name in ("tokens", "page_table", "kv_lens", "cu_q_lens", "num_seqs", "logits_indices"):
+        np.testing.assert_array_equal(getattr(unpacked, name), getattr(inputs, name))
