@@ -167,6 +167,11 @@ def test_engines_turn_the_compile_cache_on_in_a_per_user_directory(tmp_path, mon
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
         with pytest.raises(ValueError, match="compile_cache=3"):
             configure_compile_cache(3)
+        (tmp_path / "file").write_text("")  # a directory cannot be made below a file
+        jax.config.update("jax_compilation_cache_dir", None)
+        with pytest.warns(RuntimeWarning, match="no compilation cache: cannot create"):
+            assert configure_compile_cache(tmp_path / "file" / "cache") is None
+        assert jax.config.jax_compilation_cache_dir is None
     finally:
         jax.config.update("jax_compilation_cache_dir", configured)
 

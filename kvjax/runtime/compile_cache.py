@@ -10,6 +10,7 @@ the compiler version and the device, so a stale or foreign entry is never used.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -48,6 +49,15 @@ def configure_compile_cache(setting: bool | str | os.PathLike) -> str | None:
         setting = default_cache_dir()
     elif not isinstance(setting, str | os.PathLike):
         raise ValueError(f"compile_cache={setting!r} must be True, False or a directory")
-    Path(setting).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(setting).mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # e.g. a read-only home: serve anyway, compiling every time
+        warnings.warn(
+            f"no compilation cache: cannot create {setting} ({error}); set KVJAX_COMPILE_CACHE "
+            "or pass compile_cache=<a writable directory>",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
     enable_persistent_cache(setting)
     return str(setting)
