@@ -58,7 +58,6 @@ def dense_decode_tokens_per_second(model: Llama, batch: int, context: int, steps
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
     cache = (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
 
-    @jax.jit
     def step(state, cache, tokens, position):
         return _decode_step(nnx.merge(graphdef, state), cache, tokens, position)
 

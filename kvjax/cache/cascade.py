@@ -14,7 +14,6 @@ its result, except a swap between tiers with no free or droppable page anywhere 
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 
 from kvjax.cache.checks import check_int
@@ -22,9 +21,6 @@ from kvjax.cache.pages import Page, Tier
 from kvjax.cache.tier import PageMove, TierPages
 
 __all__ = ["TierCascade"]
-
-# Queued pages an acquire must not evict, counted per (tier, held).
-Excluded = Counter[tuple[Tier, bool]]
 
 
 class TierCascade:
@@ -103,25 +99,22 @@ class TierCascade:
         self._make_room(tier, count)
         return True
 
-    def _num_acceptable(self, tier: Tier | None, excluded: Excluded | None = None) -> int:
+    def _num_acceptable(self, tier: Tier | None) -> int:
         """Pages `tier` and the tiers below it could take in from above: their free pages and
         their DROPPABLE ones. Pages pushed into a full tier continue down (its HELD pages, or the
         newcomers themselves), so a tier's HELD pages never limit what it passes on."""
         if tier is None:
             return 0
-        queue = self._tier[tier].queue
-        droppable = len(queue.droppable) - (excluded[(tier, False)] if excluded else 0)
-        below = self._num_acceptable(self._next.get(tier), excluded)
-        return self.num_free(tier) + droppable + below
+        below = self._num_acceptable(self._next.get(tier))
+        return self.num_free(tier) + len(self._tier[tier].queue.droppable) + below
 
-    def _num_freeable(self, tier: Tier, excluded: Excluded | None = None) -> int:
-        """Pages of `tier` that eviction can free, not counting the `excluded[(tier, held)]`
-        queued ones (the targets of an acquire, which must not become victims)."""
+    def _num_freeable(self, tier: Tier) -> int:
+        """Pages of `tier` that eviction can free."""
         # DROPPABLE pages can always go (moved or dropped); HELD ones only to a colder tier.
         queue = self._tier[tier].queue
-        num_held = len(queue.held) - (excluded[(tier, True)] if excluded else 0)
-        num_droppable = len(queue.droppable) - (excluded[(tier, False)] if excluded else 0)
-        return num_droppable + min(num_held, self._num_acceptable(self._next.get(tier), excluded))
+        return len(queue.droppable) + min(
+            len(queue.held), self._num_acceptable(self._next.get(tier))
+        )
 
     def _make_room(self, tier: Tier, count: int) -> None:
         shortfall = count - self.num_free(tier)
@@ -215,13 +208,12 @@ class TierCascade:
         free = self.num_free(device)
         if needed <= free:
             return True
-        excluded = Counter(
-            (page.tier, page.num_holders > 0) for page in targets if self.is_evictable(page)
-        )
+        # Targets hold their pages (HELD, never DROPPABLE): the device's queued ones must not
+        # become victims, and those below take no room there.
         queue = self._tier[device].queue
-        room_below = self._num_acceptable(self._next.get(device), excluded)
-        num_held = len(queue.held) - excluded[(device, True)]
-        cheap = free + len(queue.droppable) - excluded[(device, False)]
+        room_below = self._num_acceptable(self._next.get(device))
+        num_held = len(queue.held) - sum(page in queue.held for page in targets)
+        cheap = free + len(queue.droppable)
         if num_rising and cheap + min(num_held, room_below) == 0:
             return False
         return needed <= cheap + min(num_held, room_below + num_rising)

@@ -54,14 +54,19 @@ class DiskPages:
         """(dtype[len(page_ids), *page_shape] the pages, positions whose read failed; their
         rows are zero)."""
         pages = np.zeros((len(page_ids), *self.shape[1:]), self.dtype)
+        return pages, self.read_into(pages, page_ids)
+
+    def read_into(self, out: np.ndarray, page_ids: Sequence[int]) -> list[int]:
+        """Reads page `page_ids[i]` into `out[i]` (rows C-contiguous); returns the positions
+        whose read failed (their rows zeroed)."""
         failed = []
         for position, page_id in enumerate(page_ids):
             try:
-                self._read_into(pages[position], page_id)
+                self._read_into(out[position], page_id)
             except OSError:
-                pages[position] = 0
+                out[position] = 0
                 failed.append(position)
-        return pages, failed
+        return failed
 
     def write(self, page_ids: Sequence[int], pages: np.ndarray) -> list[int]:
         """Writes `pages[i]` to page `page_ids[i]`; returns the positions whose write failed."""

@@ -159,14 +159,6 @@ def place(value, sharding: Sharding | None) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def place_all(values: list, sharding: Sharding | None) -> list[jax.Array]:
-    """`place` of several host arrays; one batched transfer when every device is this
-    process's (a transfer per array costs about three times a batched one)."""
-    if sharding is None or sharding.is_fully_addressable:
-        return jax.device_put(values, sharding)
-    return [place(value, sharding) for value in values]
-
-
 def zeros(shape, dtype, sharding: Sharding | None) -> jax.Array:
     """Zeros created in place by `sharding` (a pool never exists whole on one device)."""
     if sharding is None:

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding
 
 from kvjax.cache.pages import NULL_PAGE
 from kvjax.runtime.buckets import BucketKey, smallest_holding
-from kvjax.runtime.sharding import place_all, pool_sharding, replicated
+from kvjax.runtime.sharding import place, pool_sharding, replicated
 
 __all__ = [
     "StepInputs",
@@ -81,11 +81,12 @@ class StepInputs:
 
     def pack(self) -> np.ndarray:
         """Every field, flattened into one int32 buffer in field order (`unpack` inverts it)."""
-        return np.concatenate([np.asarray(getattr(self, name), np.int32).ravel()
-                               for name in _FIELDS])  # fmt: skip
+        fields = dataclasses.fields(self)
+        return np.concatenate([np.asarray(getattr(self, f.name), np.int32).ravel() for f in fields])
 
     @staticmethod
     def _shapes(key: BucketKey, max_blocks: int) -> dict[str, tuple[int, ...]]:
+        """Each field's shape for `key`, in field order."""
         return {
             "tokens": (key.num_tokens,), "page_table": (key.num_seqs, max_blocks),
             "kv_lens": (key.num_seqs,), "cu_q_lens": (key.num_seqs + 1,), "num_seqs": (1,),
@@ -99,9 +100,8 @@ class StepInputs:
     @classmethod
     def unpack(cls, packed, key: BucketKey, max_blocks: int) -> StepInputs:
         """The fields of a `pack`ed buffer of `key`'s shapes (inside a traced step)."""
-        shapes, fields, start = cls._shapes(key, max_blocks), {}, 0
-        for name in _FIELDS:
-            shape = shapes[name]
+        fields, start = {}, 0
+        for name, shape in cls._shapes(key, max_blocks).items():
             size = math.prod(shape)
             fields[name] = packed[start : start + size].reshape(shape)
             start += size
@@ -110,17 +110,8 @@ class StepInputs:
     @classmethod
     def placeholder(cls, key: BucketKey, max_blocks: int) -> StepInputs:
         """Zero inputs of `key`'s shapes, for compiling from shapes (never meant to run)."""
-        return cls(
-            tokens=np.zeros(key.num_tokens, np.int32),
-            page_table=np.zeros((key.num_seqs, max_blocks), np.int32),
-            kv_lens=np.zeros(key.num_seqs, np.int32),
-            cu_q_lens=np.zeros(key.num_seqs + 1, np.int32),
-            num_seqs=np.zeros(1, np.int32),
-            logits_indices=np.zeros(key.num_logits, np.int32),
-        )
-
-
-_FIELDS = ("tokens", "page_table", "kv_lens", "cu_q_lens", "num_seqs", "logits_indices")
+        shapes = cls._shapes(key, max_blocks)
+        return cls(**{name: np.zeros(shape, np.int32) for name, shape in shapes.items()})
 
 
 def _compiled(lowered):
@@ -252,5 +243,5 @@ class StepRegistry:
         # transfer is ~10x faster on a CPU than a `device_put` first.
         packed = inputs.pack()
         if self._input_sharding is not None:  # over a mesh: laid out by this process
-            (packed,) = place_all([packed], self._input_sharding)
+            packed = place(packed, self._input_sharding)
         return executable(params, pool, packed)

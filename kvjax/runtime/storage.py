@@ -303,8 +303,7 @@ class KVStorage:
     def _take(self, tier: Tier, page_ids: list[int], out: np.ndarray) -> list[int]:
         """Copies pages of the host or disk tier into `out`; returns the failed positions."""
         if tier is Tier.DISK:
-            out[...], failed = self._disk.read(page_ids)
-            return failed
+            return self._disk.read_into(out, page_ids)
         np.take(self._host, page_ids, axis=0, out=out, mode="clip")  # ids are checked already
         return []
 
