@@ -130,12 +130,12 @@ def test_a_step_that_loses_the_donated_pool_is_survived_once(model):
     prompts = prompts_with_shared_prefix(rng, 6, [4, 9, 3])
     registry, calls = engine.registry, []
 
-    def failing_registry(params, pool, inputs):
+    def failing_registry(params, pool, inputs, fed=None):
         calls.append(1)
         if len(calls) == 3:  # mid-generation, after prefix blocks entered the tree
             pool.delete()  # what donation does to the caller's array
             raise RuntimeError("device fault")
-        return registry(params, pool, inputs)
+        return registry(params, pool, inputs, fed)
 
     engine.registry = failing_registry
     ids = [engine.add_request(prompt, GREEDY) for prompt in prompts]
@@ -150,7 +150,7 @@ def test_a_step_that_loses_the_donated_pool_is_survived_once(model):
     assert sum(o.metrics.num_recomputations for o in outputs.values()) == len(prompts)
     engine.manager.check_no_leaks()
 
-    def always_failing(params, pool, inputs):
+    def always_failing(params, pool, inputs, fed=None):
         pool.delete()
         raise RuntimeError("device gone")
 

@@ -106,8 +106,9 @@ def assemble(
 def _compiled(model, options: EngineOptions, manager, buckets: Buckets, config, mesh):
     """The model's step registry and params with every bucket compiled, and the counter of
     compilations after that."""
+    feed_size = max(key.num_seqs for key in buckets.keys)
     registry, params = model_registry(
-        model, impl=options.impl, interpret=options.interpret, mesh=mesh
+        model, impl=options.impl, interpret=options.interpret, mesh=mesh, feed_size=feed_size
     )
     compiles = CompileCounter()
     try:

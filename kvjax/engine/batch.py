@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -56,12 +57,20 @@ def pack_rows(
 
 
 def build_step_batch(
-    output: SchedulerOutput, manager: KVCacheManager, buckets: Buckets, draft_len: int = 0
+    output: SchedulerOutput,
+    manager: KVCacheManager,
+    buckets: Buckets,
+    draft_len: int = 0,
+    feeds: Mapping[int, int] | None = None,
 ) -> StepBatch:
     """Packs the scheduled sequences back to back: each context request's chunk of its prompt;
     each generation request's last sampled token, its drafts and padding up to `draft_len`
-    (whose KV lands in the request's own pages: capacity was extended to cover it)."""
-    requests, chunk_sizes, pieces, kv_lens = _scheduled_rows(output, draft_len)
+    (whose KV lands in the request's own pages: capacity was extended to cover it).
+
+    `feeds`: for each request whose last token is still pending on the device, its row in the
+    step in flight; its input token is then `-(row + 1)`, read from that step's `fed` tokens.
+    """
+    requests, chunk_sizes, pieces, kv_lens = _scheduled_rows(output, draft_len, feeds or {})
     num_context = len(output.context_requests)
     inputs = pack_rows(pieces, kv_lens, [r.cache for r in requests], manager)
     num_seqs, num_tokens = len(requests), int(inputs.cu_q_lens[-1])
@@ -74,7 +83,7 @@ def build_step_batch(
     return StepBatch(requests, chunk_sizes, padded, draft_len, draft_tokens, num_drafts)
 
 
-def _scheduled_rows(output: SchedulerOutput, draft_len: int):
+def _scheduled_rows(output: SchedulerOutput, draft_len: int, feeds: Mapping[int, int]):
     """(requests, chunk sizes, new tokens, KV lengths) of each row: context rows first."""
     requests: list[Request] = []
     chunk_sizes: list[int] = []
@@ -94,7 +103,11 @@ def _scheduled_rows(output: SchedulerOutput, draft_len: int):
                 f"request {request.request_id} has {len(drafts)} drafts > draft_len={draft_len}"
             )
         padding = [0] * (draft_len - len(drafts))
-        pieces.append(np.asarray([*request.output_token_ids[-1:], *drafts, *padding], np.int32))
+        if request.num_pending_tokens:
+            last = [-(feeds[request.request_id] + 1)]
+        else:
+            last = request.output_token_ids[-1:]
+        pieces.append(np.asarray([*last, *drafts, *padding], np.int32))
         requests.append(request)
         chunk_sizes.append(0)
         kv_lens.append(request.cache.history_length + 1 + draft_len)

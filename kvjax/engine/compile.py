@@ -10,7 +10,7 @@ from flax import nnx
 from kvjax.cache.manager import KVCacheManager
 from kvjax.runtime.buckets import Buckets
 from kvjax.runtime.page_ops import default_impl
-from kvjax.runtime.sampling import verify_tokens
+from kvjax.runtime.sampling import verify_and_feed
 from kvjax.runtime.sharding import place, replicated, shard_params
 from kvjax.runtime.step import StepInputs, StepRegistry, allow_compile
 
@@ -19,10 +19,10 @@ __all__ = ["CompileCounter", "compile_steps", "model_registry", "warm_up"]
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-def model_registry(model, *, impl=None, interpret=None, mesh=None, on_logits=None):
+def model_registry(model, *, impl=None, interpret=None, mesh=None, on_logits=None, feed_size=1):
     """`model`'s step as a `StepRegistry`, and the params it runs on: split from the NNX module,
     and sharded by `model.partition_specs()` over `mesh` when given. `on_logits` maps the
-    logits the step returns (e.g. to argmax tokens).
+    logits the step returns (e.g. to argmax tokens). `feed_size`: see `StepRegistry`.
 
     Returns:
         (registry, params): params as the flat list of the model's arrays, flattened once here
@@ -40,7 +40,7 @@ def model_registry(model, *, impl=None, interpret=None, mesh=None, on_logits=Non
         logits, kv_pool = nnx.merge(graphdef, params)(inputs, kv_pool, **options)
         return (logits if on_logits is None else on_logits(logits)), kv_pool
 
-    return StepRegistry(step, mesh), leaves
+    return StepRegistry(step, mesh, feed_size), leaves
 
 
 def compile_steps(registry: StepRegistry, params, manager: KVCacheManager, keys) -> None:
@@ -78,9 +78,10 @@ def warm_up(
             logits = np.zeros((rows * width, vocab), np.float32)
             logits = place(logits, mesh and replicated(mesh))
             drafts = np.zeros((rows, width - 1), np.int32)
-            verify_tokens(
-                logits, drafts, ints, zeros, ints, zeros + 1, ints.astype(np.uint32), ints
-            )
+            verify_and_feed(
+                logits, drafts, ints, zeros, ints, zeros + 1, ints.astype(np.uint32), ints,
+                feed_size=registry.feed_size,
+            )  # fmt: skip
 
 
 class CompileCounter:

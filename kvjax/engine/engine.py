@@ -1,10 +1,12 @@
 """The serving loop: requests in, tokens out, through the scheduler, the cache and compiled steps.
 
 Each `step()` is a pipeline: propose drafts, schedule (the cache moves pages as it decides), build
-the batch padded to a compiled bucket, run it with the pool donated and sample on the device,
-then apply the results (prompt tokens committed for reuse, drafts verified and the rest rewound,
-finished requests closed; their blocks stay in the radix tree as cache). Every step shape is
-compiled at construction; serving never compiles.
+the batch padded to a compiled bucket, dispatch it with the pool donated and sample on the
+device, then apply the results (prompt tokens committed for reuse, drafts verified and the rest
+rewound, finished requests closed; their blocks stay in the radix tree as cache). By default the
+loop is overlapped (`kvjax.engine.runner`): a step's tokens are applied during the next `step()`,
+after that step was dispatched, so the host's work hides behind the device's. Every step shape
+is compiled at construction; serving never compiles.
 """
 
 from __future__ import annotations
@@ -24,17 +26,12 @@ from tqdm.auto import tqdm
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.multimodal import MultimodalItem
 from kvjax.engine.assembly import EngineOptions, EngineParts, assemble
-from kvjax.engine.batch import StepBatch, build_step_batch
 from kvjax.engine.geometry import check_model_geometry
-from kvjax.engine.preflight import (
-    check_batch_agrees,
-    check_processes_agree,
-    plan,
-)
+from kvjax.engine.preflight import check_processes_agree, plan
 from kvjax.engine.recovery import recover_lost_pool
+from kvjax.engine.runner import StepLost, StepRunner
 from kvjax.runtime.buckets import Buckets
 from kvjax.runtime.compile_cache import configure_compile_cache
-from kvjax.runtime.sampling import SamplingInputs
 from kvjax.runtime.sharding import spans_processes, tensor_parallel_mesh
 from kvjax.serving.intake import RequestIntake
 from kvjax.serving.interrupts import interrupts_deferred
@@ -42,7 +39,6 @@ from kvjax.serving.metrics import EngineMetrics
 from kvjax.serving.progress import ProgressWatch, memory_report
 from kvjax.serving.request import Request, RequestOutput, RequestState, SamplingParams
 from kvjax.serving.request_queue import RequestQueue
-from kvjax.serving.results import apply_results
 from kvjax.serving.scheduler import SchedulerConfig, SchedulerOutput
 from kvjax.serving.speculative import DraftPlanner, SpeculativeConfig
 
@@ -81,6 +77,9 @@ class Engine:
             the same scheduling decisions and page ids without exchanging them.
         compile_cache: JAX's persistent compilation cache: True (default) uses the directory
             of `kvjax.runtime.compile_cache`, a path that directory, False leaves JAX as is.
+        overlap: schedule and build each step while the device runs the previous one (its
+            tokens reach the next step on the device; outputs are exactly the serial loop's);
+            steps with speculative drafts run serially whatever this says.
         check_agreement: a mesh of several processes only: before each step runs, check that
             every process scheduled the same batch and moved the same pages (a collective per
             step; a debugging aid). The configuration is always checked once, at construction.
@@ -106,6 +105,7 @@ class Engine:
         tensor_parallel: int | Mesh | None = None,
         check_agreement: bool = False,
         compile_cache: bool | str | os.PathLike = True,
+        overlap: bool = True,
     ) -> None:
         config = self.scheduler_config = scheduler_config or SchedulerConfig()
         self.compile_cache_dir = configure_compile_cache(compile_cache)
@@ -130,9 +130,9 @@ class Engine:
             model, cache_config, config, self.buckets, options, speculative, draft_lengths[-1],
             self.mesh,
         )  # fmt: skip
-        self._start(parts, seed, check_agreement and self.lockstep)
+        self._start(parts, seed, check_agreement and self.lockstep, overlap)
 
-    def _start(self, parts: EngineParts, seed: int, check_agreement: bool) -> None:
+    def _start(self, parts: EngineParts, seed: int, check_agreement: bool, overlap: bool) -> None:
         """Takes the built parts and sets up the serving state."""
         self.manager, self.resources = parts.manager, parts.resources
         self.scheduler, self.compiles = parts.scheduler, parts.compiles
@@ -148,8 +148,9 @@ class Engine:
         self._step_lock = threading.RLock()
         report = functools.partial(memory_report, self.manager.pages, config.max_num_tokens)
         self._progress = ProgressWatch(report)
-        self._lost_pool = False  # a step lost the pool, and none succeeded since
         self.check_agreement = check_agreement
+        self.feed_size = parts.registry.feed_size
+        self._runner = StepRunner(self, overlap and not self._drafting)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -196,8 +197,9 @@ class Engine:
     # -- the loop: one step as a pipeline ------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns the requests that finished in it (and any finished earlier
-        but not returned yet). Call it from one thread at a time.
+        """Runs one step; returns the requests that finished since the last call (with the
+        overlapped loop, by the tokens of the step before this one: they arrive one call
+        later). Call it from one thread at a time.
 
         Raises:
             RuntimeError: requests wait but none can be scheduled (a deadlock).
@@ -206,64 +208,55 @@ class Engine:
             queue = self._queue.admit()
             if queue:
                 self._step(queue)
+            else:  # every request of the step in flight ended: its rows are void
+                self._runner.drain()
             return self._queue.take_finished()
 
     def _step(self, queue: list[Request]) -> None:
         draft_len = self._drafting.propose(queue) if self._drafting else 0
         with interrupts_deferred():  # the books change: no Ctrl-C half way
             output = self._schedule(queue, draft_len)
-        if output.is_empty:
+        if output is None:
             return
-        start = time.perf_counter()
-        batch, sampling = self._build_batch(output, draft_len)
         try:
-            accepted, tokens = self._run(batch, sampling)
+            if draft_len or self._drafting:
+                self._runner.run_serial(output, draft_len)
+            else:
+                self._runner.run(output)
         except Exception as error:
-            # A failure that consumed the donated pool: recover once; twice in a row, raise.
-            if not self.manager.pool.is_deleted() or self._lost_pool:
+            # A failure that consumed the donated pool (or a step that failed on the device):
+            # recover once; twice in a row, raise.
+            lost = isinstance(error, StepLost) or self.manager.pool.is_deleted()
+            if not lost or self._runner.recovering:
                 raise
+            self._runner.drop()
             recover_lost_pool(error, queue, self.resources, self.manager)
-            self._lost_pool = True
-            return
-        self._lost_pool = False
-        now = time.perf_counter()
-        with interrupts_deferred():  # each cache advances with its request's tokens
-            num_generated, num_accepted = apply_results(
-                batch.requests, batch.chunk_sizes, accepted, tokens, batch.draft_len,
-                self.resources, eos_token_ids=self.eos_token_ids,
-                max_seq_len=self.manager.max_seq_len, finish=self._finish, start=start, now=now,
-            )  # fmt: skip
-        self.metrics.record_step(start, now, batch, output, num_generated, num_accepted)
+            self._runner.recovering = True
 
-    def _schedule(self, queue: list[Request], draft_len: int) -> SchedulerOutput:
-        """The scheduler's decisions; raises when nothing can ever run."""
-        output = self.scheduler.schedule(queue, padded_draft_len=draft_len)
-        if self._drafting:  # draft caches follow the target's suspensions
-            for request in output.paused_requests:
-                self._drafting.drafter.suspend(request)
-        for request in output.failed_requests:
-            self._finish(request, time.perf_counter())
+    def _schedule(self, queue: list[Request], draft_len: int) -> SchedulerOutput | None:
+        """The scheduler's decisions, or None when nothing runs in this step (after waiting for
+        the step in flight, so that the next pass sees its tokens); raises when nothing can
+        ever run."""
+        runner = self._runner
+        try:
+            output = self.scheduler.schedule(
+                queue, runner.ends_by_length(queue), padded_draft_len=draft_len
+            )
+        except RuntimeError:  # a deadlock, unless the step in flight ends requests
+            if runner.inflight is None:
+                raise
+            output = None
+        if output is not None:
+            if self._drafting:  # draft caches follow the target's suspensions
+                for request in output.paused_requests:
+                    self._drafting.drafter.suspend(request)
+            for request in output.failed_requests:
+                self._finish(request, time.perf_counter())
+        if runner.inflight is not None and (output is None or output.is_empty):
+            runner.drain()
+            return None
         self._progress.observe(output, len(queue))
-        return output
-
-    def _build_batch(
-        self, output: SchedulerOutput, draft_len: int
-    ) -> tuple[StepBatch, SamplingInputs]:
-        """The padded step inputs and each row's sampling parameters."""
-        batch = build_step_batch(output, self.manager, self.buckets, draft_len)
-        sampling = SamplingInputs(batch.inputs.key.num_seqs)
-        for row, request in enumerate(batch.requests):
-            params = request.sampling_params
-            sampling.set_row(row, params, params.seed, len(request.output_token_ids))
-        if self.check_agreement:
-            check_batch_agrees(self.metrics.num_steps, batch, sampling, self.manager)
-        return batch, sampling
-
-    def _run(self, batch: StepBatch, sampling: SamplingInputs) -> tuple[np.ndarray, np.ndarray]:
-        """Runs the compiled step (the pool donated) and samples: (accepted drafts per row,
-        the tokens picked after each row's input and drafts)."""
-        logits, self.manager.pool = self.registry(self._params, self.manager.pool, batch.inputs)
-        return sampling.verify(logits, batch.draft_tokens, batch.num_drafts)
+        return None if output.is_empty else output
 
     def _finish(self, request: Request, now: float) -> None:
         request.state = RequestState.GENERATION_TO_COMPLETE
@@ -338,6 +331,7 @@ class Engine:
         self._queue.close()
         for request_id in self._queue.live_ids():
             self.abort(request_id)
+        self._runner.drop()
         if self._drafting:
             self._drafting.drafter.shutdown()
         self.manager.shutdown()

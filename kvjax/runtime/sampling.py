@@ -11,11 +11,20 @@ leave the device.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SamplingInputs", "sample_tokens", "verify_tokens"]
+__all__ = [
+    "SampledTokens",
+    "SamplingInputs",
+    "sample_tokens",
+    "verify_and_feed",
+    "verify_tokens",
+]
 
 
 def _filtered(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -116,6 +125,35 @@ def verify_tokens(
     return num_accepted, picks
 
 
+@functools.partial(jax.jit, static_argnames="feed_size")
+def verify_and_feed(
+    logits, draft_tokens, num_drafts, temperature, top_k, top_p, seeds, counters, *, feed_size
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`verify_tokens`, plus int32[feed_size] `fed`: row r's next input token (its pick after
+    its accepted drafts) at index r, zeros past the rows; the next step reads it on the
+    device (`kvjax.runtime.step.fed_tokens`)."""
+    args = (temperature, top_k, top_p, seeds, counters)
+    num_accepted, picks = verify_tokens(logits, draft_tokens, num_drafts, *args)
+    rows = num_accepted.shape[0]
+    last = jnp.take_along_axis(picks, num_accepted[:, None], axis=1)[:, 0]
+    fed = jnp.zeros(feed_size, jnp.int32).at[:rows].set(last[:feed_size])
+    return num_accepted, picks, fed
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledTokens:
+    """One step's picks, still on the device (JAX dispatch is asynchronous: nothing has waited
+    for the step yet)."""
+
+    num_accepted: jax.Array  # int32[rows]
+    tokens: jax.Array  # int32[rows, 1 + W]
+    fed: jax.Array  # int32[feed_size]: each row's next input token
+
+    def fetch(self) -> tuple[np.ndarray, np.ndarray]:
+        """(num_accepted, tokens) as host arrays; waits for the step."""
+        return np.asarray(self.num_accepted), np.asarray(self.tokens)
+
+
 class SamplingInputs:
     """Host arrays of one step's sampling parameters, padded to `rows`."""
 
@@ -134,9 +172,10 @@ class SamplingInputs:
         self.counters[row] = counter
 
     def verify(
-        self, logits: jax.Array, draft_tokens: np.ndarray, num_drafts: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """`verify_tokens` on f32[rows * (1 + W), vocab] logits; host arrays back."""
+        self, logits: jax.Array, draft_tokens: np.ndarray, num_drafts: np.ndarray, feed_size: int
+    ) -> SampledTokens:
+        """`verify_and_feed` on f32[rows * (1 + W), vocab] logits, without waiting for them."""
         args = (self.temperature, self.top_k, self.top_p, self.seeds, self.counters)
-        accepted, tokens = verify_tokens(logits, draft_tokens, num_drafts, *args)
-        return np.asarray(accepted), np.asarray(tokens)
+        return SampledTokens(
+            *verify_and_feed(logits, draft_tokens, num_drafts, *args, feed_size=feed_size)
+        )

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -31,6 +32,7 @@ __all__ = [
     "StepInputs",
     "StepRegistry",
     "StepStats",
+    "fed_tokens",
 ]
 
 
@@ -156,26 +158,41 @@ def allow_compile() -> Iterator[None]:
         _compile_allowed[0] = previous
 
 
+def fed_tokens(tokens, fed):
+    """int32[num_tokens] `tokens` with each negative entry `-(i + 1)` replaced by `fed[i]`: a
+    token the previous step sampled on the device, fed without a trip through the host."""
+    source = jnp.maximum(-tokens - 1, 0)
+    return jnp.where(tokens < 0, fed[source], tokens)
+
+
 class StepRegistry:
     """Compiled executables of `step_fn(params, pool, inputs) -> (logits, pool)`, one per key.
+
+    Each executable also takes `fed`, int32[feed_size] tokens left on the device by the
+    previous step's sampler: an input token `-(i + 1)` stands for `fed[i]` (`fed_tokens`).
 
     Args:
         step_fn: the step; the pool (argument 1) is donated.
         mesh: tensor parallelism: inputs and the first output (logits) are replicated over it,
             the returned pool is sharded over KV heads; params and the pool argument keep the
             shardings they have when compiled.
+        feed_size: the length of `fed` (the most rows a step has).
     """
 
-    def __init__(self, step_fn: Callable, mesh=None) -> None:
+    def __init__(self, step_fn: Callable, mesh=None, feed_size: int = 1) -> None:
         out_shardings = None if mesh is None else (replicated(mesh), pool_sharding(mesh))
 
-        def packed_step(params, pool, packed, key: BucketKey, max_blocks: int):
-            return step_fn(params, pool, StepInputs.unpack(packed, key, max_blocks))
+        def packed_step(params, pool, packed, fed, key: BucketKey, max_blocks: int):
+            inputs = StepInputs.unpack(packed, key, max_blocks)
+            inputs = dataclasses.replace(inputs, tokens=fed_tokens(inputs.tokens, fed))
+            return step_fn(params, pool, inputs)
 
         self._jitted = jax.jit(
-            packed_step, donate_argnums=1, static_argnums=(3, 4), out_shardings=out_shardings
+            packed_step, donate_argnums=1, static_argnums=(4, 5), out_shardings=out_shardings
         )
         self._input_sharding = None if mesh is None else replicated(mesh)
+        self.feed_size = feed_size
+        self._no_feed = place(np.zeros(feed_size, np.int32), self._input_sharding)
         self._executables: dict[BucketKey, Any] = {}
         self.max_blocks: int | None = None  # page-table width, fixed by the first compile
         self.stats = StepStats()
@@ -215,15 +232,17 @@ class StepRegistry:
         packed = jax.ShapeDtypeStruct(
             (StepInputs.packed_size(key, width),), np.int32, sharding=self._input_sharding
         )
-        return self._jitted.lower(structs, _struct(pool), packed, key, width)
+        fed = _struct(self._no_feed)
+        return self._jitted.lower(structs, _struct(pool), packed, fed, key, width)
 
     def _add(self, key: BucketKey, executable) -> Any:
         self._executables[key] = executable
         self.stats.compiled += 1
         return executable
 
-    def __call__(self, params, pool, inputs: StepInputs):
-        """Runs the step on host `inputs`; returns `(logits, pool)` (the pool was donated)."""
+    def __call__(self, params, pool, inputs: StepInputs, fed=None):
+        """Runs the step on host `inputs`; returns `(logits, pool)` (the pool was donated).
+        `fed`: the int32[feed_size] device tokens that negative input tokens name."""
         if self.max_blocks is not None and inputs.page_table.shape[1] != self.max_blocks:
             inputs = inputs.padded(inputs.key, self.max_blocks)  # narrower tables widen
         key = inputs.key
@@ -244,4 +263,4 @@ class StepRegistry:
         packed = inputs.pack()
         if self._input_sharding is not None:  # over a mesh: laid out by this process
             packed = place(packed, self._input_sharding)
-        return executable(params, pool, packed)
+        return executable(params, pool, packed, self._no_feed if fed is None else fed)

@@ -169,6 +169,9 @@ class Request:
     # Outputs that are part of the context: a request preempted by recomputation computes the
     # KV of its prompt and of these again, and its last logits give its next token.
     num_recomputed_outputs: int = 0
+    # Tokens a step in flight has sampled for it that have not reached the host yet (the
+    # overlapped loop): they count as outputs for sampling keys, lengths and recomputation.
+    num_pending_tokens: int = 0
     metrics: RequestMetrics = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
@@ -201,6 +204,10 @@ class Request:
     def context_token_ids(self, start: int, end: int) -> list[int]:
         """Context tokens `[start, end)`: prompt ids, then recomputed outputs."""
         num_prompt = len(self.prompt_token_ids)
+        if end - num_prompt > len(self.output_token_ids):
+            raise RuntimeError(
+                f"request {self.request_id}: context up to {end} needs outputs still pending"
+            )
         outputs = self.output_token_ids[max(start - num_prompt, 0) : max(end - num_prompt, 0)]
         return [*self.prompt_token_ids[start:end], *outputs]
 
@@ -220,11 +227,24 @@ class Request:
         """Preempted by recomputation (its cache closed): back to the context phase, where the
         KV of the prompt and of every output so far is computed again."""
         self.state = RequestState.CONTEXT_INIT
-        self.num_recomputed_outputs = len(self.output_token_ids)
+        self.num_recomputed_outputs = self.num_outputs
         self.context_position = 0
         self.context_started = False
         self.draft_tokens = []
         self.metrics.num_recomputations += 1
+
+    @property
+    def num_outputs(self) -> int:
+        """Tokens generated, counting those still on their way from the device."""
+        return len(self.output_token_ids) + self.num_pending_tokens
+
+    def ends_by_length(self, max_seq_len: int) -> bool:
+        """Whether its outputs so far (pending ones included) already end it by length, so
+        whatever token is pending it needs no further step."""
+        num_generated = self.num_outputs
+        return num_generated >= self.sampling_params.max_new_tokens or (
+            num_generated > 0 and self.prompt_length + num_generated >= max_seq_len
+        )
 
     @property
     def is_paused(self) -> bool:

@@ -13,7 +13,27 @@ import numpy as np
 from kvjax.serving.request import FinishReason, Request, RequestState
 from kvjax.serving.resources import CacheResources
 
-__all__ = ["append_token", "apply_results", "emitted_tokens"]
+__all__ = [
+    "advance_dispatched",
+    "append_token",
+    "apply_picks",
+    "apply_results",
+    "emitted_tokens",
+]
+
+
+def _context_computed(
+    request: Request, resources: CacheResources, chunk: int, start: float
+) -> bool:
+    """Advances the cache by a computed prompt chunk; True when the prompt ended with it (its
+    logit row then gives a token)."""
+    if request.metrics.first_scheduled_time is None:
+        request.metrics.first_scheduled_time = start
+    resources.context_computed(request, chunk)
+    if request.context_remaining:
+        return False  # a non-last chunk: its logit row is not a token
+    request.state = RequestState.GENERATION_IN_PROGRESS
+    return True
 
 
 def emitted_tokens(
@@ -37,12 +57,8 @@ def emitted_tokens(
         start, now: when the step started and ended (request metrics).
     """
     if chunk:
-        if request.metrics.first_scheduled_time is None:
-            request.metrics.first_scheduled_time = start
-        resources.context_computed(request, chunk)
-        if request.context_remaining:
-            return picks[:0]  # a non-last chunk: its logit row is not a token
-        request.state = RequestState.GENERATION_IN_PROGRESS
+        if not _context_computed(request, resources, chunk, start):
+            return picks[:0]
         if request.metrics.first_token_time is None:  # not a recomputation
             request.metrics.first_token_time = now
         return picks[:1]
@@ -50,6 +66,69 @@ def emitted_tokens(
     computed = [*request.output_token_ids[-1:], *request.draft_tokens[:num_accepted]]
     resources.tokens_computed(request, computed, num_rejected=draft_len - num_accepted)
     return picks[: num_accepted + 1]
+
+
+def advance_dispatched(
+    requests: Sequence[Request],
+    chunk_sizes: Sequence[int],
+    resources: CacheResources,
+    *,
+    finish: Callable[[Request, float], None],
+    start: float,
+) -> list[int]:
+    """The overlapped loop's first half of applying a step without drafts, once it is
+    dispatched: each row's cache advances by the KV the step writes (a prompt chunk, or a
+    generation row's input token), and the token the row will emit is marked pending. Rows of
+    requests that ended meanwhile are skipped; a request whose update raises ends with
+    `FinishReason.ERROR`. Returns the rows that emit a token (`apply_picks` takes them)."""
+    emitting = []
+    for row, request in enumerate(requests):
+        if request.state is RequestState.COMPLETE:
+            continue  # finished by the previous step's tokens, or aborted: its row is void
+        try:
+            if chunk_sizes[row]:
+                if not _context_computed(request, resources, chunk_sizes[row], start):
+                    continue
+            else:
+                resources.tokens_computed(request, request.output_token_ids[-1:])
+        except Exception as error:  # this request's failure: it ends alone
+            request.fail(error)
+            finish(request, start)
+            continue
+        request.num_pending_tokens += 1
+        emitting.append(row)
+    return emitting
+
+
+def apply_picks(
+    requests: Sequence[Request],
+    emitting: Sequence[int],
+    tokens: np.ndarray,
+    *,
+    eos_token_ids: Collection[int],
+    max_seq_len: int,
+    finish: Callable[[Request, float], None],
+    now: float,
+) -> int:
+    """The second half (`advance_dispatched`): each emitting row's pending token reaches its
+    request, which may finish; the token of a request that ended meanwhile is dropped (its
+    cache, closed, took the KV the step wrote for it along). Returns the tokens kept.
+
+    Args:
+        tokens: int32[rows, 1] the step's picks.
+    """
+    num_generated = 0
+    for row in emitting:
+        request = requests[row]
+        if request.state is RequestState.COMPLETE:
+            continue
+        request.num_pending_tokens -= 1
+        if request.metrics.first_token_time is None:
+            request.metrics.first_token_time = now
+        num_generated += 1
+        if append_token(request, int(tokens[row, 0]), eos_token_ids, max_seq_len):
+            finish(request, now)
+    return num_generated
 
 
 def append_token(
