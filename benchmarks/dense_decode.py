@@ -16,8 +16,9 @@ from models.llama import Llama, apply_rope
 __all__ = ["dense_decode_tokens_per_second"]
 
 
-def _decode_step(model: Llama, cache, tokens, position):
-    """One token per sequence at `position`: (next greedy tokens int32[batch], cache)."""
+def _decode_step(model: Llama, layers, cache, tokens, position):
+    """One token per sequence at `position`: (next greedy tokens int32[batch], cache).
+    `layers`: the model's layers as modules of their own (`Llama.layer`)."""
     config = model.config
     batch = tokens.shape[0]
     keys, values = cache
@@ -26,7 +27,7 @@ def _decode_step(model: Llama, cache, tokens, position):
     visible = jnp.arange(keys.shape[2]) <= position
     group = config.num_heads // config.num_kv_heads
     new_keys, new_values = [], []
-    for index, layer in enumerate(model.layers):
+    for index, layer in enumerate(layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         q = apply_rope(attn.q_proj(h).reshape(batch, config.num_heads, config.head_dim),
@@ -54,19 +55,23 @@ def dense_decode_tokens_per_second(model: Llama, batch: int, context: int, steps
     (the cache before `context` is zeros: the cost of attention is the same)."""
     config = model.config
     graphdef, state = nnx.split(model)
+    # Each layer's arrays sliced out of the stack once, here, not inside every step.
+    layers = [nnx.split(model.layer(index)) for index in range(config.num_layers)]
+    layer_graph, layer_states = layers[0][0], [layer_state for _, layer_state in layers]
     max_len = context + steps + 1
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
     cache = (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
 
-    def step(state, cache, tokens, position):
-        return _decode_step(nnx.merge(graphdef, state), cache, tokens, position)
+    def step(state, layer_states, cache, tokens, position):
+        layers = [nnx.merge(layer_graph, layer_state) for layer_state in layer_states]
+        return _decode_step(nnx.merge(graphdef, state), layers, cache, tokens, position)
 
-    step = jax.jit(step, donate_argnums=1)
+    step = jax.jit(step, donate_argnums=2)
     tokens = jnp.zeros(batch, jnp.int32)
-    tokens, cache = step(state, cache, tokens, jnp.int32(context))  # compiles
+    tokens, cache = step(state, layer_states, cache, tokens, jnp.int32(context))  # compiles
     jax.block_until_ready(tokens)
     start = time.perf_counter()
     for offset in range(1, steps + 1):
-        tokens, cache = step(state, cache, tokens, jnp.int32(context + offset))
+        tokens, cache = step(state, layer_states, cache, tokens, jnp.int32(context + offset))
         np.asarray(tokens)  # the host reads every step's tokens, as a server must
     return batch * steps / (time.perf_counter() - start)

@@ -103,7 +103,7 @@ class Llama(nnx.Module):
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs
         )
-        self.layers = nnx.List(
+        self.layers = _stacked(
             [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, dtype=dtype)
@@ -114,6 +114,11 @@ class Llama(nnx.Module):
                 param_dtype=dtype, rngs=rngs,
             )  # fmt: skip
         self.inv_freq = nnx.Variable(jnp.asarray(rope_frequencies(config)))
+
+    def layer(self, index: int) -> DecoderLayer:
+        """Layer `index` as a module of its own (its arrays sliced out of the stack)."""
+        graphdef, state = nnx.split(self.layers)
+        return nnx.merge(graphdef, jax.tree.map(lambda array: array[index], state))
 
     def partition_specs(self) -> nnx.State:
         """A `PartitionSpec` over `kvjax.runtime.sharding.TP_AXIS` for every array of
@@ -163,45 +168,85 @@ class Llama(nnx.Module):
         x = self.embed_tokens(inputs.tokens)
         if embeddings is not None:
             x = jnp.where(embedding_mask[:, None], embeddings.astype(x.dtype), x)
-        sm_scale = config.head_dim**-0.5
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).reshape(num_tokens, config.num_heads, config.head_dim)
-            k = attn.k_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
-            v = attn.v_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
-            q = apply_rope(q, positions, self.inv_freq.get_value())
-            k = apply_rope(k, positions, self.inv_freq.get_value())
-            attend = functools.partial(
-                _write_and_attend, layer=index, sm_scale=sm_scale, impl=impl, interpret=interpret
-            )
-            if mesh is not None:
-                heads = PartitionSpec(None, TP_AXIS, None)
-                attend = jax.shard_map(
-                    attend, mesh=mesh, in_specs=(pool_spec(), heads, heads, heads, *[P()] * 5),
-                    out_specs=(heads, pool_spec()), check_vma=False,
-                )  # fmt: skip
-            dtype = kv_pool.dtype
-            out, kv_pool = attend(
-                kv_pool, q.astype(dtype), k.astype(dtype), v.astype(dtype), slots,
-                inputs.page_table, inputs.kv_lens, inputs.cu_q_lens, inputs.num_seqs,
-            )  # fmt: skip
-            x = x + attn.o_proj(out.reshape(num_tokens, -1).astype(x.dtype))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        layer_step = functools.partial(
+            self._layer, inputs=inputs, positions=positions, slots=slots, impl=impl,
+            interpret=interpret, mesh=mesh, num_layers=kv_pool.shape[1],
+        )  # fmt: skip
+        # One layer traced and compiled once, looped over the stacked weights: compile time
+        # does not grow with depth. The kernels take a static layer, so the loop carries the
+        # pool viewed as rows [pages * layers, 2, kv_heads, tokens_per_block, head_dim] (a
+        # reshape, no copy), where page p of layer l is row `p * layers + l`.
+        num_pages, num_layers, *rest = kv_pool.shape
+        rows = kv_pool.reshape(num_pages * num_layers, *rest)
+        (x, rows), _ = jax.lax.scan(
+            layer_step, (x, rows), jnp.arange(config.num_layers, dtype=jnp.int32)
+        )
+        kv_pool = rows.reshape(kv_pool.shape)
         return self.logits(x[inputs.logits_indices]), kv_pool
+
+    def _layer(self, carry, index, *, inputs, positions, slots, impl, interpret, mesh, num_layers):
+        """Decoder layer `index` (traced) on hidden states [tokens, hidden_size] and the pool's
+        rows (`__call__`)."""
+        x, kv_pool = carry
+        config, num_tokens = self.config, x.shape[0]
+        graphdef, state = nnx.split(self.layers)
+        layer = nnx.merge(graphdef, jax.tree.map(lambda array: array[index], state))
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).reshape(num_tokens, config.num_heads, config.head_dim)
+        k = attn.k_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
+        v = attn.v_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
+        q = apply_rope(q, positions, self.inv_freq.get_value())
+        k = apply_rope(k, positions, self.inv_freq.get_value())
+        attend = functools.partial(
+            _write_and_attend, num_layers=num_layers, sm_scale=config.head_dim**-0.5, impl=impl,
+            interpret=interpret,
+        )  # fmt: skip
+        if mesh is not None:
+            heads = PartitionSpec(None, TP_AXIS, None)
+            rows = PartitionSpec(*pool_spec()[1:])  # the pool's spec without the layer axis
+            attend = jax.shard_map(
+                attend, mesh=mesh, in_specs=(rows, heads, heads, heads, *[P()] * 6),
+                out_specs=(heads, rows), check_vma=False,
+            )  # fmt: skip
+        dtype = kv_pool.dtype
+        out, kv_pool = attend(
+            kv_pool, q.astype(dtype), k.astype(dtype), v.astype(dtype), slots,
+            inputs.page_table, inputs.kv_lens, inputs.cu_q_lens, inputs.num_seqs, index,
+        )  # fmt: skip
+        x = x + attn.o_proj(out.reshape(num_tokens, -1).astype(x.dtype))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return (x, kv_pool), None
+
+
+def _stacked(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One `DecoderLayer` whose arrays stack those of `layers` on a leading axis."""
+    graphdef, first = nnx.split(layers[0])
+    states = [first, *(nnx.state(layer) for layer in layers[1:])]
+    return nnx.merge(graphdef, jax.tree.map(lambda *arrays: jnp.stack(arrays), *states))
 
 
 def _write_and_attend(
-    kv_pool, q, k, v, slots, page_table, kv_lens, cu_q_lens, num_seqs, *, layer, sm_scale,
-    impl, interpret,
+    rows, q, k, v, slots, page_table, kv_lens, cu_q_lens, num_seqs, layer, *, num_layers,
+    sm_scale, impl, interpret,
 ):  # fmt: skip
-    """One layer's KV write and ragged attention (per shard under tensor parallelism)."""
-    kv_pool = write_kv(kv_pool, k, v, slots, layer=layer, impl=impl, interpret=interpret)
+    """One layer's KV write and ragged attention (per shard under tensor parallelism).
+
+    `layer` is traced (the layers are a loop) and the kernels take a static one: they run on
+    the pool's rows `[pages * num_layers, 2, kv_heads, tokens_per_block, head_dim]` as a pool
+    of one layer, with the page table and the slots mapped to the rows of `layer`.
+    """
+    tokens_per_block = rows.shape[3]
+    row_table = page_table * num_layers + layer
+    pages, offsets = slots // tokens_per_block, slots % tokens_per_block
+    row_slots = (pages * num_layers + layer) * tokens_per_block + offsets
+    pool = rows[:, None]  # the kernels' [pages, layers, ...] with one layer
+    pool = write_kv(pool, k, v, row_slots, layer=0, impl=impl, interpret=interpret)
     out = ragged_paged_attention(
-        q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, layer=layer, sm_scale=sm_scale,
+        q, pool, row_table, kv_lens, cu_q_lens, num_seqs, layer=0, sm_scale=sm_scale,
         impl=impl, interpret=interpret,
     )  # fmt: skip
-    return out, kv_pool
+    return out, pool[:, 0]
 
 
 # Megatron tensor parallelism: column-parallel projections into heads and the MLP, row-parallel
@@ -214,10 +259,11 @@ def _partition_specs(model: Llama) -> nnx.State:
     def spec(path, variable):
         names = {str(p) for p in path}
         kind = str(path[-1])
+        stacked = (None,) if "layers" in names else ()  # the layer axis is never split
         if names & _COLUMN_PARALLEL:
-            return P(None, TP_AXIS) if kind == "kernel" else P(TP_AXIS)
+            return P(*stacked, None, TP_AXIS) if kind == "kernel" else P(*stacked, TP_AXIS)
         if names & _ROW_PARALLEL and kind == "kernel":
-            return P(TP_AXIS, None)
+            return P(*stacked, TP_AXIS, None)
         return P()
 
     return nnx.map_state(spec, nnx.state(model))
@@ -232,6 +278,6 @@ def truncated_draft(model: Llama, num_layers: int) -> Llama:
     config = dataclasses.replace(model.config, num_layers=num_layers)
     draft = nnx.eval_shape(lambda: Llama(config, dtype=model.dtype, rngs=nnx.Rngs(0)))
     draft.embed_tokens, draft.norm, draft.lm_head = model.embed_tokens, model.norm, model.lm_head
-    draft.layers = nnx.List(list(model.layers)[:num_layers])
+    draft.layers = model.layers  # the whole stack; the draft's loop stops at num_layers
     draft.inv_freq = model.inv_freq
     return draft

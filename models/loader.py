@@ -23,26 +23,25 @@ from models.llama import Llama
 __all__ = ["hf_tensors", "load_hf_checkpoint", "save_hf_checkpoint"]
 
 
-def _targets(model: Llama) -> dict[str, tuple[nnx.Variable, bool]]:
-    """Hugging Face name -> (the model's variable, whether the tensor is a transposed kernel)."""
-    targets = {"model.embed_tokens.weight": (model.embed_tokens.embedding, False)}
-    targets["model.norm.weight"] = (model.norm.scale, False)
+def _targets(model: Llama) -> dict[str, tuple[nnx.Variable, bool, int | None]]:
+    """Hugging Face name -> (the model's variable, whether the tensor is a transposed kernel,
+    its layer in the variable's stack or None for a variable of its own)."""
+    targets = {"model.embed_tokens.weight": (model.embed_tokens.embedding, False, None)}
+    targets["model.norm.weight"] = (model.norm.scale, False, None)
     if model.lm_head is not None:
-        targets["lm_head.weight"] = (model.lm_head.kernel, True)
-    for index, layer in enumerate(model.layers):
+        targets["lm_head.weight"] = (model.lm_head.kernel, True, None)
+    layers = model.layers  # every array stacks the layers on axis 0
+    for index in range(model.config.num_layers):
         prefix = f"model.layers.{index}."
-        targets[prefix + "input_layernorm.weight"] = (layer.input_layernorm.scale, False)
-        targets[prefix + "post_attention_layernorm.weight"] = (
-            layer.post_attention_layernorm.scale,
-            False,
-        )
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            targets[f"{prefix}{name}.weight"] = (getattr(layers, name).scale, False, index)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            linear = getattr(layer.self_attn, name)
-            targets[f"{prefix}self_attn.{name}.weight"] = (linear.kernel, True)
+            linear = getattr(layers.self_attn, name)
+            targets[f"{prefix}self_attn.{name}.weight"] = (linear.kernel, True, index)
             if linear.bias is not None:
-                targets[f"{prefix}self_attn.{name}.bias"] = (linear.bias, False)
+                targets[f"{prefix}self_attn.{name}.bias"] = (linear.bias, False, index)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            targets[f"{prefix}mlp.{name}.weight"] = (getattr(layer.mlp, name).kernel, True)
+            targets[f"{prefix}mlp.{name}.weight"] = (getattr(layers.mlp, name).kernel, True, index)
     return targets
 
 
@@ -91,8 +90,9 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16, mesh=None) -> Ll
     )
     if unused:
         raise ValueError(f"{path}: tensors the model has no place for: {unused[:5]}")
-    for name, (variable, transposed) in targets.items():
-        shape = variable.get_value().shape
+    stacks: dict[int, tuple[nnx.Variable, np.ndarray]] = {}  # id -> (variable, host stack)
+    for name, (variable, transposed, index) in targets.items():
+        shape = variable.get_value().shape[0 if index is None else 1 :]
         hf_shape = list(shape[::-1] if transposed else shape)
         if name not in tensors:
             raise ValueError(f"{path}: tensor {name} is missing (shape {hf_shape})")
@@ -102,7 +102,15 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16, mesh=None) -> Ll
                 f"{path}: tensor {name} has shape {list(tensors[name].shape)}; the config "
                 f"needs {hf_shape}"
             )
-        variable.set_value(np.asarray(value, dtype))  # host memory until placed below
+        if index is None:
+            variable.set_value(np.asarray(value, dtype))  # host memory until placed below
+            continue
+        if id(variable) not in stacks:
+            full = (config.num_layers, *shape)
+            stacks[id(variable)] = (variable, np.empty(full, jnp.dtype(dtype)))
+        stacks[id(variable)][1][index] = value
+    for variable, stack in stacks.values():
+        variable.set_value(stack)
     state = nnx.state(model)
     if mesh is None:
         state = jax.tree.map(jnp.asarray, state)
@@ -116,12 +124,12 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16, mesh=None) -> Ll
 
 def hf_tensors(model: Llama) -> dict[str, np.ndarray]:
     """The model's weights under Hugging Face names and layouts (float32 numpy)."""
-    return {
-        name: np.ascontiguousarray(
-            np.asarray(variable.get_value(), np.float32).T if transposed else variable.get_value()
-        ).astype(np.float32)
-        for name, (variable, transposed) in _targets(model).items()
-    }
+    tensors = {}
+    for name, (variable, transposed, index) in _targets(model).items():
+        value = np.asarray(variable.get_value(), np.float32)
+        value = value if index is None else value[index]
+        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
+    return tensors
 
 
 def save_hf_checkpoint(model: Llama, path: str | Path, *, model_type: str = "llama") -> None:

@@ -55,7 +55,7 @@ def dense_logits_jnp(model: Llama, tokens, embeddings=None, embedding_mask=None)
     causal = jnp.tril(jnp.ones((length, length), bool))
     inv_freq = _inverse_frequencies(c)
     group = c.num_heads // c.num_kv_heads
-    for layer in model.layers:
+    for layer in (model.layer(index) for index in range(c.num_layers)):
         attn = layer.self_attn
         h = _rms_norm(x, layer.input_layernorm.scale.get_value(), c.rms_norm_eps)
         q = _linear(h, attn.q_proj).reshape(length, c.num_heads, c.head_dim)

@@ -6,7 +6,7 @@ own pages; the rewind leaves capacity exactly at history; the draft-length sched
 import numpy as np
 import pytest
 
-import kvjax.engine.engine
+import kvjax.engine.runner
 from kvjax.engine.batch import build_step_batch
 from kvjax.engine.draft_model import DraftModelDrafter
 from kvjax.engine.geometry import cache_config_for
@@ -68,13 +68,13 @@ def serve_speculative(engine, monkeypatch, prompts, params):
     request's capacity was rewound exactly to its history."""
     batches = []
 
-    def checked_build(output, manager, buckets, draft_len=0):
-        batch = build_step_batch(output, manager, buckets, draft_len)
+    def checked_build(output, manager, buckets, draft_len=0, feeds=None):
+        batch = build_step_batch(output, manager, buckets, draft_len, feeds)
         check_writes_stay_private(engine, batch)
         batches.append(batch)
         return batch
 
-    monkeypatch.setattr(kvjax.engine.engine, "build_step_batch", checked_build)
+    monkeypatch.setattr(kvjax.engine.runner, "build_step_batch", checked_build)
     step = engine.step
 
     def checked_step():
@@ -225,15 +225,15 @@ def test_without_the_padding_extension_the_rewind_would_underflow(model, monkeyp
     engine = make_engine(model, speculative=SpeculativeConfig(NgramDrafter(), MAX_DRAFT))
     flagged = []
 
-    def build(output, manager, buckets, draft_len=0):
-        batch = build_step_batch(output, manager, buckets, draft_len)
+    def build(output, manager, buckets, draft_len=0, feeds=None):
+        batch = build_step_batch(output, manager, buckets, draft_len, feeds)
         try:
             check_writes_stay_private(engine, batch)
         except AssertionError:
             flagged.append(batch)
         return batch
 
-    monkeypatch.setattr(kvjax.engine.engine, "build_step_batch", build)
+    monkeypatch.setattr(kvjax.engine.runner, "build_step_batch", build)
     engine.add_request([1, 2, 3, 1, 2, 3, 1, 2], greedy(20))
     outputs = []
     for _ in range(30):

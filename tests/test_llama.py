@@ -317,11 +317,13 @@ def test_truncated_draft_shares_the_first_layers_and_matches_a_dense_truncation(
 
     model = random_model(tiny_config(num_layers=2))
     draft = truncated_draft(model, 1)
-    assert draft.config.num_layers == 1 and draft.layers[0] is model.layers[0]
+    # The whole stack is shared (nothing copied); the draft's layer loop stops after one.
+    assert draft.config.num_layers == 1 and draft.layers is model.layers
     assert draft.embed_tokens is model.embed_tokens and draft.lm_head is model.lm_head
     prompt = [3, 1, 4, 1, 5]
-    short = random_model(tiny_config(num_layers=1))
-    nnx.update(short, nnx.state(draft))  # a one-layer model holding the same weights
+    short = random_model(tiny_config(num_layers=1))  # a one-layer model of the same weights
+    nnx.update(short, nnx.state(draft, nnx.Not(nnx.PathContains("layers"))))
+    nnx.update(short.layers, jax.tree.map(lambda array: array[:1], nnx.state(model.layers)))
     assert dense_greedy(draft, prompt, 4) == dense_greedy(short, prompt, 4)
     with pytest.raises(ValueError, match=r"num_layers=3 must be in \[1, 2\]"):
         truncated_draft(model, 3)

@@ -73,8 +73,8 @@ def main() -> None:
                                        intermediate_size=66))  # fmt: skip
     expect_error(
         lambda: make_engine(odd_mlp, tensor_parallel=4),
-        "['mlp']['down_proj']['kernel'] of shape [66, 32]: dimension 0 (66) does not divide "
-        "over tensor_parallel=4",
+        "['layers']['mlp']['down_proj']['kernel'] of shape [2, 66, 32]: dimension 1 (66) does "
+        "not divide over tensor_parallel=4",
     )
     narrow = random_model(tiny_config(num_heads=4, num_kv_heads=2, head_dim=8))
     expect_error(
@@ -99,7 +99,7 @@ def loaded_sharded(model, mesh):
         loaded = load_hf_checkpoint(path, dtype=jax.numpy.float32, mesh=mesh)
     kernels = {"q_proj": PartitionSpec(None, TP_AXIS), "o_proj": PartitionSpec(TP_AXIS, None)}
     for name, spec in kernels.items():
-        kernel = getattr(loaded.layers[1].self_attn, name).kernel.get_value()
+        kernel = getattr(loaded.layer(1).self_attn, name).kernel.get_value()
         assert kernel.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2), kernel.sharding
     assert loaded.embed_tokens.embedding.get_value().sharding.is_fully_replicated
     return loaded
