@@ -514,3 +514,29 @@ def test_resize_tier_refuses_when_held_pages_would_not_fit():
     assert state(pool) == before and pool.num_pages(DEVICE) == 4 and pool.take_moves() == []
     with pytest.raises(ValueError, match="num_pages=1 must be >= 2"):
         pool.resize_tier(DEVICE, 1)
+
+
+@pytest.mark.parametrize("host", [0, 2])
+def test_hold_all_equals_holding_one_by_one_and_checks_every_page_first(host):
+    """The batched hold of a prefix hit files each page exactly as `hold` does (held pages
+    queue only where a colder tier can take them), and a bad page anywhere changes nothing."""
+    pools = [make(tpb=1, device=4, host=host) for _ in range(2)]
+    chains = []
+    for pool in pools:
+        pages = pool.allocate(3)
+        commit_chain(pool, pages, [1, 2, 3])
+        close(pool, pages)
+        chains.append(pages)
+    for _ in range(2):  # a second holder takes the fast path of pages already held
+        pools[0].hold_all(chains[0])
+        for page in chains[1]:
+            pools[1].hold(page)
+    for pool in pools:
+        pool.check_invariants()
+    assert [p.num_holders for p in chains[0]] == [p.num_holders for p in chains[1]] == [2] * 3
+    for tier in pools[0].tiers:
+        assert ids(pools[0].eviction_order(tier)) == ids(pools[1].eviction_order(tier))
+    with pytest.raises(ValueError, match="not a live page"):
+        pools[0].hold_all([chains[0][0], object(), chains[0][1]])
+    assert [p.num_holders for p in chains[0]] == [2] * 3
+    pools[0].check_invariants()

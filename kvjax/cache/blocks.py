@@ -38,14 +38,15 @@ __all__ = [
 
 
 class Node:
-    """Children of a root or block: by key, plus the partial ones and an optional sorted index."""
+    """Children of a root or block by payload (their encoded tokens), plus the partial ones and
+    an optional sorted index."""
 
     __slots__ = ("children", "key", "partial_children", "sorted_children")
 
     def __init__(self, key: BlockKey) -> None:
         self.key = key
-        self.children: dict[BlockKey, Block] = {}
-        self.partial_children: dict[BlockKey, Block] | None = None  # partial children, by key
+        self.children: dict[bytes, Block] = {}
+        self.partial_children: dict[bytes, Block] | None = None  # partial children, by payload
         self.sorted_children: SortedChildren | None = None
 
 

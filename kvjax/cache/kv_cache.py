@@ -64,10 +64,10 @@ class KVCache(BlockCommits):
         self.num_reused_tokens = len(reused_tokens)
         self._pages: list[Page] = self._holdings.pages
         self._tree_blocks: list[Block | None] = []  # the committed block of each ordinal
-        for block in reused:
-            self._tiers.hold(block.page)
-            self._pages.append(block.page)
-            self._tree_blocks.append(block)
+        pages = [block.page for block in reused]
+        self._tiers.hold_all(pages)
+        self._pages.extend(pages)
+        self._tree_blocks.extend(reused)
         # A match ending mid-block shares that page until the first resume copies it.
         self._shared_ordinal: int | None = None
         if len(reused_tokens) % self._tpb:

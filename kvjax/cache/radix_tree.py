@@ -37,7 +37,6 @@ from kvjax.cache.keys import (
     block_payloads,
     decode_payload,
     encode_block,
-    iter_block_keys,
     tagged_payload,
 )
 
@@ -65,6 +64,9 @@ class BlockRadixTree:
         self.index_threshold = index_threshold
         self.num_blocks = 0
         self._roots: dict[BlockKey, RootBlock] = {}
+        # Every block by its chained key: keys stay unique (events name blocks by key), so an
+        # insert whose key a different block holds is a collision. Lookups go by payload.
+        self._keys: dict[BlockKey, Block] = {}
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -95,11 +97,10 @@ class BlockRadixTree:
         if node is None:
             return MatchResult((), 0)
         blocks: list[Block] = []
-        for (payload, _count), key in zip(
-            payloads, iter_block_keys(node.key, payloads), strict=True
-        ):
-            child = node.children.get(key)
-            if child is None or child.payload != payload:  # a miss, or a hash collision
+        # Children are filed by payload: a prefix is found without hashing it.
+        for payload, _count in payloads:
+            child = node.children.get(payload)
+            if child is None or child.payload != payload:
                 break
             blocks.append(child)  # a full block, or an identical partial leaf (the query's tail)
             node = child
@@ -149,13 +150,14 @@ class BlockRadixTree:
         if not 1 <= count <= self.tokens_per_block:
             raise ValueError(f"a block holds 1 to {self.tokens_per_block} tokens, not {count}")
         payload = encode_block(tokens)
-        hasher = BlockHasher()
-        key = hasher(node.key, payload, count)
-        existing = node.children.get(key)
+        existing = node.children.get(payload)
         if existing is not None:
-            if existing.payload != payload:  # a hash collision: never share the other's KV
+            if existing.payload != payload:  # a block changed under its payload: never share
                 return InsertResult(None, InsertOutcome.COLLIDED)
             return InsertResult(existing, InsertOutcome.EXISTING)
+        key = BlockHasher()(node.key, payload, count)
+        if key in self._keys:  # a hash collision with another block: never share its KV
+            return InsertResult(None, InsertOutcome.COLLIDED)
         is_full = count == self.tokens_per_block
         if not is_full:
             covering = self._covering_child(node, payload, count)
@@ -206,13 +208,11 @@ class BlockRadixTree:
             return []
         if len(partial) < count:
             candidates = list(partial.values())
-        else:  # many partial siblings: look up each proper prefix by key instead
+        else:  # many partial siblings: look up each proper prefix instead
             tokens = decode_payload(payload, count)
-            hasher = BlockHasher()
             candidates = []
             for length in range(1, count):
-                prefix = encode_block(tokens[:length])
-                found = partial.get(hasher(node.key, prefix, length))
+                found = partial.get(encode_block(tokens[:length]))
                 if found is not None:
                     candidates.append(found)
         return [
@@ -223,11 +223,12 @@ class BlockRadixTree:
         ]
 
     def _link(self, node: Node, block: Block) -> None:
-        node.children[block.key] = block
+        node.children[block.payload] = block
+        self._keys[block.key] = block
         if not block.is_full:
             if node.partial_children is None:
                 node.partial_children = {}
-            node.partial_children[block.key] = block
+            node.partial_children[block.payload] = block
         if node.sorted_children is not None:
             node.sorted_children.add(block)
         elif len(node.children) > self.index_threshold:
@@ -236,9 +237,9 @@ class BlockRadixTree:
 
     def _unlink(self, block: Block) -> None:
         node = block.parent
-        del node.children[block.key]
+        del node.children[_filed_under(node.children, block)]
         if not block.is_full:
-            del node.partial_children[block.key]
+            del node.partial_children[_filed_under(node.partial_children, block)]
         if node.sorted_children is not None:
             node.sorted_children.remove(block)
         if isinstance(node, RootBlock) and not node.children:
@@ -251,6 +252,7 @@ class BlockRadixTree:
         while stack:
             current = stack.pop()
             removed.append(current)
+            del self._keys[current.key]
             stack.extend(reversed(current.children.values()))
             current.children = {}
             current.partial_children = current.sorted_children = None
@@ -301,18 +303,22 @@ class BlockRadixTree:
             self._check_children(node, hasher)
             count += len(node.children)
             stack.extend(node.children.values())
-        assert count == self.num_blocks, f"num_blocks={self.num_blocks}, tree holds {count}"
+        assert count == self.num_blocks == len(self._keys), (
+            f"num_blocks={self.num_blocks}, tree holds {count}, keys {len(self._keys)}"
+        )
 
     def _check_children(self, node: Node, hasher: BlockHasher) -> None:
         tpb = self.tokens_per_block
-        for key, child in node.children.items():
-            assert child.parent is node and child.key == key, f"{child!r} linked wrongly"
+        for payload, child in node.children.items():
+            assert child.parent is node and child.payload == payload, f"{child!r} linked wrongly"
+            assert self._keys.get(child.key) is child, f"{child!r} missing from the key index"
             assert child.root is node.root and node.root.tree is self, f"{child!r} wrong root"
             assert child.ordinal == node.ordinal + 1, f"{child!r} has a wrong ordinal"
             assert 1 <= child.num_tokens <= tpb and child.is_full == (child.num_tokens == tpb)
-            assert key == hasher(node.key, child.payload, child.num_tokens), f"{child!r} key"
+            key = hasher(node.key, child.payload, child.num_tokens)
+            assert child.key == key, f"{child!r} key"
             assert child.is_full or not child.children, f"partial {child!r} has children"
-        partial = {key: child for key, child in node.children.items() if not child.is_full}
+        partial = {payload: c for payload, c in node.children.items() if not c.is_full}
         assert partial == (node.partial_children or {}), "partial children index out of sync"
         if len(node.children) > self.index_threshold:
             assert node.sorted_children is not None, "a large node lacks its sorted index"
@@ -334,3 +340,10 @@ class BlockRadixTree:
                     )
                     == leaf.num_tokens
                 ), f"partial {leaf!r} is covered by sibling {sibling!r}"
+
+
+def _filed_under(children: dict[bytes, Block], block: Block) -> bytes:
+    """The payload `block` is filed under (its own, unless it was changed since)."""
+    if children.get(block.payload) is block:
+        return block.payload
+    return next(payload for payload, child in children.items() if child is block)

@@ -117,6 +117,25 @@ class TieredPages(TierCascade):
         page.num_holders += 1
         self._enqueue(page)
 
+    def hold_all(self, pages: Sequence[Page]) -> None:
+        """`hold` of each of `pages` (distinct), in order: the hot path of a prefix hit. Every
+        page is checked first, so a bad one changes nothing."""
+        tiers = self._tier
+        for page in pages:  # `_check_live`, inlined
+            state = tiers.get(page.tier) if isinstance(page, Page) else None
+            if state is None or not state.holds(page):
+                raise ValueError(f"{page!r} is not a live page of this pool")
+        may_move = self._next
+        for page in pages:
+            if page.num_holders and (page.num_locks or page.tier not in may_move):
+                page.num_holders += 1  # neither evictable before nor after: never queued
+                continue
+            queue = tiers[page.tier].queue
+            queue.discard(page)
+            page.num_holders += 1
+            if not page.num_locks and page.tier in may_move:  # `_enqueue` of a held page
+                queue.push(page, held=True)
+
     def unlock(self, page: Page, *, evict_first: bool = False) -> None:
         """One active user of the page becomes inactive (it still holds the page)."""
         self._check_live(page)
