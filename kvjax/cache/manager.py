@@ -22,7 +22,7 @@ from kvjax.cache.eviction import PRIORITY_DEFAULT, check_priority
 from kvjax.cache.keys import ReuseScope, Token, token_list
 from kvjax.cache.kv_cache import CacheStatus, KVCache
 from kvjax.cache.ledger import CacheLedger, PageStorage
-from kvjax.cache.pages import Tier
+from kvjax.cache.pages import Tier, fill_rows
 from kvjax.cache.radix_tree import BlockRadixTree
 from kvjax.cache.stats import CacheStats, KVEvent
 from kvjax.cache.tiers import TieredPages
@@ -233,19 +233,16 @@ class KVCacheManager:
         return -(-tokens // self.config.tokens_per_block)
 
     def page_table(
-        self, caches: Sequence[KVCache], num_rows: int, num_columns: int | None = None
+        self, caches: Sequence[KVCache], num_rows: int, num_columns: int | None = None, *, out=None
     ) -> np.ndarray:
         """int32[num_rows, num_columns] of device page ids, one row per ACTIVE cache, padded with
-        `NULL_PAGE` (`num_columns` defaults to `max_blocks`)."""
+        `NULL_PAGE` (`num_columns` defaults to `max_blocks`); written into `out`, a zeroed
+        int32[num_rows, num_columns] array, when given."""
         num_columns = self.max_blocks if num_columns is None else num_columns
         check_int("num_rows", num_rows, minimum=len(caches))
         check_int("num_columns", num_columns, minimum=1)
-        table = np.zeros((num_rows, num_columns), np.int32)
-        for row, page_ids in enumerate(self.get_batch_cache_indices(caches)):
-            if len(page_ids) > num_columns:
-                raise ValueError(f"a cache of {len(page_ids)} blocks exceeds {num_columns} columns")
-            table[row, : len(page_ids)] = page_ids
-        return table
+        table = np.zeros((num_rows, num_columns), np.int32) if out is None else out
+        return fill_rows(table, self.get_batch_cache_indices(caches))
 
     def get_batch_cache_indices(self, caches: Sequence[KVCache]) -> list[list[int]]:
         """Device page ids of each ACTIVE cache, block by block."""

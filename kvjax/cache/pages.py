@@ -9,10 +9,21 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Protocol
 
-__all__ = ["NULL_PAGE", "Page", "PageAllocator", "PageStatus", "StoredBlock", "Tier"]
+import numpy as np
+
+__all__ = [
+    "NULL_PAGE",
+    "Page",
+    "PageAllocator",
+    "PageStatus",
+    "StoredBlock",
+    "Tier",
+    "fill_rows",
+]
 
 NULL_PAGE = 0  # device page id never handed out; page tables are padded with it
 
@@ -174,3 +185,19 @@ class Page:
             f"Page({self.tier.name}:{self.page_id}, {self.status.name}, "
             f"holders={self.num_holders}, locks={self.num_locks}, priority={self.priority})"
         )
+
+
+def fill_rows(table: np.ndarray, rows: Sequence[Sequence[int]]) -> np.ndarray:
+    """Writes `rows[i]` at the start of `table[i]` (int32[>= len(rows), width]); returns it.
+
+    Raises:
+        ValueError: a row is longer than the table is wide.
+    """
+    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+    if lengths.size and lengths.max() > table.shape[1]:
+        raise ValueError(f"a cache of {lengths.max()} blocks exceeds {table.shape[1]} columns")
+    # One scatter for the whole table: a slice assignment per row costs ~2 us each.
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    columns = np.arange(starts.size) - starts
+    table[np.repeat(np.arange(len(rows)), lengths), columns] = list(chain.from_iterable(rows))
+    return table

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from itertools import chain
 
 import numpy as np
 
 from kvjax.cache.manager import KVCacheManager
-from kvjax.runtime.buckets import Buckets
+from kvjax.runtime.buckets import BucketKey, Buckets
 from kvjax.runtime.step import StepInputs
 from kvjax.serving.request import Request
 from kvjax.serving.scheduler import SchedulerOutput
@@ -40,20 +41,26 @@ class StepBatch:
 
 
 def pack_rows(
-    pieces: list[np.ndarray], kv_lens: list[int], caches, manager: KVCacheManager
+    pieces: Sequence[Sequence[int]],
+    kv_lens: Sequence[int],
+    caches,
+    manager: KVCacheManager,
+    key: BucketKey,
 ) -> StepInputs:
-    """Unpadded inputs of rows fed back to back (`pieces[i]` the new tokens of `caches[i]`,
-    which has `kv_lens[i]` keys after them); logits at each row's last token."""
-    q_lens = np.array([len(piece) for piece in pieces], np.int32)
-    cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    return StepInputs(
-        tokens=np.concatenate(pieces),
-        page_table=manager.page_table(caches, len(caches)),
-        kv_lens=np.array(kv_lens, np.int32),
-        cu_q_lens=cu_q_lens,
-        num_seqs=np.array([len(caches)], np.int32),
-        logits_indices=cu_q_lens[1:] - 1,
-    )
+    """Inputs of `key`'s shapes for rows fed back to back (`pieces[i]` the new tokens of
+    `caches[i]`, which has `kv_lens[i]` keys after them), logits at each row's last token;
+    written straight into one packed buffer (`StepInputs.empty`), padding past the rows."""
+    inputs = StepInputs.empty(key, manager.max_blocks)
+    num_seqs = len(pieces)
+    cu_q_lens = inputs.cu_q_lens
+    np.cumsum(np.fromiter(map(len, pieces), np.int32, num_seqs), out=cu_q_lens[1 : num_seqs + 1])
+    cu_q_lens[num_seqs + 1 :] = cu_q_lens[num_seqs]
+    inputs.tokens[: cu_q_lens[num_seqs]] = list(chain.from_iterable(pieces))
+    inputs.kv_lens[:num_seqs] = kv_lens
+    inputs.num_seqs[0] = num_seqs
+    inputs.logits_indices[:num_seqs] = cu_q_lens[1 : num_seqs + 1] - 1
+    manager.page_table(caches, key.num_seqs, out=inputs.page_table)
+    return inputs
 
 
 def build_step_batch(
@@ -72,27 +79,30 @@ def build_step_batch(
     """
     requests, chunk_sizes, pieces, kv_lens = _scheduled_rows(output, draft_len, feeds or {})
     num_context = len(output.context_requests)
-    inputs = pack_rows(pieces, kv_lens, [r.cache for r in requests], manager)
-    num_seqs, num_tokens = len(requests), int(inputs.cu_q_lens[-1])
+    num_seqs, num_tokens = len(requests), sum(map(len, pieces))
     key = buckets.pad(num_seqs, num_tokens, num_seqs * (1 + draft_len), draft_len=draft_len)
-    logits_indices, draft_tokens, num_drafts = _logit_layout(
-        requests, num_context, inputs.cu_q_lens, key.num_seqs, key.logits_per_seq, draft_len
-    )
-    inputs = dataclasses.replace(inputs, logits_indices=logits_indices.reshape(-1))
-    padded = inputs.padded(key, manager.max_blocks)
-    return StepBatch(requests, chunk_sizes, padded, draft_len, draft_tokens, num_drafts)
+    inputs = pack_rows(pieces, kv_lens, [r.cache for r in requests], manager, key)
+    width = key.logits_per_seq
+    draft_tokens = np.zeros((key.num_seqs, width - 1), np.int32)
+    num_drafts = np.zeros(key.num_seqs, np.int32)
+    if width > 1:  # a verification layout: 1 + W logit rows per sequence
+        logits_indices = _logit_layout(
+            requests, num_context, inputs.cu_q_lens, draft_len, draft_tokens, num_drafts
+        )
+        inputs.logits_indices[:] = logits_indices.reshape(-1)
+    return StepBatch(requests, chunk_sizes, inputs, draft_len, draft_tokens, num_drafts)
 
 
 def _scheduled_rows(output: SchedulerOutput, draft_len: int, feeds: Mapping[int, int]):
     """(requests, chunk sizes, new tokens, KV lengths) of each row: context rows first."""
     requests: list[Request] = []
     chunk_sizes: list[int] = []
-    pieces: list[np.ndarray] = []
+    pieces: list[list[int]] = []
     kv_lens: list[int] = []
     for scheduled in output.context_requests:
         request, start = scheduled.request, scheduled.request.context_position
         end = start + scheduled.chunk_size
-        pieces.append(np.asarray(request.context_token_ids(start, end), np.int32))
+        pieces.append(request.context_token_ids(start, end))
         requests.append(request)
         chunk_sizes.append(scheduled.chunk_size)
         kv_lens.append(end)
@@ -102,12 +112,11 @@ def _scheduled_rows(output: SchedulerOutput, draft_len: int, feeds: Mapping[int,
             raise ValueError(
                 f"request {request.request_id} has {len(drafts)} drafts > draft_len={draft_len}"
             )
-        padding = [0] * (draft_len - len(drafts))
         if request.num_pending_tokens:
-            last = [-(feeds[request.request_id] + 1)]
+            last = -(feeds[request.request_id] + 1)
         else:
-            last = request.output_token_ids[-1:]
-        pieces.append(np.asarray([*last, *drafts, *padding], np.int32))
+            last = request.output_token_ids[-1]
+        pieces.append([last, *drafts, *[0] * (draft_len - len(drafts))] if draft_len else [last])
         requests.append(request)
         chunk_sizes.append(0)
         kv_lens.append(request.cache.history_length + 1 + draft_len)
@@ -118,20 +127,19 @@ def _logit_layout(
     requests: list[Request],
     num_context: int,
     cu_q_lens: np.ndarray,
-    num_rows: int,
-    width: int,
     draft_len: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    draft_tokens: np.ndarray,
+    num_drafts: np.ndarray,
+) -> np.ndarray:
     """int32[num_rows, width] logit positions (a context row's last token; a generation row's
-    input token and drafts), int32[num_rows, width - 1] drafts and int32[num_rows] counts."""
+    input token and drafts); fills each row's drafts into int32[num_rows, width - 1]
+    `draft_tokens` and their counts into int32[num_rows] `num_drafts`."""
     num_seqs = len(requests)
-    logits_indices = np.zeros((num_rows, width), np.int32)
+    logits_indices = np.zeros((len(num_drafts), draft_tokens.shape[1] + 1), np.int32)
     logits_indices[:num_context, 0] = cu_q_lens[1 : num_context + 1] - 1
-    positions = cu_q_lens[num_context:-1, None] + np.arange(1 + draft_len)
+    positions = cu_q_lens[num_context:num_seqs, None] + np.arange(1 + draft_len)
     logits_indices[num_context:num_seqs, : 1 + draft_len] = positions
-    draft_tokens = np.zeros((num_rows, width - 1), np.int32)
-    num_drafts = np.zeros(num_rows, np.int32)
     for row, request in enumerate(requests[num_context:], start=num_context):
         draft_tokens[row, : request.num_draft_tokens] = request.draft_tokens
         num_drafts[row] = request.num_draft_tokens
-    return logits_indices, draft_tokens, num_drafts
+    return logits_indices

@@ -209,17 +209,16 @@ class DraftModelDrafter:
 
     def _run(self, rows: list[_Row]) -> np.ndarray:
         """One draft-model step over `rows`; the argmax after each row's last token."""
+        num_seqs = len(rows)
+        key = self.buckets.pad(num_seqs, sum(len(row.tokens) for row in rows))
         inputs = pack_rows(
-            [np.asarray(row.tokens, np.int32) for row in rows],
+            [row.tokens for row in rows],
             [len(row.sequence.fed) + len(row.tokens) for row in rows],
             [row.sequence.cache for row in rows],
             self.manager,
+            key,
         )
-        num_seqs = len(rows)
-        key = self.buckets.pad(num_seqs, int(inputs.cu_q_lens[-1]))
-        tokens, self.manager.pool = self.registry(
-            self._params, self.manager.pool, inputs.padded(key, self.manager.max_blocks)
-        )
+        tokens, self.manager.pool = self.registry(self._params, self.manager.pool, inputs)
         for row in rows:  # their KV is written now
             row.sequence.fed += row.tokens
         self.num_steps += 1

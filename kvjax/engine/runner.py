@@ -126,9 +126,8 @@ class StepRunner:
         engine = self.engine
         batch = build_step_batch(output, engine.manager, engine.buckets, draft_len, feeds)
         sampling = SamplingInputs(batch.inputs.key.num_seqs)
-        for row, request in enumerate(batch.requests):
-            params = request.sampling_params
-            sampling.set_row(row, params, params.seed, request.num_outputs)
+        requests = batch.requests
+        sampling.fill([r.sampling_params for r in requests], [r.num_outputs for r in requests])
         if engine.check_agreement:
             check_batch_agrees(engine.metrics.num_steps, batch, sampling, engine.manager)
         return batch, sampling

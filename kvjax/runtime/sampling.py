@@ -164,12 +164,15 @@ class SamplingInputs:
         self.seeds = np.zeros(rows, np.uint32)
         self.counters = np.zeros(rows, np.int32)
 
-    def set_row(self, row: int, params, seed: int, counter: int) -> None:
-        self.temperature[row] = params.temperature
-        self.top_k[row] = params.top_k
-        self.top_p[row] = params.top_p
-        self.seeds[row] = seed
-        self.counters[row] = counter
+    def fill(self, params: list, counters: list[int]) -> None:
+        """Rows `0..len(params) - 1` from each row's `SamplingParams` (seeded) and token count:
+        one assignment per field, not per row."""
+        rows = len(params)
+        self.temperature[:rows] = [p.temperature for p in params]
+        self.top_k[:rows] = [p.top_k for p in params]
+        self.top_p[:rows] = [p.top_p for p in params]
+        self.seeds[:rows] = [p.seed for p in params]
+        self.counters[:rows] = counters
 
     def verify(
         self, logits: jax.Array, draft_tokens: np.ndarray, num_drafts: np.ndarray, feed_size: int

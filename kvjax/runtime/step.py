@@ -82,9 +82,20 @@ class StepInputs:
         )
 
     def pack(self) -> np.ndarray:
-        """Every field, flattened into one int32 buffer in field order (`unpack` inverts it)."""
-        fields = dataclasses.fields(self)
-        return np.concatenate([np.asarray(getattr(self, f.name), np.int32).ravel() for f in fields])
+        """Every field, flattened into one int32 buffer in field order (`unpack` inverts it);
+        inputs made by `empty` are views of that buffer already, returned as it is."""
+        arrays = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        base = getattr(arrays[0], "base", None)
+        if isinstance(base, np.ndarray) and _consecutive_views(arrays, base):
+            return base
+        return np.concatenate([np.asarray(array, np.int32).ravel() for array in arrays])
+
+    @classmethod
+    def empty(cls, key: BucketKey, max_blocks: int) -> StepInputs:
+        """Padding inputs of `key`'s shapes as views of one zeroed int32 buffer, to be filled in
+        place (a page table of `NULL_PAGE`s); `pack` returns the buffer without a copy."""
+        assert NULL_PAGE == 0
+        return cls.unpack(np.zeros(cls.packed_size(key, max_blocks), np.int32), key, max_blocks)
 
     @staticmethod
     def _shapes(key: BucketKey, max_blocks: int) -> dict[str, tuple[int, ...]]:
@@ -114,6 +125,24 @@ class StepInputs:
         """Zero inputs of `key`'s shapes, for compiling from shapes (never meant to run)."""
         shapes = cls._shapes(key, max_blocks)
         return cls(**{name: np.zeros(shape, np.int32) for name, shape in shapes.items()})
+
+
+def _consecutive_views(arrays: list, base: np.ndarray) -> bool:
+    """Whether `arrays` are C-contiguous int32 views tiling `base` (1-D int32) in order."""
+    if base.ndim != 1 or base.dtype != np.int32:
+        return False
+    address = base.__array_interface__["data"][0]
+    for array in arrays:
+        if (
+            not isinstance(array, np.ndarray)
+            or array.base is not base
+            or array.dtype != np.int32
+            or not array.flags.c_contiguous
+            or array.__array_interface__["data"][0] != address
+        ):
+            return False
+        address += array.nbytes
+    return address == base.__array_interface__["data"][0] + base.nbytes
 
 
 def _compiled(lowered):
