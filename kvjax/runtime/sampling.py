@@ -76,9 +76,14 @@ def sample_tokens(
         seeds: uint32[rows]; counters: int32[rows] (tokens the row's request has generated).
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = _scaled(logits, temperature, top_k, top_p)
-    sampled = jax.vmap(jax.random.categorical)(_token_keys(seeds, counters), scaled)
-    return jnp.where(temperature > 0, sampled.astype(jnp.int32), greedy)
+
+    def sampled() -> jax.Array:
+        scaled = _scaled(logits, temperature, top_k, top_p)
+        picks = jax.vmap(jax.random.categorical)(_token_keys(seeds, counters), scaled)
+        return jnp.where(temperature > 0, picks.astype(jnp.int32), greedy)
+
+    # An all-greedy batch skips drawing a sample per row and vocabulary entry.
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
 @jax.jit
