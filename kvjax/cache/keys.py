@@ -35,6 +35,7 @@ __all__ = [
     "encode_block",
     "is_tagged",
     "iter_block_keys",
+    "payload_bytes",
     "tagged_payload",
 ]
 
@@ -224,23 +225,34 @@ def block_payloads(
     Raises:
         ValueError: on a bad token (see `encode_block`).
     """
+    payloads, last_count = payload_bytes(tokens, tokens_per_block)
+    counts = [tokens_per_block] * len(payloads)
+    if payloads:
+        counts[-1] = last_count
+    return list(zip(payloads, counts, strict=True))
+
+
+def payload_bytes(
+    tokens: Sequence[Token] | np.ndarray, tokens_per_block: int
+) -> tuple[list[bytes], int]:
+    """The payload of each block of `tokens`, and the token count of the last one (every other
+    block is full): `block_payloads` without a tuple per block, for the hot path of a match.
+
+    Raises:
+        ValueError: on a bad token (see `encode_block`).
+    """
     encoded = _encode_ids(tokens)
     if encoded is not None:
         step = 4 * tokens_per_block
-        payloads = [
-            (encoded[start : start + step], tokens_per_block)
-            for start in range(0, len(encoded), step)
-        ]
-        if len(encoded) % step:
-            payloads[-1] = (payloads[-1][0], (len(encoded) % step) >> 2)
-        return payloads
+        payloads = [encoded[start : start + step] for start in range(0, len(encoded), step)]
+        return payloads, (len(encoded) % step >> 2) or tokens_per_block
     for index, token in enumerate(tokens):
         _check_token(index, token)
     blocks = [
         tokens[start : start + tokens_per_block]
         for start in range(0, len(tokens), tokens_per_block)
     ]
-    return [(encode_block(block), len(block)) for block in blocks]
+    return [encode_block(block) for block in blocks], len(blocks[-1]) if blocks else 0
 
 
 class BlockHasher:

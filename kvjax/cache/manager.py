@@ -189,8 +189,7 @@ class KVCacheManager:
         if len(tokens) > self.max_seq_len:
             raise ValueError(f"{len(tokens)} lookup tokens exceed max_seq_len={self.max_seq_len}")
         match = self._tree.match(scope, tokens)
-        prefix = tokens[: match.num_tokens]
-        reused = list(token_list(prefix))
+        reused = token_list(tokens[: match.num_tokens])  # a new list: the slice
         cache = KVCache(self._ledger, scope, match.blocks, reused, priority)
         tpb = self.config.tokens_per_block
         partial = int(match.num_tokens % tpb != 0)

@@ -34,9 +34,9 @@ from kvjax.cache.keys import (
     BlockKey,
     ReuseScope,
     Token,
-    block_payloads,
     decode_payload,
     encode_block,
+    payload_bytes,
     tagged_payload,
 )
 
@@ -92,23 +92,27 @@ class BlockRadixTree:
         """
         check_scope(scope)
         tpb = self.tokens_per_block
-        payloads = block_payloads(tokens, tpb)
+        payloads, last_count = payload_bytes(tokens, tpb)
         node: Node | None = self._root_of(scope)
         if node is None:
             return MatchResult((), 0)
         blocks: list[Block] = []
         # Children are filed by payload: a prefix is found without hashing it.
-        for payload, _count in payloads:
+        for payload in payloads:
             child = node.children.get(payload)
             if child is None or child.payload != payload:
                 break
             blocks.append(child)  # a full block, or an identical partial leaf (the query's tail)
             node = child
-        num_tokens = sum(count for _, count in payloads[: len(blocks)])
-        if len(blocks) < len(payloads) and self.enable_partial_reuse:
+        matched = len(blocks)
+        if matched == len(payloads):
+            return MatchResult(tuple(blocks), max(matched - 1, 0) * tpb + last_count * bool(blocks))
+        num_tokens = matched * tpb
+        if self.enable_partial_reuse:
             # The first block that did not match fully (or the query's partial tail): the child
             # with the longest common prefix, an equal partial leaf included.
-            best, common = self._longest_common_child(node, *payloads[len(blocks)])
+            count = last_count if matched == len(payloads) - 1 else tpb
+            best, common = self._longest_common_child(node, payloads[matched], count)
             if best is not None:
                 blocks.append(best)
                 num_tokens += common
