@@ -241,9 +241,9 @@ class BlockRadixTree:
 
     def _unlink(self, block: Block) -> None:
         node = block.parent
-        del node.children[_filed_under(node.children, block)]
+        del node.children[block.payload]
         if not block.is_full:
-            del node.partial_children[_filed_under(node.partial_children, block)]
+            del node.partial_children[block.payload]
         if node.sorted_children is not None:
             node.sorted_children.remove(block)
         if isinstance(node, RootBlock) and not node.children:
@@ -345,9 +345,3 @@ class BlockRadixTree:
                     == leaf.num_tokens
                 ), f"partial {leaf!r} is covered by sibling {sibling!r}"
 
-
-def _filed_under(children: dict[bytes, Block], block: Block) -> bytes:
-    """The payload `block` is filed under (its own, unless it was changed since)."""
-    if children.get(block.payload) is block:
-        return block.payload
-    return next(payload for payload, child in children.items() if child is block)
