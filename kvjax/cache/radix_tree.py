@@ -344,4 +344,3 @@ class BlockRadixTree:
                     )
                     == leaf.num_tokens
                 ), f"partial {leaf!r} is covered by sibling {sibling!r}"
-
