@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from kernels.common import in_window
+
 __all__ = ["dense_paged_attention"]
 
 
 def dense_paged_attention(
-    q, kv_pool, row_tables, row_kv_lens, row_positions, *, layer, sm_scale, soft_cap=None
-):
+    q, kv_pool, row_tables, row_kv_lens, row_positions, *, layer, sm_scale, soft_cap=None,
+    window=None, sink_tokens=0,
+):  # fmt: skip
     """Each query row attends over the gathered pages of its sequence.
 
     Args:
@@ -20,6 +23,8 @@ def dense_paged_attention(
         row_tables: int32[rows, max_blocks], the page table of each row's sequence.
         row_kv_lens: int32[rows]; keys past it are masked and their values zeroed (0: none).
         row_positions: int32[rows]; a row sees keys at positions up to its own (causal).
+        window, sink_tokens: a row sees only its last `window` positions and the first
+            `sink_tokens` keys (None: every key); other keys' values are not read.
 
     Returns:
         [rows, q_heads, head_dim] in q's dtype; rows that see no key give zeros.
@@ -37,8 +42,9 @@ def dense_paged_attention(
     )
     key_position = jnp.arange(keys.shape[2])
     in_sequence = key_position[None, :] < row_kv_lens[:, None]  # [rows, context]
-    visible = in_sequence & (key_position[None, :] <= row_positions[:, None])
-    values = jnp.where(in_sequence[:, None, :, None], values, 0.0)
+    visible = in_sequence & in_window(key_position, row_positions, window, sink_tokens)
+    # Keys out of reach may sit in released pages (NaN, garbage): their values are never used.
+    values = jnp.where(visible[:, None, :, None], values, 0.0)
     grouped = q.reshape(rows, num_kv_heads, group, head_dim).astype(jnp.float32)
     scores = jnp.einsum("rhgd,rhcd->rhgc", grouped, keys) * sm_scale
     if soft_cap is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.common import NULL_PAGE
+from kernels.common import NULL_PAGE, in_window
 
 __all__ = ["context_paged_attention"]
 
@@ -21,10 +21,13 @@ _KEYS_PER_CHUNK = 128  # keys gathered per loop step: columns = max(1, 128 // to
 
 
 def context_paged_attention(
-    q, kv_pool, row_tables, row_kv_lens, row_positions, *, layer, sm_scale, soft_cap=None
-):
+    q, kv_pool, row_tables, row_kv_lens, row_positions, *, layer, sm_scale, soft_cap=None,
+    window=None, sink_tokens=0,
+):  # fmt: skip
     """Each query row attends over its sequence's keys, visiting only the table columns that
-    some row's context reaches. Same contract as `dense_paged_attention`.
+    some row's context reaches: with a window, the sinks' chunks and then the chunks from the
+    earliest window start on (the pages between are never read). Same contract as
+    `dense_paged_attention`.
 
     Args:
         q: [rows, q_heads, head_dim].
@@ -46,10 +49,15 @@ def context_paged_attention(
                      constant_values=NULL_PAGE)  # fmt: skip
     chunk_keys = columns * tokens_per_block
     num_chunks = (jnp.max(row_kv_lens, initial=0) + chunk_keys - 1) // chunk_keys
+    num_sink_chunks, first_window_chunk = _chunk_ranges(
+        row_kv_lens, row_positions, num_chunks, chunk_keys, window, sink_tokens
+    )
+    num_steps = num_sink_chunks + jnp.maximum(num_chunks - first_window_chunk, 0)
     grouped = q.reshape(rows, num_kv_heads, group, head_dim).astype(jnp.float32)
 
     def chunk_step(state):
-        index, running_max, total, out = state
+        step, running_max, total, out = state
+        index = jnp.where(step < num_sink_chunks, step, first_window_chunk + step - num_sink_chunks)
         chunk = jax.lax.dynamic_slice_in_dim(tables, index * columns, columns, axis=1)
         keys, values = (
             kv_pool[chunk, layer, kind]  # [rows, columns, kv_heads, page, head_dim]
@@ -60,8 +68,9 @@ def context_paged_attention(
         )
         position = index * chunk_keys + jnp.arange(chunk_keys)
         in_sequence = position[None, :] < row_kv_lens[:, None]  # [rows, chunk_keys]
-        visible = (in_sequence & (position[None, :] <= row_positions[:, None]))[:, None, None]
-        values = jnp.where(in_sequence[:, None, :, None], values, 0.0)
+        seen = in_sequence & in_window(position, row_positions, window, sink_tokens)
+        visible = seen[:, None, None]
+        values = jnp.where(seen[:, None, :, None], values, 0.0)  # stale pages: never used
         scores = jnp.einsum("rhgd,rhcd->rhgc", grouped, keys) * sm_scale
         if soft_cap is not None:
             scores = soft_cap * jnp.tanh(scores / soft_cap)
@@ -72,7 +81,7 @@ def context_paged_attention(
         rescale = jnp.exp(running_max - safe_max)
         total = total * rescale + jnp.sum(weights, axis=-1)
         out = out * rescale[..., None] + jnp.einsum("rhgc,rhcd->rhgd", weights, values)
-        return index + 1, new_max, total, out
+        return step + 1, new_max, total, out
 
     state = (
         jnp.int32(0),
@@ -80,6 +89,17 @@ def context_paged_attention(
         jnp.zeros((rows, num_kv_heads, group), jnp.float32),
         jnp.zeros((rows, num_kv_heads, group, head_dim), jnp.float32),
     )
-    _, _, total, out = jax.lax.while_loop(lambda s: s[0] < num_chunks, chunk_step, state)
+    _, _, total, out = jax.lax.while_loop(lambda s: s[0] < num_steps, chunk_step, state)
     out = out / jnp.where(total > 0, total, 1.0)[..., None]
     return out.reshape(rows, num_q_heads, head_dim).astype(q.dtype)
+
+
+def _chunk_ranges(row_kv_lens, row_positions, num_chunks, chunk_keys, window, sink_tokens):
+    """(chunks holding sinks, first chunk any row's window reaches): the chunks in between
+    hold only keys no row sees."""
+    if window is None:
+        return jnp.int32(0), jnp.int32(0)
+    num_sink_chunks = jnp.minimum(-(-sink_tokens // chunk_keys), num_chunks)
+    window_start = jnp.where(row_kv_lens > 0, row_positions - window + 1, jnp.iinfo(jnp.int32).max)
+    first = jnp.maximum(jnp.min(window_start, initial=jnp.iinfo(jnp.int32).max), 0) // chunk_keys
+    return num_sink_chunks, jnp.maximum(first, num_sink_chunks).astype(jnp.int32)

@@ -53,6 +53,26 @@ def check_pool(kv_pool: jax.Array, *, layer: int | None = None) -> tuple[int, ..
     return kv_pool.shape
 
 
+def check_window(window: int | None, sink_tokens: int) -> None:
+    """A static attention window (None: full attention) and its sink tokens."""
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window={window!r} must be an int >= 1, or None for full attention")
+    if not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens={sink_tokens!r} must be an int >= 0")
+    if sink_tokens and window is None:
+        raise ValueError(f"sink_tokens={sink_tokens} needs a window")
+
+
+def in_window(key_positions, query_positions, window: int | None, sink_tokens: int):
+    """bool[queries, keys]: causal, and within the query's `window` (the query itself
+    included) or among the first `sink_tokens` keys."""
+    causal = key_positions[None, :] <= query_positions[:, None]
+    if window is None:
+        return causal
+    recent = key_positions[None, :] > query_positions[:, None] - window
+    return causal & (recent | (key_positions[None, :] < sink_tokens))
+
+
 def check_int32(name: str, array: jax.Array, ndim: int) -> None:
     if array.ndim != ndim or array.dtype != jnp.int32:
         raise ValueError(f"{name} {array.dtype}{list(array.shape)} must be int32 with {ndim} dims")

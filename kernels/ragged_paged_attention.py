@@ -29,7 +29,9 @@ from kernels.common import (
     check_int32,
     check_pool,
     check_soft_cap,
+    check_window,
     compiler_params,
+    in_window,
     resolve_interpret,
 )
 
@@ -38,7 +40,7 @@ __all__ = ["ragged_paged_attention", "ragged_paged_attention_reference"]
 
 def _ragged_kernel(
     cu_q_lens_ref, kv_lens_ref, num_seqs_ref, page_table_ref, q_ref, pool_ref, out_ref, *,
-    layer, sm_scale, soft_cap, tile_q, group, search_steps,
+    layer, sm_scale, soft_cap, tile_q, group, search_steps, window, sink_tokens,
 ):  # fmt: skip
     # cu_q_lens_ref: int32[seqs + 1]; kv_lens_ref: int32[seqs]; num_seqs_ref: int32[1]
     # page_table_ref: int32[seqs, max_blocks]; q_ref, out_ref: [tokens, q_heads, head_dim]
@@ -68,8 +70,8 @@ def _ragged_kernel(
         head_ok = jnp.arange(group_pad) < group
         mask = (token_ok[:, None] & head_ok[None, :])[:, :, None]
         mask = jnp.broadcast_to(mask, (tile_q, group_pad, head_dim))
-        window = (pl.ds(q_start + first_row, tile_q), pl.ds(head * group, group_pad))
-        q = pl_triton.load(q_ref.at[window[0], window[1], :], mask=mask, other=0)
+        tile = (pl.ds(q_start + first_row, tile_q), pl.ds(head * group, group_pad))
+        q = pl_triton.load(q_ref.at[tile[0], tile[1], :], mask=mask, other=0)
         q = q.reshape(tile_q * group_pad, head_dim)
         last_position = kv_len - q_len + jnp.minimum(first_row + tile_q, q_len) - 1
 
@@ -79,14 +81,21 @@ def _ragged_kernel(
             values = pool_ref[page, layer, 1, head]
             key_positions = block * tokens_per_block + jnp.arange(tokens_per_block)
             valid = key_positions < kv_len
-            visible = valid[None, :] & (key_positions[None, :] <= positions[:, None])
+            visible = valid[None, :] & in_window(key_positions, positions, window, sink_tokens)
             scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap)
             return online_softmax_step(state, scores, visible, values, valid)
 
         num_pages = jnp.minimum(last_position // tokens_per_block + 1, page_table_ref.shape[1])
-        state = jax.lax.fori_loop(0, num_pages, fold_page, empty_state(*q.shape))
+        state = empty_state(*q.shape)
+        start = 0
+        if window is not None:  # the sinks' pages, then the window's: stale pages are skipped
+            num_sink_pages = jnp.minimum(-(-sink_tokens // tokens_per_block), num_pages)
+            state = jax.lax.fori_loop(0, num_sink_pages, fold_page, state)
+            first_position = kv_len - q_len + first_row
+            start = jnp.maximum((first_position - window + 1) // tokens_per_block, num_sink_pages)
+        state = jax.lax.fori_loop(start, num_pages, fold_page, state)
         out = finish(state).reshape(tile_q, group_pad, head_dim).astype(out_ref.dtype)
-        pl_triton.store(out_ref.at[window[0], window[1], :], out, mask=mask)
+        pl_triton.store(out_ref.at[tile[0], tile[1], :], out, mask=mask)
 
 
 def _check(q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, layer):
@@ -113,11 +122,14 @@ def _check(q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, layer):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("layer", "sm_scale", "soft_cap", "tile_q", "impl", "interpret")
-)
+    jax.jit,
+    static_argnames=(
+        "layer", "sm_scale", "soft_cap", "tile_q", "impl", "interpret", "window", "sink_tokens"
+    ),
+)  # fmt: skip
 def ragged_paged_attention(
     q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, *, layer, sm_scale, soft_cap=None,
-    tile_q=None, impl="pallas", interpret=None,
+    tile_q=None, impl="pallas", interpret=None, window=None, sink_tokens=0,
 ):  # fmt: skip
     """Causal attention of a mixed batch of new tokens over their paged contexts.
 
@@ -130,16 +142,21 @@ def ragged_paged_attention(
         cu_q_lens: int32[seqs + 1]; query rows of sequence s are `cu_q_lens[s]:cu_q_lens[s + 1]`.
         num_seqs: int32[1]; live sequences; metadata past them is never read.
         tile_q: static query positions per program (default: 32 rows of positions x heads).
+        window, sink_tokens: static; each query sees its last `window` positions and the first
+            `sink_tokens` keys (None: all). Only those pages are read, so the pages of blocks
+            stale at the step's history (`kvjax.cache.life_cycles`) may be released.
 
     Returns:
         [tokens, q_heads, head_dim] in q's dtype; rows past `cu_q_lens[num_seqs]` unspecified.
     """
     _check(q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, layer)
     check_soft_cap(soft_cap)
+    check_window(window, sink_tokens)
     if check_impl(impl) == "xla":
         return ragged_paged_attention_reference(
-            q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs,
-            layer=layer, sm_scale=sm_scale, soft_cap=soft_cap, attend=context_paged_attention,
+            q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, layer=layer, sm_scale=sm_scale,
+            soft_cap=soft_cap, attend=context_paged_attention, window=window,
+            sink_tokens=sink_tokens,
         )  # fmt: skip
     num_tokens, num_q_heads, _ = q.shape
     seqs = page_table.shape[0]
@@ -156,6 +173,8 @@ def ragged_paged_attention(
             tile_q=tile_q,
             group=group,
             search_steps=max(1, math.ceil(math.log2(seqs))) + 1,
+            window=window,
+            sink_tokens=sink_tokens,
         ),
         grid=(num_tokens // tile_q + seqs, kv_pool.shape[3]),
         in_specs=[pl.no_block_spec] * 6,
@@ -168,7 +187,7 @@ def ragged_paged_attention(
 
 def ragged_paged_attention_reference(
     q, kv_pool, page_table, kv_lens, cu_q_lens, num_seqs, *, layer, sm_scale, soft_cap=None,
-    attend=dense_paged_attention,
+    attend=dense_paged_attention, window=None, sink_tokens=0,
 ):  # fmt: skip
     """Dense jnp version over every token, float32 inside: each token finds its sequence,
     gathers that sequence's pages, and attends causally. Rows of no live sequence give zeros.
@@ -184,5 +203,5 @@ def ragged_paged_attention_reference(
     position = kv_lens[seq] - q_len + token - cu_q_lens[seq]
     return attend(
         q, kv_pool, page_table[seq], jnp.where(live, kv_lens[seq], 0), position, layer=layer,
-        sm_scale=sm_scale, soft_cap=soft_cap,
+        sm_scale=sm_scale, soft_cap=soft_cap, window=window, sink_tokens=sink_tokens,
     )  # fmt: skip

@@ -57,11 +57,12 @@ def test_decode_attention_lowers(shape, batch):
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
 @pytest.mark.parametrize(("tokens", "seqs", "tile_q"), [(2048, 64, None), (256, 256, 1)])
-def test_ragged_attention_lowers(shape, tokens, seqs, tile_q):
+@pytest.mark.parametrize(("window", "sink_tokens"), [(None, 0), (1024, 4)])
+def test_ragged_attention_lowers(shape, tokens, seqs, tile_q, window, sink_tokens):
     q_heads, kv_heads, head_dim, tokens_per_block, dtype = shape
     fn = functools.partial(
         ragged_paged_attention, layer=0, sm_scale=head_dim**-0.5, tile_q=tile_q,
-        interpret=False,
+        interpret=False, window=window, sink_tokens=sink_tokens,
     )  # fmt: skip
     args = (
         S((tokens, q_heads, head_dim), dtype),

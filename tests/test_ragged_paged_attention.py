@@ -32,14 +32,17 @@ CASES = [
 ]
 
 
-def mixed_batch(rng, group, head_dim, tokens_per_block, dtype, *, num_kv_heads=2, num_tokens=48):
-    """(kv_len, q_len) per live sequence, then 2 padding sequences with garbage metadata."""
+def mixed_batch(
+    rng, group, head_dim, tokens_per_block, dtype, *, num_kv_heads=2, num_tokens=48, scale=1
+):
+    """(kv_len, q_len) per live sequence, then 2 padding sequences with garbage metadata;
+    `scale` lengthens the cached contexts (scale 2: up to 7 blocks)."""
     p = tokens_per_block
     sequences = [
-        (p + 1, 1),  # decode
-        (3 * p + 2, p + 3),  # a prefill chunk over a cached prefix
+        (scale * p + 1, 1),  # decode
+        (3 * scale * p + 2 - (scale - 1) * p, p + 3),  # a prefill chunk over a cached prefix
         (p - 1, p - 1),  # a whole prompt
-        (2 * p, 4),  # verification: 1 + 3 draft tokens
+        (2 * scale * p, 4),  # verification: 1 + 3 draft tokens
         (1, 1),  # the shortest sequence
     ]
     num_seqs, seqs = len(sequences), len(sequences) + 2
@@ -166,3 +169,77 @@ def test_bad_inputs_name_the_shapes():
         ragged_paged_attention(q, pool, table, lens, cu, num, layer=0, sm_scale=1.0, tile_q=3)
     with pytest.raises(ValueError, match="num_seqs"):
         ragged_paged_attention(q, pool, table, lens, cu, num[0], layer=0, sm_scale=1.0)
+
+
+def golden_windowed(batch, q, cu_q_lens, num_seqs, layer, sm_scale, window, sink_tokens):
+    """The golden with each query seeing its last `window` positions and the first sinks."""
+    num_kv_heads = batch.pool.shape[3]
+    group = q.shape[1] // num_kv_heads
+    out = np.zeros(q.shape, np.float64)
+    for seq in range(num_seqs):
+        start, end = cu_q_lens[seq], cu_q_lens[seq + 1]
+        kv_len, q_len = int(batch.kv_lens[seq]), int(end - start)
+        positions = kv_len - q_len + np.arange(q_len)
+        keys_at = np.arange(kv_len)[None, :]
+        visible = (keys_at <= positions[:, None]) & (
+            (keys_at > positions[:, None] - window) | (keys_at < sink_tokens)
+        )
+        for head in range(num_kv_heads):
+            keys, values = sequence_kv(batch, seq, layer, head)
+            keys, values = np.nan_to_num(keys), np.nan_to_num(values)  # stale pages: unused
+            for j in range(group):
+                out[start:end, head * group + j] = golden_attention(
+                    q[start:end, head * group + j], keys, values,
+                    sm_scale=sm_scale, visible=visible,
+                )  # fmt: skip
+    return out
+
+
+def release_stale_pages(batch, cu_q_lens, num_seqs, window, sink_tokens):
+    """NaN-poisons every page a windowed layer group releases at each sequence's history (the
+    step's first position): a kernel that reads one leaks NaN into the output."""
+    from kvjax.cache.life_cycles import LifeCycle
+
+    tpb = batch.pool.shape[4]
+    cycle = LifeCycle(window, -(-sink_tokens // tpb))
+    released = 0
+    for seq in range(num_seqs):
+        history = int(batch.kv_lens[seq]) - int(cu_q_lens[seq + 1] - cu_q_lens[seq])
+        start, end = cycle.stale_range(history, tpb)
+        for block in range(start, end):
+            batch.pool[batch.page_table[seq, block]] = np.nan
+            released += 1
+    return released
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+@pytest.mark.parametrize(("window", "sink_tokens"), [(5, 0), (5, 3), (12, 5), (3, 1), (60, 0)])
+def test_windowed_attention_reads_only_sinks_and_window(window, sink_tokens, impl, interpret):
+    """Sliding windows with sink tokens: the output is the masked golden, and the pages of
+    stale blocks (NaN here, released in a real cache) are never read."""
+    rng = np.random.default_rng(window * 10 + sink_tokens)
+    batch, q, cu_q_lens, num_seqs = mixed_batch(rng, 2, 64, 8, F32, scale=2)
+    released = release_stale_pages(batch, cu_q_lens, num_seqs, window, sink_tokens)
+    assert released or window == 60  # a 60-token window covers every sequence here
+    golden = golden_windowed(batch, q, cu_q_lens, num_seqs, 1, 0.125, window, sink_tokens)
+    out = run(
+        ragged_paged_attention, batch, q, cu_q_lens, num_seqs, layer=1, sm_scale=0.125,
+        impl=impl, interpret=interpret, window=window, sink_tokens=sink_tokens,
+    )  # fmt: skip
+    valid = int(cu_q_lens[num_seqs])
+    out = np.asarray(out.astype(jnp.float32))[:valid]
+    assert not np.isnan(out).any(), "a released page was read"
+    assert relative_error(out, golden[:valid]) <= (TOLERANCE if interpret else GPU_TOLERANCE)[F32]
+
+
+def test_bad_windows_are_refused():
+    rng = np.random.default_rng(0)
+    batch, q, cu_q_lens, num_seqs = mixed_batch(rng, 2, 64, 8, F32)
+    for kwargs, message in (
+        (dict(window=0), "window=0 must be an int >= 1"),
+        (dict(sink_tokens=4), "sink_tokens=4 needs a window"),
+        (dict(window=8, sink_tokens=-1), "sink_tokens=-1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run(ragged_paged_attention, batch, q, cu_q_lens, num_seqs, layer=0, sm_scale=0.1,
+                **kwargs)  # fmt: skip
