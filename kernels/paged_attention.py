@@ -26,6 +26,7 @@ from kernels.common import (
     check_int32,
     check_pool,
     check_soft_cap,
+    check_window,
     compiler_params,
     resolve_interpret,
 )
@@ -38,9 +39,33 @@ __all__ = [
 _MIN_PROGRAMS = 264  # two waves of an H100's 132 SMs
 
 
+def _needed_chunks(kv_len, tokens_per_block, pages_per_chunk, window, sink_tokens):
+    """What a decode query at `kv_len - 1` reads, in chunks of pages: (number of chunks, the
+    table chunk of each, whether a page index is read). Without a window, every chunk up to
+    the context's end; with one, the sinks' chunks, then those from the window's first page
+    (pages between them are stale: never read, perhaps released)."""
+    num_pages = pl.cdiv(kv_len, tokens_per_block)
+    if window is None:
+        return pl.cdiv(num_pages, pages_per_chunk), lambda v: v, lambda page: page < num_pages
+    num_sink_pages = jnp.minimum(pl.cdiv(sink_tokens, tokens_per_block), num_pages)
+    window_start = jnp.maximum(kv_len - window, 0)  # the query at kv_len - 1 sees from here
+    first_page = jnp.maximum(window_start // tokens_per_block, num_sink_pages)
+    num_sink_chunks = pl.cdiv(num_sink_pages, pages_per_chunk)
+    first_chunk = jnp.maximum(first_page // pages_per_chunk, num_sink_chunks)
+    count = num_sink_chunks + jnp.maximum(pl.cdiv(num_pages, pages_per_chunk) - first_chunk, 0)
+
+    def chunk_of(v):
+        return jnp.where(v < num_sink_chunks, v, first_chunk + v - num_sink_chunks)
+
+    def is_read(page):
+        return (page < num_pages) & ((page < num_sink_pages) | (page >= first_page))
+
+    return count, chunk_of, is_read
+
+
 def _decode_kernel(
     page_table_ref, kv_lens_ref, q_ref, keys_ref, values_ref, out_ref, max_ref, sum_ref, *,
-    sm_scale, soft_cap, pages_per_chunk, chunks_per_split,
+    sm_scale, soft_cap, pages_per_chunk, chunks_per_split, window, sink_tokens,
 ):  # fmt: skip
     # page_table_ref: int32[batch, splits * chunks_per_split * pages_per_chunk] (NULL_PAGE padded)
     # kv_lens_ref: int32[batch]; q_ref: [rows, head_dim] query heads of one KV group (zero rows
@@ -50,23 +75,38 @@ def _decode_kernel(
     tokens_per_block, head_dim = keys_ref.shape[1], keys_ref.shape[2]
     chunk_tokens = pages_per_chunk * tokens_per_block
     kv_len = kv_lens_ref[seq]
-    num_pages = pl.cdiv(kv_len, tokens_per_block)
+    count, chunk_of, is_read = _needed_chunks(
+        kv_len, tokens_per_block, pages_per_chunk, window, sink_tokens
+    )
     first = split * chunks_per_split
-    end = jnp.minimum(first + chunks_per_split, pl.cdiv(num_pages, pages_per_chunk))
+    end = jnp.minimum(first + chunks_per_split, count)
     q = q_ref[...]
 
-    def fold_chunk(chunk, state):
+    def fold_chunk(step, state):
+        chunk = chunk_of(step)
         page_index = chunk * pages_per_chunk + jnp.arange(pages_per_chunk)
         pages = page_table_ref[seq, pl.ds(chunk * pages_per_chunk, pages_per_chunk)]
-        pages = jnp.where(page_index < num_pages, pages, NULL_PAGE)  # never a stale id
+        pages = jnp.where(is_read(page_index), pages, NULL_PAGE)  # never a stale id
         keys = keys_ref[pages].reshape(chunk_tokens, head_dim)
         values = values_ref[pages].reshape(chunk_tokens, head_dim)
-        valid = chunk * chunk_tokens + jnp.arange(chunk_tokens) < kv_len
+        key_positions = chunk * chunk_tokens + jnp.arange(chunk_tokens)
+        visible = (key_positions < kv_len) & is_read(key_positions // tokens_per_block)
+        if window is not None:  # the query at kv_len - 1: its window, or a sink
+            visible &= (key_positions >= kv_len - window) | (key_positions < sink_tokens)
         scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap)
-        return online_softmax_step(state, scores, valid[None, :], values, valid)
+        return online_softmax_step(state, scores, visible[None, :], values, visible)
 
     state = jax.lax.fori_loop(first, jnp.maximum(first, end), fold_chunk, empty_state(*q_ref.shape))
     max_ref[...], sum_ref[...], out_ref[...] = state
+
+
+def _max_chunks_read(tokens_per_block, pages_per_chunk, window, sink_tokens) -> int:
+    """A static bound on the chunks `_needed_chunks` yields (the splits share them)."""
+    if window is None:
+        return 2**31 - 1
+    sink_chunks = pl.cdiv(pl.cdiv(sink_tokens, tokens_per_block), pages_per_chunk)
+    window_pages = pl.cdiv(window - 1, tokens_per_block) + 1
+    return sink_chunks + pl.cdiv(window_pages, pages_per_chunk) + 1
 
 
 def _num_splits(batch: int, num_kv_heads: int, num_chunks: int) -> int:
@@ -113,11 +153,14 @@ def _merge_splits(out, running_max, running_sum):
         "num_stages",
         "impl",
         "interpret",
+        "window",
+        "sink_tokens",
     ),
 )
 def paged_decode_attention(
     q, kv_pool, page_table, kv_lens, *, layer, sm_scale, soft_cap=None, num_splits=None,
     pages_per_chunk=None, num_warps=4, num_stages=3, impl="pallas", interpret=None,
+    window=None, sink_tokens=0,
 ):  # fmt: skip
     """Attention of one new query token per sequence over its paged context.
 
@@ -130,16 +173,20 @@ def paged_decode_attention(
         layer, sm_scale, soft_cap: static; soft_cap caps logits with `cap * tanh(x / cap)`.
         num_splits: static page splits per sequence (default: enough for two waves of programs).
         pages_per_chunk: static pages gathered per loop step (default up to 8: 128 keys of 16).
+        window, sink_tokens: static; the query sees its last `window` positions and the first
+            `sink_tokens` keys (None: all); only their pages are read, so a decode step costs
+            O(window + sinks) whatever the context.
 
     Returns:
         [batch, q_heads, head_dim] in q's dtype.
     """
     _check(q, kv_pool, page_table, kv_lens, layer)
     check_soft_cap(soft_cap)
-    if check_impl(impl) == "xla":  # the new token is the last key: it sees every key
+    check_window(window, sink_tokens)
+    if check_impl(impl) == "xla":  # the new token is the last key
         return context_paged_attention(
             q, kv_pool, page_table, kv_lens, kv_lens - 1, layer=layer, sm_scale=sm_scale,
-            soft_cap=soft_cap,
+            soft_cap=soft_cap, window=window, sink_tokens=sink_tokens,
         )  # fmt: skip
     batch, num_q_heads, head_dim = q.shape
     num_pages, _, _, num_kv_heads, tokens_per_block, _ = kv_pool.shape
@@ -151,9 +198,10 @@ def paged_decode_attention(
     rows = max(pl.next_power_of_2(group), 16)
     pages_per_chunk = pages_per_chunk or max(1, min(8, pl.next_power_of_2(max_blocks)))
     chunks = pl.cdiv(max_blocks, pages_per_chunk)
-    splits = min(num_splits or _num_splits(batch, num_kv_heads, chunks), chunks)
-    chunks_per_split = pl.cdiv(chunks, splits)
-    columns = splits * chunks_per_split * pages_per_chunk
+    read = min(chunks, _max_chunks_read(tokens_per_block, pages_per_chunk, window, sink_tokens))
+    splits = min(num_splits or _num_splits(batch, num_kv_heads, read), read)
+    chunks_per_split = pl.cdiv(read, splits)
+    columns = max(splits * chunks_per_split, chunks) * pages_per_chunk
     table = jnp.pad(page_table, ((0, 0), (0, columns - max_blocks)))  # NULL_PAGE columns
     grouped = q.reshape(batch, num_kv_heads, group, head_dim)
     grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
@@ -172,6 +220,8 @@ def paged_decode_attention(
             soft_cap=soft_cap,
             pages_per_chunk=pages_per_chunk,
             chunks_per_split=chunks_per_split,
+            window=window,
+            sink_tokens=sink_tokens,
         ),
         grid=(batch, num_kv_heads, splits),
         in_specs=[
@@ -199,11 +249,12 @@ def paged_decode_attention(
 
 
 def paged_decode_attention_reference(
-    q, kv_pool, page_table, kv_lens, *, layer, sm_scale, soft_cap=None
-):
+    q, kv_pool, page_table, kv_lens, *, layer, sm_scale, soft_cap=None, window=None,
+    sink_tokens=0,
+):  # fmt: skip
     """Dense jnp attention over every gathered page, float32 inside."""
-    # The new token is the last key: it sees every key of its sequence.
+    # The new token is the last key.
     return dense_paged_attention(
         q, kv_pool, page_table, kv_lens, kv_lens - 1, layer=layer, sm_scale=sm_scale,
-        soft_cap=soft_cap,
+        soft_cap=soft_cap, window=window, sink_tokens=sink_tokens,
     )  # fmt: skip

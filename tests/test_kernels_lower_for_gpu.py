@@ -39,12 +39,13 @@ def pool_struct(kv_heads, head_dim, tokens_per_block, dtype, num_pages=8192, num
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
 @pytest.mark.parametrize("batch", [1, 128])
-def test_decode_attention_lowers(shape, batch):
+@pytest.mark.parametrize(("window", "sink_tokens"), [(None, 0), (4096, 4)])
+def test_decode_attention_lowers(shape, batch, window, sink_tokens):
     q_heads, kv_heads, head_dim, tokens_per_block, dtype = shape
     max_blocks = 32768 // tokens_per_block
     fn = functools.partial(
         paged_decode_attention, layer=31, sm_scale=head_dim**-0.5, soft_cap=50.0,
-        interpret=False,
+        interpret=False, window=window, sink_tokens=sink_tokens,
     )  # fmt: skip
     args = (
         S((batch, q_heads, head_dim), dtype),

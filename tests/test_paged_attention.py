@@ -129,3 +129,35 @@ def test_bad_inputs_name_the_shapes():
         )  # fmt: skip
     with pytest.raises(ValueError, match="page_table"):
         paged_decode_attention(q, pool, table.astype(jnp.float32), lens, layer=0, sm_scale=1.0)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+@pytest.mark.parametrize(
+    ("window", "sink_tokens", "pages_per_chunk", "num_splits"),
+    [(5, 0, 1, None), (9, 3, 2, 3), (10, 5, 2, 1), (3, 1, 4, 2), (100, 0, None, None)],
+)
+def test_windowed_decode_reads_only_sinks_and_window(
+    window, sink_tokens, pages_per_chunk, num_splits, impl, interpret
+):
+    """A decode step of a sliding-window layer: the masked golden, with the pages of stale
+    blocks NaN-poisoned (released) and never read, across chunk sizes and splits."""
+    from tests.test_ragged_paged_attention import golden_windowed, release_stale_pages
+
+    rng = np.random.default_rng(window + sink_tokens)
+    batch, q = decode_inputs(rng, 2, 64, 4, F32)
+    live = batch.kv_lens > 0
+    num_live = int(live.sum())  # the live sequences come first, one query token each
+    cu_q_lens = np.arange(num_live + 1, dtype=np.int32)
+    released = release_stale_pages(batch, cu_q_lens, num_live, window, sink_tokens)
+    assert released or window == 100
+    golden = golden_windowed(batch, q[live], cu_q_lens, num_live, 1, 0.125, window, sink_tokens)
+    out = paged_decode_attention(
+        jnp.asarray(q), jnp.asarray(batch.pool), jnp.asarray(batch.page_table),
+        jnp.asarray(batch.kv_lens), layer=1, sm_scale=0.125, impl=impl, interpret=interpret,
+        window=window, sink_tokens=sink_tokens, pages_per_chunk=pages_per_chunk,
+        num_splits=num_splits,
+    )  # fmt: skip
+    out = np.asarray(out.astype(jnp.float32))
+    assert not np.isnan(out[live]).any(), "a released page was read"
+    assert np.all(out[~live] == 0)
+    assert relative_error(out[live], golden) <= (TOLERANCE if interpret else GPU_TOLERANCE)[F32]
