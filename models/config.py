@@ -20,7 +20,9 @@ class LlamaConfig:
     `qkv_bias` is Qwen2's (and Llama's `attention_bias`) bias on q/k/v; `o_bias` Llama's bias on
     the output projection under `attention_bias`. `rope_scaling` is None or Llama 3's parameters
     as sorted `(name, value)` pairs (`factor`, `low_freq_factor`, `high_freq_factor`,
-    `original_max_position_embeddings`), so the config stays hashable.
+    `original_max_position_embeddings`), so the config stays hashable. `sliding_window`: every
+    layer attends to its last `sliding_window` positions (itself included; Mistral's), None to
+    all of them.
     """
 
     vocab_size: int
@@ -37,8 +39,13 @@ class LlamaConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     eos_token_ids: tuple[int, ...] = ()  # tokens that end generation (the engine's default)
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
+        if self.sliding_window is not None and not (
+            isinstance(self.sliding_window, int) and self.sliding_window >= 1
+        ):
+            raise ValueError(f"sliding_window={self.sliding_window!r} must be an int >= 1")
         eos = self.eos_token_ids
         eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in eos))
@@ -69,12 +76,6 @@ class LlamaConfig:
             raise ValueError(
                 f"model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
             )
-        window = hf.get("sliding_window")
-        if window is not None and hf.get("use_sliding_window", model_type != "qwen2"):
-            raise ValueError(
-                f"sliding_window={window} is not supported: every layer attends to its whole "
-                "context (use a checkpoint without a sliding window)"
-            )
         for key, supported in (("hidden_act", "silu"), ("mlp_bias", False)):
             if hf.get(key, supported) != supported:
                 raise ValueError(f"{key}={hf[key]!r} is not supported (only {supported!r})")
@@ -96,7 +97,30 @@ class LlamaConfig:
             qkv_bias=model_type == "qwen2" or bias,
             o_bias=model_type != "qwen2" and bias,
             eos_token_ids=hf.get("eos_token_id"),
+            sliding_window=_sliding_window(hf, model_type),
         )
+
+
+def _sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
+    """The window every layer attends with, or None; raises when only some layers have one
+    (Qwen2's `max_window_layers`, mixed `layer_types`: layer groups not served yet)."""
+    window = hf.get("sliding_window")
+    if window is None or not hf.get("use_sliding_window", model_type != "qwen2"):
+        return None
+    types = hf.get("layer_types")
+    if types is not None:
+        windowed = {kind == "sliding_attention" for kind in types}
+    else:  # Qwen2: layers from max_window_layers on use the window
+        first = hf.get("max_window_layers", 0) if model_type == "qwen2" else 0
+        windowed = {layer >= first for layer in range(hf["num_hidden_layers"])}
+    if windowed == {False}:
+        return None
+    if windowed != {True}:
+        raise ValueError(
+            f"sliding_window={window} on some layers only (layer_types or max_window_layers) "
+            "is not supported yet: every layer must use the window, or none"
+        )
+    return int(window)
 
 
 _LLAMA3_KEYS = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}

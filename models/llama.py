@@ -200,7 +200,7 @@ class Llama(nnx.Module):
         k = apply_rope(k, positions, self.inv_freq.get_value())
         attend = functools.partial(
             _write_and_attend, num_layers=num_layers, sm_scale=config.head_dim**-0.5, impl=impl,
-            interpret=interpret,
+            interpret=interpret, window=config.sliding_window,
         )  # fmt: skip
         if mesh is not None:
             heads = PartitionSpec(None, TP_AXIS, None)
@@ -228,7 +228,7 @@ def _stacked(layers: list[DecoderLayer]) -> DecoderLayer:
 
 def _write_and_attend(
     rows, q, k, v, slots, page_table, kv_lens, cu_q_lens, num_seqs, layer, *, num_layers,
-    sm_scale, impl, interpret,
+    sm_scale, impl, interpret, window,
 ):  # fmt: skip
     """One layer's KV write and ragged attention (per shard under tensor parallelism).
 
@@ -244,7 +244,7 @@ def _write_and_attend(
     pool = write_kv(pool, k, v, row_slots, layer=0, impl=impl, interpret=interpret)
     out = ragged_paged_attention(
         q, pool, row_table, kv_lens, cu_q_lens, num_seqs, layer=0, sm_scale=sm_scale,
-        impl=impl, interpret=interpret,
+        impl=impl, interpret=interpret, window=window,
     )  # fmt: skip
     return out, pool[:, 0]
 

@@ -156,6 +156,12 @@ def save_hf_checkpoint(model: Llama, path: str | Path, *, model_type: str = "lla
         # Qwen2 always has q/k/v bias; Llama's attention_bias covers q/k/v and o together.
         "attention_bias": False if model_type == "qwen2" else c.o_bias,
     }
+    if c.sliding_window is not None:
+        if model_type == "llama":
+            raise ValueError("model_type='llama' has no sliding window; use 'mistral'")
+        hf_config.update(sliding_window=c.sliding_window, use_sliding_window=True)
+        if model_type == "qwen2":
+            hf_config["max_window_layers"] = 0
     if c.eos_token_ids:
         eos = c.eos_token_ids
         hf_config["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)

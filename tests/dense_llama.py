@@ -53,6 +53,8 @@ def dense_logits_jnp(model: Llama, tokens, embeddings=None, embedding_mask=None)
     if embeddings is not None:
         x = jnp.where(jnp.asarray(embedding_mask)[:, None], jnp.asarray(embeddings, x.dtype), x)
     causal = jnp.tril(jnp.ones((length, length), bool))
+    if c.sliding_window is not None:  # each position sees its last `sliding_window` ones
+        causal &= ~jnp.tril(jnp.ones((length, length), bool), -c.sliding_window)
     inv_freq = _inverse_frequencies(c)
     group = c.num_heads // c.num_kv_heads
     for layer in (model.layer(index) for index in range(c.num_layers)):

@@ -102,16 +102,18 @@ def test_kv_write_lowers(tokens):
 
 # Tensor parallelism: (q_heads, kv_heads, devices), local heads per shard from 4 KV heads down to
 # 1, with groups of 4, 8 and 12 query heads.
-TENSOR_PARALLEL = [(32, 8, 2), (32, 8, 8), (64, 8, 4), (48, 4, 4)]
+# The last case is a Mistral-style model: every layer attends through a 4096-token window.
+TENSOR_PARALLEL = [(32, 8, 2, None), (32, 8, 8, None), (64, 8, 4, None), (48, 4, 4, None),
+                   (32, 8, 2, 4096)]  # fmt: skip
 
 
-@pytest.mark.parametrize(("q_heads", "kv_heads", "devices"), TENSOR_PARALLEL, ids=str)
-def test_tensor_parallel_step_lowers(q_heads, kv_heads, devices):
+@pytest.mark.parametrize(("q_heads", "kv_heads", "devices", "window"), TENSOR_PARALLEL, ids=str)
+def test_tensor_parallel_step_lowers(q_heads, kv_heads, devices, window):
     """The sharded Llama step (2 layers, bf16) lowers with its kernels on each shard's heads."""
     mesh = gpu_mesh(devices, TP_AXIS)
     config = LlamaConfig(
         vocab_size=32000, hidden_size=q_heads * 128, intermediate_size=1024, num_layers=2,
-        num_heads=q_heads, num_kv_heads=kv_heads, head_dim=128,
+        num_heads=q_heads, num_kv_heads=kv_heads, head_dim=128, sliding_window=window,
     )  # fmt: skip
     model = nnx.eval_shape(lambda: Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
     graphdef, params = nnx.split(model)

@@ -226,7 +226,7 @@ def test_served_model_steps_never_compile_and_keep_the_pool_in_place():
     assert registry.stats.compiled == compiled and registry.stats.fallbacks == 0
 
 
-def test_hf_loader_reads_sharded_checkpoints_and_refuses_sliding_windows(tmp_path):
+def test_hf_loader_reads_sharded_checkpoints_and_windows_on_every_layer_only(tmp_path):
     from safetensors.numpy import load_file, save_file
 
     model = random_model(tiny_config(), seed=5)
@@ -247,7 +247,10 @@ def test_hf_loader_reads_sharded_checkpoints_and_refuses_sliding_windows(tmp_pat
     np.testing.assert_array_equal(dense_logits(loaded, [4, 2]), dense_logits(model, [4, 2]))
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 4096}))
-    with pytest.raises(ValueError, match="sliding_window=4096 is not supported"):
+    assert load_hf_checkpoint(tmp_path).config.sliding_window == 4096  # Mistral's window
+    mixed = {**config, "sliding_window": 4096, "layer_types": ["sliding_attention", "full"]}
+    (tmp_path / "config.json").write_text(json.dumps(mixed))
+    with pytest.raises(ValueError, match="sliding_window=4096 on some layers only"):
         load_hf_checkpoint(tmp_path)
 
 
@@ -271,6 +274,14 @@ def test_hf_configs_of_transformers_5_and_unsupported_options():
     assert hash(v5) != hash(default)  # hashable: usable as a static argument
     qwen2 = LlamaConfig.from_hf({**base, "model_type": "qwen2", "sliding_window": 4096})
     assert qwen2.qkv_bias and not qwen2.o_bias  # Qwen2's window is off unless asked for
+    assert qwen2.sliding_window is None
+    windowed = {**base, "model_type": "qwen2", "sliding_window": 64, "use_sliding_window": True}
+    assert LlamaConfig.from_hf({**windowed, "max_window_layers": 0}).sliding_window == 64
+    assert LlamaConfig.from_hf({**windowed, "max_window_layers": 1}).sliding_window is None
+    with pytest.raises(ValueError, match="on some layers only"):
+        LlamaConfig.from_hf({**windowed, "num_hidden_layers": 2, "max_window_layers": 1})
+    with pytest.raises(ValueError, match="sliding_window=0 must be an int >= 1"):
+        LlamaConfig(**{**tiny_config().__dict__, "sliding_window": 0})
     for key, value in (("hidden_act", "gelu"), ("mlp_bias", True)):
         with pytest.raises(ValueError, match=f"{key}="):
             LlamaConfig.from_hf({**base, key: value})
