@@ -65,3 +65,15 @@ def test_speculative_benchmark_compares_with_plain_decoding(tmp_path, compile_ca
     assert comparison["tokens_per_step"] >= 1 and comparison["speedup"] > 0
     assert plain["draft_tokens"] == 0 and plain["tokens_per_step"] == 1
     assert spec["compilations_after_warmup"] == plain["compilations_after_warmup"] == 0
+
+
+def test_window_benchmark_writes_full_and_windowed_timings(tmp_path, monkeypatch):
+    import sys
+
+    from benchmarks import bench_windows
+
+    monkeypatch.setattr(sys, "argv", ["bench_windows", "--smoke", "--out", str(tmp_path)])
+    bench_windows.main()
+    rows = json.loads((tmp_path / "bench_windows.json").read_text())["rows"]
+    assert [row["context"] for row in rows] == [64, 256]
+    assert all(row["xla_full_us"] > 0 and row["xla_windowed_us"] > 0 for row in rows)
