@@ -141,7 +141,7 @@ def test_windowed_decode_reads_only_sinks_and_window(
 ):
     """A decode step of a sliding-window layer: the masked golden, with the pages of stale
     blocks NaN-poisoned (released) and never read, across chunk sizes and splits."""
-    from tests.test_ragged_paged_attention import golden_windowed, release_stale_pages
+    from tests.test_ragged_paged_attention import golden_ragged, release_stale_pages
 
     rng = np.random.default_rng(window + sink_tokens)
     batch, q = decode_inputs(rng, 2, 64, 4, F32)
@@ -150,7 +150,9 @@ def test_windowed_decode_reads_only_sinks_and_window(
     cu_q_lens = np.arange(num_live + 1, dtype=np.int32)
     released = release_stale_pages(batch, cu_q_lens, num_live, window, sink_tokens)
     assert released or window == 100
-    golden = golden_windowed(batch, q[live], cu_q_lens, num_live, 1, 0.125, window, sink_tokens)
+    golden = golden_ragged(
+        batch, q[live], cu_q_lens, num_live, 1, 0.125, window=window, sink_tokens=sink_tokens
+    )
     out = paged_decode_attention(
         jnp.asarray(q), jnp.asarray(batch.pool), jnp.asarray(batch.page_table),
         jnp.asarray(batch.kv_lens), layer=1, sm_scale=0.125, impl=impl, interpret=interpret,

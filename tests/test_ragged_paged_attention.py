@@ -58,17 +58,25 @@ def mixed_batch(
     return batch, q, cu_q_lens, num_seqs
 
 
-def golden_ragged(batch, q, cu_q_lens, num_seqs, layer, sm_scale, soft_cap=None):
+def golden_ragged(
+    batch, q, cu_q_lens, num_seqs, layer, sm_scale, soft_cap=None, window=None, sink_tokens=0
+):
+    """float64 attention of each live sequence's rows: causal, and with a window each query
+    sees its last `window` positions and the first `sink_tokens` keys only."""
     num_kv_heads = batch.pool.shape[3]
     group = q.shape[1] // num_kv_heads
     out = np.zeros(q.shape, np.float64)
     for seq in range(num_seqs):
         start, end = cu_q_lens[seq], cu_q_lens[seq + 1]
         kv_len, q_len = int(batch.kv_lens[seq]), int(end - start)
-        positions = kv_len - q_len + np.arange(q_len)
-        visible = np.arange(kv_len)[None, :] <= positions[:, None]
+        positions = kv_len - q_len + np.arange(q_len)[:, None]
+        keys_at = np.arange(kv_len)[None, :]
+        visible = keys_at <= positions
+        if window is not None:
+            visible &= (keys_at > positions - window) | (keys_at < sink_tokens)
         for head in range(num_kv_heads):
             keys, values = sequence_kv(batch, seq, layer, head)
+            keys, values = np.nan_to_num(keys), np.nan_to_num(values)  # released pages: unused
             for j in range(group):
                 out[start:end, head * group + j] = golden_attention(
                     q[start:end, head * group + j], keys, values,
@@ -171,30 +179,6 @@ def test_bad_inputs_name_the_shapes():
         ragged_paged_attention(q, pool, table, lens, cu, num[0], layer=0, sm_scale=1.0)
 
 
-def golden_windowed(batch, q, cu_q_lens, num_seqs, layer, sm_scale, window, sink_tokens):
-    """The golden with each query seeing its last `window` positions and the first sinks."""
-    num_kv_heads = batch.pool.shape[3]
-    group = q.shape[1] // num_kv_heads
-    out = np.zeros(q.shape, np.float64)
-    for seq in range(num_seqs):
-        start, end = cu_q_lens[seq], cu_q_lens[seq + 1]
-        kv_len, q_len = int(batch.kv_lens[seq]), int(end - start)
-        positions = kv_len - q_len + np.arange(q_len)
-        keys_at = np.arange(kv_len)[None, :]
-        visible = (keys_at <= positions[:, None]) & (
-            (keys_at > positions[:, None] - window) | (keys_at < sink_tokens)
-        )
-        for head in range(num_kv_heads):
-            keys, values = sequence_kv(batch, seq, layer, head)
-            keys, values = np.nan_to_num(keys), np.nan_to_num(values)  # stale pages: unused
-            for j in range(group):
-                out[start:end, head * group + j] = golden_attention(
-                    q[start:end, head * group + j], keys, values,
-                    sm_scale=sm_scale, visible=visible,
-                )  # fmt: skip
-    return out
-
-
 def release_stale_pages(batch, cu_q_lens, num_seqs, window, sink_tokens):
     """NaN-poisons every page a windowed layer group releases at each sequence's history (the
     step's first position): a kernel that reads one leaks NaN into the output."""
@@ -221,7 +205,9 @@ def test_windowed_attention_reads_only_sinks_and_window(window, sink_tokens, imp
     batch, q, cu_q_lens, num_seqs = mixed_batch(rng, 2, 64, 8, F32, scale=2)
     released = release_stale_pages(batch, cu_q_lens, num_seqs, window, sink_tokens)
     assert released or window == 60  # a 60-token window covers every sequence here
-    golden = golden_windowed(batch, q, cu_q_lens, num_seqs, 1, 0.125, window, sink_tokens)
+    golden = golden_ragged(
+        batch, q, cu_q_lens, num_seqs, 1, 0.125, window=window, sink_tokens=sink_tokens
+    )
     out = run(
         ragged_paged_attention, batch, q, cu_q_lens, num_seqs, layer=1, sm_scale=0.125,
         impl=impl, interpret=interpret, window=window, sink_tokens=sink_tokens,
