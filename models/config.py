@@ -20,9 +20,9 @@ class LlamaConfig:
     `qkv_bias` is Qwen2's (and Llama's `attention_bias`) bias on q/k/v; `o_bias` Llama's bias on
     the output projection under `attention_bias`. `rope_scaling` is None or Llama 3's parameters
     as sorted `(name, value)` pairs (`factor`, `low_freq_factor`, `high_freq_factor`,
-    `original_max_position_embeddings`), so the config stays hashable. `sliding_window`: every
-    layer attends to its last `sliding_window` positions (itself included; Mistral's), None to
-    all of them.
+    `original_max_position_embeddings`), so the config stays hashable. `sliding_window`: the
+    layers flagged in `windowed_layers` (default: all; Mistral's) attend to their last
+    `sliding_window` positions, the token itself included; the others to all of them.
     """
 
     vocab_size: int
@@ -40,8 +40,16 @@ class LlamaConfig:
     o_bias: bool = False
     eos_token_ids: tuple[int, ...] = ()  # tokens that end generation (the engine's default)
     sliding_window: int | None = None
+    windowed_layers: tuple[bool, ...] | None = None  # per layer; None: every layer
 
     def __post_init__(self) -> None:
+        if self.windowed_layers is not None:
+            flags = tuple(bool(flag) for flag in self.windowed_layers)
+            if len(flags) != self.num_layers:
+                raise ValueError(
+                    f"windowed_layers has {len(flags)} flags for num_layers={self.num_layers}"
+                )
+            object.__setattr__(self, "windowed_layers", flags)
         if self.sliding_window is not None and not (
             isinstance(self.sliding_window, int) and self.sliding_window >= 1
         ):
@@ -66,6 +74,12 @@ class LlamaConfig:
             object.__setattr__(self, "rope_scaling", tuple(sorted(scaling.items())))
         else:
             raise ValueError(f"rope_scaling={self.rope_scaling} is not supported (only llama3)")
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's attention window (None: full attention)."""
+        flags = self.windowed_layers or (True,) * self.num_layers
+        return tuple(self.sliding_window if flag else None for flag in flags)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
@@ -97,30 +111,25 @@ class LlamaConfig:
             qkv_bias=model_type == "qwen2" or bias,
             o_bias=model_type != "qwen2" and bias,
             eos_token_ids=hf.get("eos_token_id"),
-            sliding_window=_sliding_window(hf, model_type),
+            **_sliding_window(hf, model_type),
         )
 
 
-def _sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
-    """The window every layer attends with, or None; raises when only some layers have one
-    (Qwen2's `max_window_layers`, mixed `layer_types`: layer groups not served yet)."""
+def _sliding_window(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """`sliding_window` and `windowed_layers` from `layer_types`, or Qwen2's
+    `max_window_layers` (layers from it on use the window)."""
     window = hf.get("sliding_window")
     if window is None or not hf.get("use_sliding_window", model_type != "qwen2"):
-        return None
+        return {}
     types = hf.get("layer_types")
     if types is not None:
-        windowed = {kind == "sliding_attention" for kind in types}
-    else:  # Qwen2: layers from max_window_layers on use the window
+        flags = tuple(kind == "sliding_attention" for kind in types)
+    else:
         first = hf.get("max_window_layers", 0) if model_type == "qwen2" else 0
-        windowed = {layer >= first for layer in range(hf["num_hidden_layers"])}
-    if windowed == {False}:
-        return None
-    if windowed != {True}:
-        raise ValueError(
-            f"sliding_window={window} on some layers only (layer_types or max_window_layers) "
-            "is not supported yet: every layer must use the window, or none"
-        )
-    return int(window)
+        flags = tuple(layer >= first for layer in range(hf["num_hidden_layers"]))
+    if not any(flags):
+        return {}
+    return {"sliding_window": int(window), "windowed_layers": None if all(flags) else flags}
 
 
 _LLAMA3_KEYS = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}

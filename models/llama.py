@@ -178,13 +178,17 @@ class Llama(nnx.Module):
         # reshape, no copy), where page p of layer l is row `p * layers + l`.
         num_pages, num_layers, *rest = kv_pool.shape
         rows = kv_pool.reshape(num_pages * num_layers, *rest)
-        (x, rows), _ = jax.lax.scan(
-            layer_step, (x, rows), jnp.arange(config.num_layers, dtype=jnp.int32)
-        )
+        for start, end, window in _window_runs(config.layer_windows):  # one scan per window
+            (x, rows), _ = jax.lax.scan(
+                functools.partial(layer_step, window=window), (x, rows),
+                jnp.arange(start, end, dtype=jnp.int32),
+            )  # fmt: skip
         kv_pool = rows.reshape(kv_pool.shape)
         return self.logits(x[inputs.logits_indices]), kv_pool
 
-    def _layer(self, carry, index, *, inputs, positions, slots, impl, interpret, mesh, num_layers):
+    def _layer(
+        self, carry, index, *, inputs, positions, slots, impl, interpret, mesh, num_layers, window
+    ):
         """Decoder layer `index` (traced) on hidden states [tokens, hidden_size] and the pool's
         rows (`__call__`)."""
         x, kv_pool = carry
@@ -200,7 +204,7 @@ class Llama(nnx.Module):
         k = apply_rope(k, positions, self.inv_freq.get_value())
         attend = functools.partial(
             _write_and_attend, num_layers=num_layers, sm_scale=config.head_dim**-0.5, impl=impl,
-            interpret=interpret, window=config.sliding_window,
+            interpret=interpret, window=window,
         )  # fmt: skip
         if mesh is not None:
             heads = PartitionSpec(None, TP_AXIS, None)
@@ -217,6 +221,17 @@ class Llama(nnx.Module):
         x = x + attn.o_proj(out.reshape(num_tokens, -1).astype(x.dtype))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         return (x, kv_pool), None
+
+
+def _window_runs(windows: tuple[int | None, ...]) -> list[tuple[int, int, int | None]]:
+    """`(start, end, window)` of each run of consecutive layers with the same window."""
+    runs: list[tuple[int, int, int | None]] = []
+    for layer, window in enumerate(windows):
+        if runs and runs[-1][2] == window:
+            runs[-1] = (runs[-1][0], layer + 1, window)
+        else:
+            runs.append((layer, layer + 1, window))
+    return runs
 
 
 def _stacked(layers: list[DecoderLayer]) -> DecoderLayer:

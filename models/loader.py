@@ -162,6 +162,9 @@ def save_hf_checkpoint(model: Llama, path: str | Path, *, model_type: str = "lla
         hf_config.update(sliding_window=c.sliding_window, use_sliding_window=True)
         if model_type == "qwen2":
             hf_config["max_window_layers"] = 0
+        if c.windowed_layers is not None:
+            kinds = ("full_attention", "sliding_attention")
+            hf_config["layer_types"] = [kinds[flag] for flag in c.windowed_layers]
     if c.eos_token_ids:
         eos = c.eos_token_ids
         hf_config["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)

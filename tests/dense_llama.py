@@ -53,11 +53,14 @@ def dense_logits_jnp(model: Llama, tokens, embeddings=None, embedding_mask=None)
     if embeddings is not None:
         x = jnp.where(jnp.asarray(embedding_mask)[:, None], jnp.asarray(embeddings, x.dtype), x)
     causal = jnp.tril(jnp.ones((length, length), bool))
+    windowed = causal
     if c.sliding_window is not None:  # each position sees its last `sliding_window` ones
-        causal &= ~jnp.tril(jnp.ones((length, length), bool), -c.sliding_window)
+        windowed = causal & ~jnp.tril(jnp.ones((length, length), bool), -c.sliding_window)
     inv_freq = _inverse_frequencies(c)
     group = c.num_heads // c.num_kv_heads
-    for layer in (model.layer(index) for index in range(c.num_layers)):
+    for index, window in enumerate(c.layer_windows):
+        layer = model.layer(index)
+        mask = causal if window is None else windowed
         attn = layer.self_attn
         h = _rms_norm(x, layer.input_layernorm.scale.get_value(), c.rms_norm_eps)
         q = _linear(h, attn.q_proj).reshape(length, c.num_heads, c.head_dim)
@@ -67,7 +70,7 @@ def dense_logits_jnp(model: Llama, tokens, embeddings=None, embedding_mask=None)
         k = jnp.repeat(_rope(k, positions, inv_freq), group, axis=1)
         v = jnp.repeat(v, group, axis=1)
         scores = jnp.einsum("qhd,khd->hqk", q, k) * c.head_dim**-0.5
-        weights = jax_softmax(jnp.where(causal[None], scores, -jnp.inf))
+        weights = jax_softmax(jnp.where(mask[None], scores, -jnp.inf))
         out = jnp.einsum("hqk,khd->qhd", weights, v).reshape(length, -1)
         x = x + _linear(out, attn.o_proj)
         h = _rms_norm(x, layer.post_attention_layernorm.scale.get_value(), c.rms_norm_eps)

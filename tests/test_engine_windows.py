@@ -1,4 +1,5 @@
-"""Sliding-window attention end to end (Mistral's: every layer attends to its last W tokens):
+"""Sliding-window attention end to end (Mistral's: every layer attends to its last W tokens;
+Qwen2's and Gemma's: some layers windowed, the others full):
 the engine's greedy tokens equal a dense windowed reference for prompts and generations several
 windows long, under prefix reuse, chunked prefill, scarce pages (suspend and resume) and
 speculative decoding; a checkpoint with a window round-trips through the loader."""
@@ -76,3 +77,25 @@ def test_a_windowed_checkpoint_round_trips(model, tmp_path, model_type):
     assert loaded.config.sliding_window == WINDOW
     prompt = list(np.random.default_rng(1).integers(0, 64, 17))
     assert dense_greedy(loaded, prompt, 6) == dense_greedy(source, prompt, 6)
+
+
+def test_windows_on_some_layers_only(compile_cache, tmp_path):
+    """Layer 0 windowed, layer 1 full (the forward scans each run of equal windows): greedy
+    tokens equal the dense reference with per-layer masks, and a checkpoint keeps the layout
+    through `layer_types`."""
+    config = tiny_config(vocab_size=64, sliding_window=WINDOW, windowed_layers=(True, False))
+    mixed = random_model(config, seed=3)
+    rng = np.random.default_rng(11)
+    prompts = prompts_with_shared_prefix(rng, 9, [7, 22])
+    engine = make_engine(mixed)
+    outputs = serve_checked(engine, prompts, LONG)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == dense_greedy(mixed, prompt, LONG.max_new_tokens)
+    engine.shutdown()
+    assert dense_greedy(mixed, prompts[1], 8) != dense_greedy(
+        random_model(tiny_config(vocab_size=64, sliding_window=WINDOW), seed=3), prompts[1], 8
+    )  # the full layer matters
+    save_hf_checkpoint(mixed, tmp_path, model_type="mistral")
+    loaded = load_hf_checkpoint(tmp_path, dtype=np.float32)
+    assert loaded.config.layer_windows == (WINDOW, None)
+    assert dense_greedy(loaded, prompts[0], 6) == dense_greedy(mixed, prompts[0], 6)

@@ -226,7 +226,7 @@ def test_served_model_steps_never_compile_and_keep_the_pool_in_place():
     assert registry.stats.compiled == compiled and registry.stats.fallbacks == 0
 
 
-def test_hf_loader_reads_sharded_checkpoints_and_windows_on_every_layer_only(tmp_path):
+def test_hf_loader_reads_sharded_checkpoints_and_per_layer_windows(tmp_path):
     from safetensors.numpy import load_file, save_file
 
     model = random_model(tiny_config(), seed=5)
@@ -248,10 +248,9 @@ def test_hf_loader_reads_sharded_checkpoints_and_windows_on_every_layer_only(tmp
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "sliding_window": 4096}))
     assert load_hf_checkpoint(tmp_path).config.sliding_window == 4096  # Mistral's window
-    mixed = {**config, "sliding_window": 4096, "layer_types": ["sliding_attention", "full"]}
+    mixed = {**config, "sliding_window": 8, "layer_types": ["sliding_attention", "full"]}
     (tmp_path / "config.json").write_text(json.dumps(mixed))
-    with pytest.raises(ValueError, match="sliding_window=4096 on some layers only"):
-        load_hf_checkpoint(tmp_path)
+    assert load_hf_checkpoint(tmp_path).config.layer_windows == (8, None)
 
 
 def test_hf_configs_of_transformers_5_and_unsupported_options():
@@ -278,8 +277,10 @@ def test_hf_configs_of_transformers_5_and_unsupported_options():
     windowed = {**base, "model_type": "qwen2", "sliding_window": 64, "use_sliding_window": True}
     assert LlamaConfig.from_hf({**windowed, "max_window_layers": 0}).sliding_window == 64
     assert LlamaConfig.from_hf({**windowed, "max_window_layers": 1}).sliding_window is None
-    with pytest.raises(ValueError, match="on some layers only"):
-        LlamaConfig.from_hf({**windowed, "num_hidden_layers": 2, "max_window_layers": 1})
+    qwen2_mixed = LlamaConfig.from_hf({**windowed, "num_hidden_layers": 2, "max_window_layers": 1})
+    assert qwen2_mixed.layer_windows == (None, 64)  # Qwen2: windows from max_window_layers on
+    with pytest.raises(ValueError, match="windowed_layers has 1 flags for num_layers=2"):
+        LlamaConfig(**{**tiny_config().__dict__, "sliding_window": 4, "windowed_layers": (True,)})
     with pytest.raises(ValueError, match="sliding_window=0 must be an int >= 1"):
         LlamaConfig(**{**tiny_config().__dict__, "sliding_window": 0})
     for key, value in (("hidden_act", "gelu"), ("mlp_bias", True)):
