@@ -115,8 +115,9 @@ class Llama(nnx.Module):
             )  # fmt: skip
         self.inv_freq = nnx.Variable(jnp.asarray(rope_frequencies(config)))
 
-    def layer(self, index: int) -> DecoderLayer:
-        """Layer `index` as a module of its own (its arrays sliced out of the stack)."""
+    def layer(self, index) -> DecoderLayer:
+        """Layer `index` (an int, or traced) as a module of its own: its arrays sliced out of
+        the stack."""
         graphdef, state = nnx.split(self.layers)
         return nnx.merge(graphdef, jax.tree.map(lambda array: array[index], state))
 
@@ -193,8 +194,7 @@ class Llama(nnx.Module):
         rows (`__call__`)."""
         x, kv_pool = carry
         config, num_tokens = self.config, x.shape[0]
-        graphdef, state = nnx.split(self.layers)
-        layer = nnx.merge(graphdef, jax.tree.map(lambda array: array[index], state))
+        layer = self.layer(index)
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         q = attn.q_proj(h).reshape(num_tokens, config.num_heads, config.head_dim)
@@ -290,7 +290,10 @@ def truncated_draft(model: Llama, num_layers: int) -> Llama:
     Shares `model`'s arrays: it costs no memory but its KV pages."""
     if not 1 <= num_layers <= model.config.num_layers:
         raise ValueError(f"num_layers={num_layers} must be in [1, {model.config.num_layers}]")
-    config = dataclasses.replace(model.config, num_layers=num_layers)
+    flags = model.config.windowed_layers
+    config = dataclasses.replace(
+        model.config, num_layers=num_layers, windowed_layers=flags and flags[:num_layers]
+    )
     draft = nnx.eval_shape(lambda: Llama(config, dtype=model.dtype, rngs=nnx.Rngs(0)))
     draft.embed_tokens, draft.norm, draft.lm_head = model.embed_tokens, model.norm, model.lm_head
     draft.layers = model.layers  # the whole stack; the draft's loop stops at num_layers

@@ -95,6 +95,9 @@ def test_windows_on_some_layers_only(compile_cache, tmp_path):
     assert dense_greedy(mixed, prompts[1], 8) != dense_greedy(
         random_model(tiny_config(vocab_size=64, sliding_window=WINDOW), seed=3), prompts[1], 8
     )  # the full layer matters
+    from models.llama import truncated_draft
+
+    assert truncated_draft(mixed, 1).config.layer_windows == (WINDOW,)  # its own layers' flags
     save_hf_checkpoint(mixed, tmp_path, model_type="mistral")
     loaded = load_hf_checkpoint(tmp_path, dtype=np.float32)
     assert loaded.config.layer_windows == (WINDOW, None)

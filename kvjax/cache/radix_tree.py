@@ -105,8 +105,8 @@ class BlockRadixTree:
             blocks.append(child)  # a full block, or an identical partial leaf (the query's tail)
             node = child
         matched = len(blocks)
-        if matched == len(payloads):
-            return MatchResult(tuple(blocks), max(matched - 1, 0) * tpb + last_count * bool(blocks))
+        if matched == len(payloads):  # every block, the query's partial tail included
+            return MatchResult(tuple(blocks), len(tokens))
         num_tokens = matched * tpb
         if self.enable_partial_reuse:
             # The first block that did not match fully (or the query's partial tail): the child

@@ -219,7 +219,7 @@ class Engine:
         if output is None:
             return
         try:
-            if draft_len or self._drafting:
+            if self._drafting:
                 self._runner.run_serial(output, draft_len)
             else:
                 self._runner.run(output)

@@ -238,12 +238,13 @@ class Request:
         """Tokens generated, counting those still on their way from the device."""
         return len(self.output_token_ids) + self.num_pending_tokens
 
-    def ends_by_length(self, max_seq_len: int) -> bool:
-        """Whether its outputs so far (pending ones included) already end it by length, so
-        whatever token is pending it needs no further step."""
-        num_generated = self.num_outputs
-        return num_generated >= self.sampling_params.max_new_tokens or (
-            num_generated > 0 and self.prompt_length + num_generated >= max_seq_len
+    def ends_by_length(self, max_seq_len: int, num_generated: int | None = None) -> bool:
+        """Whether `num_generated` outputs (default: its outputs so far, pending ones included)
+        end it by length: `max_new_tokens`, or the sequence reaching `max_seq_len`."""
+        num_generated = self.num_outputs if num_generated is None else num_generated
+        return (
+            num_generated >= self.sampling_params.max_new_tokens
+            or self.prompt_length + num_generated >= max_seq_len
         )
 
     @property

@@ -138,12 +138,9 @@ def append_token(
     EOS unless ignored, `max_new_tokens`, or `max_seq_len` reached)."""
     request.output_token_ids.append(token)
     params = request.sampling_params
-    num_generated = len(request.output_token_ids)
     if token in params.stop_token_ids or (token in eos_token_ids and not params.ignore_eos):
         request.finish_reason = FinishReason.STOP
-    elif num_generated >= params.max_new_tokens or (
-        request.prompt_length + num_generated >= max_seq_len
-    ):
+    elif request.ends_by_length(max_seq_len, len(request.output_token_ids)):
         request.finish_reason = FinishReason.LENGTH
     return request.finish_reason is not None
 
