@@ -85,8 +85,12 @@ class FillCheckEngine:
         page_ids = cache.page_ids()
         hashes = self._prefix_hashes[id(cache)]
         assert len(hashes) >= cache.history_length, "history the engine never wrote"
+        released = cache.released_blocks
         for position in range(cache.history_length):
             page = page_ids[position // self.tpb]
+            if position // self.tpb in released:
+                assert page == 0, f"{cache!r}: stale block {position // self.tpb} kept page {page}"
+                continue
             got = pool[page, :, :, :, position % self.tpb, :]
             expected = self.pattern(hashes[position])
             assert np.array_equal(got, expected), (
@@ -103,8 +107,11 @@ class FillCheckEngine:
             if id(cache) not in self._tokens or cache.kv_lost:  # lost bytes are never read
                 continue
             hashes, pages = self._prefix_hashes[id(cache)], cache.pages()
+            self._check_released(cache)
             for position in range(cache.history_length):
                 page = pages[position // self.tpb]
+                if page is None:  # stale: no later token reads it
+                    continue
                 got = tiers[page.tier][page.page_id, :, :, :, position % self.tpb, :]
                 assert np.array_equal(got, self.pattern(hashes[position])), (
                     f"{cache!r}: position {position} in {page!r} holds wrong bytes"
@@ -113,7 +120,24 @@ class FillCheckEngine:
             self._check_block(block, tiers)
         self.manager.check_invariants()
 
+    def _check_released(self, cache: KVCache) -> None:
+        """Once every stale block may go (committed, or no longer committable), exactly the
+        stale range has gone; the sinks and the live window keep their pages."""
+        cycle = self.manager.pages.life_cycle
+        start, end = cycle.stale_range(cache.history_length, self.tpb)
+        settled = cache.commit_state.name != "ALLOWED" or (
+            cache.num_committed_tokens // self.tpb >= end
+        )
+        if settled and end > start:
+            assert cache.released_blocks == range(start, end), (
+                f"{cache!r} released {cache.released_blocks}, stale {range(start, end)}"
+            )
+        elif end <= start:
+            assert not cache.released_blocks, f"{cache!r} released {cache.released_blocks}"
+
     def _check_block(self, block, tiers) -> None:
+        if block.page is None:  # a window's block whose page was evicted: nothing to read
+            return
         chain = []
         node = block
         while isinstance(node, Block):

@@ -6,7 +6,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvjax.cache.life_cycles import LayerAttention, LayerGroups, LifeCycle, windows_by_layer
+from kvjax.cache.life_cycles import (
+    LayerAttention,
+    LayerGroups,
+    LifeCycle,
+    usable_prefix,
+    windows_by_layer,
+)
 
 TPB = 4
 
@@ -100,3 +106,39 @@ def test_windows_cycle_over_layers_as_tensorrt_llm_does():
     ]  # fmt: skip
     with pytest.raises(ValueError, match="at least one window"):
         windows_by_layer(2, [])
+
+
+def _reads_only_present(end, present, cycle, tpb):
+    num_blocks = -(-end // tpb)
+    _, stale_end = cycle.stale_range(end, tpb)
+    needed = set(range(min(num_blocks, cycle.num_sink_blocks))) | set(range(stale_end, num_blocks))
+    return all(present[ordinal] for ordinal in needed)
+
+
+@given(
+    present=st.lists(st.booleans(), min_size=1, max_size=20),
+    cut=st.integers(0, 3),
+    window=st.integers(1, 30),
+    sink_blocks=st.integers(0, 3),
+    tpb=st.integers(1, 6),
+)
+def test_usable_prefix_is_the_longest_match_end_reading_no_missing_page(
+    present, cut, window, sink_blocks, tpb
+):
+    cycle = LifeCycle(window, sink_blocks)
+    num_tokens = max(1, len(present) * tpb - min(cut, tpb - 1))  # may end mid-block
+    pages = [object() if here else None for here in present]
+    num_blocks, end = usable_prefix(pages, num_tokens, cycle, tpb)
+    candidates = [num_tokens] + [
+        k * tpb for k in range(len(present), -1, -1) if k * tpb < num_tokens
+    ]
+    expected = next(e for e in candidates if e == 0 or _reads_only_present(e, present, cycle, tpb))
+    assert (num_blocks, end) == (-(-expected // tpb), expected)
+
+
+def test_usable_prefix_keeps_a_match_whose_missing_pages_are_stale():
+    cycle = LifeCycle(8, 1)
+    pages = ["sink", None, None, "a", "b", "c"]  # blocks 1, 2 evicted
+    assert usable_prefix(pages, 24, cycle, TPB) == (6, 24)  # needs blocks 0 and 4.. only
+    assert usable_prefix(pages, 15, cycle, TPB) == (1, 4)  # would read block 2: back to 1 block
+    assert usable_prefix([None, "a", "b"], 12, cycle, TPB) == (0, 0)  # the sink is gone

@@ -33,9 +33,11 @@ class BlockCommits:
     _tokens: list[Token]
     _history: int
     _capacity: int
-    _pages: list[Page]
+    _pages: list[Page | None]
     _tree_blocks: list[Block | None]
     _shared_ordinal: int | None
+
+    def _release_stale(self) -> None: ...  # KVCache's
 
     def commit(self, tokens: Sequence[Token]) -> None:
         """Appends tokens whose KV is written; each block that becomes full enters the tree.
@@ -68,6 +70,7 @@ class BlockCommits:
                 if not self._commit_block(ordinal):
                     break
             self._owner.apply_moves()  # a rebase may have brought a tree page up
+        self._release_stale()  # history moved, and committed stale blocks may go now
 
     def stop_committing(self) -> None:
         """Commits a trailing partial block, then refuses further commits. Idempotent."""
@@ -80,6 +83,7 @@ class BlockCommits:
         if allowed and remainder and ordinal != self._shared_ordinal:
             self._commit_block(ordinal)
         self._commit_state = CommitState.USER_STOP
+        self._release_stale()  # stale blocks no longer wait to be committed
         self._owner.apply_moves()
 
     def _commit_block(self, ordinal: int) -> bool:
@@ -101,6 +105,10 @@ class BlockCommits:
             self._owner.block_stored(result.block, tokens)
             return True
         existing = result.outcome is InsertOutcome.EXISTING
+        if existing and result.block.page is None:  # a window's block whose page was evicted
+            self._tiers.adopt(own, result.block)
+            self._tree_blocks[ordinal] = result.block
+            return True
         if existing and len(tokens) == self._tpb and result.block.is_full:  # the is_full guard
             return self._rebase(ordinal, result.block) or self._stop_virtually()
         return self._stop_virtually()

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from kvjax.cache.blocks import Block
 from kvjax.cache.keys import Token
+from kvjax.cache.life_cycles import LifeCycle
 from kvjax.cache.pages import Page, Tier
 from kvjax.cache.tiers import TieredPages
 
@@ -49,7 +50,7 @@ class Holdings:
     __slots__ = ("locked", "pages")
 
     def __init__(self) -> None:
-        self.pages: list[Page] = []
+        self.pages: list[Page | None] = []  # None: a stale block's page went back
         self.locked = False
 
 
@@ -60,6 +61,7 @@ class CacheOwner(Protocol):
     tokens_per_block: int
     max_util_for_resume: float  # resume() refuses above this device utilization
     max_blocks: int  # the most blocks a cache may have
+    life_cycle: LifeCycle  # when a block's page stops being needed
 
     def apply_moves(self) -> None:
         """Carries out the page moves recorded so far (before the pool is read again)."""

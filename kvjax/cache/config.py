@@ -14,6 +14,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so it can be name
 import numpy as np
 
 from kvjax.cache.checks import check_int
+from kvjax.cache.life_cycles import LayerAttention
 
 __all__ = ["KV_DTYPES", "CacheConfig"]
 
@@ -57,6 +58,8 @@ class CacheConfig:
         enable_partial_reuse: reuse the first mismatching block at token granularity.
         max_util_for_resume: `resume()` refuses while device utilization is above this fraction.
         vocab_size: token ids must be below it; multimodal key tokens use ids from it upward.
+        layer_attention: each layer's `LayerAttention` (window and sinks); None is full
+            attention everywhere. A block's page is released once it is stale for every layer.
     """
 
     num_layers: int
@@ -74,6 +77,7 @@ class CacheConfig:
     enable_partial_reuse: bool = True
     max_util_for_resume: float = 0.97
     vocab_size: int | None = None
+    layer_attention: tuple[LayerAttention, ...] | None = None
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__.__get__(self)
@@ -95,6 +99,16 @@ class CacheConfig:
             if vocab > _MAX_TOKEN_ID:
                 raise ValueError(f"vocab_size={vocab} must be <= {_MAX_TOKEN_ID}")
             set_field("vocab_size", vocab)
+        if self.layer_attention is not None:
+            layers = tuple(self.layer_attention)
+            if len(layers) != self.num_layers:
+                raise ValueError(
+                    f"layer_attention names {len(layers)} layers; num_layers={self.num_layers}"
+                )
+            for index, layer in enumerate(layers):
+                if not isinstance(layer, LayerAttention):
+                    raise ValueError(f"layer_attention[{index}]={layer!r} is not a LayerAttention")
+            set_field("layer_attention", layers)
 
     def _validate_tiers(self, set_field) -> None:
         for field in (

@@ -1,8 +1,10 @@
 """KVCache: the pages of one sequence, its three lengths, and its share of the radix tree.
 
-A cache owns one page per block of its capacity. Blocks it reused or committed are tree blocks
-whose pages it shares; the others are private. While ACTIVE every page is locked on the device;
-while SUSPENDED its pages are only held, so they may move to colder tiers but never leave.
+A cache owns one page per block of its capacity, except stale blocks under a window: once no
+later token attends to a block, its page goes back (to the tree when committed). Blocks it
+reused or committed are tree blocks whose pages it shares; the others are private. While ACTIVE
+every page is locked on the device; while SUSPENDED its pages are only held, so they may move
+to colder tiers but never leave.
 Lengths: `num_committed_tokens <= history_length <= capacity`, `num_blocks == ceil(capacity /
 tokens_per_block)`. Created by `KVCacheManager.create_kv_cache`; host side, no JAX.
 """
@@ -62,10 +64,15 @@ class KVCache(BlockCommits):
         self._tokens: list[Token] = reused_tokens
         self._history = self._capacity = len(reused_tokens)
         self.num_reused_tokens = len(reused_tokens)
-        self._pages: list[Page] = self._holdings.pages
+        self._pages: list[Page | None] = self._holdings.pages  # None: released (stale)
         self._tree_blocks: list[Block | None] = []  # the committed block of each ordinal
-        pages = [block.page for block in reused]
-        self._tiers.hold_all(pages)
+        self._life_cycle = owner.life_cycle
+        # The stale blocks whose pages went back, [sink blocks, end): the range only grows.
+        start, end = self._life_cycle.stale_range(len(reused_tokens), self._tpb)
+        self._released = range(start, end)
+        pages = [None if ordinal in self._released else block.page for ordinal, block in
+                 enumerate(reused)]  # fmt: skip
+        self._tiers.hold_all([page for page in pages if page is not None])
         self._pages.extend(pages)
         self._tree_blocks.extend(reused)
         # A match ending mid-block shares that page until the first resume copies it.
@@ -140,11 +147,25 @@ class KVCache(BlockCommits):
         may move at any time, so their ids must not reach a kernel)."""
         if self._status is not CacheStatus.ACTIVE:
             return [NULL_PAGE] * len(self._pages)
+        if self._released:
+            return [NULL_PAGE if page is None else page.page_id for page in self._pages]
         return [page.page_id for page in self._pages]
 
-    def pages(self) -> tuple[Page, ...]:
-        """The page of each block (for checks and debugging)."""
+    def pages(self) -> tuple[Page | None, ...]:
+        """The page of each block, None where a stale block's page went back (for checks and
+        debugging)."""
         return tuple(self._pages)
+
+    def held_pages(self) -> list[Page]:
+        """The pages this cache holds, block by block."""
+        if self._released:
+            return [page for page in self._pages if page is not None]
+        return list(self._pages)
+
+    @property
+    def released_blocks(self) -> range:
+        """The stale blocks whose pages went back: no later token attends to them."""
+        return self._released
 
     def __repr__(self) -> str:
         return (
@@ -166,16 +187,17 @@ class KVCache(BlockCommits):
         """
         self._require(CacheStatus.SUSPENDED, "resume")
         tiers = self._tiers
+        pages = self.held_pages()
         num_copies = int(self._shared_ordinal is not None)
         # The threshold keeps a nearly full device from thrashing. A resume that takes nothing
         # others could use (every page on the device and unevictable, no copy) is always
         # allowed: else suspended caches filling a device with no colder tier never run again.
         takes_room = num_copies or any(
-            page.tier is not Tier.DEVICE or tiers.is_evictable(page) for page in self._pages
+            page.tier is not Tier.DEVICE or tiers.is_evictable(page) for page in pages
         )
         if takes_room and tiers.utilization(Tier.DEVICE) > self._owner.max_util_for_resume:
             return False
-        new_pages = tiers.acquire(self._pages, num_copies, priority=self.priority)
+        new_pages = tiers.acquire(pages, num_copies, priority=self.priority)
         if new_pages is None:
             if not num_copies or not self._resume_full_blocks_only():
                 return False
@@ -195,7 +217,8 @@ class KVCache(BlockCommits):
         page more than a cold run would): its tokens are computed again. False, with nothing
         changed, when even the full blocks do not fit."""
         ordinal = self._shared_ordinal  # the last block: a suspended cache never grew
-        if self._tiers.acquire(self._pages[:ordinal], priority=self.priority) is None:
+        full_blocks = [page for page in self._pages[:ordinal] if page is not None]
+        if self._tiers.acquire(full_blocks, priority=self.priority) is None:
             return False
         self._tiers.release(self._pages.pop())
         self._tree_blocks.pop()
@@ -208,7 +231,7 @@ class KVCache(BlockCommits):
     def suspend(self) -> None:
         """Unlocks every page: they stay held (never dropped) but may move to colder tiers."""
         self._require(CacheStatus.ACTIVE, "suspend")
-        for page in reversed(self._pages):  # the tail becomes the first to move
+        for page in reversed(self.held_pages()):  # the tail becomes the first to move
             self._tiers.unlock(page)
         self._set_status(CacheStatus.SUSPENDED)
 
@@ -247,8 +270,30 @@ class KVCache(BlockCommits):
                 self._tiers.release(page)
             del self._pages[num_blocks:], self._tree_blocks[num_blocks:]
         self._capacity = new_capacity
-        self._history = history
+        if history != self._history:
+            self._history = history
+            self._release_stale()
         return True
+
+    def _release_stale(self) -> None:
+        """Gives back the pages of blocks no later token attends to (see `LifeCycle`): committed
+        ones stay in the tree as cache; a block that may still be committed waits for it."""
+        cycle = self._life_cycle
+        if not cycle.is_windowed:
+            return
+        start, end = cycle.stale_range(self._history, self._tpb)
+        if self._commit_state is CommitState.ALLOWED:
+            end = min(end, len(self._tokens) // self._tpb)
+        if end <= max(start, self._released.stop):
+            return
+        active = self._status is CacheStatus.ACTIVE
+        for ordinal in range(max(start, self._released.stop), end):
+            page = self._pages[ordinal]
+            if active:
+                self._tiers.unlock(page)
+            self._tiers.release(page)
+            self._pages[ordinal] = None
+        self._released = range(start, end)
 
     def close(self) -> None:
         """Stops committing and releases every page, last block first: committed pages stay in
@@ -256,7 +301,7 @@ class KVCache(BlockCommits):
         if self._status is CacheStatus.CLOSED:
             return
         self.stop_committing()
-        for page in reversed(self._pages):
+        for page in reversed(self.held_pages()):
             if self._status is CacheStatus.ACTIVE:
                 self._tiers.unlock(page)
             self._tiers.release(page)
@@ -297,5 +342,9 @@ class KVCache(BlockCommits):
         assert not (active and self._shared_ordinal is not None), "copy-on-write left undone"
         allowed = self._commit_state is CommitState.ALLOWED
         for ordinal, (page, block) in enumerate(zip(self._pages, self._tree_blocks, strict=True)):
+            if page is None:
+                assert ordinal in self._released, f"block {ordinal} lost its page"
+                continue
+            assert ordinal not in self._released, f"block {ordinal} kept a stale page"
             shared = ordinal == self._shared_ordinal
             check_block(ordinal, page, block, active, shared, allowed, committed, self._tpb)

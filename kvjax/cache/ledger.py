@@ -73,6 +73,7 @@ class CacheLedger:
         self.tokens_per_block = config.tokens_per_block
         self.max_util_for_resume = config.max_util_for_resume
         self.max_blocks = 0  # set by the manager from max_seq_len
+        self.life_cycle = tiers.life_cycle  # when a cache's stale pages go back
         self.stats = CacheStats()
         self.events = EventBuffer(check_int("max_events", max_events, minimum=0))
         self.moves_digest = b""  # chained over every page move applied
@@ -112,7 +113,9 @@ class CacheLedger:
             (tainted.add if index in failed or src in tainted else tainted.discard)(dst)
         lost = [page for slot in tainted if (page := self.tiers.page(*slot)) is not None]
         lost_ids = {id(page) for page in lost}
-        holders = [c for c in self.caches.values() if any(id(p) in lost_ids for p in c.pages())]
+        holders = [
+            c for c in self.caches.values() if any(id(p) in lost_ids for p in c.held_pages())
+        ]
         for cache in holders:
             cache.mark_kv_lost()
             self.lost_caches.append(weakref.ref(cache))
@@ -169,7 +172,7 @@ class CacheLedger:
         """Releases the pages of caches dropped without `close()`, with a warning."""
         while self.orphans:
             holdings = self.orphans.pop()
-            for page in reversed(holdings.pages):
+            for page in reversed([page for page in holdings.pages if page is not None]):
                 if holdings.locked:
                     self.tiers.unlock(page)
                 self.tiers.release(page)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from kvjax.cache.checks import check_int
 
-__all__ = ["LayerAttention", "LayerGroups", "LifeCycle", "windows_by_layer"]
+__all__ = ["LayerAttention", "LayerGroups", "LifeCycle", "usable_prefix", "windows_by_layer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +81,41 @@ class LifeCycle:
         return range(end, -(-history_length // tokens_per_block))
 
 
+def usable_prefix(
+    pages: Sequence[object | None], num_tokens: int, life_cycle: LifeCycle, tokens_per_block: int
+) -> tuple[int, int]:
+    """The longest part of a match whose attention has every page it reads.
+
+    A windowed group's tree may keep a block whose page was evicted (later blocks stay
+    reusable); a match may pass through such blocks but must not end where attention still
+    reads them.
+
+    Args:
+        pages: the page of each matched block (None: evicted), in order.
+        num_tokens: tokens matched; the last block may be matched in part.
+
+    Returns:
+        `(num_blocks, num_tokens)` of the usable prefix: the match itself, or the longest
+        shorter one ending at a block boundary.
+    """
+    tpb = tokens_per_block
+    missing = [ordinal for ordinal, page in enumerate(pages) if page is None]
+    if not missing:
+        return len(pages), num_tokens
+    sinks = life_cycle.num_sink_blocks
+    end = num_tokens
+    while end > 0:
+        num_blocks = -(-end // tpb)
+        _, stale_end = life_cycle.stale_range(end, tpb)
+        # Needed: the sink blocks and [stale_end, num_blocks); missing blocks are sorted.
+        needed = [m for m in missing if m < num_blocks and (m < sinks or m >= stale_end)]
+        if not needed:
+            return num_blocks, end
+        end = needed[-1] * tpb  # a match ending there no longer reads the missing block...
+        end = min(end, (num_blocks - 1) * tpb)  # ...and always shrinks
+    return 0, 0
+
+
 class LayerGroups:
     """Layers deduplicated into layer groups, one per distinct `LifeCycle` (the reference's
     `LifeCycleRegistry`). Groups are numbered in order of their first layer. Immutable: safe
@@ -124,6 +159,15 @@ class LayerGroups:
         """Each group's stale block range at `history_length`."""
         tpb = self.tokens_per_block
         return [cycle.stale_range(history_length, tpb) for cycle in self.life_cycles]
+
+    @property
+    def page_life_cycle(self) -> LifeCycle:
+        """The life cycle of a page that holds every layer of a block: stale once stale for
+        every group (the widest window and the most sinks; never with a full-attention group)."""
+        cycles = self.life_cycles
+        if not all(cycle.is_windowed for cycle in cycles):
+            return LifeCycle(None, 0)
+        return LifeCycle(max(c.window for c in cycles), max(c.num_sink_blocks for c in cycles))
 
     @property
     def is_uniform(self) -> bool:

@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from kvjax.cache.audit import check_counts, check_nothing_held
+from kvjax.cache.blocks import MatchResult
 from kvjax.cache.checks import check_int
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.eviction import PRIORITY_DEFAULT, check_priority
 from kvjax.cache.keys import ReuseScope, Token, token_list
-from kvjax.cache.kv_cache import CacheStatus, KVCache
+from kvjax.cache.kv_cache import KVCache
 from kvjax.cache.ledger import CacheLedger, PageStorage
+from kvjax.cache.life_cycles import LayerAttention, LayerGroups, usable_prefix
 from kvjax.cache.pages import Tier, fill_rows
 from kvjax.cache.radix_tree import BlockRadixTree
 from kvjax.cache.stats import CacheStats, KVEvent
@@ -101,6 +103,10 @@ class KVCacheManager:
         self.max_seq_len = self.clamp_max_seq_len(1, requested or device_tokens)
         self.max_blocks = self.max_blocks_per_seq(self.max_seq_len, extra, draft)
         self._ledger.max_blocks = self.max_blocks
+        layers = self.config.layer_attention or (LayerAttention(),) * self.config.num_layers
+        self.layer_groups = LayerGroups(layers, self.config.tokens_per_block, self.max_seq_len)
+        # One page holds every layer of a block: it goes once every group is done with it.
+        self._ledger.life_cycle = self.pages.life_cycle = self.layer_groups.page_life_cycle
 
     # -- the pool and the tiers ---------------------------------------------------------------
 
@@ -188,7 +194,7 @@ class KVCacheManager:
         tokens = [] if tokens is None else tokens
         if len(tokens) > self.max_seq_len:
             raise ValueError(f"{len(tokens)} lookup tokens exceed max_seq_len={self.max_seq_len}")
-        match = self._tree.match(scope, tokens)
+        match = self._match(scope, tokens)
         reused = token_list(tokens[: match.num_tokens])  # a new list: the slice
         cache = KVCache(self._ledger, scope, match.blocks, reused, priority)
         tpb = self.config.tokens_per_block
@@ -210,7 +216,21 @@ class KVCacheManager:
     ) -> int:
         """How many leading tokens `create_kv_cache` would reuse now; takes nothing."""
         self._require_running()
-        return self._tree.match(ReuseScope(lora_id, salt), tokens).num_tokens
+        return self._match(ReuseScope(lora_id, salt), tokens).num_tokens
+
+    def _match(self, scope: ReuseScope, tokens: Sequence[Token] | np.ndarray) -> MatchResult:
+        """The tree's match, cut where attention would read a block whose page a window let
+        go (see `usable_prefix`)."""
+        match = self._tree.match(scope, tokens)
+        if not self.pages.life_cycle.is_windowed:
+            return match
+        num_blocks, num_tokens = usable_prefix(
+            [block.page for block in match.blocks],
+            match.num_tokens,
+            self.pages.life_cycle,
+            self.config.tokens_per_block,
+        )
+        return MatchResult(match.blocks[:num_blocks], num_tokens)
 
     def clamp_max_seq_len(self, batch_size: int, upper_bound: int) -> int:
         """The longest sequence (<= `upper_bound`) the device holds next to `batch_size - 1`
@@ -315,32 +335,11 @@ class KVCacheManager:
         exact (holders = caches holding the page, locks = ACTIVE ones), the lengths of every
         cache hold, and the storage has the tiers' sizes."""
         self._ledger.release_orphans()
-        self.pages.check_invariants()
-        holders: Counter[int] = Counter()
-        locks: Counter[int] = Counter()
-        for cache in self.live_caches:
-            assert cache.status is not CacheStatus.CLOSED, f"{cache!r} is closed but registered"
-            cache.check_invariants()
-            for page in cache.pages():
-                holders[id(page)] += 1
-                locks[id(page)] += cache.is_active
-        for tier in self.pages.tiers:
-            size = self.pages.num_pages(tier)
-            assert self.storage.num_pages(tier) == size, f"{tier.name} storage size differs"
-            for page in self.pages.live_pages(tier):
-                assert page.num_holders == holders[id(page)], f"{page!r}: {holders[id(page)]} hold"
-                assert page.num_locks == locks[id(page)], f"{page!r}: {locks[id(page)]} lock"
+        check_counts(self.pages, self.live_caches, self.storage)
 
     def check_no_leaks(self) -> None:
         """Raises `AssertionError` unless nothing is held any more: no cache is left open and
         every page is free or cached in the radix tree (DROPPABLE, reclaimable at once). Call it
         when every request is done; it runs `check_invariants` first."""
         self.check_invariants()
-        open_caches = self.live_caches
-        assert not open_caches, f"{len(open_caches)} caches are still open: {open_caches[:4]}"
-        for tier in self.pages.tiers:
-            busy = [page for page in self.pages.live_pages(tier) if page.num_holders]
-            assert not busy, f"{len(busy)} {tier.name} pages are still held: {busy[:4]}"
-            cached = sum(1 for _ in self.pages.live_pages(tier))
-            usable = self.pages.num_usable(tier)
-            assert self.pages.num_free(tier) + cached == usable, f"{tier.name} pages leaked"
+        check_nothing_held(self.pages, self.live_caches)

@@ -13,6 +13,7 @@ from kvjax.cache.cascade import TierCascade
 from kvjax.cache.checks import check_int
 from kvjax.cache.eviction import PRIORITY_DEFAULT, check_priority
 from kvjax.cache.keys import ReuseScope, Token
+from kvjax.cache.life_cycles import LifeCycle
 from kvjax.cache.pages import Page, Tier
 from kvjax.cache.radix_tree import BlockRadixTree
 from kvjax.cache.tier import PageMove
@@ -46,6 +47,10 @@ class TieredPages(TierCascade):
             raise ValueError(f"tree={tree!r} is not a BlockRadixTree")
         self.tree = tree
         self.num_dropped_blocks = 0  # blocks removed from the tree to make room
+        # When a block's page stops being needed (set by the manager). Under a window, an
+        # evicted page may leave its block in the tree without a page: later blocks stay
+        # reusable by matches that no longer read it.
+        self.life_cycle = LifeCycle(None, 0)
         # Called with the blocks that left the tree (dropped, replaced or cleared), for KV events.
         self.on_blocks_removed: Callable[[Sequence[Block]], None] | None = None
 
@@ -181,6 +186,14 @@ class TieredPages(TierCascade):
             self._forget_pages(result.replaced)
         return result
 
+    def adopt(self, page: Page, block: Block) -> None:
+        """Makes the private `page` the storage of `block`, a tree block whose page was evicted
+        (its tokens are the page's)."""
+        self._check_live(page)
+        if page.is_committed or block.page is not None or not block.is_attached:
+            raise ValueError(f"{page!r} cannot become the page of {block!r}")
+        page.block, block.page = block, page
+
     def drop_block(self, block: Block) -> list[Block]:
         """Removes `block` and its subtree from the tree; frees their unheld pages.
 
@@ -188,7 +201,13 @@ class TieredPages(TierCascade):
         """
         if not isinstance(block, Block):
             raise ValueError(f"{block!r} is not a block; roots leave with their last child")
+        parent = block.parent
         removed = self.tree.remove(block)
+        # A windowed parent left without its page and now without children serves no match.
+        while isinstance(parent, Block) and parent.page is None and not parent.children:
+            grandparent = parent.parent
+            removed += self.tree.remove(parent)
+            parent = grandparent
         self._forget_pages(removed)
         return removed
 
@@ -210,8 +229,18 @@ class TieredPages(TierCascade):
     # -- internals ----------------------------------------------------------------------------
 
     def _drop(self, page: Page) -> None:
-        """Drops a dequeued DROPPABLE cached page: its block and subtree leave the tree."""
-        self.num_dropped_blocks += len(self.drop_block(page.block))
+        """Drops a dequeued DROPPABLE cached page: its block and subtree leave the tree, unless
+        a window makes the block one that later blocks can do without (not a sink block, and
+        with children): then only its page goes."""
+        block = page.block
+        if self._outlives_page(block):
+            self._free(page)  # unlinks the block from its page
+            return
+        self.num_dropped_blocks += len(self.drop_block(block))
+
+    def _outlives_page(self, block: Block) -> bool:
+        cycle = self.life_cycle
+        return cycle.is_windowed and block.ordinal >= cycle.num_sink_blocks and bool(block.children)
 
     def _forget_pages(self, blocks: Sequence[Block]) -> None:
         """Frees the unheld pages of blocks that left the tree; held ones become orphans."""
@@ -243,7 +272,10 @@ class TieredPages(TierCascade):
             assert queued == len(queue), f"{tier.name} queue holds pages that are not live"
         for block in self.tree.iter_blocks():
             page = block.page
-            assert page is not None and page.block is block, f"{block!r} lost its page"
+            if page is None:
+                assert self._outlives_page(block), f"{block!r} lost its page"
+                continue
+            assert page.block is block, f"{block!r} and its page disagree"
             assert self._is_live(page), f"{block!r} has a dead page"
 
     @staticmethod
