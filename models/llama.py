@@ -1,4 +1,5 @@
-"""A Flax NNX Llama family model (Llama 2/3, Qwen2, Mistral) that attends through the paged pool.
+"""A Flax NNX Llama family model (Llama 2/3, Qwen2, Mistral, Gemma 3 text) that attends through
+the paged pool.
 
 One forward is one serving step: the new tokens of all sequences back to back (`StepInputs`), the
 device pool, and optionally embeddings that replace the token embedding at some rows (multimodal
@@ -24,74 +25,9 @@ from kvjax.runtime.page_table import slot_mapping, token_positions
 from kvjax.runtime.sharding import TP_AXIS, pool_spec
 from kvjax.runtime.step import StepInputs
 from models.config import LlamaConfig, rope_frequencies
+from models.layers import DecoderLayer, apply_rope, make_norm
 
 __all__ = ["Llama", "apply_rope"]
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotary embedding in Hugging Face's half-split layout.
-
-    Args:
-        x: [tokens, heads, head_dim]; positions: int32[tokens]; inv_freq: f32[head_dim // 2].
-    """
-    angles = positions[:, None].astype(jnp.float32) * inv_freq[None, :]  # [tokens, head_dim/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, None, :]
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, None, :]
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    out = x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
-    return out.astype(x.dtype)
-
-
-class RMSNorm(nnx.Module):
-    """Hugging Face's order: normalize in float32, cast back to the input dtype, then scale."""
-
-    def __init__(self, size: int, *, epsilon: float, dtype) -> None:
-        self.scale = nnx.Param(jnp.ones((size,), dtype))
-        self.epsilon = epsilon
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
-        return self.scale[...] * normed.astype(x.dtype)
-
-
-class Attention(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> None:
-        hidden, head_dim = config.hidden_size, config.head_dim
-
-        def linear(in_features, out_features, use_bias):
-            return nnx.Linear(
-                in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=dtype,
-                rngs=rngs,
-            )  # fmt: skip
-
-        self.q_proj = linear(hidden, config.num_heads * head_dim, config.qkv_bias)
-        self.k_proj = linear(hidden, config.num_kv_heads * head_dim, config.qkv_bias)
-        self.v_proj = linear(hidden, config.num_kv_heads * head_dim, config.qkv_bias)
-        self.o_proj = linear(config.num_heads * head_dim, hidden, config.o_bias)
-        self.config = config
-
-
-class MLP(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> None:
-        hidden, inner = config.hidden_size, config.intermediate_size
-        kwargs = {"use_bias": False, "dtype": dtype, "param_dtype": dtype, "rngs": rngs}
-        self.gate_proj = nnx.Linear(hidden, inner, **kwargs)
-        self.up_proj = nnx.Linear(hidden, inner, **kwargs)
-        self.down_proj = nnx.Linear(inner, hidden, **kwargs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, rngs: nnx.Rngs) -> None:
-        norm = {"epsilon": config.rms_norm_eps, "dtype": dtype}
-        self.input_layernorm = RMSNorm(config.hidden_size, **norm)
-        self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
-        self.mlp = MLP(config, dtype=dtype, rngs=rngs)
 
 
 class Llama(nnx.Module):
@@ -106,7 +42,7 @@ class Llama(nnx.Module):
         self.layers = _stacked(
             [DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_layers)]
         )
-        self.norm = RMSNorm(config.hidden_size, epsilon=config.rms_norm_eps, dtype=dtype)
+        self.norm = make_norm(config, config.hidden_size, dtype)
         self.lm_head = nnx.data(None)  # tied: logits use the embedding table
         if not config.tie_word_embeddings:
             self.lm_head = nnx.Linear(
@@ -114,6 +50,7 @@ class Llama(nnx.Module):
                 param_dtype=dtype, rngs=rngs,
             )  # fmt: skip
         self.inv_freq = nnx.Variable(jnp.asarray(rope_frequencies(config)))
+        self.local_inv_freq = nnx.Variable(jnp.asarray(rope_frequencies(config, local=True)))
 
     def layer(self, index) -> DecoderLayer:
         """Layer `index` (an int, or traced) as a module of its own: its arrays sliced out of
@@ -167,6 +104,8 @@ class Llama(nnx.Module):
         positions = token_positions(*args, num_tokens)
         slots = slot_mapping(inputs.page_table, *args, num_tokens, tokens_per_block)
         x = self.embed_tokens(inputs.tokens)
+        if config.embedding_scale:  # Gemma: sqrt(hidden_size), rounded to the weights' dtype
+            x = x * jnp.asarray(config.hidden_size**0.5, x.dtype)
         if embeddings is not None:
             x = jnp.where(embedding_mask[:, None], embeddings.astype(x.dtype), x)
         layer_step = functools.partial(
@@ -179,11 +118,22 @@ class Llama(nnx.Module):
         # reshape, no copy), where page p of layer l is row `p * layers + l`.
         num_pages, num_layers, *rest = kv_pool.shape
         rows = kv_pool.reshape(num_pages * num_layers, *rest)
-        for start, end, window in _window_runs(config.layer_windows):  # one scan per window
-            (x, rows), _ = jax.lax.scan(
-                functools.partial(layer_step, window=window), (x, rows),
-                jnp.arange(start, end, dtype=jnp.int32),
-            )  # fmt: skip
+
+        def scan_runs(carry, runs, first_layer=0):  # one scan per run of equal windows
+            for start, end, window in runs:
+                layers = first_layer + jnp.arange(start, end, dtype=jnp.int32)
+                step = functools.partial(layer_step, window=window)
+                carry, _ = jax.lax.scan(step, carry, layers)
+            return carry
+
+        period, repeats, period_runs, tail_runs = layer_plan(config.layer_windows)
+        carry = (x, rows)
+        if repeats > 1:  # interleaved windows (Gemma's 5:1): a scan over the repeating pattern
+            firsts = jnp.arange(repeats, dtype=jnp.int32) * period
+            carry, _ = jax.lax.scan(
+                lambda c, f: (scan_runs(c, period_runs, f), None), carry, firsts
+            )
+        x, rows = scan_runs(carry, tail_runs)
         kv_pool = rows.reshape(kv_pool.shape)
         return self.logits(x[inputs.logits_indices]), kv_pool
 
@@ -200,11 +150,13 @@ class Llama(nnx.Module):
         q = attn.q_proj(h).reshape(num_tokens, config.num_heads, config.head_dim)
         k = attn.k_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
         v = attn.v_proj(h).reshape(num_tokens, config.num_kv_heads, config.head_dim)
-        q = apply_rope(q, positions, self.inv_freq.get_value())
-        k = apply_rope(k, positions, self.inv_freq.get_value())
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        inv_freq = (self.inv_freq if window is None else self.local_inv_freq).get_value()
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         attend = functools.partial(
-            _write_and_attend, num_layers=num_layers, sm_scale=config.head_dim**-0.5, impl=impl,
-            interpret=interpret, window=window,
+            _write_and_attend, num_layers=num_layers, sm_scale=config.attention_scale,
+            impl=impl, interpret=interpret, window=window,
         )  # fmt: skip
         if mesh is not None:
             heads = PartitionSpec(None, TP_AXIS, None)
@@ -218,9 +170,27 @@ class Llama(nnx.Module):
             kv_pool, q.astype(dtype), k.astype(dtype), v.astype(dtype), slots,
             inputs.page_table, inputs.kv_lens, inputs.cu_q_lens, inputs.num_seqs, index,
         )  # fmt: skip
-        x = x + attn.o_proj(out.reshape(num_tokens, -1).astype(x.dtype))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = layer.attention_output(x, out.reshape(num_tokens, -1))
         return (x, kv_pool), None
+
+
+def layer_plan(windows: tuple[int | None, ...]) -> tuple[int, int, list, list]:
+    """How the forward loops over layers with these windows: `(period, repeats, runs of one
+    period, runs after the repeats)`, runs as `(start, end, window)`. A pattern repeated (five
+    local layers and a global one) is one scan over its repeats, each a scan per run: the
+    traced layers are those of one period, however deep the model."""
+    runs = _window_runs(windows)
+    for period in range(1, len(windows) // 2 + 1):
+        repeats = len(windows) // period
+        if any(windows[i] != windows[i % period] for i in range(repeats * period)):
+            continue
+        period_runs = _window_runs(windows[:period])
+        tail = [(s + repeats * period, e + repeats * period, w)
+                for s, e, w in _window_runs(windows[repeats * period :])]  # fmt: skip
+        if len(period_runs) + len(tail) < len(runs):
+            return period, repeats, period_runs, tail
+        break
+    return len(windows), 1, [], runs
 
 
 def _window_runs(windows: tuple[int | None, ...]) -> list[tuple[int, int, int | None]]:
@@ -297,5 +267,5 @@ def truncated_draft(model: Llama, num_layers: int) -> Llama:
     draft = nnx.eval_shape(lambda: Llama(config, dtype=model.dtype, rngs=nnx.Rngs(0)))
     draft.embed_tokens, draft.norm, draft.lm_head = model.embed_tokens, model.norm, model.lm_head
     draft.layers = model.layers  # the whole stack; the draft's loop stops at num_layers
-    draft.inv_freq = model.inv_freq
+    draft.inv_freq, draft.local_inv_freq = model.inv_freq, model.local_inv_freq
     return draft

@@ -33,8 +33,15 @@ def _targets(model: Llama) -> dict[str, tuple[nnx.Variable, bool, int | None]]:
     layers = model.layers  # every array stacks the layers on axis 0
     for index in range(model.config.num_layers):
         prefix = f"model.layers.{index}."
-        for name in ("input_layernorm", "post_attention_layernorm"):
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        if model.config.sandwich_norms:
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        for name in norms:
             targets[f"{prefix}{name}.weight"] = (getattr(layers, name).scale, False, index)
+        if model.config.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                norm = getattr(layers.self_attn, name)
+                targets[f"{prefix}self_attn.{name}.weight"] = (norm.scale, False, index)
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             linear = getattr(layers.self_attn, name)
             targets[f"{prefix}self_attn.{name}.weight"] = (linear.kernel, True, index)
@@ -80,6 +87,7 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16, mesh=None) -> Ll
     # Shapes only: the weights come from the checkpoint, so none are drawn at random.
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
     model.inv_freq.set_value(rope_frequencies(config))
+    model.local_inv_freq.set_value(rope_frequencies(config, local=True))
     tensors = _read_tensors(path)
     targets = _targets(model)
     unused = sorted(
@@ -151,7 +159,10 @@ def save_hf_checkpoint(model: Llama, path: str | Path, *, model_type: str = "lla
         "rope_theta": c.rope_theta,
         "rope_scaling": None
         if c.rope_scaling is None
-        else {"rope_type": "llama3", **dict(c.rope_scaling)},
+        else {
+            "rope_type": "llama3" if len(c.rope_scaling) > 1 else "linear",
+            **dict(c.rope_scaling),
+        },
         "tie_word_embeddings": c.tie_word_embeddings,
         # Qwen2 always has q/k/v bias; Llama's attention_bias covers q/k/v and o together.
         "attention_bias": False if model_type == "qwen2" else c.o_bias,
@@ -165,6 +176,19 @@ def save_hf_checkpoint(model: Llama, path: str | Path, *, model_type: str = "lla
         if c.windowed_layers is not None:
             kinds = ("full_attention", "sliding_attention")
             hf_config["layer_types"] = [kinds[flag] for flag in c.windowed_layers]
+    gemma = (c.norm_offset, c.sandwich_norms, c.qk_norm, c.embedding_scale)
+    if gemma != ((model_type == "gemma3_text"),) * 4:
+        raise ValueError(f"model_type={model_type!r} cannot express the norms and scales {gemma}")
+    if model_type == "gemma3_text":
+        hf_config.update(
+            hidden_activation=c.hidden_act,
+            query_pre_attn_scalar=c.query_pre_attn_scalar or c.head_dim,
+            rope_local_base_freq=c.local_rope_theta or c.rope_theta,
+            attn_logit_softcapping=None,
+            final_logit_softcapping=None,
+        )
+    elif c.hidden_act != "silu" or c.local_rope_theta or c.query_pre_attn_scalar:
+        raise ValueError(f"model_type={model_type!r} has no hidden_act, local RoPE or query scalar")
     if c.eos_token_ids:
         eos = c.eos_token_ids
         hf_config["eos_token_id"] = eos[0] if len(eos) == 1 else list(eos)

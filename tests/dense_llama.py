@@ -10,9 +10,14 @@ import numpy as np
 from models.llama import Llama
 
 
-def _rms_norm(x, scale, eps):
+def _rms_norm(x, scale, eps, offset=False):
     x = x.astype(jnp.float32)
+    scale = 1.0 + scale if offset else scale  # Gemma's norms scale by 1 + w
     return x * jnp.reciprocal(jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)) * scale
+
+
+def _norm(module, x, config):
+    return _rms_norm(x, module.scale.get_value(), config.rms_norm_eps, config.norm_offset)
 
 
 def _linear(x, module):
@@ -50,35 +55,41 @@ def dense_logits_jnp(model: Llama, tokens, embeddings=None, embedding_mask=None)
     length = tokens.shape[0]
     positions = jnp.arange(length, dtype=jnp.int32)
     x = model.embed_tokens.embedding.get_value().astype(jnp.float32)[tokens]
+    if c.embedding_scale:
+        x = x * np.float32(np.sqrt(c.hidden_size))
     if embeddings is not None:
         x = jnp.where(jnp.asarray(embedding_mask)[:, None], jnp.asarray(embeddings, x.dtype), x)
     causal = jnp.tril(jnp.ones((length, length), bool))
     windowed = causal
     if c.sliding_window is not None:  # each position sees its last `sliding_window` ones
         windowed = causal & ~jnp.tril(jnp.ones((length, length), bool), -c.sliding_window)
-    inv_freq = _inverse_frequencies(c)
     group = c.num_heads // c.num_kv_heads
+    scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
     for index, window in enumerate(c.layer_windows):
         layer = model.layer(index)
         mask = causal if window is None else windowed
+        inv_freq = _inverse_frequencies(c, local=window is not None)
         attn = layer.self_attn
-        h = _rms_norm(x, layer.input_layernorm.scale.get_value(), c.rms_norm_eps)
+        h = _norm(layer.input_layernorm, x, c)
         q = _linear(h, attn.q_proj).reshape(length, c.num_heads, c.head_dim)
         k = _linear(h, attn.k_proj).reshape(length, c.num_kv_heads, c.head_dim)
         v = _linear(h, attn.v_proj).reshape(length, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = _norm(attn.q_norm, q, c), _norm(attn.k_norm, k, c)
         q = _rope(q, positions, inv_freq)
         k = jnp.repeat(_rope(k, positions, inv_freq), group, axis=1)
         v = jnp.repeat(v, group, axis=1)
-        scores = jnp.einsum("qhd,khd->hqk", q, k) * c.head_dim**-0.5
+        scores = jnp.einsum("qhd,khd->hqk", q, k) * scale
         weights = jax_softmax(jnp.where(mask[None], scores, -jnp.inf))
-        out = jnp.einsum("hqk,khd->qhd", weights, v).reshape(length, -1)
-        x = x + _linear(out, attn.o_proj)
-        h = _rms_norm(x, layer.post_attention_layernorm.scale.get_value(), c.rms_norm_eps)
-        mlp = layer.mlp
-        x = x + _linear(
-            jnp.asarray(_silu(_linear(h, mlp.gate_proj))) * _linear(h, mlp.up_proj), mlp.down_proj
-        )
-    x = _rms_norm(x, model.norm.scale.get_value(), c.rms_norm_eps)
+        out = _linear(jnp.einsum("hqk,khd->qhd", weights, v).reshape(length, -1), attn.o_proj)
+        if c.sandwich_norms:  # Gemma: the attention and MLP outputs are normalized too
+            x = x + _norm(layer.post_attention_layernorm, out, c)
+            h = _norm(layer.pre_feedforward_layernorm, x, c)
+            x = x + _norm(layer.post_feedforward_layernorm, _mlp(layer.mlp, h, c), c)
+        else:
+            x = x + out
+            x = x + _mlp(layer.mlp, _norm(layer.post_attention_layernorm, x, c), c)
+    x = _norm(model.norm, x, c)
     if model.lm_head is None:
         return x @ model.embed_tokens.embedding.get_value().astype(jnp.float32).T
     return _linear(x, model.lm_head)
@@ -94,6 +105,15 @@ def _silu(x):
     return x / (1 + jnp.exp(-x))
 
 
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + jnp.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _mlp(mlp, h, config):
+    activation = _silu if config.hidden_act == "silu" else _gelu_tanh
+    return _linear(activation(_linear(h, mlp.gate_proj)) * _linear(h, mlp.up_proj), mlp.down_proj)
+
+
 def _rope(x, positions, inv_freq):
     """Rotate-half RoPE written out: pairs (i, i + d/2) turn by position * inv_freq[i]."""
     half = x.shape[-1] // 2
@@ -105,12 +125,16 @@ def _rope(x, positions, inv_freq):
     )  # fmt: skip
 
 
-def _inverse_frequencies(config):
-    """Hugging Face's `_compute_llama3_parameters`, in float32 like it."""
+def _inverse_frequencies(config, local=False):
+    """Hugging Face's `_compute_llama3_parameters` (or linear scaling), in float32 like it;
+    `local`: Gemma's windowed layers, with their own base and no scaling."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    if config.rope_scaling is None:
+    base = config.local_rope_theta if local and config.local_rope_theta else config.rope_theta
+    inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    if config.rope_scaling is None or (local and config.local_rope_theta):
         return jnp.asarray(inv_freq)
+    if len(config.rope_scaling) == 1:
+        return jnp.asarray(inv_freq / dict(config.rope_scaling)["factor"])
     s = dict(config.rope_scaling)
     old = s["original_max_position_embeddings"]
     low_wavelen = old / s["low_freq_factor"]
