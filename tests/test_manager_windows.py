@@ -211,3 +211,18 @@ def test_bad_layer_attention_is_refused():
         make(layers=[LayerAttention(8)])
     with pytest.raises(ValueError, match=r"layer_attention\[1\]=8 is not a LayerAttention"):
         make(layers=[LayerAttention(8), 8])
+
+
+def test_suspending_a_windowed_request_needs_room_for_its_held_pages_only():
+    from kvjax.serving.request import Request
+    from kvjax.serving.resources import CacheResources
+
+    manager, engine = make(device=32, host=6)
+    cache = start(manager, engine)
+    decode(engine, cache, range(60))  # 15 blocks, 3 held
+    request = Request(request_id=0, prompt_token_ids=list(range(4)))
+    request.cache = cache
+    caches = CacheResources(manager)
+    assert cache.num_blocks == 15 and len(cache.held_pages()) == 3
+    assert caches.can_suspend(request)  # 6 host pages take the 3 held ones, not 15 blocks
+    cache.close()

@@ -158,7 +158,7 @@ class CacheResources:
         if not colder:
             return True
         room = sum(pages.num_free(tier) + pages.num_evictable(tier) for tier in colder)
-        return room >= request.cache.num_blocks
+        return room >= len(request.cache.held_pages())  # stale blocks under a window hold none
 
     def recompute_request(self, request: Request) -> None:
         """Closes the request's cache (committed blocks stay in the tree, so the recomputation
