@@ -75,5 +75,11 @@ def test_window_benchmark_writes_full_and_windowed_timings(tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["bench_windows", "--smoke", "--out", str(tmp_path)])
     bench_windows.main()
     rows = json.loads((tmp_path / "bench_windows.json").read_text())["rows"]
-    assert [row["context"] for row in rows] == [64, 256]
+    assert [row["context"] for row in rows] == [256, 512]
     assert all(row["xla_full_us"] > 0 and row["xla_windowed_us"] > 0 for row in rows)
+    # A window of 64 over 512 tokens: all layers windowed hold the sink-less window's pages,
+    # one full layer keeps every page (one page holds every layer).
+    last = rows[-1]
+    assert last["full"]["pages_held"] == last["gemma3_5to1"]["pages_held"] == 32
+    assert last["mistral_all_windowed"]["pages_held"] <= 6
+    assert last["gemma3_5to1"]["per_group_projection"] < 0.5
