@@ -226,3 +226,21 @@ def test_suspending_a_windowed_request_needs_room_for_its_held_pages_only():
     assert cache.num_blocks == 15 and len(cache.held_pages()) == 3
     assert caches.can_suspend(request)  # 6 host pages take the 3 held ones, not 15 blocks
     cache.close()
+
+
+def test_a_windowed_sequence_may_outgrow_the_device():
+    """Stale pages go back, so `max_seq_len` is not clamped to what the device holds: 12 pages
+    serve a 200-token sequence (50 blocks)."""
+    config = CacheConfig(
+        num_layers=2, num_kv_heads=1, head_dim=4, tokens_per_block=TPB, dtype="float32",
+        device_pages=12, host_pages=0, layer_attention=[LayerAttention(WINDOW, SINKS)] * 2,
+    )  # fmt: skip
+    manager = KVCacheManager(config, KVStorage.for_config(config), max_seq_len=256)
+    assert manager.max_seq_len == 256 and manager.max_blocks == 65
+    engine = FillCheckEngine(manager)
+    cache = start(manager, engine)
+    decode(engine, cache, range(200))
+    cache.close()
+    full = CacheConfig(**{**vars(config), "layer_attention": None})
+    with pytest.warns(UserWarning, match="clamped to 44"):
+        KVCacheManager(full, KVStorage.for_config(full), max_seq_len=256)

@@ -99,14 +99,16 @@ class KVCacheManager:
     def _set_max_lengths(self) -> None:
         """`max_seq_len` clamped to the device (default: all of it) and `max_blocks` from it."""
         requested, extra, draft = self._requested_lengths
-        device_tokens = self.pages.num_usable(Tier.DEVICE) * self.config.tokens_per_block
-        self.max_seq_len = self.clamp_max_seq_len(1, requested or device_tokens)
+        tpb = self.config.tokens_per_block
+        wanted = requested or self.pages.num_usable(Tier.DEVICE) * tpb
+        layers = self.config.layer_attention or (LayerAttention(),) * self.config.num_layers
+        for length in (wanted, None):  # windows reaching a clamped length are full attention
+            self.layer_groups = LayerGroups(layers, tpb, length or self.max_seq_len)
+            # One page holds every layer of a block: it goes once every group is done with it.
+            self._ledger.life_cycle = self.pages.life_cycle = self.layer_groups.page_life_cycle
+            self.max_seq_len = self.clamp_max_seq_len(1, wanted)
         self.max_blocks = self.max_blocks_per_seq(self.max_seq_len, extra, draft)
         self._ledger.max_blocks = self.max_blocks
-        layers = self.config.layer_attention or (LayerAttention(),) * self.config.num_layers
-        self.layer_groups = LayerGroups(layers, self.config.tokens_per_block, self.max_seq_len)
-        # One page holds every layer of a block: it goes once every group is done with it.
-        self._ledger.life_cycle = self.pages.life_cycle = self.layer_groups.page_life_cycle
 
     # -- the pool and the tiers ---------------------------------------------------------------
 
@@ -234,10 +236,12 @@ class KVCacheManager:
 
     def clamp_max_seq_len(self, batch_size: int, upper_bound: int) -> int:
         """The longest sequence (<= `upper_bound`) the device holds next to `batch_size - 1`
-        others of one block each."""
+        others of one block each; under a window (stale pages go back) any length."""
         check_int("upper_bound", upper_bound, minimum=1)
         num_pages = self.pages.num_usable(Tier.DEVICE)
         check_int("batch_size", batch_size, minimum=1, maximum=num_pages)
+        if self.pages.life_cycle.is_windowed:
+            return upper_bound
         return min(upper_bound, (num_pages - batch_size + 1) * self.config.tokens_per_block)
 
     def max_blocks_per_seq(
