@@ -1,0 +1,335 @@
+"""Layer groups with pages of their own: one `KVCacheManager` per group, one `KVCache` per group
+for each sequence, kept in step.
+
+A model whose layers attend differently (Gemma 3's five local layers per global one) forms
+several layer groups (`kvjax.cache.life_cycles.LayerGroups`). With one page per block for every
+layer, a block's page goes only when every layer is done with it, so one full-attention layer
+keeps the whole history of all layers. Here each group has its own pool, tiers and radix tree:
+a windowed group gives back its stale pages as decoding advances (its tree keeps blocks whose
+pages were evicted, so later ones stay reusable), while a full-attention group keeps its pages
+and drops a subtree when it evicts a page. A sequence's caches are created with the same reused
+prefix (the longest one every group can serve at its end), grow, commit, suspend and resume
+together, all or nothing, so their lengths are always equal.
+
+Host side, no JAX: the storages are given, one per group (`KVStorage.for_config` of each of
+`group_configs(...)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import blake3
+import numpy as np
+
+from kvjax.cache.cache_status import CacheStatus, checked_lengths
+from kvjax.cache.checks import check_int
+from kvjax.cache.config import CacheConfig
+from kvjax.cache.keys import Token
+from kvjax.cache.kv_cache import KVCache
+from kvjax.cache.life_cycles import LayerAttention, LayerGroups
+from kvjax.cache.manager import KVCacheManager
+from kvjax.cache.pages import Page, Tier
+
+__all__ = ["GroupedKVCache", "GroupedKVCacheManager", "group_configs"]
+
+
+def group_configs(config: CacheConfig, *, max_seq_len: int, chunk_tokens: int) -> list[CacheConfig]:
+    """One `CacheConfig` per layer group of `config.layer_attention`, in group order.
+
+    Each group's pages hold its layers only. The device (and host, disk) quota is `config`'s
+    bytes, shared in proportion to what one request holds in each group: every block of
+    `max_seq_len` under full attention, the sinks, the window and a `chunk_tokens` prefill
+    chunk under a window.
+    """
+    check_int("max_seq_len", max_seq_len, minimum=1)
+    check_int("chunk_tokens", chunk_tokens, minimum=1)
+    tpb = config.tokens_per_block
+    layers = config.layer_attention or (LayerAttention(),) * config.num_layers
+    groups = LayerGroups(layers, tpb, max_seq_len)
+    full_blocks = -(-max_seq_len // tpb)
+    needs = []  # layer-blocks one request holds in each group
+    for group, cycle in enumerate(groups.life_cycles):
+        blocks = full_blocks
+        if cycle.is_windowed:
+            window_blocks = cycle.num_sink_blocks + -(-(cycle.window + chunk_tokens) // tpb) + 1
+            blocks = min(full_blocks, window_blocks)
+        needs.append(blocks * len(groups.layers_of(group)))
+
+    def share(pages: int | None, group: int, minimum: int) -> int | None:
+        """Pages of the group's size holding its share of `pages` pages of every layer."""
+        if pages is None:
+            return None
+        layer_pages = pages * config.num_layers * needs[group] / sum(needs)
+        return max(minimum, math.floor(layer_pages / len(groups.layers_of(group))))
+
+    configs = []
+    for group in range(len(groups)):
+        group_layers = tuple(groups.layers[layer] for layer in groups.layers_of(group))
+        windowed = any(layer.window is not None for layer in group_layers)
+        configs.append(
+            dataclasses.replace(
+                config,
+                num_layers=len(group_layers),
+                layer_attention=group_layers if windowed else None,
+                device_pages=share(config.num_device_pages, group, 2),
+                device_bytes=None,
+                host_pages=share(config.num_host_pages, group, 0),
+                host_bytes=None,
+                disk_pages=share(config.num_disk_pages or None, group, 1),
+                disk_bytes=None,
+            )
+        )
+    return configs
+
+
+class GroupedKVCacheManager:
+    """A `KVCacheManager` per layer group, driven as one (its interface, for grouped caches).
+
+    Not thread-safe, like the manager: one thread drives it and its caches.
+
+    Args:
+        configs: each group's geometry and quotas (`group_configs`).
+        storages: each group's page bytes, sized as its config says.
+        max_seq_len: the longest sequence; clamped to what the full-attention groups' devices
+            hold (a windowed group holds any length), with a warning.
+    """
+
+    def __init__(
+        self,
+        configs: Sequence[CacheConfig],
+        storages: Sequence[Any],
+        *,
+        max_seq_len: int | None = None,
+        num_extra_kv_tokens: int = 0,
+        max_total_draft_tokens: int = 0,
+        max_events: int = 1024,
+    ) -> None:
+        if not configs or len(configs) != len(storages):
+            raise ValueError(f"{len(configs)} configs for {len(storages)} storages")
+        if max_seq_len is not None:
+            check_int("max_seq_len", max_seq_len, minimum=1)
+        limits = [
+            (config.num_device_pages - 1) * config.tokens_per_block
+            for config in configs
+            if config.layer_attention is None
+        ]
+        # Default: what the full-attention groups hold (windowed groups hold any length).
+        default = min(limits or [(configs[0].num_device_pages - 1) * configs[0].tokens_per_block])
+        limit = min([max_seq_len or default, *limits])
+        if max_seq_len is not None and limit < max_seq_len:
+            warnings.warn(
+                f"max_seq_len={max_seq_len} is clamped to {limit}: the tokens the "
+                "full-attention groups' device pages hold",
+                stacklevel=2,
+            )
+        options = {"max_seq_len": limit, "num_extra_kv_tokens": num_extra_kv_tokens}
+        options.update(max_total_draft_tokens=max_total_draft_tokens, max_events=max_events)
+        self.managers = [
+            KVCacheManager(config, storage, **options)
+            for config, storage in zip(configs, storages, strict=True)
+        ]
+        self.config = configs[0]
+        self.max_seq_len = limit
+        self.max_blocks = self.managers[0].max_blocks
+        self._caches: weakref.WeakValueDictionary[int, GroupedKVCache] = (
+            weakref.WeakValueDictionary()
+        )
+
+    # -- pools --------------------------------------------------------------------------------
+
+    @property
+    def pool(self) -> tuple[Any, ...]:
+        """Each group's device pool, in group order; assign back the tuple a step returns."""
+        return tuple(manager.pool for manager in self.managers)
+
+    @pool.setter
+    def pool(self, pools: Sequence[Any]) -> None:
+        for manager, pool in zip(self.managers, pools, strict=True):
+            manager.pool = pool
+
+    # -- caches -------------------------------------------------------------------------------
+
+    def create_kv_cache(
+        self,
+        tokens: Sequence[Token] | np.ndarray | None = None,
+        *,
+        lora_id: int | None = None,
+        salt: int | bytes | str | None = None,
+        priority: int | None = None,
+    ) -> GroupedKVCache:
+        """A SUSPENDED grouped cache holding the longest prefix of `tokens` every group can
+        serve (see `KVCacheManager.create_kv_cache`)."""
+        tokens = [] if tokens is None else tokens
+        scope = {"lora_id": lora_id, "salt": salt}
+        length = self.probe_reuse(tokens, **scope)
+        caches = [
+            manager.create_kv_cache(tokens[:length], priority=priority, **scope)
+            for manager in self.managers
+        ]
+        assert {cache.num_reused_tokens for cache in caches} == {length}, "groups disagree"
+        grouped = GroupedKVCache(caches, self.max_blocks)
+        self._caches[id(grouped)] = grouped
+        return grouped
+
+    def probe_reuse(
+        self,
+        tokens: Sequence[Token] | np.ndarray,
+        *,
+        lora_id: int | None = None,
+        salt: int | bytes | str | None = None,
+    ) -> int:
+        """Tokens `create_kv_cache` would reuse now: the longest prefix whose end every group
+        can serve, at a block boundary (a shared partial block would be copied per group on
+        resume, and one group failing that copy would leave the others longer)."""
+        if len(tokens) > self.max_seq_len:
+            raise ValueError(f"{len(tokens)} lookup tokens exceed max_seq_len={self.max_seq_len}")
+        tpb = self.config.tokens_per_block
+        length = len(tokens)
+        while True:  # each group's match may end earlier at a shorter end: until all agree
+            matched = min(
+                manager.probe_reuse(tokens[:length], lora_id=lora_id, salt=salt)
+                for manager in self.managers
+            )
+            matched -= matched % tpb
+            if matched == length:
+                return length
+            length = matched
+
+    @property
+    def live_caches(self) -> list[GroupedKVCache]:
+        return [cache for cache in self._caches.values() if cache.status is not CacheStatus.CLOSED]
+
+    def page_table(
+        self, caches: Sequence[GroupedKVCache], num_rows: int, num_columns: int | None = None
+    ) -> np.ndarray:
+        """int32[groups, num_rows, num_columns]: each group's page table of the ACTIVE caches."""
+        return np.stack(
+            [
+                manager.page_table([cache.caches[g] for cache in caches], num_rows, num_columns)
+                for g, manager in enumerate(self.managers)
+            ]
+        )
+
+    def take_lost_caches(self) -> list[GroupedKVCache]:
+        """Grouped caches any of whose groups lost KV on a failed disk move."""
+        lost = {id(cache) for manager in self.managers for cache in manager.take_lost_caches()}
+        return [cache for cache in self.live_caches if any(id(c) in lost for c in cache.caches)]
+
+    def clear_reusable_blocks(self, tier: Tier | None = None) -> None:
+        for manager in self.managers:
+            manager.clear_reusable_blocks(tier)
+
+    def shutdown(self) -> None:
+        for manager in self.managers:
+            manager.shutdown()
+
+    @property
+    def moves_digest(self) -> bytes:
+        return blake3.blake3(b"".join(m.moves_digest for m in self.managers)).digest()
+
+    def check_invariants(self) -> None:
+        """Every group's manager's invariants, and equal lengths across each cache's groups."""
+        for manager in self.managers:
+            manager.check_invariants()
+        for cache in self.live_caches:
+            cache.check_invariants()
+
+    def check_no_leaks(self) -> None:
+        for manager in self.managers:
+            manager.check_no_leaks()
+
+
+def _of_first(name: str) -> property:
+    return property(lambda self: getattr(self.caches[0], name), doc=f"`KVCache.{name}`")
+
+
+class GroupedKVCache:
+    """One sequence's `KVCache` in each layer group, driven as one `KVCache`: lengths, state and
+    commits are the same in every group; resume and resize are all or nothing. Not built
+    directly: use `GroupedKVCacheManager.create_kv_cache`. Not thread-safe."""
+
+    def __init__(self, caches: Sequence[KVCache], max_blocks: int) -> None:
+        self.caches = list(caches)
+        self._max_blocks = max_blocks
+
+    # Lengths, status and commit state are equal in every group: the first group's.
+    status = _of_first("status")
+    is_active = _of_first("is_active")
+    commit_state = _of_first("commit_state")
+    num_committed_tokens = _of_first("num_committed_tokens")
+    committed_tokens = _of_first("committed_tokens")
+    history_length = _of_first("history_length")
+    capacity = _of_first("capacity")
+    num_blocks = _of_first("num_blocks")
+    num_reused_tokens = _of_first("num_reused_tokens")
+    tokens_per_block = _of_first("tokens_per_block")
+
+    @property
+    def kv_lost(self) -> bool:
+        return any(cache.kv_lost for cache in self.caches)
+
+    def held_pages(self) -> list[Page]:
+        return [page for cache in self.caches for page in cache.held_pages()]
+
+    def page_ids(self) -> list[list[int]]:
+        """Each group's device page ids, block by block."""
+        return [cache.page_ids() for cache in self.caches]
+
+    def resume(self) -> bool:
+        """Resumes every group, or none: a group that cannot suspends the others again."""
+        for index, cache in enumerate(self.caches):
+            if not cache.resume():
+                for resumed in self.caches[:index]:
+                    resumed.suspend()
+                return False
+        return True
+
+    def suspend(self) -> None:
+        for cache in self.caches:
+            cache.suspend()
+
+    def resize(self, capacity: int | None = None, history_length: int | None = None) -> bool:
+        """`KVCache.resize` in every group, all or nothing: a group out of pages shrinks the
+        others back. Raises as `KVCache.resize` does, before anything changed."""
+        first = self.caches[0]
+        if not first.is_active:
+            first.resize(capacity, history_length)  # raises: not ACTIVE
+        current = (first.history_length, first.capacity)
+        checked_lengths(current, history_length, capacity, first.tokens_per_block, self._max_blocks)
+        if capacity is not None:
+            for index, cache in enumerate(self.caches):
+                if not cache.resize(capacity=capacity):
+                    for grown in self.caches[:index]:
+                        grown.resize(capacity=current[1])
+                    return False
+        if history_length is not None:
+            for cache in self.caches:
+                cache.resize(history_length=history_length)
+        return True
+
+    def commit(self, tokens: Sequence[Token]) -> None:
+        for cache in self.caches:  # the first raises on bad input before any changed
+            cache.commit(tokens)
+
+    def stop_committing(self) -> None:
+        for cache in self.caches:
+            cache.stop_committing()
+
+    def close(self) -> None:
+        for cache in self.caches:
+            cache.close()
+
+    def check_invariants(self) -> None:
+        lengths = {
+            (c.status, c.num_committed_tokens, c.history_length, c.capacity) for c in self.caches
+        }
+        assert len(lengths) == 1, f"groups of one cache disagree: {lengths}"
+
+    def __repr__(self) -> str:
+        return f"Grouped{self.caches[0]!r}"
