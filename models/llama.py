@@ -82,12 +82,15 @@ class Llama(nnx.Module):
         impl: str = "pallas",
         interpret: bool | None = None,
         mesh: Mesh | None = None,
+        layer_groups: tuple[int, ...] | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         """One step.
 
         Args:
             inputs: device `StepInputs`; `kv_lens` count the keys once this step's are written.
-            kv_pool: [pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim].
+            kv_pool: [pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim], or a
+                tuple of each layer group's pool (its layers only) when `layer_groups` gives
+                each layer's group; the page table then holds each group's table side by side.
             embeddings, embedding_mask: optional [tokens, hidden_size] and bool[tokens]: rows
                 where the mask is set take these embeddings instead of the token's (images).
             impl, interpret: passed to the kernels.
@@ -98,31 +101,36 @@ class Llama(nnx.Module):
             (f32[num_seqs_bucket, vocab] logits of each sequence's `logits_indices` row, pool).
         """
         config = self.config
+        pools = kv_pool if isinstance(kv_pool, tuple) else (kv_pool,)
+        groups = layer_groups or (0,) * config.num_layers
         num_tokens = inputs.tokens.shape[0]
-        tokens_per_block = kv_pool.shape[4]
         args = (inputs.cu_q_lens, inputs.kv_lens, inputs.num_seqs)
         positions = token_positions(*args, num_tokens)
-        slots = slot_mapping(inputs.page_table, *args, num_tokens, tokens_per_block)
+        width = inputs.page_table.shape[1] // len(pools)
+        tables = [inputs.page_table[:, g * width : (g + 1) * width] for g in range(len(pools))]
+        slots = [slot_mapping(t, *args, num_tokens, pools[0].shape[4]) for t in tables]
         x = self.embed_tokens(inputs.tokens)
         if config.embedding_scale:  # Gemma: sqrt(hidden_size), rounded to the weights' dtype
             x = x * jnp.asarray(config.hidden_size**0.5, x.dtype)
         if embeddings is not None:
             x = jnp.where(embedding_mask[:, None], embeddings.astype(x.dtype), x)
+        # Each layer's row in its group's pool: its rank among the group's layers.
+        local = jnp.asarray([groups[:layer].count(g) for layer, g in enumerate(groups)], jnp.int32)
         layer_step = functools.partial(
-            self._layer, inputs=inputs, positions=positions, slots=slots, impl=impl,
-            interpret=interpret, mesh=mesh, num_layers=kv_pool.shape[1],
+            self._layer, inputs=inputs, positions=positions, slots=slots, tables=tables,
+            local=local, group_sizes=tuple(pool.shape[1] for pool in pools), impl=impl,
+            interpret=interpret, mesh=mesh,
         )  # fmt: skip
         # One layer traced and compiled once, looped over the stacked weights: compile time
         # does not grow with depth. The kernels take a static layer, so the loop carries the
         # pool viewed as rows [pages * layers, 2, kv_heads, tokens_per_block, head_dim] (a
         # reshape, no copy), where page p of layer l is row `p * layers + l`.
-        num_pages, num_layers, *rest = kv_pool.shape
-        rows = kv_pool.reshape(num_pages * num_layers, *rest)
+        rows = tuple(pool.reshape(-1, *pool.shape[2:]) for pool in pools)
 
         def scan_runs(carry, runs, first_layer=0):  # one scan per run of equal windows
             for start, end, window in runs:
                 layers = first_layer + jnp.arange(start, end, dtype=jnp.int32)
-                step = functools.partial(layer_step, window=window)
+                step = functools.partial(layer_step, window=window, group=groups[start])
                 carry, _ = jax.lax.scan(step, carry, layers)
             return carry
 
@@ -134,15 +142,19 @@ class Llama(nnx.Module):
                 lambda c, f: (scan_runs(c, period_runs, f), None), carry, firsts
             )
         x, rows = scan_runs(carry, tail_runs)
-        kv_pool = rows.reshape(kv_pool.shape)
-        return self.logits(x[inputs.logits_indices]), kv_pool
+        pools = tuple(r.reshape(pool.shape) for r, pool in zip(rows, pools, strict=True))
+        return self.logits(x[inputs.logits_indices]), pools if isinstance(
+            kv_pool, tuple
+        ) else pools[0]
 
     def _layer(
-        self, carry, index, *, inputs, positions, slots, impl, interpret, mesh, num_layers, window
-    ):
-        """Decoder layer `index` (traced) on hidden states [tokens, hidden_size] and the pool's
-        rows (`__call__`)."""
-        x, kv_pool = carry
+        self, carry, index, *, inputs, positions, slots, tables, local, group_sizes, impl,
+        interpret, mesh, window, group,
+    ):  # fmt: skip
+        """Decoder layer `index` (traced) on hidden states [tokens, hidden_size] and the rows of
+        each group's pool (`__call__`); the layer is in `group`."""
+        x, pools = carry
+        kv_pool = pools[group]
         config, num_tokens = self.config, x.shape[0]
         layer = self.layer(index)
         attn = layer.self_attn
@@ -155,7 +167,7 @@ class Llama(nnx.Module):
         inv_freq = (self.inv_freq if window is None else self.local_inv_freq).get_value()
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         attend = functools.partial(
-            _write_and_attend, num_layers=num_layers, sm_scale=config.attention_scale,
+            _write_and_attend, num_layers=group_sizes[group], sm_scale=config.attention_scale,
             impl=impl, interpret=interpret, window=window,
         )  # fmt: skip
         if mesh is not None:
@@ -167,11 +179,11 @@ class Llama(nnx.Module):
             )  # fmt: skip
         dtype = kv_pool.dtype
         out, kv_pool = attend(
-            kv_pool, q.astype(dtype), k.astype(dtype), v.astype(dtype), slots,
-            inputs.page_table, inputs.kv_lens, inputs.cu_q_lens, inputs.num_seqs, index,
+            kv_pool, q.astype(dtype), k.astype(dtype), v.astype(dtype), slots[group],
+            tables[group], inputs.kv_lens, inputs.cu_q_lens, inputs.num_seqs, local[index],
         )  # fmt: skip
         x = layer.attention_output(x, out.reshape(num_tokens, -1))
-        return (x, kv_pool), None
+        return (x, (*pools[:group], kv_pool, *pools[group + 1 :])), None
 
 
 def layer_plan(windows: tuple[int | None, ...]) -> tuple[int, int, list, list]:

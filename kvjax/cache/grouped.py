@@ -17,8 +17,6 @@ Host side, no JAX: the storages are given, one per group (`KVStorage.for_config`
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -30,62 +28,14 @@ import numpy as np
 from kvjax.cache.cache_status import CacheStatus, checked_lengths
 from kvjax.cache.checks import check_int
 from kvjax.cache.config import CacheConfig
+from kvjax.cache.group_quotas import group_configs
+from kvjax.cache.grouped_views import GroupedPages, GroupedStorage
 from kvjax.cache.keys import Token
 from kvjax.cache.kv_cache import KVCache
-from kvjax.cache.life_cycles import LayerAttention, LayerGroups
 from kvjax.cache.manager import KVCacheManager
 from kvjax.cache.pages import Page, Tier
 
-__all__ = ["GroupedKVCache", "GroupedKVCacheManager", "group_configs"]
-
-
-def group_configs(config: CacheConfig, *, max_seq_len: int, chunk_tokens: int) -> list[CacheConfig]:
-    """One `CacheConfig` per layer group of `config.layer_attention`, in group order.
-
-    Each group's pages hold its layers only. The device (and host, disk) quota is `config`'s
-    bytes, shared in proportion to what one request holds in each group: every block of
-    `max_seq_len` under full attention, the sinks, the window and a `chunk_tokens` prefill
-    chunk under a window.
-    """
-    check_int("max_seq_len", max_seq_len, minimum=1)
-    check_int("chunk_tokens", chunk_tokens, minimum=1)
-    tpb = config.tokens_per_block
-    layers = config.layer_attention or (LayerAttention(),) * config.num_layers
-    groups = LayerGroups(layers, tpb, max_seq_len)
-    full_blocks = -(-max_seq_len // tpb)
-    needs = []  # layer-blocks one request holds in each group
-    for group, cycle in enumerate(groups.life_cycles):
-        blocks = full_blocks
-        if cycle.is_windowed:
-            window_blocks = cycle.num_sink_blocks + -(-(cycle.window + chunk_tokens) // tpb) + 1
-            blocks = min(full_blocks, window_blocks)
-        needs.append(blocks * len(groups.layers_of(group)))
-
-    def share(pages: int | None, group: int, minimum: int) -> int | None:
-        """Pages of the group's size holding its share of `pages` pages of every layer."""
-        if pages is None:
-            return None
-        layer_pages = pages * config.num_layers * needs[group] / sum(needs)
-        return max(minimum, math.floor(layer_pages / len(groups.layers_of(group))))
-
-    configs = []
-    for group in range(len(groups)):
-        group_layers = tuple(groups.layers[layer] for layer in groups.layers_of(group))
-        windowed = any(layer.window is not None for layer in group_layers)
-        configs.append(
-            dataclasses.replace(
-                config,
-                num_layers=len(group_layers),
-                layer_attention=group_layers if windowed else None,
-                device_pages=share(config.num_device_pages, group, 2),
-                device_bytes=None,
-                host_pages=share(config.num_host_pages, group, 0),
-                host_bytes=None,
-                disk_pages=share(config.num_disk_pages or None, group, 1),
-                disk_bytes=None,
-            )
-        )
-    return configs
+__all__ = ["GroupedKVCache", "GroupedKVCacheManager", "group_configs"]  # group_configs: quotas
 
 
 class GroupedKVCacheManager:
@@ -98,6 +48,7 @@ class GroupedKVCacheManager:
         storages: each group's page bytes, sized as its config says.
         max_seq_len: the longest sequence; clamped to what the full-attention groups' devices
             hold (a windowed group holds any length), with a warning.
+        group_of_layer: the model's layer -> group map, for the step (`LayerGroups`).
     """
 
     def __init__(
@@ -109,6 +60,7 @@ class GroupedKVCacheManager:
         num_extra_kv_tokens: int = 0,
         max_total_draft_tokens: int = 0,
         max_events: int = 1024,
+        group_of_layer: Sequence[int] | None = None,
     ) -> None:
         if not configs or len(configs) != len(storages):
             raise ValueError(f"{len(configs)} configs for {len(storages)} storages")
@@ -135,8 +87,11 @@ class GroupedKVCacheManager:
             for config, storage in zip(configs, storages, strict=True)
         ]
         self.config = configs[0]
+        self.group_of_layer = None if group_of_layer is None else tuple(group_of_layer)
         self.max_seq_len = limit
         self.max_blocks = self.managers[0].max_blocks
+        self.pages = GroupedPages(self.managers)
+        self.storage = GroupedStorage(self.managers)
         self._caches: weakref.WeakValueDictionary[int, GroupedKVCache] = (
             weakref.WeakValueDictionary()
         )
@@ -205,16 +160,27 @@ class GroupedKVCacheManager:
     def live_caches(self) -> list[GroupedKVCache]:
         return [cache for cache in self._caches.values() if cache.status is not CacheStatus.CLOSED]
 
-    def page_table(
-        self, caches: Sequence[GroupedKVCache], num_rows: int, num_columns: int | None = None
-    ) -> np.ndarray:
-        """int32[groups, num_rows, num_columns]: each group's page table of the ACTIVE caches."""
-        return np.stack(
-            [
-                manager.page_table([cache.caches[g] for cache in caches], num_rows, num_columns)
-                for g, manager in enumerate(self.managers)
-            ]
-        )
+    @property
+    def page_table_width(self) -> int:
+        """Columns of a step's page table: each group's `max_blocks`, side by side."""
+        return len(self.managers) * self.max_blocks
+
+    @property
+    def stats(self) -> Any:
+        """The first group's counters (reuse counts are the same in every group)."""
+        return self.managers[0].stats
+
+    def page_table(self, caches: Sequence[GroupedKVCache], num_rows: int, *, out=None):
+        """int32[num_rows, groups * max_blocks]: each group's page table of the ACTIVE caches,
+        side by side (group g in columns `[g * max_blocks, (g + 1) * max_blocks)`); written
+        into `out`, a zeroed array of that shape, when given."""
+        width = self.max_blocks
+        table = np.zeros((num_rows, self.page_table_width), np.int32) if out is None else out
+        for group, manager in enumerate(self.managers):
+            part = np.zeros((num_rows, width), np.int32)
+            manager.page_table([cache.caches[group] for cache in caches], num_rows, out=part)
+            table[:, group * width : (group + 1) * width] = part
+        return table
 
     def take_lost_caches(self) -> list[GroupedKVCache]:
         """Grouped caches any of whose groups lost KV on a failed disk move."""

@@ -223,15 +223,11 @@ class KVCacheManager:
     def _match(self, scope: ReuseScope, tokens: Sequence[Token] | np.ndarray) -> MatchResult:
         """The tree's match, cut where attention would read a block whose page a window let
         go (see `usable_prefix`)."""
-        match = self._tree.match(scope, tokens)
-        if not self.pages.life_cycle.is_windowed:
+        match, cycle = self._tree.match(scope, tokens), self.pages.life_cycle
+        if not cycle.is_windowed:
             return match
-        num_blocks, num_tokens = usable_prefix(
-            [block.page for block in match.blocks],
-            match.num_tokens,
-            self.pages.life_cycle,
-            self.config.tokens_per_block,
-        )
+        pages, tpb = [block.page for block in match.blocks], self.config.tokens_per_block
+        num_blocks, num_tokens = usable_prefix(pages, match.num_tokens, cycle, tpb)
         return MatchResult(match.blocks[:num_blocks], num_tokens)
 
     def clamp_max_seq_len(self, batch_size: int, upper_bound: int) -> int:
@@ -254,6 +250,11 @@ class KVCacheManager:
         clamped = self.clamp_max_seq_len(1, max_seq_len)
         tokens = clamped + num_extra_kv_tokens + max_total_draft_tokens + 1
         return -(-tokens // self.config.tokens_per_block)
+
+    @property
+    def page_table_width(self) -> int:
+        """Columns of a step's page table (`max_blocks`)."""
+        return self.max_blocks
 
     def page_table(
         self, caches: Sequence[KVCache], num_rows: int, num_columns: int | None = None, *, out=None

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from flax import nnx
 
 from kvjax.cache.config import CacheConfig
+from kvjax.cache.grouped import GroupedKVCacheManager, group_configs
+from kvjax.cache.life_cycles import LayerAttention, LayerGroups
 from kvjax.cache.manager import KVCacheManager
 from kvjax.engine.compile import CompileCounter, model_registry, warm_up
 from kvjax.runtime.buckets import Buckets
@@ -19,7 +21,7 @@ from kvjax.serving.resources import CacheResources
 from kvjax.serving.scheduler import Scheduler, SchedulerConfig
 from kvjax.serving.speculative import DraftLimits, SpeculativeConfig
 
-__all__ = ["EngineOptions", "EngineParts", "assemble", "new_manager"]
+__all__ = ["EngineOptions", "EngineParts", "assemble", "new_cache_manager", "new_manager"]
 
 
 def new_manager(config: CacheConfig, mesh=None, **options) -> KVCacheManager:
@@ -30,6 +32,28 @@ def new_manager(config: CacheConfig, mesh=None, **options) -> KVCacheManager:
         return KVCacheManager(config, storage, **options)
     except BaseException:
         storage.close()
+        raise
+
+
+def new_cache_manager(config: CacheConfig, mesh, chunk_tokens: int, **options):
+    """The engine's manager: one per layer group (`GroupedKVCacheManager`) when the layers
+    attend differently, so a windowed group gives back its pages while a full-attention one
+    keeps its own; else (or under tensor parallelism, not yet grouped) one `KVCacheManager`."""
+    layers = config.layer_attention or (LayerAttention(),) * config.num_layers
+    max_seq_len = options.get("max_seq_len") or config.num_device_pages * config.tokens_per_block
+    groups = LayerGroups(layers, config.tokens_per_block, max_seq_len)
+    if len(groups) == 1 or mesh is not None:
+        return new_manager(config, mesh, **options)
+    configs = group_configs(config, max_seq_len=max_seq_len, chunk_tokens=chunk_tokens)
+    storages = []
+    try:
+        storages += [KVStorage.for_config(group_config) for group_config in configs]
+        return GroupedKVCacheManager(
+            configs, storages, group_of_layer=groups.group_of_layer, **options
+        )
+    except BaseException:
+        for storage in storages:
+            storage.close()
         raise
 
 
@@ -73,8 +97,8 @@ def assemble(
     mesh=None,
 ) -> EngineParts:
     """The engine's parts, warmed up; on any failure, what was built is released."""
-    manager = new_manager(
-        cache_config, mesh, max_seq_len=options.max_seq_len,
+    manager = new_cache_manager(
+        cache_config, mesh, config.max_num_tokens or 2048, max_seq_len=options.max_seq_len,
         max_total_draft_tokens=max_draft_tokens,
     )  # fmt: skip
     drafter = speculative and speculative.drafter
@@ -108,8 +132,9 @@ def _compiled(model, options: EngineOptions, manager, buckets: Buckets, config, 
     compilations after that."""
     feed_size = max(key.num_seqs for key in buckets.keys)
     registry, params = model_registry(
-        model, impl=options.impl, interpret=options.interpret, mesh=mesh, feed_size=feed_size
-    )
+        model, impl=options.impl, interpret=options.interpret, mesh=mesh, feed_size=feed_size,
+        layer_groups=getattr(manager, "group_of_layer", None),
+    )  # fmt: skip
     compiles = CompileCounter()
     try:
         warm_up(

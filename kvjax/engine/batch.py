@@ -50,7 +50,7 @@ def pack_rows(
     """Inputs of `key`'s shapes for rows fed back to back (`pieces[i]` the new tokens of
     `caches[i]`, which has `kv_lens[i]` keys after them), logits at each row's last token;
     written straight into one packed buffer (`StepInputs.empty`), padding past the rows."""
-    inputs = StepInputs.empty(key, manager.max_blocks)
+    inputs = StepInputs.empty(key, manager.page_table_width)
     num_seqs = len(pieces)
     cu_q_lens = inputs.cu_q_lens
     np.cumsum(np.fromiter(map(len, pieces), np.int32, num_seqs), out=cu_q_lens[1 : num_seqs + 1])

@@ -19,16 +19,21 @@ __all__ = ["CompileCounter", "compile_steps", "model_registry", "warm_up"]
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-def model_registry(model, *, impl=None, interpret=None, mesh=None, on_logits=None, feed_size=1):
+def model_registry(
+    model, *, impl=None, interpret=None, mesh=None, on_logits=None, feed_size=1, layer_groups=None
+):
     """`model`'s step as a `StepRegistry`, and the params it runs on: split from the NNX module,
     and sharded by `model.partition_specs()` over `mesh` when given. `on_logits` maps the
     logits the step returns (e.g. to argmax tokens). `feed_size`: see `StepRegistry`.
+    `layer_groups`: each layer's group when the pool is a tuple of each group's pool.
 
     Returns:
         (registry, params): params as the flat list of the model's arrays, flattened once here
         rather than on every call (an `nnx.State` of a deep model takes ~0.5 ms to flatten).
     """
     options = {"impl": impl or default_impl(), "interpret": interpret}
+    if layer_groups is not None:
+        options["layer_groups"] = tuple(layer_groups)
     graphdef, params = nnx.split(model)
     if mesh is not None:
         params = shard_params(params, model.partition_specs(), mesh)
@@ -44,10 +49,13 @@ def model_registry(model, *, impl=None, interpret=None, mesh=None, on_logits=Non
 
 
 def compile_steps(registry: StepRegistry, params, manager: KVCacheManager, keys) -> None:
-    """Compiles a step per key from shapes (page tables `manager.max_blocks` wide) and the
+    """Compiles a step per key from shapes (page tables `manager.page_table_width` wide) and the
     manager's page moves; must run inside `allow_compile()`."""
     registry.warmup(
-        params, manager.pool, lambda key: StepInputs.placeholder(key, manager.max_blocks), keys
+        params,
+        manager.pool,
+        lambda key: StepInputs.placeholder(key, manager.page_table_width),
+        keys,
     )
     manager.storage.warmup()
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
+import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -226,7 +227,8 @@ class Engine:
         except Exception as error:
             # A failure that consumed the donated pool (or a step that failed on the device):
             # recover once; twice in a row, raise.
-            lost = isinstance(error, StepLost) or self.manager.pool.is_deleted()
+            pools = jax.tree.leaves(self.manager.pool)  # one pool, or each layer group's
+            lost = isinstance(error, StepLost) or any(pool.is_deleted() for pool in pools)
             if not lost or self._runner.recovering:
                 raise
             self._runner.drop()

@@ -262,7 +262,8 @@ class StepRegistry:
             (StepInputs.packed_size(key, width),), np.int32, sharding=self._input_sharding
         )
         fed = _struct(self._no_feed)
-        return self._jitted.lower(structs, _struct(pool), packed, fed, key, width)
+        pool = jax.tree.map(_struct, pool)  # one array, or each layer group's
+        return self._jitted.lower(structs, pool, packed, fed, key, width)
 
     def _add(self, key: BucketKey, executable) -> Any:
         self._executables[key] = executable
