@@ -2,12 +2,12 @@
 full attention, at growing contexts.
 
 Pages: a request is served as the engine does (prompt committed in 2048-token chunks, then 64
-decode steps) on a `KVCacheManager` whose layers attend as in a Gemma-3-4B-shaped model (34
-layers: 5 local with a `--window` of 1024, then 1 global), a Mistral-shaped one (every layer
-windowed) and one with full attention everywhere; the device pages it holds at the end are
-counted. One page holds a block of every layer, so it goes only once every layer is done with
-it; `per_group_projection` is what pages per layer group would hold (from the groups' stale
-ranges; not served yet).
+decode steps) on the manager the engine builds for layers that attend as in a Gemma-3-4B-shaped
+model (34 layers: 5 local with a `--window` of 1024, then 1 global; a pool per layer group), the
+same model on one pool (a page holds every layer, so it goes only once every layer is done with
+it), a Mistral-shaped one (every layer windowed) and one with full attention everywhere. The
+bytes of the device pages it holds at the end (and at its peak) are counted, as a share of full
+attention's.
 
 Attention: decode attention of one Gemma-3-4B layer (8 query heads, 4 KV heads, head_dim 256,
 bf16, 16-token pages), full and windowed, `--batch` sequences of each context on permuted pages,
@@ -28,32 +28,42 @@ import jax
 
 from benchmarks.bench_kernels import decode_inputs, median_seconds
 from kernels.paged_attention import paged_decode_attention
-from kvjax.cache import CacheConfig, KVCacheManager
-from kvjax.cache.life_cycles import LayerAttention, LayerGroups, windows_by_layer
-from kvjax.runtime.storage import KVStorage
+from kvjax.cache import CacheConfig
+from kvjax.cache.life_cycles import LayerAttention, windows_by_layer
+from kvjax.engine.assembly import new_cache_manager, new_manager
 
 Q_HEADS, KV_HEADS, HEAD_DIM, TOKENS_PER_BLOCK, NUM_LAYERS = 8, 4, 256, 16, 34
-PAGE_BYTES = NUM_LAYERS * 2 * KV_HEADS * TOKENS_PER_BLOCK * HEAD_DIM * 2  # bf16, every layer
+LAYER_PAGE_BYTES = 2 * KV_HEADS * TOKENS_PER_BLOCK * HEAD_DIM * 2  # one layer's block, bf16
 CHUNK, DECODE_STEPS = 2048, 64
 
 
 def patterns(window: int) -> dict[str, list[LayerAttention]]:
+    gemma = windows_by_layer(NUM_LAYERS, [window] * 5 + [None])
     return {
-        "full": windows_by_layer(NUM_LAYERS, [None]),
-        "gemma3_5to1": windows_by_layer(NUM_LAYERS, [window] * 5 + [None]),
-        "mistral_all_windowed": windows_by_layer(NUM_LAYERS, [window]),
+        "full": (windows_by_layer(NUM_LAYERS, [None]), False),
+        "gemma3_5to1": (gemma, True),
+        "gemma3_5to1_one_pool": (gemma, False),
+        "mistral_all_windowed": (windows_by_layer(NUM_LAYERS, [window]), False),
     }
 
 
-def pages_held(layers: list[LayerAttention], context: int) -> dict:
-    """Device pages one request holds once `context` tokens are in its history."""
+def layer_pages(manager, cache) -> int:
+    """Pages held, each counted by its layers: blocks of one layer."""
+    managers, parts = getattr(manager, "managers", [manager]), getattr(cache, "caches", [cache])
+    pairs = zip(managers, parts, strict=True)
+    return sum(len(part.held_pages()) * m.config.num_layers for m, part in pairs)
+
+
+def pages_held(layers: list[LayerAttention], grouped: bool, context: int) -> dict:
+    """Layer-pages one request holds once `context` tokens are in its history, and at peak."""
     # Page counts do not depend on the page's bytes: a small page keeps the pool small.
     config = CacheConfig(
         num_layers=NUM_LAYERS, num_kv_heads=1, head_dim=1, tokens_per_block=TOKENS_PER_BLOCK,
-        dtype="float32", device_pages=context // TOKENS_PER_BLOCK + 64, host_pages=0,
+        dtype="float32", device_pages=2 * context // TOKENS_PER_BLOCK + 64, host_pages=0,
         layer_attention=layers,
     )  # fmt: skip
-    manager = KVCacheManager(config, KVStorage.for_config(config))
+    build = new_cache_manager if grouped else (lambda c, mesh, chunk, **o: new_manager(c, **o))
+    manager = build(config, None, CHUNK, max_seq_len=context)
     cache = manager.create_kv_cache()
     assert cache.resume()
     prompt = list(range(context - DECODE_STEPS))
@@ -61,32 +71,24 @@ def pages_held(layers: list[LayerAttention], context: int) -> dict:
     for start in range(0, len(prompt), CHUNK):  # chunked prefill, committed for reuse
         chunk = prompt[start : start + CHUNK]
         assert cache.resize(capacity=cache.history_length + len(chunk))
-        peak = max(peak, len(cache.held_pages()))
+        peak = max(peak, layer_pages(manager, cache))
         cache.commit(chunk)
     cache.stop_committing()
     for _ in range(DECODE_STEPS):
         assert cache.resize(capacity=cache.history_length + 1)
-        peak = max(peak, len(cache.held_pages()))
+        peak = max(peak, layer_pages(manager, cache))
         cache.resize(history_length=cache.history_length + 1)
-    held = len(cache.held_pages())
+    held = layer_pages(manager, cache)
     cache.close()
     manager.shutdown()
-    return {"pages_held": held, "peak_pages_held": peak, "blocks": cache_blocks(context)}
-
-
-def cache_blocks(context: int) -> int:
-    return -(-context // TOKENS_PER_BLOCK)
-
-
-def per_group_projection(layers: list[LayerAttention], context: int) -> float:
-    """Layer-pages a request would hold at `context` with a page per layer group, as a share
-    of one page per block of every layer (arithmetic on the groups' stale ranges)."""
-    groups = LayerGroups(layers, TOKENS_PER_BLOCK, max_seq_len=1 << 20)
-    blocks = cache_blocks(context)
-    held = 0
-    for group, (start, end) in enumerate(groups.stale_ranges(context)):
-        held += (blocks - (end - start)) * len(groups.layers_of(group))
-    return held / (blocks * NUM_LAYERS)
+    full = -(-context // TOKENS_PER_BLOCK) * NUM_LAYERS
+    return {
+        "pool_groups": len(getattr(manager, "managers", [manager])),
+        "share_of_full": held / full,
+        "peak_share_of_full": peak / full,
+        "gib_held": held * LAYER_PAGE_BYTES / 2**30,
+        "full_attention_gib": full * LAYER_PAGE_BYTES / 2**30,
+    }
 
 
 def attention_us(batch: int, context: int, window: int, repeats: int) -> dict:
@@ -123,14 +125,8 @@ def main() -> None:
     rows = []
     for context in args.contexts:
         row = {"context": context, "window": args.window, "batch": args.batch}
-        for name, layers in patterns(args.window).items():
-            held = pages_held(layers, context)
-            row[name] = {
-                **held,
-                "share_of_full": held["pages_held"] / cache_blocks(context),
-                "gib_held": held["pages_held"] * PAGE_BYTES / 2**30,
-                "per_group_projection": per_group_projection(layers, context),
-            }
+        for name, (layers, grouped) in patterns(args.window).items():
+            row[name] = pages_held(layers, grouped, context)
         row.update(attention_us(args.batch, context, args.window, args.repeats))
         rows.append(row)
         print(json.dumps(row), flush=True)

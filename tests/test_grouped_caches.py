@@ -198,3 +198,24 @@ def test_five_local_layers_per_global_one_hold_a_fifth_of_the_pages_at_long_cont
     assert held_bytes / full_bytes <= 0.25
     cache.close()
     manager.check_no_leaks()
+
+
+def test_suspending_needs_room_in_each_groups_colder_tier():
+    from kvjax.serving.request import Request
+    from kvjax.serving.resources import CacheResources
+
+    manager, fill = make(device=40, host=20)
+    cache = fill.start()
+    fill.decode(cache, range(60))  # the windowed group holds 3 pages, the full one 15
+    request = Request(request_id=0, prompt_token_ids=list(range(4)))
+    request.cache = cache
+    resources = CacheResources(manager)
+    windowed_host, full_host = (m.pages.num_usable(Tier.HOST) for m in manager.managers)
+    # 6 host pages take the windowed group's 3, 33 the full group's 15: all 18 pages at
+    # once would not fit the windowed group's tier.
+    assert (windowed_host, full_host) == (6, 33) and resources.can_suspend(request)
+    assert manager.pages.num_usable(Tier.HOST) <= windowed_host + full_host
+    events = manager.take_events()  # the full group's tree: every stored block once
+    assert len(events) == 15 and manager.num_lost_events == 0
+    cache.close()
+    manager.check_no_leaks()

@@ -170,6 +170,24 @@ class GroupedKVCacheManager:
         """The first group's counters (reuse counts are the same in every group)."""
         return self.managers[0].stats
 
+    def reset_stats(self) -> None:
+        for manager in self.managers:
+            manager.reset_stats()
+
+    def take_events(self) -> list[Any]:
+        """KV events of a full-attention group's tree (the one whose drops end reuse), else
+        of the first group's."""
+        return self._event_source.take_events()
+
+    @property
+    def num_lost_events(self) -> int:
+        return self._event_source.num_lost_events
+
+    @property
+    def _event_source(self) -> KVCacheManager:
+        full = [m for m in self.managers if not m.pages.life_cycle.is_windowed]
+        return (full or self.managers)[0]
+
     def page_table(self, caches: Sequence[GroupedKVCache], num_rows: int, *, out=None):
         """int32[num_rows, groups * max_blocks]: each group's page table of the ACTIVE caches,
         side by side (group g in columns `[g * max_blocks, (g + 1) * max_blocks)`); written

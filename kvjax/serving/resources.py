@@ -153,12 +153,16 @@ class CacheResources:
     def can_suspend(self, request: Request) -> bool:
         """Whether the colder tiers can take the request's pages (free, or made free by moving
         or dropping cached pages); without a colder tier its pages stay on the device."""
-        pages = self.manager.pages
-        colder = pages.tiers[1:]
-        if not colder:
-            return True
-        room = sum(pages.num_free(tier) + pages.num_evictable(tier) for tier in colder)
-        return room >= len(request.cache.held_pages())  # stale blocks under a window hold none
+        cache = request.cache
+        # A cache per layer group (`GroupedKVCache`): each group's tiers take its own pages.
+        grouped = hasattr(cache, "caches")
+        parts = list(zip(self.manager.managers, cache.caches, strict=True)) if grouped else []
+        for manager, part in parts or [(self.manager, cache)]:
+            pages = manager.pages
+            room = sum(pages.num_free(tier) + pages.num_evictable(tier) for tier in pages.tiers[1:])
+            if pages.tiers[1:] and room < len(part.held_pages()):  # stale blocks hold none
+                return False
+        return True
 
     def recompute_request(self, request: Request) -> None:
         """Closes the request's cache (committed blocks stay in the tree, so the recomputation
