@@ -128,13 +128,16 @@ class Llama(nnx.Module):
         rows = tuple(pool.reshape(-1, *pool.shape[2:]) for pool in pools)
 
         def scan_runs(carry, runs, first_layer=0):  # one scan per run of equal windows
-            for start, end, window in runs:
+            for start, end, (window, group) in runs:
                 layers = first_layer + jnp.arange(start, end, dtype=jnp.int32)
-                step = functools.partial(layer_step, window=window, group=groups[start])
+                step = functools.partial(layer_step, window=window, group=group)
                 carry, _ = jax.lax.scan(step, carry, layers)
             return carry
 
-        period, repeats, period_runs, tail_runs = layer_plan(config.layer_windows)
+        # Runs of layers with the same window in the same pool.
+        period, repeats, period_runs, tail_runs = layer_plan(
+            tuple(zip(config.layer_windows, groups, strict=True))
+        )
         carry = (x, rows)
         if repeats > 1:  # interleaved windows (Gemma's 5:1): a scan over the repeating pattern
             firsts = jnp.arange(repeats, dtype=jnp.int32) * period
@@ -186,11 +189,11 @@ class Llama(nnx.Module):
         return (x, (*pools[:group], kv_pool, *pools[group + 1 :])), None
 
 
-def layer_plan(windows: tuple[int | None, ...]) -> tuple[int, int, list, list]:
-    """How the forward loops over layers with these windows: `(period, repeats, runs of one
-    period, runs after the repeats)`, runs as `(start, end, window)`. A pattern repeated (five
-    local layers and a global one) is one scan over its repeats, each a scan per run: the
-    traced layers are those of one period, however deep the model."""
+def layer_plan(windows: tuple) -> tuple[int, int, list, list]:
+    """How the forward loops over layers with these windows (or any per-layer keys):
+    `(period, repeats, runs of one period, runs after the repeats)`, runs as `(start, end,
+    window)`. A pattern repeated (five local layers and a global one) is one scan over its
+    repeats, each a scan per run: the traced layers are those of one period, however deep."""
     runs = _window_runs(windows)
     for period in range(1, len(windows) // 2 + 1):
         repeats = len(windows) // period
@@ -205,9 +208,9 @@ def layer_plan(windows: tuple[int | None, ...]) -> tuple[int, int, list, list]:
     return len(windows), 1, [], runs
 
 
-def _window_runs(windows: tuple[int | None, ...]) -> list[tuple[int, int, int | None]]:
+def _window_runs(windows: tuple) -> list[tuple]:
     """`(start, end, window)` of each run of consecutive layers with the same window."""
-    runs: list[tuple[int, int, int | None]] = []
+    runs: list[tuple] = []
     for layer, window in enumerate(windows):
         if runs and runs[-1][2] == window:
             runs[-1] = (runs[-1][0], layer + 1, window)

@@ -137,3 +137,33 @@ def test_a_cache_config_must_keep_what_the_model_reads(model):
     assert windowed.layer_attention == (LayerAttention(WINDOW),) * 2
     with pytest.raises(ValueError, match=r"layer_attention\[0\]=.*releases pages that layer 0"):
         Engine(full, windowed, SchedulerConfig(max_batch_size=2, max_num_tokens=16))
+
+
+def test_a_cache_keeping_more_than_the_model_reads_splits_the_pools_by_its_groups(compile_cache):
+    """Model windows (6, 6, full) and a cache that keeps a 12-token window for layer 1: three
+    layer groups, so the forward's run of layers 0-1 (one window) spans two pools; each layer
+    must write and read its own group's pool."""
+    import dataclasses
+
+    from kvjax.cache.grouped import GroupedKVCacheManager
+    from kvjax.cache.life_cycles import LayerAttention
+    from kvjax.engine.engine import Engine
+    from kvjax.engine.geometry import cache_config_for
+
+    config = tiny_config(
+        vocab_size=64, num_layers=3, sliding_window=WINDOW, windowed_layers=(True, True, False)
+    )
+    model = random_model(config, seed=8)
+    cache_config = dataclasses.replace(
+        cache_config_for(model, tokens_per_block=4, device_pages=60, host_pages=0),
+        layer_attention=(LayerAttention(WINDOW), LayerAttention(2 * WINDOW), LayerAttention()),
+    )
+    scheduler = SchedulerConfig(max_batch_size=4, max_num_tokens=16, chunk_unit=4)
+    engine = Engine(model, cache_config, scheduler)
+    assert isinstance(engine.manager, GroupedKVCacheManager)
+    assert engine.manager.group_of_layer == (0, 1, 2)
+    prompts = prompts_with_shared_prefix(np.random.default_rng(3), 9, [7, 22])
+    outputs = serve_checked(engine, prompts, LONG)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == dense_greedy(model, prompt, LONG.max_new_tokens)
+    engine.shutdown()

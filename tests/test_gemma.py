@@ -236,3 +236,22 @@ def test_a_long_gemma_generation_holds_its_windows_pages_and_the_global_history(
     assert output.token_ids == dense_greedy(model, prompt, 48)
     engine.manager.check_no_leaks()
     engine.shutdown()
+
+
+def test_guaranteed_no_evict_keeps_one_pool(model):
+    """Whole-life reservations grow every group by the whole sequence, which a windowed
+    group's pool is not sized for: such an engine keeps one pool, and serves exactly."""
+    from kvjax.cache import KVCacheManager
+    from kvjax.serving.scheduler import SchedulerPolicy
+
+    scheduler = SchedulerConfig(
+        max_batch_size=4, max_num_tokens=16, chunk_unit=4,
+        policy=SchedulerPolicy.GUARANTEED_NO_EVICT,
+    )  # fmt: skip
+    engine = make_engine(model, scheduler=scheduler)
+    assert isinstance(engine.manager, KVCacheManager)
+    prompts = prompts_with_shared_prefix(np.random.default_rng(2), 5, [9, 14])
+    outputs = serve_checked(engine, prompts, LONG)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output.token_ids == dense_greedy(model, prompt, LONG.max_new_tokens)
+    engine.shutdown()

@@ -219,3 +219,34 @@ def test_suspending_needs_room_in_each_groups_colder_tier():
     assert len(events) == 15 and manager.num_lost_events == 0
     cache.close()
     manager.check_no_leaks()
+
+
+@pytest.mark.parametrize("first", ["full", "windowed"])
+def test_groups_are_built_at_the_length_they_hold(first):
+    """A window the sequences never outgrow is full attention: with 6 device pages the full
+    group holds 24 tokens, so a 32-token window is no group of its own; with 40 it is."""
+    import warnings
+
+    from kvjax.cache import KVCacheManager
+    from kvjax.engine.assembly import new_cache_manager
+
+    layers = [LayerAttention(), LayerAttention(32)]
+    layers = layers if first == "full" else layers[::-1]
+    for device, grouped in ((6, False), (40, True)):
+        config = CacheConfig(
+            num_layers=2, num_kv_heads=1, head_dim=4, tokens_per_block=TPB, dtype="float32",
+            device_pages=device, host_pages=0, layer_attention=layers,
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            manager = new_cache_manager(config, None, 4, max_seq_len=64)
+        assert isinstance(manager, GroupedKVCacheManager) == grouped
+        assert isinstance(manager, KVCacheManager) != grouped
+        if grouped:
+            assert len({m.max_blocks for m in manager.managers}) == 1
+            fill = Fill(manager)
+            cache = fill.start()
+            fill.decode(cache, range(manager.max_seq_len - 1))
+            cache.close()
+        manager.check_no_leaks()
+        manager.shutdown()

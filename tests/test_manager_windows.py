@@ -244,3 +244,56 @@ def test_a_windowed_sequence_may_outgrow_the_device():
     full = CacheConfig(**{**vars(config), "layer_attention": None})
     with pytest.warns(UserWarning, match="clamped to 44"):
         KVCacheManager(full, KVStorage.for_config(full), max_seq_len=256)
+
+
+def test_a_resume_that_would_drop_the_shared_block_keeps_what_its_window_reads():
+    """A 19-token match gave back blocks 0-2 (window 8); resuming on a full device would fall
+    back to the 16 full tokens, whose window reads block 2 again: the resume refuses instead."""
+    config = CacheConfig(
+        num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB, dtype="float32",
+        device_pages=9, host_pages=0, layer_attention=[LayerAttention(8)], max_util_for_resume=1.0,
+    )  # fmt: skip
+    manager = KVCacheManager(config, KVStorage.for_config(config), max_seq_len=64)
+    engine = FillCheckEngine(manager)
+    tokens = list(range(100, 120))
+    first = start(manager, engine)
+    decode(engine, first, tokens)
+    first.close()
+    reader = manager.create_kv_cache(tokens[:19])
+    engine.register(reader)
+    assert reader.released_blocks == range(0, 3)
+    hog = start(manager, engine)
+    while hog.resize(capacity=hog.capacity + TPB):
+        pass
+    assert not reader.resume() and reader.num_committed_tokens == 19
+    engine.check_all()
+    hog.close()
+    assert reader.resume()
+    decode(engine, reader, [1, 2])
+    reader.close()
+    manager.check_no_leaks()
+
+
+def test_a_quota_resize_keeps_the_window():
+    """Shrinking the device below the window must not turn the window into full attention:
+    the tree still holds blocks whose pages the window let go."""
+    config = CacheConfig(
+        num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB, dtype="float32",
+        device_pages=32, host_pages=0, layer_attention=[LayerAttention(40)],
+    )  # fmt: skip
+    manager = KVCacheManager(config, KVStorage.for_config(config))
+    engine = FillCheckEngine(manager)
+    tokens = list(range(100, 180))
+    first = start(manager, engine)
+    decode(engine, first, tokens)
+    first.close()
+    hog = start(manager, engine)
+    assert hog.resize(capacity=15 * TPB)
+    hog.close()
+    assert manager.resize_quota(Tier.DEVICE, num_pages=10)
+    assert manager.pages.life_cycle == LifeCycle(40, 0)
+    manager.check_invariants()
+    cache = manager.create_kv_cache(tokens[:20])  # its window would read evicted blocks
+    assert cache.num_reused_tokens == 0
+    cache.close()
+    manager.check_no_leaks()

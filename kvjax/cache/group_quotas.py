@@ -10,7 +10,7 @@ from kvjax.cache.checks import check_int
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.life_cycles import LayerAttention, LayerGroups
 
-__all__ = ["group_configs"]
+__all__ = ["group_configs", "grouped_max_seq_len"]
 
 
 def group_configs(config: CacheConfig, *, max_seq_len: int, chunk_tokens: int) -> list[CacheConfig]:
@@ -60,3 +60,15 @@ def group_configs(config: CacheConfig, *, max_seq_len: int, chunk_tokens: int) -
             )
         )
     return configs
+
+
+def grouped_max_seq_len(configs: list[CacheConfig], requested: int | None) -> int:
+    """The longest sequence every group holds: `requested` (default: what the full-attention
+    groups' devices hold), clamped to it; a windowed group holds any length."""
+    limits = [
+        (config.num_device_pages - 1) * config.tokens_per_block
+        for config in configs
+        if config.layer_attention is None
+    ]
+    default = min(limits or [(configs[0].num_device_pages - 1) * configs[0].tokens_per_block])
+    return min([requested or default, *limits])

@@ -28,7 +28,7 @@ import numpy as np
 from kvjax.cache.cache_status import CacheStatus, checked_lengths
 from kvjax.cache.checks import check_int
 from kvjax.cache.config import CacheConfig
-from kvjax.cache.group_quotas import group_configs
+from kvjax.cache.group_quotas import group_configs, grouped_max_seq_len
 from kvjax.cache.grouped_views import GroupedPages, GroupedStorage
 from kvjax.cache.keys import Token
 from kvjax.cache.kv_cache import KVCache
@@ -66,14 +66,7 @@ class GroupedKVCacheManager:
             raise ValueError(f"{len(configs)} configs for {len(storages)} storages")
         if max_seq_len is not None:
             check_int("max_seq_len", max_seq_len, minimum=1)
-        limits = [
-            (config.num_device_pages - 1) * config.tokens_per_block
-            for config in configs
-            if config.layer_attention is None
-        ]
-        # Default: what the full-attention groups hold (windowed groups hold any length).
-        default = min(limits or [(configs[0].num_device_pages - 1) * configs[0].tokens_per_block])
-        limit = min([max_seq_len or default, *limits])
+        limit = grouped_max_seq_len(configs, max_seq_len)
         if max_seq_len is not None and limit < max_seq_len:
             warnings.warn(
                 f"max_seq_len={max_seq_len} is clamped to {limit}: the tokens the "
@@ -86,6 +79,11 @@ class GroupedKVCacheManager:
             KVCacheManager(config, storage, **options)
             for config, storage in zip(configs, storages, strict=True)
         ]
+        if len({manager.max_blocks for manager in self.managers}) > 1:
+            # A window reaching `limit` is full attention in its group, whose quota was sized
+            # for the window: build the groups at `limit` (`group_configs(max_seq_len=limit)`).
+            lengths = [manager.max_seq_len for manager in self.managers]
+            raise ValueError(f"layer groups hold sequences of {lengths} tokens, not {limit}")
         self.config = configs[0]
         self.group_of_layer = None if group_of_layer is None else tuple(group_of_layer)
         self.max_seq_len = limit

@@ -138,9 +138,7 @@ class KVCache(BlockCommits):
     def num_blocks(self) -> int:
         return len(self._pages)
 
-    @property
-    def tokens_per_block(self) -> int:
-        return self._tpb
+    tokens_per_block = property(lambda self: self._tpb)
 
     def page_ids(self) -> list[int]:
         """Device page id of each block; all `NULL_PAGE` unless ACTIVE (a suspended cache's pages
@@ -168,10 +166,8 @@ class KVCache(BlockCommits):
         return self._released
 
     def __repr__(self) -> str:
-        return (
-            f"KVCache({self._status.name}, committed={len(self._tokens)}, "
-            f"history={self._history}, capacity={self._capacity}, blocks={len(self._pages)})"
-        )
+        lengths = f"committed={len(self._tokens)}, history={self._history}, capacity="
+        return f"KVCache({self._status.name}, {lengths}{self._capacity}, blocks={len(self._pages)})"
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -215,8 +211,11 @@ class KVCache(BlockCommits):
     def _resume_full_blocks_only(self) -> bool:
         """Locks the full reused blocks and gives up the shared partial one (its copy takes one
         page more than a cold run would): its tokens are computed again. False, with nothing
-        changed, when even the full blocks do not fit."""
+        changed, when even the full blocks do not fit, or the shorter history's window reads a
+        block given back."""
         ordinal = self._shared_ordinal  # the last block: a suspended cache never grew
+        if self._released.stop > self._life_cycle.stale_range(ordinal * self._tpb, self._tpb)[1]:
+            return False
         full_blocks = [page for page in self._pages[:ordinal] if page is not None]
         if self._tiers.acquire(full_blocks, priority=self.priority) is None:
             return False

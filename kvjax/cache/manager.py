@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from kvjax.cache.audit import check_counts, check_nothing_held
 from kvjax.cache.blocks import MatchResult
 from kvjax.cache.checks import check_int
 from kvjax.cache.config import CacheConfig
@@ -24,9 +23,9 @@ from kvjax.cache.keys import ReuseScope, Token, token_list
 from kvjax.cache.kv_cache import KVCache
 from kvjax.cache.ledger import CacheLedger, PageStorage
 from kvjax.cache.life_cycles import LayerAttention, LayerGroups, usable_prefix
+from kvjax.cache.manager_reports import ManagerReports
 from kvjax.cache.pages import Tier, fill_rows
 from kvjax.cache.radix_tree import BlockRadixTree
-from kvjax.cache.stats import CacheStats, KVEvent
 from kvjax.cache.tiers import TieredPages
 
 __all__ = ["KVCacheManager"]
@@ -49,7 +48,7 @@ def _tier_sizes(config: CacheConfig, storage: PageStorage) -> dict[Tier, int]:
     return sizes
 
 
-class KVCacheManager:
+class KVCacheManager(ManagerReports):
     """Paged KV storage on tiers, shared through a radix tree by the caches it creates.
 
     Not thread-safe: one thread drives a manager and its caches (the engine's stepping thread).
@@ -88,6 +87,7 @@ class KVCacheManager:
         self._ledger = CacheLedger(config, tiers, storage, max_events)
         self._is_shut_down = False
         self._requested_lengths = (max_seq_len, num_extra_kv_tokens, max_total_draft_tokens)
+        self._set_life_cycle()
         self._set_max_lengths()
         if max_seq_len is not None and self.max_seq_len < max_seq_len:
             warnings.warn(
@@ -99,16 +99,20 @@ class KVCacheManager:
     def _set_max_lengths(self) -> None:
         """`max_seq_len` clamped to the device (default: all of it) and `max_blocks` from it."""
         requested, extra, draft = self._requested_lengths
-        tpb = self.config.tokens_per_block
-        wanted = requested or self.pages.num_usable(Tier.DEVICE) * tpb
-        layers = self.config.layer_attention or (LayerAttention(),) * self.config.num_layers
-        for length in (wanted, None):  # windows reaching a clamped length are full attention
-            self.layer_groups = LayerGroups(layers, tpb, length or self.max_seq_len)
-            # One page holds every layer of a block: it goes once every group is done with it.
-            self._ledger.life_cycle = self.pages.life_cycle = self.layer_groups.page_life_cycle
-            self.max_seq_len = self.clamp_max_seq_len(1, wanted)
+        wanted = requested or self.pages.num_usable(Tier.DEVICE) * self.config.tokens_per_block
+        self.max_seq_len = self.clamp_max_seq_len(1, wanted)
         self.max_blocks = self.max_blocks_per_seq(self.max_seq_len, extra, draft)
         self._ledger.max_blocks = self.max_blocks
+
+    def _set_life_cycle(self) -> None:
+        """When a page stops being needed, fixed for the manager's life (a quota resize keeps
+        it: the tree may hold blocks a window let go). A page holds every layer of a block: it
+        goes once every group is done with it."""
+        tpb, requested = self.config.tokens_per_block, self._requested_lengths[0]
+        length = requested or self.pages.num_usable(Tier.DEVICE) * tpb
+        layers = self.config.layer_attention or (LayerAttention(),) * self.config.num_layers
+        self.layer_groups = LayerGroups(layers, tpb, length)
+        self._ledger.life_cycle = self.pages.life_cycle = self.layer_groups.page_life_cycle
 
     # -- the pool and the tiers ---------------------------------------------------------------
 
@@ -300,51 +304,7 @@ class KVCacheManager:
         self.storage.close()
         self._is_shut_down = True
 
-    # -- stats and events ---------------------------------------------------------------------
-
-    @property
-    def stats(self) -> CacheStats:
-        """A snapshot of the counters."""
-        return CacheStats(**vars(self._ledger.stats))
-
-    def reset_stats(self) -> None:
-        self._ledger.stats = CacheStats()
-
-    @property
-    def moves_digest(self) -> bytes:
-        """A blake3 digest chained over every page move applied so far: equal on processes that
-        moved the same pages in the same order."""
-        return self._ledger.moves_digest
-
-    def take_lost_caches(self) -> list[KVCache]:
-        """Open caches whose KV a failed disk read or write lost (`KVCache.kv_lost`) since the
-        last call: close each and recompute its sequence."""
-        return self._ledger.take_lost_caches()
-
-    def take_events(self) -> list[KVEvent]:
-        """KV events since the last call, oldest first (see `num_lost_events`)."""
-        return self._ledger.events.take()
-
-    @property
-    def num_lost_events(self) -> int:
-        """Events pushed out of the bounded buffer before anyone took them."""
-        return self._ledger.events.num_lost
-
     def _require_running(self) -> None:
         if self._is_shut_down:
             raise RuntimeError("this KVCacheManager was shut down")
         self._ledger.release_orphans()
-
-    def check_invariants(self) -> None:
-        """Raises `AssertionError` unless every page is in one place, every reference count is
-        exact (holders = caches holding the page, locks = ACTIVE ones), the lengths of every
-        cache hold, and the storage has the tiers' sizes."""
-        self._ledger.release_orphans()
-        check_counts(self.pages, self.live_caches, self.storage)
-
-    def check_no_leaks(self) -> None:
-        """Raises `AssertionError` unless nothing is held any more: no cache is left open and
-        every page is free or cached in the radix tree (DROPPABLE, reclaimable at once). Call it
-        when every request is done; it runs `check_invariants` first."""
-        self.check_invariants()
-        check_nothing_held(self.pages, self.live_caches)

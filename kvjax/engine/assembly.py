@@ -5,12 +5,13 @@ limits, the step registry, and every step shape compiled."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 
 from flax import nnx
 
 from kvjax.cache.config import CacheConfig
-from kvjax.cache.grouped import GroupedKVCacheManager, group_configs
+from kvjax.cache.grouped import GroupedKVCacheManager, group_configs, grouped_max_seq_len
 from kvjax.cache.life_cycles import LayerAttention, LayerGroups
 from kvjax.cache.manager import KVCacheManager
 from kvjax.engine.compile import CompileCounter, model_registry, warm_up
@@ -18,7 +19,7 @@ from kvjax.runtime.buckets import Buckets
 from kvjax.runtime.step import StepRegistry
 from kvjax.runtime.storage import KVStorage
 from kvjax.serving.resources import CacheResources
-from kvjax.serving.scheduler import Scheduler, SchedulerConfig
+from kvjax.serving.scheduler import Scheduler, SchedulerConfig, SchedulerPolicy
 from kvjax.serving.speculative import DraftLimits, SpeculativeConfig
 
 __all__ = ["EngineOptions", "EngineParts", "assemble", "new_cache_manager", "new_manager"]
@@ -35,21 +36,34 @@ def new_manager(config: CacheConfig, mesh=None, **options) -> KVCacheManager:
         raise
 
 
-def new_cache_manager(config: CacheConfig, mesh, chunk_tokens: int, **options):
+def new_cache_manager(config: CacheConfig, mesh, chunk_tokens: int, *, groups=True, **options):
     """The engine's manager: one per layer group (`GroupedKVCacheManager`) when the layers
     attend differently, so a windowed group gives back its pages while a full-attention one
-    keeps its own; else (or under tensor parallelism, not yet grouped) one `KVCacheManager`."""
+    keeps its own; else one `KVCacheManager` (also with `groups=False`, and under tensor
+    parallelism: not grouped yet)."""
     layers = config.layer_attention or (LayerAttention(),) * config.num_layers
-    max_seq_len = options.get("max_seq_len") or config.num_device_pages * config.tokens_per_block
-    groups = LayerGroups(layers, config.tokens_per_block, max_seq_len)
-    if len(groups) == 1 or mesh is not None:
-        return new_manager(config, mesh, **options)
-    configs = group_configs(config, max_seq_len=max_seq_len, chunk_tokens=chunk_tokens)
+    requested, tpb = options.pop("max_seq_len", None), config.tokens_per_block
+    length = requested or config.num_device_pages * tpb
+    for _ in range(3):  # until the groups at the length they hold are those they were built as
+        layer_groups = LayerGroups(layers, tpb, length)
+        if len(layer_groups) == 1 or mesh is not None or not groups:
+            break
+        configs = group_configs(config, max_seq_len=length, chunk_tokens=chunk_tokens)
+        limit = grouped_max_seq_len(configs, length)
+        if LayerGroups(layers, tpb, limit).life_cycles == layer_groups.life_cycles:
+            if requested is not None and limit < requested:
+                warnings.warn(f"max_seq_len={requested} is clamped to {limit}", stacklevel=3)
+            return _grouped(configs, limit, layer_groups.group_of_layer, options)
+        length = limit
+    return new_manager(config, mesh, max_seq_len=requested, **options)
+
+
+def _grouped(configs, max_seq_len: int, group_of_layer, options) -> GroupedKVCacheManager:
     storages = []
     try:
         storages += [KVStorage.for_config(group_config) for group_config in configs]
         return GroupedKVCacheManager(
-            configs, storages, group_of_layer=groups.group_of_layer, **options
+            configs, storages, max_seq_len=max_seq_len, group_of_layer=group_of_layer, **options
         )
     except BaseException:
         for storage in storages:
@@ -97,9 +111,12 @@ def assemble(
     mesh=None,
 ) -> EngineParts:
     """The engine's parts, warmed up; on any failure, what was built is released."""
+    # A whole-life reservation (GUARANTEED_NO_EVICT) grows every group by the whole sequence,
+    # which a windowed group's pool is not sized for: such engines keep one pool.
+    no_evict = config.policy is SchedulerPolicy.GUARANTEED_NO_EVICT
     manager = new_cache_manager(
-        cache_config, mesh, config.max_num_tokens or 2048, max_seq_len=options.max_seq_len,
-        max_total_draft_tokens=max_draft_tokens,
+        cache_config, mesh, config.max_num_tokens or 2048, groups=not no_evict,
+        max_seq_len=options.max_seq_len, max_total_draft_tokens=max_draft_tokens,
     )  # fmt: skip
     drafter = speculative and speculative.drafter
     bind = getattr(drafter, "bind", None)  # drafters without their own cache need no limits
