@@ -87,11 +87,11 @@ def test_gemma_greedy_equals_the_dense_reference(model, device_pages):
     for prompt, output in zip(prompts, outputs, strict=True):
         assert len(prompt) + len(output.token_ids) >= min(cap, len(prompt) + 14)
         assert output.token_ids == dense_greedy(model, prompt, len(output.token_ids))
-    # One pool per layer group: the windowed group gives back stale pages. Several groups
-    # reuse whole blocks only: 12 of the 13 shared tokens.
+    # One pool per layer group: the windowed group gives back stale pages; every group
+    # reuses the 13 shared tokens, the partial block copied in each.
     assert isinstance(engine.manager, GroupedKVCacheManager)
     assert engine.manager.managers[0].pages.life_cycle.window == WINDOW
-    assert max(o.metrics.num_reused_tokens for o in outputs) == 12
+    assert max(o.metrics.num_reused_tokens for o in outputs) >= 13
     if device_pages == 12:
         assert sum(o.metrics.num_preemptions for o in outputs) > 0
     engine.manager.check_no_leaks()

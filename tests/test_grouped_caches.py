@@ -250,3 +250,29 @@ def test_groups_are_built_at_the_length_they_hold(first):
             cache.close()
         manager.check_no_leaks()
         manager.shutdown()
+
+
+def test_partial_reuse_copies_the_shared_block_in_every_group_or_in_none(monkeypatch):
+    manager, fill = make(device=40)
+    tokens = list(range(20))
+    first = fill.start()
+    fill.decode(first, tokens)
+    first.close()
+    reader = manager.create_kv_cache(tokens[:18])  # ends inside block 4
+    for engine, group_cache in zip(fill.engines, reader.caches, strict=True):
+        engine.register(group_cache)
+    assert [c.num_reused_tokens for c in reader.caches] == [18, 18]
+    # The full group (resumed second) has no page for its copy: it fails rather than drop
+    # the partial block, and the windowed group is suspended again, still 18 tokens long.
+    monkeypatch.setattr(manager.managers[1].pages, "acquire", lambda *args, **kwargs: None)
+    assert not reader.resume()
+    monkeypatch.undo()
+    assert {(c.status, c.num_committed_tokens) for c in reader.caches} == {
+        (CacheStatus.SUSPENDED, 18)
+    }
+    fill.check_all()
+    assert reader.resume()
+    fill.check_all()
+    fill.decode(reader, [7, 8, 9])
+    reader.close()
+    manager.check_no_leaks()

@@ -126,6 +126,8 @@ class GroupedKVCacheManager:
             for manager in self.managers
         ]
         assert {cache.num_reused_tokens for cache in caches} == {length}, "groups disagree"
+        for cache in caches:  # one group dropping its shared partial block would be shorter
+            cache.may_shorten = False
         grouped = GroupedKVCache(caches, self.max_blocks)
         self._caches[id(grouped)] = grouped
         return grouped
@@ -138,18 +140,16 @@ class GroupedKVCacheManager:
         salt: int | bytes | str | None = None,
     ) -> int:
         """Tokens `create_kv_cache` would reuse now: the longest prefix whose end every group
-        can serve, at a block boundary (a shared partial block would be copied per group on
-        resume, and one group failing that copy would leave the others longer)."""
+        can serve (a partial block is copied in each group on resume; a group short of a page
+        for it fails the resume rather than drop it, so the lengths stay equal)."""
         if len(tokens) > self.max_seq_len:
             raise ValueError(f"{len(tokens)} lookup tokens exceed max_seq_len={self.max_seq_len}")
-        tpb = self.config.tokens_per_block
         length = len(tokens)
         while True:  # each group's match may end earlier at a shorter end: until all agree
             matched = min(
                 manager.probe_reuse(tokens[:length], lora_id=lora_id, salt=salt)
                 for manager in self.managers
             )
-            matched -= matched % tpb
             if matched == length:
                 return length
             length = matched

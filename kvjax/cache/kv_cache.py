@@ -58,8 +58,7 @@ class KVCache(BlockCommits):
         # What a finalizer releases should the cache be dropped without close().
         self._holdings = Holdings()
         self._finalizer = weakref.finalize(self, owner.adopt_orphan, self._holdings)
-        self._status = CacheStatus.SUSPENDED
-        self._commit_state = CommitState.ALLOWED
+        self._status, self._commit_state = CacheStatus.SUSPENDED, CommitState.ALLOWED
         self._kv_lost = False
         self._tokens: list[Token] = reused_tokens
         self._history = self._capacity = len(reused_tokens)
@@ -75,8 +74,10 @@ class KVCache(BlockCommits):
         self._tiers.hold_all([page for page in pages if page is not None])
         self._pages.extend(pages)
         self._tree_blocks.extend(reused)
-        # A match ending mid-block shares that page until the first resume copies it.
+        # A match ending mid-block shares that page until the first resume copies it (or, short
+        # of a page, drops it when `may_shorten`: not in a group, whose lengths must agree).
         self._shared_ordinal: int | None = None
+        self.may_shorten = True
         if len(reused_tokens) % self._tpb:
             self._shared_ordinal = len(reused) - 1
             self._tree_blocks[-1] = None
@@ -195,7 +196,7 @@ class KVCache(BlockCommits):
             return False
         new_pages = tiers.acquire(pages, num_copies, priority=self.priority)
         if new_pages is None:
-            if not num_copies or not self._resume_full_blocks_only():
+            if not num_copies or not self.may_shorten or not self._resume_full_blocks_only():
                 return False
         elif self._shared_ordinal is not None:
             shared, private = self._pages[self._shared_ordinal], new_pages[0]
