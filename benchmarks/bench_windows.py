@@ -11,8 +11,12 @@ attention's.
 
 Attention: decode attention of one Gemma-3-4B layer (8 query heads, 4 KV heads, head_dim 256,
 bf16, 16-token pages), full and windowed, `--batch` sequences of each context on permuted pages,
-and the sum over the model's layers (28 local, 6 global). The XLA path runs everywhere; the Pallas
-kernel is timed only on a GPU (interpret mode is not a timing).
+and the sum over the model's layers (28 local, 6 global). Decode step: one compiled step of a
+34-layer model with Gemma-3-4B's attention shapes (its MLP and vocabulary shrunk, which the
+attention dominates at these contexts), one sequence, on the pools the engine builds (a pool
+per group, the local one holding the window's pages) against the same model with full attention
+on one pool. The XLA path runs everywhere; the Pallas kernel is timed only on a GPU (interpret
+mode is not a timing).
 
     python -m benchmarks.bench_windows [--contexts 4096 16384] [--window 1024] [--smoke]
 """
@@ -25,12 +29,20 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from benchmarks.bench_kernels import decode_inputs, median_seconds
 from kernels.paged_attention import paged_decode_attention
 from kvjax.cache import CacheConfig
 from kvjax.cache.life_cycles import LayerAttention, windows_by_layer
 from kvjax.engine.assembly import new_cache_manager, new_manager
+from kvjax.engine.compile import model_registry
+from kvjax.runtime.buckets import BucketKey
+from kvjax.runtime.step import StepInputs, allow_compile
+from models.config import LlamaConfig
+from models.llama import Llama
 
 Q_HEADS, KV_HEADS, HEAD_DIM, TOKENS_PER_BLOCK, NUM_LAYERS = 8, 4, 256, 16, 34
 LAYER_PAGE_BYTES = 2 * KV_HEADS * TOKENS_PER_BLOCK * HEAD_DIM * 2  # one layer's block, bf16
@@ -111,6 +123,49 @@ def attention_us(batch: int, context: int, window: int, repeats: int) -> dict:
     return row
 
 
+def decode_step_ms(context: int, window: int | None, repeats: int) -> float:
+    """Milliseconds per decode step of one sequence with `context` tokens of history: with
+    `window`, Gemma's 5:1 layers on a pool per group; without, full attention on one pool."""
+    flags = tuple(i % 6 != 5 for i in range(NUM_LAYERS)) if window else None
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=NUM_LAYERS,
+        num_heads=Q_HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, tie_word_embeddings=True,
+        sliding_window=window, windowed_layers=flags,
+    )  # fmt: skip
+    model = Llama(config, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    blocks = context // TOKENS_PER_BLOCK
+    page = (2, KV_HEADS, TOKENS_PER_BLOCK, HEAD_DIM)
+    table = np.zeros((1, 2 * blocks if window else blocks), np.int32)
+    if window:  # the local group holds the window's pages only; the global one every block
+        live = -(-window // TOKENS_PER_BLOCK) + 1
+        table[0, blocks - live : blocks] = 1 + np.arange(live)
+        table[0, blocks:] = 1 + np.arange(blocks)
+        pool = (
+            jnp.zeros((1 + live, sum(flags), *page), jnp.bfloat16),
+            jnp.zeros((1 + blocks, NUM_LAYERS - sum(flags), *page), jnp.bfloat16),
+        )
+        groups = tuple(0 if flag else 1 for flag in flags)
+    else:
+        table[0] = 1 + np.arange(blocks)
+        pool, groups = jnp.zeros((1 + blocks, NUM_LAYERS, *page), jnp.bfloat16), None
+    registry, params = model_registry(model, impl="xla", layer_groups=groups)
+    key = BucketKey(1, 1, 1)
+    inputs = StepInputs(
+        tokens=np.array([3], np.int32), page_table=table, kv_lens=np.array([context], np.int32),
+        cu_q_lens=np.array([0, 1], np.int32), num_seqs=np.array([1], np.int32),
+        logits_indices=np.array([0], np.int32),
+    )  # fmt: skip
+    with allow_compile():
+        registry.warmup(params, pool, lambda _: inputs, [key])
+
+    def step():
+        nonlocal pool
+        logits, pool = registry(params, pool, inputs)
+        return logits
+
+    return 1e3 * median_seconds(step, repeats)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
@@ -128,6 +183,9 @@ def main() -> None:
         for name, (layers, grouped) in patterns(args.window).items():
             row[name] = pages_held(layers, grouped, context)
         row.update(attention_us(args.batch, context, args.window, args.repeats))
+        if not args.smoke or context == args.contexts[-1]:  # the smoke run compiles less
+            row["gemma3_decode_step_ms"] = decode_step_ms(context, args.window, args.repeats)
+            row["full_attention_decode_step_ms"] = decode_step_ms(context, None, args.repeats)
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

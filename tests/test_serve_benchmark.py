@@ -85,3 +85,4 @@ def test_window_benchmark_writes_full_and_windowed_timings(tmp_path, monkeypatch
     assert last["mistral_all_windowed"]["share_of_full"] <= 6 / 32
     assert last["gemma3_5to1"]["pool_groups"] == 2
     assert last["gemma3_5to1"]["share_of_full"] < 0.4
+    assert last["gemma3_decode_step_ms"] > 0 and last["full_attention_decode_step_ms"] > 0
