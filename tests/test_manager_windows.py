@@ -16,18 +16,20 @@ from tests.fill_check import FillCheckEngine
 TPB, WINDOW, SINKS = 4, 8, 2  # the sinks fill part of block 0: one sink block
 
 
-def make(device=32, host=0, layers=None):
+def make(device=32, host=0, layers=None, max_seq_len=None, **options):
+    layers = layers or [LayerAttention(WINDOW, SINKS)] * 2
     config = CacheConfig(
-        num_layers=2,
+        num_layers=len(layers),
         num_kv_heads=1,
         head_dim=4,
         tokens_per_block=TPB,
         dtype="float32",
         device_pages=device,
         host_pages=host,
-        layer_attention=layers or [LayerAttention(WINDOW, SINKS)] * 2,
+        layer_attention=layers,
+        **options,
     )
-    manager = KVCacheManager(config, KVStorage.for_config(config))
+    manager = KVCacheManager(config, KVStorage.for_config(config), max_seq_len=max_seq_len)
     return manager, FillCheckEngine(manager)
 
 
@@ -208,7 +210,10 @@ def test_a_dropped_cache_with_released_blocks_is_released():
 
 def test_bad_layer_attention_is_refused():
     with pytest.raises(ValueError, match="names 1 layers; num_layers=2"):
-        make(layers=[LayerAttention(8)])
+        CacheConfig(
+            num_layers=2, num_kv_heads=1, head_dim=4, device_pages=8,
+            layer_attention=[LayerAttention(8)],
+        )  # fmt: skip
     with pytest.raises(ValueError, match=r"layer_attention\[1\]=8 is not a LayerAttention"):
         make(layers=[LayerAttention(8), 8])
 
@@ -231,13 +236,9 @@ def test_suspending_a_windowed_request_needs_room_for_its_held_pages_only():
 def test_a_windowed_sequence_may_outgrow_the_device():
     """Stale pages go back, so `max_seq_len` is not clamped to what the device holds: 12 pages
     serve a 200-token sequence (50 blocks)."""
-    config = CacheConfig(
-        num_layers=2, num_kv_heads=1, head_dim=4, tokens_per_block=TPB, dtype="float32",
-        device_pages=12, host_pages=0, layer_attention=[LayerAttention(WINDOW, SINKS)] * 2,
-    )  # fmt: skip
-    manager = KVCacheManager(config, KVStorage.for_config(config), max_seq_len=256)
+    manager, engine = make(device=12, max_seq_len=256)
+    config = manager.config
     assert manager.max_seq_len == 256 and manager.max_blocks == 65
-    engine = FillCheckEngine(manager)
     cache = start(manager, engine)
     decode(engine, cache, range(200))
     cache.close()
@@ -249,12 +250,9 @@ def test_a_windowed_sequence_may_outgrow_the_device():
 def test_a_resume_that_would_drop_the_shared_block_keeps_what_its_window_reads():
     """A 19-token match gave back blocks 0-2 (window 8); resuming on a full device would fall
     back to the 16 full tokens, whose window reads block 2 again: the resume refuses instead."""
-    config = CacheConfig(
-        num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB, dtype="float32",
-        device_pages=9, host_pages=0, layer_attention=[LayerAttention(8)], max_util_for_resume=1.0,
-    )  # fmt: skip
-    manager = KVCacheManager(config, KVStorage.for_config(config), max_seq_len=64)
-    engine = FillCheckEngine(manager)
+    manager, engine = make(
+        device=9, layers=[LayerAttention(8)], max_seq_len=64, max_util_for_resume=1.0
+    )
     tokens = list(range(100, 120))
     first = start(manager, engine)
     decode(engine, first, tokens)
@@ -277,12 +275,7 @@ def test_a_resume_that_would_drop_the_shared_block_keeps_what_its_window_reads()
 def test_a_quota_resize_keeps_the_window():
     """Shrinking the device below the window must not turn the window into full attention:
     the tree still holds blocks whose pages the window let go."""
-    config = CacheConfig(
-        num_layers=1, num_kv_heads=1, head_dim=4, tokens_per_block=TPB, dtype="float32",
-        device_pages=32, host_pages=0, layer_attention=[LayerAttention(40)],
-    )  # fmt: skip
-    manager = KVCacheManager(config, KVStorage.for_config(config))
-    engine = FillCheckEngine(manager)
+    manager, engine = make(device=32, layers=[LayerAttention(40)])
     tokens = list(range(100, 180))
     first = start(manager, engine)
     decode(engine, first, tokens)

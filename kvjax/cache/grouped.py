@@ -192,10 +192,9 @@ class GroupedKVCacheManager:
         into `out`, a zeroed array of that shape, when given."""
         width = self.max_blocks
         table = np.zeros((num_rows, self.page_table_width), np.int32) if out is None else out
-        for group, manager in enumerate(self.managers):
-            part = np.zeros((num_rows, width), np.int32)
+        for group, manager in enumerate(self.managers):  # each fills its own columns, in place
+            part = table[:, group * width : (group + 1) * width]
             manager.page_table([cache.caches[group] for cache in caches], num_rows, out=part)
-            table[:, group * width : (group + 1) * width] = part
         return table
 
     def take_lost_caches(self) -> list[GroupedKVCache]:
