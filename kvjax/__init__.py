@@ -20,6 +20,7 @@ _PUBLIC = {
     "DraftModelDrafter": "kvjax.engine.draft_model",
     "KVStorage": "kvjax.runtime.storage",
     "load_hf_checkpoint": "models.loader",
+    "load_gguf_checkpoint": "models.gguf_loader",
 }
 
 __all__ = sorted(_PUBLIC)

