@@ -12,10 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # What each package may import (its own modules included). Imports point down only:
-# cache <- serving <- engine, kernels <- runtime <- engine, models uses kernels and the runtime.
+# cache <- serving <- engine, text <- serving, kernels <- runtime <- engine, models uses kernels and
+# the runtime.
 ALLOWED = {
     "kvjax.cache": {"kvjax.cache"},
-    "kvjax.serving": {"kvjax.cache", "kvjax.serving"},
+    "kvjax.text": {"kvjax.text"},
+    "kvjax.serving": {"kvjax.cache", "kvjax.serving", "kvjax.text"},
     "kvjax.runtime": {"kvjax.cache", "kvjax.runtime", "kernels"},
     "kernels": {"kernels"},
     "models": {"models", "kernels", "kvjax.runtime"},
@@ -23,10 +25,13 @@ ALLOWED = {
         "kvjax.engine",
         "kvjax.cache",
         "kvjax.serving",
+        "kvjax.text",
         "kvjax.runtime",
         "kernels",
         "models",
     },
+    # The command-line chat on top of the engine.
+    "kvjax.chat": {"kvjax.chat", "kvjax.engine", "kvjax.serving", "kvjax.text"},
 }
 OUR_ROOTS = ("kvjax", "kernels", "models")
 MAX_FUNCTION_LINES = 50
@@ -95,18 +100,19 @@ def test_the_direction_check_catches_an_upward_import(tmp_path):
 
 def host_side_modules() -> list[str]:
     names = []
-    for package in ("kvjax.cache", "kvjax.serving"):
+    for package in ("kvjax.cache", "kvjax.serving", "kvjax.text"):
         path = ROOT.joinpath(*package.split("."))
         names.append(package)
         names += [f"{package}.{m.name}" for m in pkgutil.walk_packages([str(path)])]
     return names
 
 
-def test_cache_and_serving_import_no_jax():
+def test_cache_serving_and_text_import_no_jax():
     """The host side stays plain Python and numpy: fast to test, impossible to trace. Every
-    module of the two packages is found by walking them, not by a list."""
+    module of the three packages is found by walking them, not by a list."""
     modules = host_side_modules()
     assert "kvjax.cache.manager" in modules and "kvjax.serving.scheduler" in modules
+    assert "kvjax.text.tokenizer" in modules and "kvjax.text.detokenizer" in modules
     code = (
         f"import sys\nfor name in {modules!r}:\n    __import__(name)\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"

@@ -11,30 +11,29 @@ is compiled at construction; serving never compiles.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.multimodal import MultimodalItem
 from kvjax.engine.assembly import EngineOptions, EngineParts, assemble
+from kvjax.engine.generation import Generation
 from kvjax.engine.geometry import check_model_geometry
-from kvjax.engine.preflight import check_processes_agree, plan
+from kvjax.engine.preflight import check_processes_agree, check_tokenizer, plan
 from kvjax.engine.recovery import recover_lost_pool
 from kvjax.engine.runner import StepLost, StepRunner
 from kvjax.runtime.buckets import Buckets
 from kvjax.runtime.compile_cache import configure_compile_cache
 from kvjax.runtime.sharding import spans_processes, tensor_parallel_mesh
-from kvjax.serving.intake import RequestIntake
+from kvjax.serving.intake import Prompt, RequestIntake, encode_prompt
 from kvjax.serving.interrupts import interrupts_deferred
 from kvjax.serving.metrics import EngineMetrics
 from kvjax.serving.progress import ProgressWatch, memory_report
@@ -43,10 +42,13 @@ from kvjax.serving.request_queue import RequestQueue
 from kvjax.serving.scheduler import SchedulerConfig, SchedulerOutput
 from kvjax.serving.speculative import DraftPlanner, SpeculativeConfig
 
+if TYPE_CHECKING:  # the text layer loads only where a tokenizer is used
+    from kvjax.text.tokenizer import Tokenizer
+
 __all__ = ["Engine"]
 
 
-class Engine:
+class Engine(Generation):
     """Serves requests with a model that follows the model protocol (`models.llama.Llama`):
     `model(inputs, kv_pool, impl=, interpret=) -> (logits, kv_pool)` and a `config` with
     `vocab_size`, `num_layers`, `num_kv_heads`, `head_dim`.
@@ -65,7 +67,10 @@ class Engine:
         commit_generated: also commit generated tokens, so follow-up turns reuse them.
         lora_pages: the known LoRA adapters and the device pages each takes (the scheduler's
             LoRA budget); requests naming another id are refused.
-        eos_token_ids: tokens that end a request unless it ignores EOS (default the model's).
+        eos_token_ids: tokens that end a request unless it ignores EOS (default the model's
+            and the tokenizer's).
+        tokenizer: text in and out (`kvjax.text.load_tokenizer`): prompts may be strings or
+            chat messages, outputs carry `.text`, requests may give stop strings.
         impl, interpret: kernel choice (default Pallas on a GPU, XLA elsewhere).
         seed: draws the seeds of requests that give none.
         speculative: a drafter and draft lengths; each step then verifies every generation
@@ -107,8 +112,11 @@ class Engine:
         check_agreement: bool = False,
         compile_cache: bool | str | os.PathLike = True,
         overlap: bool = True,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         config = self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.tokenizer = tokenizer
+        eos_token_ids = check_tokenizer(model, tokenizer, eos_token_ids)
         self.compile_cache_dir = configure_compile_cache(compile_cache)
         check_model_geometry(model, cache_config)
         self.mesh = None if tensor_parallel is None else tensor_parallel_mesh(tensor_parallel)
@@ -143,7 +151,9 @@ class Engine:
         self._drafting = self.speculative and DraftPlanner(
             self.speculative, self.resources, config, self.vocab_size
         )
-        intake = RequestIntake(self.manager, config, self.vocab_size, self.lora_pages, seed)
+        intake = RequestIntake(
+            self.manager, config, self.vocab_size, self.lora_pages, seed, self.tokenizer
+        )
         self._queue = RequestQueue(intake)
         # Held by a step and by what changes live requests: abort waits for a running step.
         self._step_lock = threading.RLock()
@@ -157,7 +167,7 @@ class Engine:
 
     def add_request(
         self,
-        prompt_token_ids: Sequence[int] | np.ndarray,
+        prompt: Prompt,
         sampling_params: SamplingParams | None = None,
         *,
         request_id: int | None = None,
@@ -168,6 +178,7 @@ class Engine:
     ) -> int:
         """Queues a request and returns its id; nothing is allocated until it is scheduled.
         Safe from any thread, also while another thread steps: the next step admits it.
+        `prompt`: token ids, or with a tokenizer a string or chat messages (`encode_prompt`).
 
         Raises:
             RuntimeError: the engine was shut down.
@@ -175,6 +186,7 @@ class Engine:
                 no room below `max_seq_len`; an unknown LoRA id; a taken request id; bad
                 sampling parameters or multimodal items.
         """
+        prompt_token_ids = encode_prompt(prompt, self.tokenizer)  # outside the queue's lock
         return self._queue.submit(
             prompt_token_ids, sampling_params, request_id=request_id, lora_id=lora_id,
             salt=salt, priority=priority, multimodal_items=multimodal_items,
@@ -273,58 +285,6 @@ class Engine:
         self.resources.free(request)
         if self._drafting:
             self._drafting.drafter.release(request)
-
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        *,
-        use_tqdm: bool = True,
-        **request_options,
-    ) -> list[RequestOutput]:
-        """Serves `prompts` to completion; outputs in prompt order.
-
-        Args:
-            sampling_params: one for all prompts, or one each.
-            use_tqdm: show a progress bar over finished requests.
-            request_options: `add_request` keywords applied to every prompt (lora_id, salt,
-                priority).
-
-        Raises:
-            ValueError: a bad request; nothing of this call stays queued.
-        """
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
-        ids: list[int] = []
-        outputs: dict[int, RequestOutput] = {}
-        try:
-            for prompt, params in zip(prompts, sampling_params, strict=True):
-                ids.append(self.add_request(prompt, params, **request_options))
-            self._serve_until_done(ids, outputs, use_tqdm)
-        finally:  # a bad request or an interrupt leaves none of this call's requests queued
-            for request_id in ids:
-                if request_id not in outputs:
-                    with contextlib.suppress(ValueError):  # finished meanwhile
-                        self.abort(request_id)
-        return [outputs[request_id] for request_id in ids]
-
-    def _serve_until_done(self, ids, outputs: dict[int, RequestOutput], use_tqdm: bool) -> None:
-        """Steps until every request of `ids` finished, collecting their outputs; outputs of
-        other requests are kept for the next `step()`."""
-        wanted, others = set(ids), []
-        try:
-            with tqdm(total=len(ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
-                while len(outputs) < len(ids):
-                    for output in self.step():
-                        if output.request_id in wanted:
-                            outputs[output.request_id] = output
-                            bar.update(1)
-                        else:
-                            others.append(output)
-        finally:
-            self._queue.put_back(others)
 
     # -- the end ------------------------------------------------------------------------------
 

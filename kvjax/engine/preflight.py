@@ -4,6 +4,7 @@ buckets, the vocabulary and the mesh, and the configuration across processes."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -109,3 +110,14 @@ def check_batch_agrees(step_index: int, batch, sampling, manager) -> None:
         f"the batch of step {step_index}",
         *map(np.asarray, arrays), batch.draft_tokens, ids, manager.moves_digest,
     )  # fmt: skip
+
+
+def check_tokenizer(model, tokenizer, eos_token_ids: Sequence[int] | None):
+    """Checks the tokenizer's ids fit the model's vocabulary; returns the EOS tokens to use:
+    those given, else (None: the model's) the model's and the tokenizer's together."""
+    if tokenizer is None:
+        return eos_token_ids
+    tokenizer.check_vocab(model.config.vocab_size)
+    if eos_token_ids is not None:
+        return eos_token_ids
+    return sorted({*model.config.eos_token_ids, *tokenizer.eos_token_ids})

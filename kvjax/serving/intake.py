@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Container, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,7 +21,30 @@ from kvjax.cache.multimodal import MultimodalItem, splice_multimodal_tokens
 from kvjax.serving.request import Request, SamplingParams
 from kvjax.serving.scheduler import SchedulerConfig
 
-__all__ = ["RequestIntake", "prompt_ids"]
+if TYPE_CHECKING:  # the text layer loads only where a tokenizer is used
+    from kvjax.text.tokenizer import Tokenizer
+
+__all__ = ["RequestIntake", "encode_prompt", "prompt_ids"]
+
+Prompt = Sequence[int] | np.ndarray | str | Sequence[Mapping[str, object]]
+
+
+def encode_prompt(prompt: Prompt, tokenizer: Tokenizer | None) -> list[int] | np.ndarray:
+    """Token ids of `prompt`: a string is encoded, a list of chat messages (dicts with `role`
+    and `content`) rendered by the chat template with the generation prompt and encoded; ids
+    pass through (checked by `prompt_ids`).
+
+    Raises:
+        ValueError: text without a tokenizer, a template error or malformed messages.
+    """
+    is_text = isinstance(prompt, str)
+    is_chat = isinstance(prompt, list | tuple) and bool(prompt) and isinstance(prompt[0], Mapping)
+    if not (is_text or is_chat):
+        return prompt
+    if tokenizer is None:
+        kind = "text" if is_text else "chat messages"
+        raise ValueError(f"a prompt of {kind} needs an engine with a tokenizer (tokenizer=...)")
+    return tokenizer.encode(prompt) if is_text else tokenizer.encode_chat(list(prompt))
 
 
 def prompt_ids(tokens: object) -> list[int]:
@@ -56,6 +80,7 @@ class RequestIntake:
         vocab_size: multimodal items take synthetic key ids from it upward.
         lora_pages: the known LoRA adapters; a request naming another is refused.
         seed: draws the seeds of requests that give none.
+        tokenizer: gives each request its detokenizer (`RequestOutput.text`, stop strings).
     """
 
     def __init__(
@@ -65,8 +90,10 @@ class RequestIntake:
         vocab_size: int,
         lora_pages: Mapping[int, int],
         seed: int,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
         self.manager = manager
+        self.tokenizer = tokenizer
         self.config = config
         self.vocab_size = vocab_size
         self.lora_pages = lora_pages
@@ -103,13 +130,23 @@ class RequestIntake:
         if request_id in live:
             raise ValueError(f"request_id={request_id} is already live")
         self._next_id = max(self._next_id, request_id + 1)
+        detokenizer = self._detokenizer(params)
         if params.seed is None:
             params = dataclasses.replace(params, seed=int(self._rng.integers(2**32)))
         return Request(
             request_id, prompt, params, lora_id=lora_id, salt=salt, priority=priority,
             multimodal_items=tuple(multimodal_items), key_tokens=key_tokens,
-            arrival_time=time.perf_counter(),
+            arrival_time=time.perf_counter(), detokenizer=detokenizer,
         )  # fmt: skip
+
+    def _detokenizer(self, params: SamplingParams):
+        if self.tokenizer is None:
+            if params.stop:
+                raise ValueError(f"stop={params.stop!r:.80} needs an engine with a tokenizer")
+            return None
+        from kvjax.text.detokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.tokenizer, stop=params.stop)
 
     def _check_prompt_length(self, length: int) -> None:
         max_seq_len = self.manager.max_seq_len

@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import math
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from kvjax.cache.eviction import check_priority
 from kvjax.cache.keys import Token
 from kvjax.cache.kv_cache import KVCache
 from kvjax.cache.multimodal import MultimodalItem
+
+if TYPE_CHECKING:  # the text layer loads only where a tokenizer is used
+    from kvjax.text.detokenizer import IncrementalDetokenizer
 
 __all__ = [
     "FinishReason",
@@ -66,6 +70,8 @@ class SamplingParams:
             one from the engine's seed.
         stop_token_ids: tokens that end the request (kept in the output).
         ignore_eos: keep generating past the model's EOS tokens.
+        stop: strings that end the request, matched on its detokenized text (an engine with a
+            tokenizer): the text ends before the first one; the tokens stay in `token_ids`.
     """
 
     max_new_tokens: int = 16
@@ -75,6 +81,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -92,6 +99,12 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", stop)
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
+        if isinstance(self.stop, str | bytes) or not isinstance(self.stop, Iterable):
+            raise ValueError(f"stop={self.stop!r:.80} must be a sequence of strings")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        for text in self.stop:
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"stop string {text!r:.80} must be a non-empty str")
 
 
 @dataclasses.dataclass
@@ -122,6 +135,7 @@ class RequestOutput:
     finish_reason: FinishReason | None  # None while unfinished
     metrics: RequestMetrics
     error: str | None = None  # why it failed (FinishReason.ERROR)
+    text: str | None = None  # the generated text (an engine with a tokenizer), cut at a stop
 
     @property
     def finished(self) -> bool:
@@ -162,6 +176,8 @@ class Request:
     draft_tokens: list[int] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
     error: str | None = None  # why it failed inside a step
+    # The generated text as it grows, with stop strings (an engine with a tokenizer).
+    detokenizer: IncrementalDetokenizer | None = None
     # Kept by CacheResources: the request's cache and how many prompt tokens have KV.
     cache: KVCache | None = None
     context_position: int = 0
@@ -259,6 +275,11 @@ class Request:
         return self.prompt_length + self.sampling_params.max_new_tokens + self.num_draft_tokens
 
     def output(self) -> RequestOutput:
+        text = None
+        if self.detokenizer is not None:
+            if self.state is RequestState.COMPLETE:
+                self.detokenizer.finish()  # releases text held back as a possible stop string
+            text = self.detokenizer.text
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=tuple(int(t) for t in self.prompt_token_ids),
@@ -266,4 +287,5 @@ class Request:
             finish_reason=self.finish_reason,
             metrics=dataclasses.replace(self.metrics),
             error=self.error,
+            text=text,
         )

@@ -135,10 +135,18 @@ def append_token(
     request: Request, token: int, eos_token_ids: Collection[int], max_seq_len: int
 ) -> bool:
     """Adds a sampled token to the outputs; True when it finishes the request (a stop token,
-    EOS unless ignored, `max_new_tokens`, or `max_seq_len` reached)."""
+    EOS unless ignored, a stop string in its text, `max_new_tokens`, or `max_seq_len` reached)."""
     request.output_token_ids.append(token)
     params = request.sampling_params
-    if token in params.stop_token_ids or (token in eos_token_ids and not params.ignore_eos):
+    stopped_by_text = False
+    if request.detokenizer is not None:
+        request.detokenizer.add((token,))
+        stopped_by_text = request.detokenizer.stopped is not None
+    if (
+        stopped_by_text
+        or token in params.stop_token_ids
+        or (token in eos_token_ids and not params.ignore_eos)
+    ):
         request.finish_reason = FinishReason.STOP
     elif request.ends_by_length(max_seq_len, len(request.output_token_ids)):
         request.finish_reason = FinishReason.LENGTH

@@ -1,0 +1,70 @@
+"""`Engine.generate`: a batch of prompts served to completion on top of the step loop."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from kvjax.serving.intake import Prompt
+from kvjax.serving.request import RequestOutput, SamplingParams
+
+__all__ = ["Generation"]
+
+
+class Generation:
+    """What `Engine` adds over `add_request`, `step` and `abort`: serving a list of prompts and
+    collecting their outputs in order (`Engine`'s threading rules apply)."""
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        **request_options,
+    ) -> list[RequestOutput]:
+        """Serves `prompts` to completion; outputs in prompt order.
+
+        Args:
+            sampling_params: one for all prompts, or one each.
+            use_tqdm: show a progress bar over finished requests.
+            request_options: `add_request` keywords applied to every prompt (lora_id, salt,
+                priority).
+
+        Raises:
+            ValueError: a bad request; nothing of this call stays queued.
+        """
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts")
+        ids: list[int] = []
+        outputs: dict[int, RequestOutput] = {}
+        try:
+            for prompt, params in zip(prompts, sampling_params, strict=True):
+                ids.append(self.add_request(prompt, params, **request_options))
+            self._serve_until_done(ids, outputs, use_tqdm)
+        finally:  # a bad request or an interrupt leaves none of this call's requests queued
+            for request_id in ids:
+                if request_id not in outputs:
+                    with contextlib.suppress(ValueError):  # finished meanwhile
+                        self.abort(request_id)
+        return [outputs[request_id] for request_id in ids]
+
+    def _serve_until_done(self, ids, outputs: dict[int, RequestOutput], use_tqdm: bool) -> None:
+        """Steps until every request of `ids` finished, collecting their outputs; outputs of
+        other requests are kept for the next `step()`."""
+        wanted, others = set(ids), []
+        try:
+            with tqdm(total=len(ids), disable=not use_tqdm, desc="generate", unit="req") as bar:
+                while len(outputs) < len(ids):
+                    for output in self.step():
+                        if output.request_id in wanted:
+                            outputs[output.request_id] = output
+                            bar.update(1)
+                        else:
+                            others.append(output)
+        finally:
+            self._queue.put_back(others)
