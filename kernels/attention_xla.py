@@ -54,13 +54,20 @@ def context_paged_attention(
     )
     num_steps = num_sink_chunks + jnp.maximum(num_chunks - first_window_chunk, 0)
     grouped = q.reshape(rows, num_kv_heads, group, head_dim).astype(jnp.float32)
+    # A pool of one layer enters the loop without its unit axis: XLA on the CPU gives that axis
+    # a layout of its own and would copy the whole pool into the loop at every call.
+    one_layer = kv_pool.shape[1] == 1
+    pool = kv_pool[:, 0] if one_layer else kv_pool
+
+    def pages(chunk, kind):  # [rows, columns, kv_heads, page, head_dim]
+        return pool[chunk, kind] if one_layer else pool[chunk, layer, kind]
 
     def chunk_step(state):
         step, running_max, total, out = state
         index = jnp.where(step < num_sink_chunks, step, first_window_chunk + step - num_sink_chunks)
         chunk = jax.lax.dynamic_slice_in_dim(tables, index * columns, columns, axis=1)
         keys, values = (
-            kv_pool[chunk, layer, kind]  # [rows, columns, kv_heads, page, head_dim]
+            pages(chunk, kind)
             .transpose(0, 2, 1, 3, 4)
             .reshape(rows, num_kv_heads, chunk_keys, head_dim)
             .astype(jnp.float32)

@@ -24,7 +24,7 @@ from kernels.common import (
     resolve_interpret,
 )
 
-__all__ = ["write_kv", "write_kv_reference"]
+__all__ = ["write_kv", "write_kv_reference", "write_kv_rows_reference"]
 
 
 def _write_kernel(slots_ref, k_ref, v_ref, pool_ref, out_ref, *, layer: int):
@@ -93,3 +93,21 @@ def write_kv_reference(kv_pool, k, v, slots, *, layer):
     # Advanced indices on axes 0 and 4 put the token axis first: [tokens, kv_heads, head_dim].
     kv_pool = kv_pool.at[pages, layer, 0, :, offsets].set(k)
     return kv_pool.at[pages, layer, 1, :, offsets].set(v)
+
+
+def write_kv_rows_reference(rows, k, v, slots):
+    """`write_kv_reference` on a pool of one layer held without its layer axis.
+
+    Args:
+        rows: dtype[pages, 2, kv_heads, tokens_per_block, head_dim], donated.
+        k, v: dtype[tokens, kv_heads, head_dim]; slots: int32[tokens], as `write_kv`'s.
+
+    Writing through a unit layer axis (`rows[:, None]`) makes XLA on the CPU copy the whole
+    pool around each single-token write; on the rows themselves the update stays in place.
+    """
+    tokens_per_block = rows.shape[3]
+    in_pool = (slots >= 0) & (slots < rows.shape[0] * tokens_per_block)
+    slots = jnp.where(in_pool, slots, NULL_PAGE * tokens_per_block)
+    pages, offsets = slots // tokens_per_block, slots % tokens_per_block
+    rows = rows.at[pages, 0, :, offsets].set(k)
+    return rows.at[pages, 1, :, offsets].set(v)

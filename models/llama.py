@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 from jax.sharding import PartitionSpec as P
 
-from kernels.kv_write import write_kv
+from kernels.common import check_impl
+from kernels.kv_write import write_kv, write_kv_rows_reference
 from kernels.ragged_paged_attention import ragged_paged_attention
 from kvjax.runtime.page_table import slot_mapping, token_positions
 from kvjax.runtime.sharding import TP_AXIS, pool_spec
@@ -69,7 +70,12 @@ class Llama(nnx.Module):
         hidden = self.norm(hidden)
         if self.lm_head is None:  # tied: the embedding table, without a float32 copy of it
             table = self.embed_tokens.embedding.get_value()
-            return jnp.dot(hidden.astype(table.dtype), table.T, preferred_element_type=jnp.float32)
+            # Contracting both on their last axis: `table.T` made XLA on the CPU copy the
+            # transposed table at every step.
+            return jax.lax.dot_general(
+                hidden.astype(table.dtype), table, (((1,), (1,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )  # fmt: skip
         return self.lm_head(hidden).astype(jnp.float32)
 
     def __call__(
@@ -240,8 +246,11 @@ def _write_and_attend(
     row_table = page_table * num_layers + layer
     pages, offsets = slots // tokens_per_block, slots % tokens_per_block
     row_slots = (pages * num_layers + layer) * tokens_per_block + offsets
-    pool = rows[:, None]  # the kernels' [pages, layers, ...] with one layer
-    pool = write_kv(pool, k, v, row_slots, layer=0, impl=impl, interpret=interpret)
+    if check_impl(impl) == "xla":  # on the rows: a write through the unit axis copies the pool
+        rows = write_kv_rows_reference(rows, k, v, row_slots)
+        pool = rows[:, None]  # the kernels' [pages, layers, ...] with one layer
+    else:
+        pool = write_kv(rows[:, None], k, v, row_slots, layer=0, impl=impl, interpret=interpret)
     out = ragged_paged_attention(
         q, pool, row_table, kv_lens, cu_q_lens, num_seqs, layer=0, sm_scale=sm_scale,
         impl=impl, interpret=interpret, window=window,

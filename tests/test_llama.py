@@ -193,7 +193,7 @@ def test_served_model_steps_never_compile_and_keep_the_pool_in_place():
     rng = np.random.default_rng(2)
     model = random_model(tiny_config())
     registry, params = model_registry(model, impl="xla")
-    buckets = Buckets(batch_sizes=[1, 2], token_counts=[8, 16], draft_lengths=[0, 2])
+    buckets = Buckets(batch_sizes=[1, 2], token_counts=[1, 2, 8, 16], draft_lengths=[0, 2])
     pool = jnp.zeros((1 + 2 * MAX_BLOCKS, 2, 2, 2, TPB, 16), jnp.float32)
     seqs = Sequences(2, rng)
 
@@ -202,11 +202,14 @@ def test_served_model_steps_never_compile_and_keep_the_pool_in_place():
 
     with allow_compile():
         registry.warmup(params, pool, example, buckets.keys)
-    for key in registry.keys:  # the donated pool is updated in place: no pool-sized copy
+    # The donated pool is updated in place: no copy of it, of its rows (the layers' loop
+    # carries `[pages * layers, ...]`, seen by the kernels as a pool of one layer) or of the
+    # transposed embedding table, in any bucket (a one-token write is a dynamic-update-slice).
+    pool_shapes = ("f32[13,2,2,2,4,16]", "f32[26,2,2,4,16]", "f32[26,1,2,2,4,16]")
+    for key in registry.keys:
         text = registry._executables[key].as_text()
-        assert not [
-            line for line in text.splitlines() if "f32[13,2,2,2,4,16]" in line and " copy(" in line
-        ]
+        copies = [line for line in text.splitlines() if " copy(" in line or "wrapped_copy" in line]
+        assert not [line for line in copies if any(shape in line for shape in pool_shapes)], key
     compiled = registry.stats.compiled
     workload = [
         ([rng.integers(0, 64, 6).tolist()], ()),  # one prompt
