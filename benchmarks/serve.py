@@ -6,7 +6,12 @@ turn. Prints throughput, TTFT and TPOT percentiles, the prefix hit rate next to 
 ideal, preemptions and compilations after warm-up; writes `serve.json` and `serve.png`
 (throughput and cache occupancy over time) under `--out`.
 
-    python -m benchmarks.serve [--checkpoint DIR] [--device-pages N] [--groups N] ...
+    python -m benchmarks.serve [--model NAME|FILE|DIR] [--device-pages N] [--groups N] ...
+
+With `--model smollm2` (or a GGUF file, or a Hugging Face directory with a tokenizer): the real
+model serves the same shape of workload in text (`benchmarks.chat_workload`): users behind a few
+long system prompts ask real questions, answers end at the model's end of turn, and a sample of
+answers is printed and saved.
 
 With `--speculative ngram|draft`: a repetitive workload (prompts repeating a short phrase) served
 twice in the same run, without and with speculative decoding (prompt lookup, or a draft model
@@ -31,6 +36,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from benchmarks.chat_workload import FOLLOW_UPS, QUESTIONS, ChatWorkload
 from benchmarks.workload import RepetitiveWorkload, Workload, ideal_hit_rate
 from kvjax.engine.draft_model import DraftModelDrafter
 from kvjax.engine.engine import Engine
@@ -51,6 +57,9 @@ TINY = LlamaConfig(
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, help="a local Hugging Face Llama/Qwen2 directory")
+    p.add_argument(
+        "--model", help="a model with a tokenizer: smollm2, a .gguf file or a Hugging Face dir"
+    )
     p.add_argument("--device-pages", type=int, default=160)
     p.add_argument("--host-pages", type=int, default=None, help="default: provisioned")
     p.add_argument("--tokens-per-block", type=int, default=16)
@@ -95,7 +104,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(args, checkpoint: Path | None = None):
-    """The checkpoint's model (its weights placed straight onto `args.mesh`), or a tiny one."""
+    """The checkpoint's model (its weights placed straight onto `args.mesh`), or a tiny one;
+    with `--model`, also sets `args.tokenizer`."""
+    args.tokenizer = None
+    if args.model is not None and checkpoint is None:
+        from kvjax.engine.checkpoints import load_model as load_named_model
+
+        dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+        start = time.perf_counter()
+        model, args.tokenizer = load_named_model(args.model, dtype=dtype, mesh=args.mesh)
+        args.load_s = time.perf_counter() - start
+        print(f"loaded {args.model} in {args.load_s:.1f} s", flush=True)
+        return model
     checkpoint = checkpoint or args.checkpoint
     if checkpoint is not None:
         from models.loader import load_hf_checkpoint
@@ -106,7 +126,8 @@ def load_model(args, checkpoint: Path | None = None):
 
 
 def serve(engine: Engine, workload: Workload, params: SamplingParams, progress: bool):
-    """Submits the first turns, and each follow-up when its first turn finishes."""
+    """Submits the first turns, and each follow-up when its first turn finishes (after the
+    answer's tokens, less an end-of-turn token the follow-up's own text brings back)."""
     turns = workload.first_turns()
     pending = {engine.add_request(t.prompt, params): t for t in turns}
     prompts = {rid: t.prompt for rid, t in pending.items()}
@@ -120,7 +141,10 @@ def serve(engine: Engine, workload: Workload, params: SamplingParams, progress: 
                 bar.update(1)
                 turn = pending.pop(output.request_id, None)
                 if turn is not None and turn.follow_up is not None:
-                    prompt = [*turn.prompt, *output.token_ids, *turn.follow_up]
+                    answer = list(output.token_ids)
+                    if answer and answer[-1] in engine.eos_token_ids:
+                        answer.pop()
+                    prompt = [*turn.prompt, *answer, *turn.follow_up]
                     rid = engine.add_request(prompt, params)
                     prompts[rid] = prompt
                     order.append(rid)
@@ -204,23 +228,33 @@ def main(argv=None) -> dict:
     if args.speculative != "none":
         return main_speculative(args, model)
     commit_generated = not args.no_commit_generated
-    workload = Workload(
-        model.config.vocab_size, args.groups, args.per_group, args.system_len,
-        tuple(args.user_len), args.follow_up_fraction, args.seed,
-    )  # fmt: skip
+    if args.tokenizer is not None:
+        workload = ChatWorkload(
+            args.tokenizer, args.groups, args.per_group, args.follow_up_fraction, args.seed
+        )
+    else:
+        workload = Workload(
+            model.config.vocab_size, args.groups, args.per_group, args.system_len,
+            tuple(args.user_len), args.follow_up_fraction, args.seed,
+        )  # fmt: skip
     # Page tables as wide as the workload's longest sequence, not the whole device.
     args.max_seq_len = args.max_seq_len or workload.max_seq_len(args.new_tokens)
-    engine, warmup_s = build_engine(model, args, commit_generated=commit_generated)
+    engine, warmup_s = build_engine(
+        model, args, commit_generated=commit_generated, tokenizer=args.tokenizer
+    )
     print(
         f"warm-up: {engine.registry.stats.compiled} step shapes compiled in {warmup_s:.1f} s "
         f"on {jax.devices()[0].device_kind}",
         flush=True,
     )
+    # A real model's answers end at its end of turn; random weights run to the length.
     params = SamplingParams(
-        max_new_tokens=args.new_tokens, temperature=args.temperature, ignore_eos=True
-    )
+        max_new_tokens=args.new_tokens, temperature=args.temperature,
+        ignore_eos=args.tokenizer is None,
+    )  # fmt: skip
     order, prompts, outputs = serve(engine, workload, params, not args.no_progress)
     summary = engine.metrics.summary()
+    answers = sample_answers(args.tokenizer, order, prompts, outputs)
     # The last generated token is never fed back, so its KV is never written or committed.
     served = [
         prompts[rid] + (list(outputs[rid].token_ids[:-1]) if commit_generated else [])
@@ -229,6 +263,7 @@ def main(argv=None) -> dict:
     summary["ideal_prefix_hit_rate"] = ideal_hit_rate([prompts[rid] for rid in order], served)
     summary["compilations_after_warmup"] = engine.compiles.after_warmup
     summary["warmup_s"] = warmup_s
+    summary["load_s"] = getattr(args, "load_s", None)
     summary["step_shapes"] = engine.registry.stats.compiled
     summary["devices"] = args.tensor_parallel or 1
     summary["processes"] = jax.process_count()
@@ -236,10 +271,13 @@ def main(argv=None) -> dict:
     steps = engine.metrics.steps
     engine.shutdown()
     report(summary)
+    for answer in answers[:4]:
+        print(f"Q: {answer['question']}\nA: {answer['answer']}")
     result = {
         "device": jax.devices()[0].device_kind,
         "args": args_json(args),
         "summary": summary,
+        "answers": answers,
         "steps": [
             {"t": s.end - steps[0].start, "tokens": s.num_tokens, "seqs": s.num_seqs,
              "device_in_use": s.device_in_use, "device_evictable": s.device_evictable,
@@ -255,6 +293,19 @@ def main(argv=None) -> dict:
     return result
 
 
+def sample_answers(tokenizer, order, prompts, outputs) -> list[dict]:
+    """Each request's last question (the workload's message latest in its prompt) and the
+    answer it got (a real model's), in order."""
+    if tokenizer is None:
+        return []
+    answers = []
+    for rid in order:
+        prompt = tokenizer.decode(prompts[rid])
+        question = max(QUESTIONS + FOLLOW_UPS, key=prompt.rfind)
+        answers.append({"question": question, "answer": outputs[rid].text})
+    return answers
+
+
 def writes_results(args) -> bool:
     """Process 0 writes the results (creating `--out`); the others only print."""
     if jax.process_index() > 0:
@@ -264,7 +315,8 @@ def writes_results(args) -> bool:
 
 
 def args_json(args) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "mesh"}
+    skip = {"mesh", "tokenizer"}
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in skip}
 
 
 def main_speculative(args, model) -> dict:

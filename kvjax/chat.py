@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from kvjax.engine.checkpoints import KNOWN_MODELS, load_model
 from kvjax.engine.engine import Engine
 from kvjax.engine.geometry import cache_config_for
-from kvjax.serving.request import SamplingParams
+from kvjax.serving.request import RequestOutput, SamplingParams
 from kvjax.serving.scheduler import SchedulerConfig
 
 __all__ = ["ChatSession", "main"]
@@ -35,6 +35,7 @@ class ChatSession:
         self.engine, self.params = engine, params
         self.system = system
         self.messages: list[dict[str, str]] = []
+        self.last_output: RequestOutput | None = None  # the last answer's tokens and metrics
         self.reset()
 
     def reset(self) -> None:
@@ -44,6 +45,7 @@ class ChatSession:
         """The model's answer to `question` after the conversation so far (both are kept)."""
         self.messages.append({"role": "user", "content": question})
         (output,) = self.engine.generate([self.messages], self.params, use_tqdm=False)
+        self.last_output = output
         self.messages.append({"role": "assistant", "content": output.text.strip()})
         return output.text.strip()
 

@@ -86,3 +86,24 @@ def test_window_benchmark_writes_full_and_windowed_timings(tmp_path, monkeypatch
     assert last["gemma3_5to1"]["pool_groups"] == 2
     assert last["gemma3_5to1"]["share_of_full"] < 0.4
     assert last["gemma3_decode_step_ms"] > 0 and last["full_attention_decode_step_ms"] > 0
+
+
+def test_chat_workload_renders_turns_and_follow_ups_with_the_template():
+    from benchmarks.chat_workload import ChatWorkload
+    from kvjax.text.tokenizer import Tokenizer
+    from tests.test_engine_text import CHATML, original_tokenizer
+
+    tokenizer = Tokenizer(
+        original_tokenizer("gpt-2"), bos_token_id=None, eos_token_ids=[2], add_bos=False,
+        chat_template=CHATML, source="trained",
+    )  # fmt: skip
+    turns = ChatWorkload(tokenizer, num_groups=2, requests_per_group=3, seed=1).first_turns()
+    assert len(turns) == 6 and any(t.follow_up for t in turns)
+    first = tokenizer.decode(turns[0].prompt, skip_special_tokens=False)
+    assert first.startswith("<|im_start|>system\n") and first.endswith("<|im_start|>assistant\n")
+    # Group members share the system prompt's tokens.
+    assert turns[0].prompt[:50] == turns[2].prompt[:50] != turns[1].prompt[:50]
+    follow_up_ids = next(t.follow_up for t in turns if t.follow_up)
+    follow_up = tokenizer.decode(follow_up_ids, skip_special_tokens=False)
+    assert follow_up.startswith("<|im_end|>\n<|im_start|>user\n")
+    assert follow_up.endswith("<|im_end|>\n<|im_start|>assistant\n")
