@@ -21,6 +21,8 @@ _PUBLIC = {
     "KVStorage": "kvjax.runtime.storage",
     "load_hf_checkpoint": "models.loader",
     "load_gguf_checkpoint": "models.gguf_loader",
+    "load_model": "kvjax.engine.checkpoints",
+    "load_tokenizer": "kvjax.text.tokenizer",
 }
 
 __all__ = sorted(_PUBLIC)
