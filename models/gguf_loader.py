@@ -178,6 +178,9 @@ class GGUFTensors(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self._tensors)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's would dequantize the tensor
+        return name in self._tensors
+
     def __getitem__(self, name: str) -> np.ndarray:
         tensor = self._tensors[name]
         if tensor.tensor_type not in SUPPORTED_TENSOR_TYPES:

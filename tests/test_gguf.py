@@ -114,3 +114,14 @@ def test_a_missing_metadata_key_is_named(tmp_path):
     del reader.fields["llama.block_count"]
     with pytest.raises(ValueError, match=r"m.gguf: metadata key 'llama.block_count' is missing"):
         gguf_config(reader)
+
+
+def test_each_tensor_is_dequantized_once(tmp_path, monkeypatch):
+    model = random_model(gguf_ready_config(num_layers=2), seed=9)
+    path = write_gguf(model, tmp_path / "m.gguf", Q.Q8_0)
+    reader = open_gguf(path)
+    calls = []
+    dequantize = gguf.quants.dequantize
+    monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: calls.append(1) or dequantize(*a))
+    load_gguf_checkpoint(path, dtype=jnp.float32, reader=reader)
+    assert len(calls) == len(reader.tensors)  # rope_freqs included
