@@ -105,6 +105,7 @@ def write_kv_rows_reference(rows, k, v, slots):
     Writing through a unit layer axis (`rows[:, None]`) makes XLA on the CPU copy the whole
     pool around each single-token write; on the rows themselves the update stays in place.
     """
+    _check(rows[:, None], k, v, slots, 0)
     tokens_per_block = rows.shape[3]
     in_pool = (slots >= 0) & (slots < rows.shape[0] * tokens_per_block)
     slots = jnp.where(in_pool, slots, NULL_PAGE * tokens_per_block)

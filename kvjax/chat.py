@@ -44,7 +44,11 @@ class ChatSession:
     def ask(self, question: str) -> str:
         """The model's answer to `question` after the conversation so far (both are kept)."""
         self.messages.append({"role": "user", "content": question})
-        (output,) = self.engine.generate([self.messages], self.params, use_tqdm=False)
+        try:
+            (output,) = self.engine.generate([self.messages], self.params, use_tqdm=False)
+        except BaseException:  # a refused or interrupted turn leaves the conversation as it was
+            self.messages.pop()
+            raise
         self.last_output = output
         self.messages.append({"role": "assistant", "content": output.text.strip()})
         return output.text.strip()
@@ -102,7 +106,11 @@ def main(argv=None) -> None:
                 session.reset()
                 continue
             start = time.perf_counter()
-            answer = session.ask(question)
+            try:
+                answer = session.ask(question)
+            except ValueError as error:  # e.g. the conversation outgrew max_seq_len
+                print(f"[{error}; /reset starts over]", file=sys.stderr)
+                continue
             print(answer)
             print(f"[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
     finally:

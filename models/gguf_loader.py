@@ -17,7 +17,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import LlamaConfig
+from models.config import LlamaConfig, rope_frequencies
 from models.llama import Llama
 from models.loader import build_model
 
@@ -208,7 +208,7 @@ def rope_factors(reader: gguf.GGUFReader, config: LlamaConfig) -> np.ndarray | N
         return None
     factors = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float64).ravel()
     dim = config.head_dim
-    base = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    base = rope_frequencies(config).astype(np.float64)  # a linear scaling stays on top
     if factors.shape != base.shape:
         raise ValueError(
             f"{reader.data.filename}: rope_freqs has {factors.size} factors; head_dim={dim} "

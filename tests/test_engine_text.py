@@ -84,6 +84,17 @@ def test_stop_strings_end_the_request_at_the_completing_token(model, tokenizer, 
     assert_all_pages_free(engine)
 
 
+def test_one_text_or_one_chat_is_one_prompt(model, tokenizer):
+    engine = text_engine(model, tokenizer)
+    (by_text,) = engine.generate(PROMPT, LONG, use_tqdm=False)
+    (by_chat,) = engine.generate(MESSAGES, LONG, use_tqdm=False)
+    assert by_text.prompt_token_ids == tuple(tokenizer.encode(PROMPT))
+    assert by_chat.prompt_token_ids == tuple(tokenizer.encode_chat(MESSAGES))
+    with pytest.raises(ValueError, match=r"is a special token.*stop_token_ids"):
+        engine.add_request(PROMPT, SamplingParams(stop=("<|im_end|>",)))
+    assert_all_pages_free(engine)
+
+
 def test_text_needs_a_tokenizer_and_stop_strings_are_checked(model, tokenizer):
     engine = make_engine(model)
     for prompt in (PROMPT, MESSAGES):

@@ -125,3 +125,15 @@ def test_each_tensor_is_dequantized_once(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf.quants, "dequantize", lambda *a: calls.append(1) or dequantize(*a))
     load_gguf_checkpoint(path, dtype=jnp.float32, reader=reader)
     assert len(calls) == len(reader.tensors)  # rope_freqs included
+
+
+def test_load_model_refuses_a_sentencepiece_vocabulary_before_the_weights(tmp_path, monkeypatch):
+    from kvjax.engine import checkpoints
+
+    model = random_model(gguf_ready_config(num_layers=1), seed=10)
+    path = write_gguf(
+        model, tmp_path / "spm.gguf", tokenizer=lambda w: w.add_tokenizer_model("llama")
+    )
+    monkeypatch.setattr(checkpoints, "load_gguf_checkpoint", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=r"spm.gguf: tokenizer.ggml.model 'llama' is not supp"):
+        checkpoints.load_model(path)

@@ -114,6 +114,10 @@ def test_a_chat_session_keeps_the_conversation_and_reuses_it(smollm2):
     # The second turn's prompt holds the first turn, whose KV comes from the radix tree (all
     # but the answer's last token and a partial block).
     assert session.last_output.metrics.num_reused_tokens >= first_turn - 16
+    before = list(session.messages)
+    with pytest.raises(ValueError, match="max_seq_len"):  # a turn too long for the engine
+        session.ask("Tell me everything. " * 100)
+    assert session.messages == before
     session.reset()
     assert session.messages == [SYSTEM]
     assert_all_pages_free(engine)

@@ -239,7 +239,8 @@ def test_gguf_add_bos_prepends_bos_once(tmp_path):
         ("tokenizer.ggml.model", "llama", "'llama' is not supported"),
         ("tokenizer.ggml.pre", "kimi-k2", "'kimi-k2' is not supported; supported: .*smollm"),
         ("tokenizer.ggml.merges", None, "no key 'tokenizer.ggml.merges'"),
-        ("tokenizer.ggml.pre", None, "no key 'tokenizer.ggml.pre'"),
+        # No pre type is llama.cpp's "default", whose splits differ from GPT-2's: refused.
+        ("tokenizer.ggml.pre", None, "'default' is not supported"),
     ],
 )
 def test_gguf_errors_name_the_file_and_the_problem(tmp_path, key, value, message):
@@ -271,7 +272,8 @@ def smollm2() -> Tokenizer:
 
 
 def test_real_smollm2_gguf_tokenizer(smollm2):
-    assert smollm2.vocab_size == 49152 and smollm2.eos_token_ids == (2,)
+    # <|im_end|> from the metadata, <|endoftext|> as llama.cpp recognises it.
+    assert smollm2.vocab_size == 49152 and smollm2.eos_token_ids == (2, 0)
     assert smollm2.bos_token_id == 1 and not smollm2.add_bos
     assert smollm2.encode("<|im_start|>") == [1]
     assert smollm2.encode("12345", add_special_tokens=False) == smollm2.encode("1")[:1] + [
@@ -496,3 +498,26 @@ def test_special_token_stop_with_special_tokens_kept():
 def test_stop_strings_are_validated(stop):
     with pytest.raises(ValueError, match="stop"):
         IncrementalDetokenizer(byte_tokenizer(), stop=stop)
+
+
+def test_tools_and_documents_are_none_unless_given():
+    # transformers passes both; Mistral's template tests `tools is not none`.
+    template = "{% if tools is not none %}T{% endif %}{% if documents is not none %}D{% endif %}|"
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat_template(template, messages) == "|"
+    assert render_chat_template(template, messages, tools=[], documents=[]) == "TD|"
+
+
+def test_a_config_turning_bos_off_wins_over_the_post_processor(tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    backend = original_tokenizer("gpt-2")
+    backend.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[
+        ("<|im_start|>", backend.token_to_id("<|im_start|>"))])  # fmt: skip
+    config = {"bos_token": "<|im_start|>"}
+    writes = load_tokenizer(write_tokenizer_dir(tmp_path / "on", backend, config))
+    assert writes.add_bos and writes.encode("hi")[0] == writes.bos_token_id
+    config["add_bos_token"] = False
+    off = load_tokenizer(write_tokenizer_dir(tmp_path / "off", backend, config))
+    assert not off.add_bos and off.encode("hi") == writes.encode("hi")[1:]
+    assert off.special_tokens["<|im_start|>"] == off.bos_token_id

@@ -67,5 +67,5 @@ def load_model(
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").exists() else None
         return model, tokenizer
     reader = open_gguf(path)
-    model = load_gguf_checkpoint(path, dtype=dtype, mesh=mesh, reader=reader)
-    return model, Tokenizer.from_gguf(reader)
+    tokenizer = Tokenizer.from_gguf(reader)  # first: an unsupported vocabulary fails fast
+    return load_gguf_checkpoint(path, dtype=dtype, mesh=mesh, reader=reader), tokenizer

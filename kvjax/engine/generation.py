@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -25,7 +25,8 @@ class Generation:
         use_tqdm: bool = True,
         **request_options,
     ) -> list[RequestOutput]:
-        """Serves `prompts` to completion; outputs in prompt order.
+        """Serves `prompts` to completion; outputs in prompt order. A single string or chat
+        (a list of message dicts) is one prompt.
 
         Args:
             sampling_params: one for all prompts, or one each.
@@ -36,6 +37,8 @@ class Generation:
         Raises:
             ValueError: a bad request; nothing of this call stays queued.
         """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], Mapping)):
+            prompts = [prompts]  # one text or one conversation, not a list of them
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):

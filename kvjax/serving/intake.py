@@ -146,6 +146,14 @@ class RequestIntake:
             return None
         from kvjax.text.detokenizer import IncrementalDetokenizer
 
+        specials = self.tokenizer.special_tokens if params.stop else {}
+        for stop in params.stop:
+            if stop in specials:
+                raise ValueError(
+                    f"stop string {stop!r} is a special token, which the text leaves out; "
+                    f"use stop_token_ids=({specials[stop]},)"
+                )
+
         return IncrementalDetokenizer(self.tokenizer, stop=params.stop)
 
     def _check_prompt_length(self, length: int) -> None:

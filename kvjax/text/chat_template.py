@@ -41,12 +41,15 @@ def render_chat_template(
     validate_messages(messages)
     compiled = _compile(template, source)
     try:
+        # transformers always passes tools and documents (None when unused), and templates
+        # test `tools is not none`: an undefined variable is not none in jinja2.
+        variables = {"tools": None, "documents": None, **extra}
         return compiled.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token,
             eos_token=eos_token,
-            **extra,
+            **variables,
         )
     except Exception as error:  # the template is foreign code: any failure is a bad template/input
         raise ValueError(f"chat template {source}: {type(error).__name__}: {error}") from error

@@ -21,11 +21,18 @@ QWEN2_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-GPT2_PRE_TYPES = ("default", "gpt-2")
+# llama.cpp's "default" (also what a file without the key gets) splits differently from GPT-2's
+# regex; it is refused rather than approximated.
+GPT2_PRE_TYPES = ("gpt-2",)
 DIGITS_PRE_TYPES = ("smollm", "starcoder", "refact")
 LLAMA3_PRE_TYPES = ("llama-bpe", "llama3")
 QWEN2_PRE_TYPES = ("qwen2",)
 SPLIT_REGEX = {"llama-bpe": LLAMA3_REGEX, "llama3": LLAMA3_REGEX, "qwen2": QWEN2_REGEX}
+# Control tokens llama.cpp treats as ends of generation whatever the metadata names.
+END_OF_GENERATION_TEXTS = frozenset(
+    ["<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+     "<EOT>", "_<EOT>"]
+)  # fmt: skip
 SUPPORTED_PRE_TYPES = GPT2_PRE_TYPES + DIGITS_PRE_TYPES + LLAMA3_PRE_TYPES + QWEN2_PRE_TYPES
 
 TOKEN_TYPE_NORMAL = 1
@@ -65,14 +72,17 @@ def read_gguf_vocab(gguf_file: str | os.PathLike | gguf.GGUFReader) -> GGUFVocab
             f"{source}: tokenizer.ggml.model {model!r} is not supported; only 'gpt2' "
             "(byte-level BPE) is (SentencePiece 'llama' and others are not)"
         )
-    pre_type = fields.required("tokenizer.ggml.pre")
+    pre_type = fields.optional("tokenizer.ggml.pre", "default")  # llama.cpp's fallback
     tokens = fields.required("tokenizer.ggml.tokens")
     merges = [_split_merge(m, source) for m in fields.required("tokenizer.ggml.merges")]
     token_types = fields.optional("tokenizer.ggml.token_type", [TOKEN_TYPE_NORMAL] * len(tokens))
     backend = _byte_level_bpe(tokens, merges, pre_type, source)
     _add_special_tokens(backend, tokens, token_types)
-    eos_keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id")
-    eos_ids = [fields.optional(key) for key in eos_keys]
+    eos_keys = ("eos", "eot", "eom")
+    eos_ids = [fields.optional(f"tokenizer.ggml.{key}_token_id") for key in eos_keys]
+    # As llama.cpp: control tokens known to end a turn end generation too.
+    eos_ids += [i for i, (text, kind) in enumerate(zip(tokens, token_types, strict=True))
+                if kind == TOKEN_TYPE_CONTROL and text in END_OF_GENERATION_TEXTS]  # fmt: skip
     return GGUFVocab(
         backend=backend,
         bos_token_id=fields.optional("tokenizer.ggml.bos_token_id"),

@@ -41,6 +41,7 @@ class Tokenizer:
         self._source = source
         added = backend.get_added_tokens_decoder()
         self._special_token_ids = frozenset(i for i, token in added.items() if token.special)
+        self._special_tokens = {added[i].content: i for i in self._special_token_ids}
         self._max_token_id = max(backend.get_vocab(with_added_tokens=True).values(), default=-1)
 
     @classmethod
@@ -57,8 +58,12 @@ class Tokenizer:
         eos_token_id = _token_id(backend, config.get("eos_token"), directory)
         generation_eos = _read_json(directory / "generation_config.json").get("eos_token_id", [])
         generation_eos = [generation_eos] if isinstance(generation_eos, int) else generation_eos
-        # A post-processor that writes BOS itself (Llama 3) counts as adding BOS.
+        # A post-processor that writes BOS itself (Llama 3) counts as adding BOS, unless the
+        # config turns BOS off: transformers then rebuilds that post-processor without it.
         writes_bos = bos_token_id is not None and backend.encode("").ids[:1] == [bos_token_id]
+        if writes_bos and config.get("add_bos_token") is False and not config.get("add_eos_token"):
+            backend.post_processor = None
+            writes_bos = False
         return cls(
             backend,
             bos_token_id=bos_token_id,
@@ -105,6 +110,11 @@ class Tokenizer:
     @property
     def special_token_ids(self) -> frozenset[int]:
         return self._special_token_ids
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of the special tokens (which decoding leaves out of the text)."""
+        return dict(self._special_tokens)
 
     @property
     def source(self) -> str:
