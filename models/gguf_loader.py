@@ -152,7 +152,8 @@ def _unpermute_rotary(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 class GGUFTensors(Mapping[str, np.ndarray]):
     """The file's tensors under Hugging Face names and layouts, dequantized to float32 when read
-    (`[out, in]` for linear weights, as HF stores them)."""
+    (`[out, in]` for linear weights, as HF stores them). Reads are independent (each returns a
+    new array from the read-only memory map), so threads may read different tensors."""
 
     def __init__(self, reader: gguf.GGUFReader, config: LlamaConfig) -> None:
         self._reader, self._config = reader, config

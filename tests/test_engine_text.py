@@ -121,3 +121,30 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tokenizer):
     small = random_model(tiny_config(vocab_size=64))
     with pytest.raises(ValueError, match=r"vocab.*64|64.*vocab"):
         make_engine(small, tokenizer=tokenizer)
+
+
+def test_text_requests_from_several_threads_while_one_steps(model, tokenizer):
+    import threading
+
+    engine = text_engine(model, tokenizer)
+    prompts = [f"{PROMPT} #{index}" for index in range(8)]
+    expected = engine.generate(prompts, LONG, use_tqdm=False)
+    ids: dict[int, int] = {}
+
+    def submit(indices):
+        for index in indices:  # encoded in this thread, outside the queue's lock
+            ids[index] = engine.add_request(prompts[index], LONG)
+
+    threads = [threading.Thread(target=submit, args=(range(i, 8, 4),)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    outputs = {}
+    while len(outputs) < 8:  # this thread steps while the others submit
+        for output in engine.step():
+            outputs[output.request_id] = output
+    for thread in threads:
+        thread.join()
+    for index, want in enumerate(expected):
+        got = outputs[ids[index]]
+        assert (got.token_ids, got.text) == (want.token_ids, want.text)
+    assert_all_pages_free(engine)

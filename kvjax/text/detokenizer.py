@@ -19,6 +19,9 @@ class IncrementalDetokenizer:
     join to `tokenizer.decode(ids)` whenever the ids end on a complete character. A trailing piece
     that could begin a stop string is held back until it proves to be one (the text is cut before
     it and `stopped` names it) or not (it is released).
+
+    One per sequence and not thread-safe: a single caller feeds it (the engine, under its step
+    lock). Its tokenizer may be shared.
     """
 
     def __init__(
