@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +42,14 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def ask(self, question: str) -> str:
-        """The model's answer to `question` after the conversation so far (both are kept)."""
+    def ask(self, question: str, on_text: Callable[[str], object] | None = None) -> str:
+        """The model's answer to `question` after the conversation so far (both are kept);
+        `on_text` gets each piece of the answer as it is generated."""
         self.messages.append({"role": "user", "content": question})
         try:
-            (output,) = self.engine.generate([self.messages], self.params, use_tqdm=False)
+            for output in self.engine.stream(self.messages, self.params):
+                if on_text is not None and output.new_text:
+                    on_text(output.new_text)
         except BaseException:  # a refused or interrupted turn leaves the conversation as it was
             self.messages.pop()
             raise
@@ -87,13 +91,18 @@ def build(args) -> tuple[Engine, SamplingParams]:
     return engine, params
 
 
+def show(text: str) -> None:
+    print(text, end="", flush=True)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     engine, params = build(args)
     session = ChatSession(engine, params, args.system)
     try:
         if args.question:
-            print(session.ask(" ".join(args.question)))
+            session.ask(" ".join(args.question), on_text=show)
+            print()
             return
         while True:
             try:
@@ -107,11 +116,11 @@ def main(argv=None) -> None:
                 continue
             start = time.perf_counter()
             try:
-                answer = session.ask(question)
+                session.ask(question, on_text=show)
             except ValueError as error:  # e.g. the conversation outgrew max_seq_len
                 print(f"[{error}; /reset starts over]", file=sys.stderr)
                 continue
-            print(answer)
+            print()
             print(f"[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
     finally:
         engine.shutdown()

@@ -148,3 +148,32 @@ def test_text_requests_from_several_threads_while_one_steps(model, tokenizer):
         got = outputs[ids[index]]
         assert (got.token_ids, got.text) == (want.token_ids, want.text)
     assert_all_pages_free(engine)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_streamed_progress_adds_up_to_the_final_output(model, tokenizer, overlap):
+    engine = text_engine(model, tokenizer, overlap=overlap)
+    (expected,) = engine.generate([PROMPT], LONG, use_tqdm=False)
+    plain = engine.add_request(MESSAGES, LONG)  # not streamed: reported once, at its end
+    parts = list(engine.stream(PROMPT, LONG))
+    assert [p.finished for p in parts] == [False] * (len(parts) - 1) + [True]
+    assert len(parts) > LONG.max_new_tokens // 2  # about one report per step
+    assert sum((p.new_token_ids for p in parts), ()) == parts[-1].token_ids == expected.token_ids
+    assert "".join(p.new_text for p in parts) == parts[-1].text == expected.text
+    assert all(p.text == "".join(q.new_text for q in parts[: i + 1]) for i, p in enumerate(parts))
+    outputs = []
+    while engine.num_unfinished:
+        outputs += engine.step()
+    outputs += engine.step()  # the plain request's output, put back by the stream
+    assert [o.request_id for o in outputs if o.request_id == plain] == [plain]
+    assert_all_pages_free(engine)
+
+
+def test_closing_a_stream_early_aborts_its_request(model, tokenizer):
+    engine = text_engine(model, tokenizer)
+    stream = engine.stream(PROMPT, LONG)
+    first = next(stream)
+    assert not first.finished and first.new_token_ids
+    stream.close()
+    assert engine.num_unfinished == 0
+    assert_all_pages_free(engine)

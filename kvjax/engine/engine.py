@@ -175,10 +175,13 @@ class Engine(Generation):
         salt: int | bytes | str | None = None,
         priority: int | None = None,
         multimodal_items: Sequence[MultimodalItem] = (),
+        stream: bool = False,
     ) -> int:
         """Queues a request and returns its id; nothing is allocated until it is scheduled.
         Safe from any thread, also while another thread steps: the next step admits it.
         `prompt`: token ids, or with a tokenizer a string or chat messages (`encode_prompt`).
+        `stream`: `step()` reports its progress after each step (`RequestOutput.new_token_ids`,
+        `.new_text`), not only its end.
 
         Raises:
             RuntimeError: the engine was shut down.
@@ -189,7 +192,7 @@ class Engine(Generation):
         prompt_token_ids = encode_prompt(prompt, self.tokenizer)  # outside the queue's lock
         return self._queue.submit(
             prompt_token_ids, sampling_params, request_id=request_id, lora_id=lora_id,
-            salt=salt, priority=priority, multimodal_items=multimodal_items,
+            salt=salt, priority=priority, multimodal_items=multimodal_items, stream=stream,
         )  # fmt: skip
 
     def abort(self, request_id: int) -> RequestOutput:
@@ -212,7 +215,8 @@ class Engine(Generation):
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the requests that finished since the last call (with the
         overlapped loop, by the tokens of the step before this one: they arrive one call
-        later). Call it from one thread at a time.
+        later), and the progress of streamed requests that got tokens. Call it from one
+        thread at a time.
 
         Raises:
             RuntimeError: requests wait but none can be scheduled (a deadlock).
@@ -221,6 +225,7 @@ class Engine(Generation):
             queue = self._queue.admit()
             if queue:
                 self._step(queue)
+                self._queue.report(queue)
             else:  # every request of the step in flight ended: its rows are void
                 self._runner.drain()
             return self._queue.take_finished()

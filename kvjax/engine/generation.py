@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -70,4 +70,34 @@ class Generation:
                         else:
                             others.append(output)
         finally:
+            self._queue.put_back(others)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        **request_options,
+    ) -> Iterator[RequestOutput]:
+        """Serves one request, yielding its progress after each step that gave it tokens
+        (`new_token_ids`, `new_text`), the last output finished. Closing the generator early
+        aborts the request; other requests' outputs wait for the next `step()`.
+
+        Raises:
+            ValueError: a bad request (nothing is queued).
+        """
+        request_id = self.add_request(prompt, sampling_params, stream=True, **request_options)
+        others: list[RequestOutput] = []
+        finished = False
+        try:
+            while not finished:
+                for output in self.step():
+                    if output.request_id != request_id:
+                        others.append(output)
+                        continue
+                    finished = output.finished
+                    yield output
+        finally:  # also when the caller stops early: the request goes, its pages with it
+            if not finished:
+                with contextlib.suppress(ValueError):  # finished meanwhile
+                    self.abort(request_id)
             self._queue.put_back(others)

@@ -111,6 +111,7 @@ class RequestIntake:
         salt: int | bytes | str | None = None,
         priority: int | None = None,
         multimodal_items: Sequence[MultimodalItem] = (),
+        stream: bool = False,
     ) -> Request:
         """The record of a new request whose id is not in `live` (see `Engine.add_request`)."""
         params = SamplingParams() if sampling_params is None else sampling_params
@@ -136,7 +137,7 @@ class RequestIntake:
         return Request(
             request_id, prompt, params, lora_id=lora_id, salt=salt, priority=priority,
             multimodal_items=tuple(multimodal_items), key_tokens=key_tokens,
-            arrival_time=time.perf_counter(), detokenizer=detokenizer,
+            arrival_time=time.perf_counter(), detokenizer=detokenizer, stream=bool(stream),
         )  # fmt: skip
 
     def _detokenizer(self, params: SamplingParams):

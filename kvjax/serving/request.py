@@ -136,6 +136,10 @@ class RequestOutput:
     metrics: RequestMetrics
     error: str | None = None  # why it failed (FinishReason.ERROR)
     text: str | None = None  # the generated text (an engine with a tokenizer), cut at a stop
+    # What this output adds to the previous one reported for the request (a streamed request
+    # gets one per step it progressed in; others only their final output: everything).
+    new_token_ids: tuple[int, ...] = ()
+    new_text: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -178,6 +182,10 @@ class Request:
     error: str | None = None  # why it failed inside a step
     # The generated text as it grows, with stop strings (an engine with a tokenizer).
     detokenizer: IncrementalDetokenizer | None = None
+    stream: bool = False  # report progress after every step, not only the end
+    # Tokens and characters of text already reported (`output()`), for the next delta.
+    num_reported_tokens: int = 0
+    num_reported_chars: int = 0
     # Kept by CacheResources: the request's cache and how many prompt tokens have KV.
     cache: KVCache | None = None
     context_position: int = 0
@@ -274,12 +282,22 @@ class Request:
         written)."""
         return self.prompt_length + self.sampling_params.max_new_tokens + self.num_draft_tokens
 
+    @property
+    def has_news(self) -> bool:
+        """It generated tokens not reported yet."""
+        return len(self.output_token_ids) > self.num_reported_tokens
+
     def output(self) -> RequestOutput:
-        text = None
+        """Its output so far, with what is new since the last call (which it marks reported)."""
+        text = new_text = None
         if self.detokenizer is not None:
             if self.state is RequestState.COMPLETE:
                 self.detokenizer.finish()  # releases text held back as a possible stop string
             text = self.detokenizer.text
+            new_text = text[self.num_reported_chars :]
+            self.num_reported_chars = len(text)
+        new_token_ids = tuple(self.output_token_ids[self.num_reported_tokens :])
+        self.num_reported_tokens = len(self.output_token_ids)
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=tuple(int(t) for t in self.prompt_token_ids),
@@ -288,4 +306,6 @@ class Request:
             metrics=dataclasses.replace(self.metrics),
             error=self.error,
             text=text,
+            new_token_ids=new_token_ids,
+            new_text=new_text,
         )

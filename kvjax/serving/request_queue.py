@@ -87,12 +87,17 @@ class RequestQueue:
             del self._live[request.request_id]
         self._unreturned.append(output)
 
+    def report(self, requests: Sequence[Request]) -> None:
+        """Progress of streamed requests still running: returned by the next take."""
+        self._unreturned += [r.output() for r in requests if r.stream and r.has_news]
+
     def put_back(self, outputs: Sequence[RequestOutput]) -> None:
         """Outputs taken but not for the taker (e.g. `generate`): returned by the next take."""
         self._unreturned[:0] = outputs
 
     def take_finished(self) -> list[RequestOutput]:
-        """The finished outputs not returned yet, in the order they finished."""
+        """The outputs not returned yet (finished requests', and streamed requests' progress),
+        in the order they came."""
         outputs, self._unreturned = self._unreturned, []
         return outputs
 
