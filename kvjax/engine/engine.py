@@ -54,7 +54,7 @@ class Engine(Generation):
     `vocab_size`, `num_layers`, `num_kv_heads`, `head_dim`.
 
     Threads: `add_request`, `abort` and `num_unfinished` are safe from any thread while one
-    thread calls `step()` or `generate()`; call those two from one thread at a time.
+    thread calls `step()`, `generate()` or `stream()`; call those from one thread at a time.
 
     Args:
         model: the NNX module (e.g. from `models.loader.load_hf_checkpoint`).
