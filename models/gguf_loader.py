@@ -28,7 +28,10 @@ SUPPORTED_TENSOR_TYPES = tuple(
     _Q[name] for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K",
                           "Q6_K")
 )  # fmt: skip
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+# llama.cpp's converter reorders the rotary rows of Q and K for these only (Llama's interleaved
+# RoPE in ggml); Qwen2 keeps Hugging Face's rotate-half rows (ggml's NEOX RoPE).
+_PERMUTED_ARCHITECTURES = ("llama",)
 
 # llama.cpp's per-layer tensor names -> Hugging Face's.
 _LAYER_NAMES = {
@@ -157,6 +160,7 @@ class GGUFTensors(Mapping[str, np.ndarray]):
 
     def __init__(self, reader: gguf.GGUFReader, config: LlamaConfig) -> None:
         self._reader, self._config = reader, config
+        self._permuted = _field(reader, "general.architecture") in _PERMUTED_ARCHITECTURES
         self._tensors: dict[str, Any] = {}
         for tensor in reader.tensors:
             if tensor.name == "rope_freqs.weight":
@@ -191,9 +195,9 @@ class GGUFTensors(Mapping[str, np.ndarray]):
                 f"{tensor.tensor_type.name}; supported: {supported}"
             )
         value = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        value = value.reshape(
-            tuple(int(n) for n in reversed(tensor.shape))
-        )  # ggml dims: inner first
+        value = value.reshape(tuple(int(n) for n in reversed(tensor.shape)))  # ggml: inner first
+        if not self._permuted:
+            return value
         if ".self_attn.q_proj." in name:
             value = _unpermute_rotary(value, self._config.num_heads)
         elif ".self_attn.k_proj." in name:

@@ -106,27 +106,30 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{parts[module]}.{kind}"
 
 
-def model_tensors(model) -> dict[str, np.ndarray]:
-    """The model's float32 weights as llama.cpp's converter leaves them (names and permutation)."""
+def model_tensors(model, permute: bool = True) -> dict[str, np.ndarray]:
+    """The model's float32 weights as llama.cpp's converter leaves them (names, and for the
+    Llama architecture the rotary permutation)."""
     config = model.config
     tensors = {}
     for name, value in hf_tensors(model).items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        if ".q_proj." in name:
+        if permute and ".q_proj." in name:
             value = permute_rotary(value, config.num_heads)
-        elif ".k_proj." in name:
+        elif permute and ".k_proj." in name:
             value = permute_rotary(value, config.num_kv_heads)
         tensors[gguf_name(name)] = value
     return tensors
 
 
-def write_gguf(model, path: Path, kind: Q = Q.F32, *, metadata=None, tokenizer=None) -> Path:
+def write_gguf(
+    model, path: Path, kind: Q = Q.F32, *, metadata=None, tokenizer=None, arch: str = "llama"
+) -> Path:
     """Writes `model` as llama.cpp would: 2-D weights as `kind`, vectors as F32; Llama 3's RoPE
     scaling as a `rope_freqs` tensor. `metadata` overrides keys (value, or (value, type));
     `tokenizer(writer)` adds tokenizer metadata."""
     c = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_layers)
     writer.add_context_length(4096)
     writer.add_embedding_length(c.hidden_size)
@@ -152,7 +155,7 @@ def write_gguf(model, path: Path, kind: Q = Q.F32, *, metadata=None, tokenizer=N
     if c.rope_scaling is not None and len(c.rope_scaling) > 1:  # llama3: factors per frequency
         plain = rope_frequencies(dataclasses.replace(c, rope_scaling=None))
         writer.add_tensor("rope_freqs.weight", plain / rope_frequencies(c))
-    for name, value in model_tensors(model).items():
+    for name, value in model_tensors(model, permute=arch == "llama").items():
         tensor_kind = kind if value.ndim == 2 else Q.F32
         encoded = encode(value, tensor_kind)
         writer.add_tensor(name, encoded, raw_dtype=None if tensor_kind == Q.F32 else tensor_kind)

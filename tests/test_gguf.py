@@ -36,6 +36,16 @@ def test_f32_file_gives_the_float_models_logits_exactly(tmp_path):
     np.testing.assert_array_equal(dense_logits(loaded, TOKENS), dense_logits(model, TOKENS))
 
 
+def test_qwen2_files_keep_their_rotary_rows_and_biases(tmp_path):
+    # llama.cpp permutes Q and K for the Llama architecture only; Qwen2 has q/k/v biases.
+    config = gguf_ready_config(rope_scaling=None, qkv_bias=True, tie_word_embeddings=True)
+    model = random_model(config, seed=12)
+    path = write_gguf(model, tmp_path / "qwen2.gguf", arch="qwen2")
+    loaded = load_gguf_checkpoint(path, dtype=jnp.float32)
+    assert loaded.config == config
+    np.testing.assert_array_equal(dense_logits(loaded, TOKENS), dense_logits(model, TOKENS))
+
+
 def test_llama3_rope_scaling_comes_from_the_rope_freqs_tensor(tmp_path):
     model = random_model(gguf_ready_config(num_layers=1), seed=4)  # Llama 3 scaling
     loaded = load_gguf_checkpoint(write_gguf(model, tmp_path / "m.gguf"), dtype=jnp.float32)
@@ -94,13 +104,13 @@ def test_bad_files_raise_naming_the_file_and_the_problem(tmp_path):
 
 
 def test_unsupported_architecture_and_tensor_type_are_refused(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "qwen.gguf"), "qwen2")
+    writer = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
     writer.add_embedding_length(256)
     writer.add_head_count(4)
     for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.close):
         write()
-    with pytest.raises(ValueError, match=r"general.architecture='qwen2' is not supported"):
-        gguf_config(open_gguf(tmp_path / "qwen.gguf"))
+    with pytest.raises(ValueError, match=r"general.architecture='phi3' is not supported"):
+        gguf_config(open_gguf(tmp_path / "phi.gguf"))
     model = random_model(gguf_ready_config(num_layers=1), seed=7)
     path = write_gguf(model, tmp_path / "q2.gguf", Q.Q2_K)  # bytes the loader does not decode
     with pytest.raises(ValueError, match=r"q2.gguf: tensor token_embd.weight has type Q2_K; supp"):
