@@ -32,6 +32,9 @@ ALLOWED = {
     },
     # The command-line chat on top of the engine.
     "kvjax.chat": {"kvjax.chat", "kvjax.engine", "kvjax.serving", "kvjax.text"},
+    # The OpenAI-compatible server on top of the engine, and its command.
+    "kvjax.server": {"kvjax.server", "kvjax.engine", "kvjax.serving", "kvjax.cache", "kvjax.text"},
+    "kvjax.serve": {"kvjax.serve", "kvjax.server", "kvjax.engine", "kvjax.serving"},
 }
 OUR_ROOTS = ("kvjax", "kernels", "models")
 MAX_FUNCTION_LINES = 50

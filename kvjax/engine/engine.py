@@ -210,6 +210,11 @@ class Engine(Generation):
         """Requests queued or running (safe from any thread)."""
         return len(self._queue)
 
+    def request_counts(self) -> tuple[int, int]:
+        """(running, waiting) requests: holding device pages, or queued or suspended (a
+        snapshot, safe from any thread)."""
+        return self._queue.counts()
+
     # -- the loop: one step as a pipeline ------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

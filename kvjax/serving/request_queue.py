@@ -106,6 +106,15 @@ class RequestQueue:
         with self._lock:
             return list(self._live.values())
 
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting): live requests holding device pages, and the rest (queued, not
+        started yet, or suspended)."""
+        with self._lock:
+            running = sum(
+                1 for r in self._live.values() if r.cache is not None and r.cache.is_active
+            )
+            return running, len(self._pending) + len(self._live) - running
+
     def live_ids(self) -> list[int]:
         with self._lock:
             return [*self._live, *self._pending]

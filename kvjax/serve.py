@@ -1,0 +1,73 @@
+"""An OpenAI-compatible HTTP server.
+
+    python -m kvjax.serve --model smollm2 [--port 8000] [--device-mib 512] [--max-batch-size 32]
+
+`--model` is a known model (`smollm2`), a GGUF file or a Hugging Face directory with a tokenizer.
+Endpoints: `/v1/completions`, `/v1/chat/completions` (`stream=true` for server-sent events),
+`/v1/models`, `/health`, `/metrics` (Prometheus). SIGTERM or Ctrl-C lets running requests
+finish (up to `--drain-seconds`), then aborts the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import uvicorn
+
+from kvjax.engine.checkpoints import KNOWN_MODELS, load_model
+from kvjax.engine.engine import Engine
+from kvjax.engine.geometry import cache_config_for
+from kvjax.server.app import build_app
+from kvjax.server.engine_loop import EngineLoop
+from kvjax.server.metrics import ServerMetrics
+from kvjax.serving.scheduler import SchedulerConfig
+
+__all__ = ["build_server", "main"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="smollm2", help=f"{sorted(KNOWN_MODELS)}, .gguf or a dir")
+    p.add_argument("--served-model-name", default=None, help="default: the --model name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device-mib", type=int, default=512, help="device memory for KV pages")
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: what the device holds")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-num-tokens", type=int, default=512, help="tokens per step")
+    p.add_argument("--max-waiting", type=int, default=1024, help="more are answered 429")
+    p.add_argument("--drain-seconds", type=float, default=30.0)
+    return p.parse_args(argv)
+
+
+def build_server(args) -> tuple[EngineLoop, object]:
+    """The engine loop and the ASGI app for `args`."""
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    if tokenizer is None:
+        raise SystemExit(f"{args.model}: the server needs a tokenizer (a tokenizer.json)")
+    cache = cache_config_for(model, device_bytes=args.device_mib << 20)
+    scheduler = SchedulerConfig(
+        max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens
+    )
+    engine = Engine(model, cache, scheduler, max_seq_len=args.max_seq_len, tokenizer=tokenizer)
+    metrics = ServerMetrics(engine)
+    loop = EngineLoop(engine, max_waiting=args.max_waiting, on_finished=metrics.observe)
+    name = args.served_model_name or os.path.basename(str(args.model))
+    return loop, build_app(loop, metrics, name)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    loop, app = build_server(args)
+    try:  # uvicorn handles SIGTERM and Ctrl-C: it stops taking connections and returns
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        loop.close(timeout=args.drain_seconds)
+
+
+if __name__ == "__main__":
+    main()

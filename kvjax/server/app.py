@@ -1,0 +1,123 @@
+"""The HTTP side of the OpenAI-compatible server (Starlette, async): `/v1/completions`,
+`/v1/chat/completions` (both streamed as server-sent events with `stream=true`), `/v1/models`,
+`/health` and `/metrics`. The engine runs in `EngineLoop`'s thread; handlers only await it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from kvjax.server.engine_loop import EngineLoop, Overloaded
+from kvjax.server.metrics import ServerMetrics
+from kvjax.server.protocol import (
+    BadRequest,
+    ParsedRequest,
+    chunk,
+    completion,
+    parse_request,
+    usage_chunk,
+)
+
+__all__ = ["build_app"]
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+class _Handlers:
+    """The endpoints, over one engine loop."""
+
+    def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_name: str) -> None:
+        self.loop, self.metrics, self.model_name = loop, metrics, model_name
+
+    async def _parse(self, request: Request, chat: bool) -> ParsedRequest:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BadRequest(f"the body is not JSON: {error}") from None
+        if isinstance(body, dict) and body.get("model") not in (None, self.model_name):
+            raise BadRequest(
+                f"model={body['model']!r} is unknown; this server has {self.model_name!r}"
+            )
+        max_seq_len = self.loop.engine.manager.max_seq_len
+        return parse_request(body, chat=chat, max_seq_len=max_seq_len)
+
+    async def _serve(self, request: Request, chat: bool) -> Response:
+        try:
+            parsed = await self._parse(request, chat)
+            outputs = self.loop.generate(parsed.prompt, parsed.params, salt=parsed.salt)
+            first = await anext(outputs)  # refusals (too long, overloaded) surface here
+        except (BadRequest, ValueError) as error:
+            return _error(400, str(error), "invalid_request_error")
+        except Overloaded as error:
+            return _error(429, str(error), "overloaded")
+        except RuntimeError as error:
+            return _error(503, str(error), "unavailable")
+        if parsed.stream:
+            events = _events(parsed, first, outputs, self.model_name)
+            return StreamingResponse(events, media_type="text/event-stream")
+        last = first
+        async for last in outputs:  # noqa: B007 (the last output is the answer)
+            pass
+        return JSONResponse(completion(parsed, last, self.model_name))
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=True)
+
+    async def models(self, _: Request) -> Response:
+        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kvjax"}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(self, _: Request) -> Response:
+        return Response(status_code=200)
+
+    async def prometheus(self, _: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_app(loop: EngineLoop, metrics: ServerMetrics, model_name: str) -> Starlette:
+    """The ASGI app serving `loop`'s engine as `model_name`."""
+    handlers = _Handlers(loop, metrics, model_name)
+    routes = [
+        Route("/v1/completions", handlers.completions, methods=["POST"]),
+        Route("/v1/chat/completions", handlers.chat_completions, methods=["POST"]),
+        Route("/v1/models", handlers.models),
+        Route("/health", handlers.health),
+        Route("/metrics", handlers.prometheus),
+    ]
+    return Starlette(routes=routes)
+
+
+async def _events(parsed: ParsedRequest, first, outputs, model: str):
+    """Server-sent events: a chunk per output, the usage chunk if asked, then `[DONE]`. A client
+    that goes away cancels this generator, whose `outputs` then aborts the request."""
+    created = int(time.time())
+    last = first
+    try:
+        yield _event(chunk(parsed, first, model, created))
+        async for last in outputs:
+            yield _event(chunk(parsed, last, model, created))
+    except RuntimeError as error:  # the engine failed mid-stream
+        yield _event({"error": {"message": str(error), "type": "server_error", "code": 500}})
+        return
+    finally:
+        await outputs.aclose()
+    if parsed.include_usage:
+        yield _event(usage_chunk(parsed, last, model, created))
+    yield "data: [DONE]\n\n"
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

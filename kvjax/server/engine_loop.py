@@ -1,0 +1,147 @@
+"""One background thread steps the engine; asyncio tasks await their request's progress.
+
+The HTTP side never calls `Engine.step()`: it submits a request with an id it chose (so that its
+listener is in place before the first step can report), then awaits the outputs the loop thread
+hands over with `call_soon_threadsafe`. A task that stops listening (a client gone) aborts its
+request, which frees its pages at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from kvjax.engine.engine import Engine
+from kvjax.serving.request import RequestOutput, SamplingParams
+
+__all__ = ["EngineLoop", "Overloaded"]
+
+
+class Overloaded(RuntimeError):
+    """More requests wait than the server accepts (HTTP 429)."""
+
+
+class EngineLoop:
+    """Drives `engine` from a thread of its own.
+
+    Thread safety: `generate` from any event loop (several at once), `close` and `num_waiting`
+    from any thread; nothing else may step the engine.
+
+    Args:
+        max_waiting: requests queued or running at most; one more raises `Overloaded`.
+        on_finished: called in the loop thread with each finished output (metrics).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_waiting: int = 1024,
+        on_finished: Callable[[RequestOutput], Any] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self._on_finished = on_finished
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._closing = False  # new requests are refused
+        self._stopped = False  # the thread ends
+        self._thread = threading.Thread(target=self._run, name="kvjax-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_unfinished
+
+    def _run(self) -> None:
+        while not self._stopped:
+            if not self.engine.num_unfinished:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as error:  # no request can progress: each listener learns why
+                self._fail_all(error)
+                continue
+            for output in outputs:
+                self._deliver(output)
+
+    def _deliver(self, output: RequestOutput) -> None:
+        if output.finished and self._on_finished is not None:
+            self._on_finished(output)
+        with self._lock:
+            listener = self._listeners.get(output.request_id)
+        if listener is not None:
+            loop, queue = listener
+            loop.call_soon_threadsafe(queue.put_nowait, output)
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._lock:
+            listeners = list(self._listeners.items())
+        for request_id, (loop, queue) in listeners:
+            self._abort(request_id)
+            loop.call_soon_threadsafe(queue.put_nowait, error)
+
+    async def generate(
+        self, prompt, params: SamplingParams, **request_options
+    ) -> AsyncIterator[RequestOutput]:
+        """Submits a streamed request and yields its progress, the last output finished.
+        Leaving early (the consumer cancelled or closed) aborts the request.
+
+        Raises:
+            Overloaded: `max_waiting` requests already wait.
+            ValueError: a bad request (nothing is queued).
+            RuntimeError: the engine failed while serving it.
+        """
+        if self._closing:
+            raise RuntimeError("the server is shutting down")
+        if self.engine.num_unfinished >= self.max_waiting:
+            raise Overloaded(f"{self.engine.num_unfinished} requests wait (max {self.max_waiting})")
+        request_id = next(self._ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self._listeners[request_id] = (asyncio.get_running_loop(), queue)
+        finished = False
+        try:  # the prompt is tokenized in a worker thread, off the event loop
+            await asyncio.to_thread(
+                self.engine.add_request, prompt, params, request_id=request_id, stream=True,
+                **request_options,
+            )  # fmt: skip
+            self._wake.set()
+            while not finished:
+                output = await queue.get()
+                if isinstance(output, Exception):
+                    finished = True  # the loop aborted it
+                    raise RuntimeError(f"the engine failed: {output}") from output
+                finished = output.finished
+                yield output
+        finally:
+            with self._lock:
+                self._listeners.pop(request_id, None)
+            if not finished:
+                await asyncio.shield(asyncio.to_thread(self._abort, request_id))
+
+    def _abort(self, request_id: int) -> None:
+        with contextlib.suppress(ValueError):  # never queued (refused), or finished meanwhile
+            self.engine.abort(request_id)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Refuses new requests, lets running ones finish for up to `timeout` seconds, aborts
+        the rest (their listeners get an error), stops the thread and shuts the engine down."""
+        self._closing = True
+        deadline = time.monotonic() + timeout
+        while self.engine.num_unfinished and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stopped = True
+        self._wake.set()
+        self._thread.join()
+        self._fail_all(RuntimeError("the server shut down"))
+        self.engine.shutdown()

@@ -1,0 +1,216 @@
+"""The OpenAI-compatible server, spoken to by the official `openai` client and plain HTTP: a tiny
+random model with a tokenizer the tests train; completions and chat, streamed and not, stop
+strings, errors as 400/429, a client leaving mid-stream (its pages freed), concurrent streams
+equal to the plain answers, and `/metrics` parsed by Prometheus' parser."""
+
+import concurrent.futures
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvjax.engine.engine import Engine
+from kvjax.engine.geometry import cache_config_for
+from kvjax.server.app import build_app
+from kvjax.server.engine_loop import EngineLoop
+from kvjax.server.metrics import ServerMetrics
+from kvjax.serving.scheduler import SchedulerConfig
+from kvjax.text.tokenizer import Tokenizer
+from tests.test_llama import random_model, tiny_config
+from tests.test_text import CHATML, original_tokenizer
+
+MODEL = "tiny"
+CHAT = [{"role": "user", "content": "Café au lait, 12 croissants"}]
+
+
+class Server:
+    """uvicorn serving the app on a free port from a thread of this process."""
+
+    def __init__(self, loop: EngineLoop, metrics: ServerMetrics):
+        config = uvicorn.Config(build_app(loop, metrics, MODEL), port=0, log_level="warning")
+        self.loop, self.server = loop, uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="none", max_retries=0)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join()
+        self.loop.close(timeout=0)
+
+
+def make_server(model, tokenizer, *, max_waiting=64) -> Server:
+    cache = cache_config_for(model, tokens_per_block=4, device_pages=64, host_pages=64)
+    scheduler = SchedulerConfig(max_batch_size=8, max_num_tokens=64, chunk_unit=4)
+    engine = Engine(model, cache, scheduler, max_seq_len=128, tokenizer=tokenizer)
+    metrics = ServerMetrics(engine)
+    return Server(EngineLoop(engine, max_waiting=max_waiting, on_finished=metrics.observe), metrics)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    backend = original_tokenizer("qwen2")
+    return Tokenizer(
+        backend, bos_token_id=None, eos_token_ids=[backend.token_to_id("<|im_end|>")],
+        add_bos=False, chat_template=CHATML, source="trained",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model(compile_cache, tokenizer):
+    return random_model(tiny_config(vocab_size=tokenizer.vocab_size), seed=11)
+
+
+@pytest.fixture(scope="module")
+def server(model, tokenizer):
+    server = make_server(model, tokenizer)
+    yield server
+    server.close()
+
+
+def assert_nothing_held(server: Server):
+    deadline = time.monotonic() + 10
+    while server.loop.engine.num_unfinished and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine = server.loop.engine
+    assert engine.num_unfinished == 0
+    engine.manager.check_invariants()
+    engine.manager.check_no_leaks()
+
+
+def test_completions_streamed_and_not_agree(server):
+    args = dict(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0)
+    plain = server.client.completions.create(**args)
+    choice = plain.choices[0]
+    assert choice.finish_reason in ("stop", "length") and plain.usage.completion_tokens >= 1
+    assert plain.usage.prompt_tokens == len(server.loop.engine.tokenizer.encode(args["prompt"]))
+    stream = server.client.completions.create(
+        **args, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert_nothing_held(server)
+
+
+def test_chat_streamed_and_not_agree_and_stop_strings_cut(server):
+    args = dict(model=MODEL, messages=CHAT, max_tokens=16, temperature=0, seed=3)
+    plain = server.client.chat.completions.create(**args)
+    content = plain.choices[0].message.content
+    assert plain.choices[0].message.role == "assistant"
+    chunks = list(server.client.chat.completions.create(**args, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == content
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+    if len(content) > 4:  # a stop string from the answer cuts it there
+        stop = content[2:4]
+        cut = server.client.chat.completions.create(**args, stop=[stop])
+        assert cut.choices[0].message.content == content[: content.find(stop)]
+        assert cut.choices[0].finish_reason == "stop"
+    assert_nothing_held(server)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"model": "gpt-4", "prompt": "hi"}, "model='gpt-4' is unknown"),
+        ({"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
+        ({"model": MODEL, "prompt": "hi", "n": 2}, "only n=1"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL, "prompt": ""}, "prompt must be"),
+        ({"model": MODEL, "prompt": "word " * 400}, "max_seq_len"),
+        ({"model": MODEL, "prompt": "hi", "logprobs": 2}, "logprobs"),
+    ],
+)
+def test_bad_requests_are_answered_400_naming_the_field(server, body, message):
+    response = httpx.post(f"{server.url}/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+    assert_nothing_held(server)
+
+
+def test_models_health_and_a_body_that_is_not_json(server):
+    assert [m.id for m in server.client.models.list()] == [MODEL]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json")
+    assert response.status_code == 400 and "not JSON" in response.json()["error"]["message"]
+
+
+def test_a_client_leaving_mid_stream_frees_its_request(server):
+    engine = server.loop.engine
+    finished_before = engine.metrics.totals.requests
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 120, "stream": True,
+            "ignore_eos": True, "temperature": 0}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
+        engine._step_lock.acquire()  # hold the engine still while the client goes
+    try:
+        time.sleep(0.3)  # the server sees the disconnect; its abort waits for the lock
+    finally:
+        engine._step_lock.release()
+    assert_nothing_held(server)  # aborted, and every page back
+    assert engine.metrics.totals.requests == finished_before  # it never ran to its end
+
+
+def test_concurrent_streams_equal_their_plain_answers(server):
+    prompts = [f"Story number {i}:" for i in range(16)]
+
+    def plain(prompt):
+        out = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=10,
+                                               temperature=0)  # fmt: skip
+        return out.choices[0].text
+
+    def streamed(prompt):
+        stream = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=10,
+                                                  temperature=0, stream=True)  # fmt: skip
+        return "".join(c.choices[0].text for c in stream)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(plain, prompts))
+        streams = list(pool.map(streamed, prompts))
+    assert streams == answers
+    assert_nothing_held(server)
+
+
+def test_overload_is_answered_429(model, tokenizer):
+    server = make_server(model, tokenizer, max_waiting=1)
+    engine = server.loop.engine
+    try:
+        with engine._step_lock:  # the loop thread cannot step: what is queued stays queued
+            engine.add_request([1, 2, 3])
+            body = {"model": MODEL, "prompt": "Once", "max_tokens": 4}
+            response = httpx.post(f"{server.url}/v1/completions", json=body)
+            assert response.status_code == 429, response.text
+            assert "1 requests wait (max 1)" in response.json()["error"]["message"]
+        assert_nothing_held(server)  # the queued request ran to its end
+        assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 200
+    finally:
+        server.close()
+
+
+def test_metrics_parse_as_prometheus_text(server):
+    server.client.completions.create(model=MODEL, prompt="Once", max_tokens=4, temperature=0)
+    text = httpx.get(f"{server.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("kvjax_requests_running", "kvjax_requests_waiting", "kvjax_prefix_cache_hits",
+                 "kvjax_kv_cache_usage_ratio", "kvjax_time_to_first_token_seconds",
+                 "kvjax_e2e_request_latency_seconds", "kvjax_generation_tokens"):  # fmt: skip
+        assert name in families, sorted(families)
+    finished = families["kvjax_requests_finished"].samples[0].value
+    assert finished >= 1
+    ttft = families["kvjax_time_to_first_token_seconds"]
+    count = next(s.value for s in ttft.samples if s.name.endswith("_count"))
+    assert count == finished
+    tiers = {s.labels["tier"] for s in families["kvjax_kv_cache_usage_ratio"].samples}
+    assert tiers == {"device", "host"}
