@@ -4,8 +4,9 @@
 
 `--model` is a known model (`smollm2`), a GGUF file or a Hugging Face directory with a tokenizer.
 Endpoints: `/v1/completions`, `/v1/chat/completions` (`stream=true` for server-sent events),
-`/v1/models`, `/health`, `/metrics` (Prometheus). SIGTERM or Ctrl-C lets running requests
-finish (up to `--drain-seconds`), then aborts the rest.
+`/v1/models`, `/health`, `/metrics` (Prometheus). SIGTERM or Ctrl-C stops taking connections,
+lets running requests finish for up to `--drain-seconds`, then cancels the rest (their
+requests are aborted and their pages freed).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def build_server(args) -> tuple[EngineLoop, object]:
     engine = Engine(model, cache, scheduler, max_seq_len=args.max_seq_len, tokenizer=tokenizer)
     metrics = ServerMetrics(engine)
     loop = EngineLoop(engine, max_waiting=args.max_waiting, on_finished=metrics.observe)
-    name = args.served_model_name or os.path.basename(str(args.model))
+    name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))
     return loop, build_app(loop, metrics, name)
 
 
@@ -64,7 +65,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     loop, app = build_server(args)
     try:  # uvicorn handles SIGTERM and Ctrl-C: it stops taking connections and returns
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(
+            app, host=args.host, port=args.port, log_level="info",
+            timeout_graceful_shutdown=args.drain_seconds,  # then open streams are cancelled
+        )  # fmt: skip
     finally:
         loop.close(timeout=args.drain_seconds)
 

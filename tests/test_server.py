@@ -154,11 +154,11 @@ def test_a_client_leaving_mid_stream_frees_its_request(server):
         lines = response.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["choices"][0]["finish_reason"] is None
-        engine._step_lock.acquire()  # hold the engine still while the client goes
+        hold_the_engine(server).acquire()  # hold the engine still while the client goes
     try:
         time.sleep(0.3)  # the server sees the disconnect; its abort waits for the lock
     finally:
-        engine._step_lock.release()
+        hold_the_engine(server).release()
     assert_nothing_held(server)  # aborted, and every page back
     assert engine.metrics.totals.requests == finished_before  # it never ran to its end
 
@@ -183,20 +183,66 @@ def test_concurrent_streams_equal_their_plain_answers(server):
     assert_nothing_held(server)
 
 
+def hold_the_engine(server):
+    """The engine's step lock: while held, the loop thread cannot step."""
+    return server.loop.engine._step_lock
+
+
+def wait_until(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
 def test_overload_is_answered_429(model, tokenizer):
     server = make_server(model, tokenizer, max_waiting=1)
     engine = server.loop.engine
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4}
+    url = f"{server.url}/v1/completions"
     try:
-        with engine._step_lock:  # the loop thread cannot step: what is queued stays queued
-            engine.add_request([1, 2, 3])
-            body = {"model": MODEL, "prompt": "Once", "max_tokens": 4}
-            response = httpx.post(f"{server.url}/v1/completions", json=body)
-            assert response.status_code == 429, response.text
-            assert "1 requests wait (max 1)" in response.json()["error"]["message"]
-        assert_nothing_held(server)  # the queued request ran to its end
-        assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 200
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            with hold_the_engine(server):  # the first request waits in the engine
+                first = pool.submit(httpx.post, url, json=body, timeout=60)
+                wait_until(lambda: engine.num_unfinished == 1)
+                second = httpx.post(url, json=body)
+                assert second.status_code == 429, second.text
+                assert "1 requests wait (max 1)" in second.json()["error"]["message"]
+            assert first.result().status_code == 200
+        assert httpx.post(url, json=body).status_code == 200
+        assert_nothing_held(server)
     finally:
         server.close()
+
+
+def test_a_client_leaving_before_its_answer_aborts_it(server):
+    engine = server.loop.engine
+    finished_before = engine.metrics.totals.requests
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 120, "ignore_eos": True}
+    with hold_the_engine(server):  # queued, not started: the client gives up waiting
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5)
+        wait_until(lambda: engine.num_unfinished == 1)
+        time.sleep(0.3)  # the watcher sees the disconnect; the abort waits for the lock
+    assert_nothing_held(server)
+    assert engine.metrics.totals.requests == finished_before  # aborted, never finished
+
+
+def test_a_request_failing_in_a_step_is_a_500_and_the_server_goes_on(server, monkeypatch):
+    resources = server.loop.engine.resources
+    prepare = resources.prepare_context
+
+    def fail_once(request, *args, **kwargs):
+        monkeypatch.setattr(resources, "prepare_context", prepare)
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(resources, "prepare_context", fail_once)
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 4}
+    response = httpx.post(f"{server.url}/v1/completions", json=body)
+    assert response.status_code == 500 and "injected" in response.json()["error"]["message"]
+    assert httpx.post(f"{server.url}/v1/completions", json=body).status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert_nothing_held(server)
 
 
 def test_metrics_parse_as_prometheus_text(server):
@@ -209,8 +255,8 @@ def test_metrics_parse_as_prometheus_text(server):
         assert name in families, sorted(families)
     finished = families["kvjax_requests_finished"].samples[0].value
     assert finished >= 1
-    ttft = families["kvjax_time_to_first_token_seconds"]
-    count = next(s.value for s in ttft.samples if s.name.endswith("_count"))
-    assert count == finished
+    e2e = families["kvjax_e2e_request_latency_seconds"]
+    count = next(s.value for s in e2e.samples if s.name.endswith("_count"))
+    assert count == finished  # every finished request, failed ones too (they have no TTFT)
     tiers = {s.labels["tier"] for s in families["kvjax_kv_cache_usage_ratio"].samples}
     assert tiers == {"device", "host"}

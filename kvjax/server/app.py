@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 
@@ -54,21 +56,27 @@ class _Handlers:
     async def _serve(self, request: Request, chat: bool) -> Response:
         try:
             parsed = await self._parse(request, chat)
-            outputs = self.loop.generate(parsed.prompt, parsed.params, salt=parsed.salt)
-            first = await anext(outputs)  # refusals (too long, overloaded) surface here
-        except (BadRequest, ValueError) as error:
+            outputs = self.loop.generate(
+                parsed.prompt, parsed.params, salt=parsed.salt, stream=parsed.stream
+            )
+            # Until a stream starts, only a watcher notices a client leaving: it cancels the
+            # wait, and `outputs` aborts the request.
+            wait = anext(outputs) if parsed.stream else _last(outputs)
+            output = await _unless_disconnected(request, wait)
+        except (BadRequest, ValueError, OverflowError) as error:
             return _error(400, str(error), "invalid_request_error")
         except Overloaded as error:
             return _error(429, str(error), "overloaded")
         except RuntimeError as error:
             return _error(503, str(error), "unavailable")
+        if output is None:  # the client left
+            return Response(status_code=499)
+        if output.error is not None:  # it failed inside a step (the others ran on)
+            return _error(500, output.error, "server_error")
         if parsed.stream:
-            events = _events(parsed, first, outputs, self.model_name)
+            events = _events(parsed, output, outputs, self.model_name)
             return StreamingResponse(events, media_type="text/event-stream")
-        last = first
-        async for last in outputs:  # noqa: B007 (the last output is the answer)
-            pass
-        return JSONResponse(completion(parsed, last, self.model_name))
+        return JSONResponse(completion(parsed, output, self.model_name))
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, chat=False)
@@ -81,7 +89,7 @@ class _Handlers:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def health(self, _: Request) -> Response:
-        return Response(status_code=200)
+        return Response(status_code=200 if self.loop.alive else 503)
 
     async def prometheus(self, _: Request) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -100,16 +108,39 @@ def build_app(loop: EngineLoop, metrics: ServerMetrics, model_name: str) -> Star
     return Starlette(routes=routes)
 
 
+async def _last(outputs):
+    output = None
+    async for output in outputs:  # noqa: B007 (the last output is the answer)
+        pass
+    return output
+
+
+async def _unless_disconnected(request: Request, wait):
+    """The result of `wait`, or None when the client disconnects first (`wait` cancelled)."""
+    task = asyncio.ensure_future(wait)
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.05)
+        if not done and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+    return task.result()
+
+
 async def _events(parsed: ParsedRequest, first, outputs, model: str):
-    """Server-sent events: a chunk per output, the usage chunk if asked, then `[DONE]`. A client
-    that goes away cancels this generator, whose `outputs` then aborts the request."""
+    """Server-sent events: a chunk per output, the usage chunk if asked, then `[DONE]`; an
+    error event instead when the request fails. A client that goes away cancels this
+    generator, whose `outputs` then aborts the request."""
     created = int(time.time())
     last = first
     try:
         yield _event(chunk(parsed, first, model, created))
         async for last in outputs:
+            if last.error is not None:
+                raise RuntimeError(last.error)
             yield _event(chunk(parsed, last, model, created))
-    except RuntimeError as error:  # the engine failed mid-stream
+    except RuntimeError as error:  # the request or the engine failed mid-stream
         yield _event({"error": {"message": str(error), "type": "server_error", "code": 500}})
         return
     finally:

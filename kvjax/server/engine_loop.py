@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,14 @@ from kvjax.engine.engine import Engine
 from kvjax.serving.request import RequestOutput, SamplingParams
 
 __all__ = ["EngineLoop", "Overloaded"]
+
+_log = logging.getLogger(__name__)
+
+
+def _put(listener: tuple[asyncio.AbstractEventLoop, asyncio.Queue], item) -> None:
+    loop, queue = listener
+    with contextlib.suppress(RuntimeError):  # its event loop closed: nobody waits any more
+        loop.call_soon_threadsafe(queue.put_nowait, item)
 
 
 class Overloaded(RuntimeError):
@@ -33,7 +42,7 @@ class EngineLoop:
     from any thread; nothing else may step the engine.
 
     Args:
-        max_waiting: requests queued or running at most; one more raises `Overloaded`.
+        max_waiting: requests this loop serves at once at most; one more raises `Overloaded`.
         on_finished: called in the loop thread with each finished output (metrics).
     """
 
@@ -60,6 +69,11 @@ class EngineLoop:
     def num_waiting(self) -> int:
         return self.engine.num_unfinished
 
+    @property
+    def alive(self) -> bool:
+        """The loop thread runs (a server whose loop died should fail its health check)."""
+        return self._thread.is_alive() and not self._stopped
+
     def _run(self) -> None:
         while not self._stopped:
             if not self.engine.num_unfinished:
@@ -69,10 +83,14 @@ class EngineLoop:
             try:
                 outputs = self.engine.step()
             except Exception as error:  # no request can progress: each listener learns why
+                _log.exception("an engine step failed; aborting the requests being served")
                 self._fail_all(error)
                 continue
             for output in outputs:
-                self._deliver(output)
+                try:
+                    self._deliver(output)
+                except Exception:  # one listener's trouble must not stop the loop
+                    _log.exception("delivering request %d's output failed", output.request_id)
 
     def _deliver(self, output: RequestOutput) -> None:
         if output.finished and self._on_finished is not None:
@@ -80,20 +98,20 @@ class EngineLoop:
         with self._lock:
             listener = self._listeners.get(output.request_id)
         if listener is not None:
-            loop, queue = listener
-            loop.call_soon_threadsafe(queue.put_nowait, output)
+            _put(listener, output)
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
             listeners = list(self._listeners.items())
         for request_id, (loop, queue) in listeners:
             self._abort(request_id)
-            loop.call_soon_threadsafe(queue.put_nowait, error)
+            _put((loop, queue), error)
 
     async def generate(
         self, prompt, params: SamplingParams, **request_options
     ) -> AsyncIterator[RequestOutput]:
-        """Submits a streamed request and yields its progress, the last output finished.
+        """Submits a request and yields its progress (with `stream=True` in
+        `request_options`; else only its end), the last output finished.
         Leaving early (the consumer cancelled or closed) aborts the request.
 
         Raises:
@@ -101,25 +119,20 @@ class EngineLoop:
             ValueError: a bad request (nothing is queued).
             RuntimeError: the engine failed while serving it.
         """
-        if self._closing:
-            raise RuntimeError("the server is shutting down")
-        if self.engine.num_unfinished >= self.max_waiting:
-            raise Overloaded(f"{self.engine.num_unfinished} requests wait (max {self.max_waiting})")
         request_id = next(self._ids)
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self._listeners[request_id] = (asyncio.get_running_loop(), queue)
+        queue = self._listen(request_id)
+        # The prompt is tokenized in a worker thread, off the event loop. A cancel while it
+        # runs waits for it, so that the abort below finds the request it submitted.
+        submit = asyncio.ensure_future(asyncio.to_thread(
+            self.engine.add_request, prompt, params, request_id=request_id, **request_options
+        ))  # fmt: skip
         finished = False
-        try:  # the prompt is tokenized in a worker thread, off the event loop
-            await asyncio.to_thread(
-                self.engine.add_request, prompt, params, request_id=request_id, stream=True,
-                **request_options,
-            )  # fmt: skip
+        try:
+            await asyncio.shield(submit)
             self._wake.set()
             while not finished:
                 output = await queue.get()
                 if isinstance(output, Exception):
-                    finished = True  # the loop aborted it
                     raise RuntimeError(f"the engine failed: {output}") from output
                 finished = output.finished
                 yield output
@@ -127,7 +140,21 @@ class EngineLoop:
             with self._lock:
                 self._listeners.pop(request_id, None)
             if not finished:
+                with contextlib.suppress(BaseException):
+                    await submit
                 await asyncio.shield(asyncio.to_thread(self._abort, request_id))
+
+    def _listen(self, request_id: int) -> asyncio.Queue:
+        """A queue for the request's outputs, registered before it is submitted (so that no
+        output can come first); raises when the server is closing, dead or full."""
+        if self._closing or not self._thread.is_alive():
+            raise RuntimeError("the server is shutting down or its engine loop stopped")
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:  # the count and the registration together: the bound is exact
+            if len(self._listeners) >= self.max_waiting:
+                raise Overloaded(f"{len(self._listeners)} requests wait (max {self.max_waiting})")
+            self._listeners[request_id] = (asyncio.get_running_loop(), queue)
+        return queue
 
     def _abort(self, request_id: int) -> None:
         with contextlib.suppress(ValueError):  # never queued (refused), or finished meanwhile

@@ -37,6 +37,8 @@ def _number(body: Mapping, name: str, default, kind=float):
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"{name}={value!r} must be a number")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise BadRequest(f"{name}={value!r} must be finite")
     if kind is int and value != int(value):
         raise BadRequest(f"{name}={value!r} must be an integer")
     return kind(value)
@@ -45,7 +47,11 @@ def _number(body: Mapping, name: str, default, kind=float):
 def _prompt(body: Mapping, chat: bool):
     if chat:
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(message, Mapping) for message in messages)
+        ):
             raise BadRequest("messages must be a non-empty list of {role, content} objects")
         return messages
     prompt = body.get("prompt")
@@ -64,7 +70,7 @@ def _refuse_unsupported(body: Mapping) -> None:
     if _number(body, "best_of", 1, int) != 1:
         raise BadRequest(f"best_of={body['best_of']!r}: only 1 is supported")
     for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions"):
-        if body.get(name) not in (None, False):
+        if body.get(name) not in (None, False, []):
             raise BadRequest(f"{name}={body[name]!r} is not supported")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0) != 0.0:

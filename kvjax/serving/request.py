@@ -206,6 +206,8 @@ class Request:
         if self.key_tokens is None:
             self.key_tokens = self.prompt_token_ids
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+        # Outputs carry the prompt as a tuple of ints: made once, not at every report.
+        self._prompt_tuple = tuple(int(t) for t in self.prompt_token_ids)
 
     @property
     def prompt_length(self) -> int:
@@ -300,7 +302,7 @@ class Request:
         self.num_reported_tokens = len(self.output_token_ids)
         return RequestOutput(
             request_id=self.request_id,
-            prompt_token_ids=tuple(int(t) for t in self.prompt_token_ids),
+            prompt_token_ids=self._prompt_tuple,
             token_ids=tuple(self.output_token_ids),
             finish_reason=self.finish_reason,
             metrics=dataclasses.replace(self.metrics),

@@ -34,13 +34,13 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = 0
         self._held = ""  # decoded but not emitted: it may begin a stop string
-        self._pieces: list[str] = []
+        self._text = ""
         self._stopped: str | None = None
 
     @property
     def text(self) -> str:
         """Everything emitted so far (cut before the stop string once one matched)."""
-        return "".join(self._pieces)
+        return self._text
 
     @property
     def stopped(self) -> str | None:
@@ -85,7 +85,7 @@ class IncrementalDetokenizer:
         else:
             keep = self._stop_prefix_length(pending)
             piece, self._held = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        self._pieces.append(piece)
+        self._text += piece
         return piece
 
     def _earliest_stop(self, text: str) -> tuple[int, str] | None:
