@@ -19,13 +19,17 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 LONG = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def chatml_tokenizer() -> Tokenizer:
     backend = original_tokenizer("qwen2")  # a trained byte-level BPE with ChatML's tokens
     return Tokenizer(
         backend, bos_token_id=None, eos_token_ids=[backend.token_to_id("<|im_end|>")],
         add_bos=False, chat_template=CHATML, source="trained",
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return chatml_tokenizer()
 
 
 @pytest.fixture(scope="module")

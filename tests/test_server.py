@@ -20,9 +20,8 @@ from kvjax.server.app import build_app
 from kvjax.server.engine_loop import EngineLoop
 from kvjax.server.metrics import ServerMetrics
 from kvjax.serving.scheduler import SchedulerConfig
-from kvjax.text.tokenizer import Tokenizer
+from tests.test_engine_text import chatml_tokenizer
 from tests.test_llama import random_model, tiny_config
-from tests.test_text import CHATML, original_tokenizer
 
 MODEL = "tiny"
 CHAT = [{"role": "user", "content": "Café au lait, 12 croissants"}]
@@ -57,22 +56,15 @@ def make_server(model, tokenizer, *, max_waiting=64) -> Server:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    backend = original_tokenizer("qwen2")
-    return Tokenizer(
-        backend, bos_token_id=None, eos_token_ids=[backend.token_to_id("<|im_end|>")],
-        add_bos=False, chat_template=CHATML, source="trained",
-    )  # fmt: skip
+def model_and_tokenizer(compile_cache):
+    """The engine text tests' tiny model and trained ChatML tokenizer."""
+    tokenizer = chatml_tokenizer()
+    return random_model(tiny_config(vocab_size=tokenizer.vocab_size), seed=11), tokenizer
 
 
 @pytest.fixture(scope="module")
-def model(compile_cache, tokenizer):
-    return random_model(tiny_config(vocab_size=tokenizer.vocab_size), seed=11)
-
-
-@pytest.fixture(scope="module")
-def server(model, tokenizer):
-    server = make_server(model, tokenizer)
+def server(model_and_tokenizer):
+    server = make_server(*model_and_tokenizer)
     yield server
     server.close()
 
@@ -195,8 +187,8 @@ def wait_until(condition, seconds=10.0):
         time.sleep(0.01)
 
 
-def test_overload_is_answered_429(model, tokenizer):
-    server = make_server(model, tokenizer, max_waiting=1)
+def test_overload_is_answered_429(model_and_tokenizer):
+    server = make_server(*model_and_tokenizer, max_waiting=1)
     engine = server.loop.engine
     body = {"model": MODEL, "prompt": "Once", "max_tokens": 4}
     url = f"{server.url}/v1/completions"
