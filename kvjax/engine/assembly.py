@@ -91,6 +91,7 @@ class EngineOptions:
     lora_pages: Mapping[int, int]
     impl: str | None
     interpret: bool | None
+    sampler_variants: tuple[str, ...] = ()
 
     def agreement_key(self) -> tuple:
         """What every process must share, in an order-independent form."""
@@ -155,7 +156,14 @@ def _compiled(model, options: EngineOptions, manager, buckets: Buckets, config, 
     compiles = CompileCounter()
     try:
         warm_up(
-            registry, params, manager, buckets, config.max_batch_size, config.max_num_tokens, mesh
+            registry,
+            params,
+            manager,
+            buckets,
+            config.max_batch_size,
+            config.max_num_tokens,
+            mesh,
+            options.sampler_variants,
         )
     except BaseException:
         compiles.close()

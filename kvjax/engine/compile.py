@@ -3,6 +3,8 @@ bucket's step, the sampler and the page moves, and a count of compilations after
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import jax
 import numpy as np
 from flax import nnx
@@ -10,6 +12,7 @@ from flax import nnx
 from kvjax.cache.manager import KVCacheManager
 from kvjax.runtime.buckets import Buckets
 from kvjax.runtime.page_ops import default_impl
+from kvjax.runtime.penalties import no_penalties
 from kvjax.runtime.sampling import verify_and_feed
 from kvjax.runtime.sharding import place, replicated, shard_params
 from kvjax.runtime.step import StepInputs, StepRegistry, allow_compile
@@ -68,8 +71,11 @@ def warm_up(
     max_batch_size: int,
     max_num_tokens: int,
     mesh=None,
+    sampler_variants: Collection[str] = (),
 ) -> None:
-    """Compiles every bucket's step, the sampler for each logit layout and the page moves.
+    """Compiles every bucket's step, the sampler for each logit layout and the page moves;
+    also the sampler's variants named in `sampler_variants` ("logprobs", "penalties", and
+    their combination); other variants compile when first used.
 
     Raises:
         ValueError: the buckets cannot hold a full step of `max_batch_size` requests and
@@ -86,10 +92,15 @@ def warm_up(
             logits = np.zeros((rows * width, vocab), np.float32)
             logits = place(logits, mesh and replicated(mesh))
             drafts = np.zeros((rows, width - 1), np.int32)
-            verify_and_feed(
-                logits, drafts, ints, zeros, ints, zeros + 1, ints.astype(np.uint32), ints,
-                feed_size=registry.feed_size,
-            )  # fmt: skip
+            args = (logits, drafts, ints, zeros, ints, zeros + 1, ints.astype(np.uint32), ints)
+            penalties = [None]
+            if "penalties" in sampler_variants:
+                penalties.append(no_penalties(rows, manager.max_seq_len))
+            for with_logprobs in {False, "logprobs" in sampler_variants}:
+                for penalty in penalties:
+                    verify_and_feed(
+                        *args, penalty, feed_size=registry.feed_size, with_logprobs=with_logprobs
+                    )
 
 
 class CompileCounter:

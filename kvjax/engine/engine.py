@@ -22,12 +22,18 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
+from kvjax.cache.checks import check_int
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.multimodal import MultimodalItem
 from kvjax.engine.assembly import EngineOptions, EngineParts, assemble
 from kvjax.engine.generation import Generation
 from kvjax.engine.geometry import check_model_geometry
-from kvjax.engine.preflight import check_processes_agree, check_tokenizer, plan
+from kvjax.engine.preflight import (
+    check_processes_agree,
+    check_sampler_variants,
+    check_tokenizer,
+    plan,
+)
 from kvjax.engine.recovery import recover_lost_pool
 from kvjax.engine.runner import StepLost, StepRunner
 from kvjax.runtime.buckets import Buckets
@@ -81,6 +87,8 @@ class Engine(Generation):
             `jax.distributed.initialize()` the devices of every process count: each process
             builds the same engine and adds the same requests in the same order, so all make
             the same scheduling decisions and page ids without exchanging them.
+        sampler_variants: also compile the sampler for requests asking for "logprobs" or
+            "penalties" at construction (else their first step compiles it).
         compile_cache: JAX's persistent compilation cache: True (default) uses the directory
             of `kvjax.runtime.compile_cache`, a path that directory, False leaves JAX as is.
         overlap: schedule and build each step while the device runs the previous one (its
@@ -113,6 +121,7 @@ class Engine(Generation):
         compile_cache: bool | str | os.PathLike = True,
         overlap: bool = True,
         tokenizer: Tokenizer | None = None,
+        sampler_variants: Sequence[str] = (),
     ) -> None:
         config = self.scheduler_config = scheduler_config or SchedulerConfig()
         self.tokenizer = tokenizer
@@ -128,8 +137,9 @@ class Engine(Generation):
         )
         self.lora_pages = dict(lora_pages or {})
         options = EngineOptions(
-            max_seq_len, enable_block_reuse, commit_generated, self.lora_pages, impl, interpret
-        )
+            max_seq_len, enable_block_reuse, commit_generated, self.lora_pages, impl, interpret,
+            check_sampler_variants(sampler_variants),
+        )  # fmt: skip
         if self.lockstep:
             check_processes_agree(
                 self.mesh, model.config, cache_config, config, self.buckets.keys, draft_lengths,
@@ -194,6 +204,21 @@ class Engine(Generation):
             prompt_token_ids, sampling_params, request_id=request_id, lora_id=lora_id,
             salt=salt, priority=priority, multimodal_items=multimodal_items, stream=stream,
         )  # fmt: skip
+
+    def add_samples(
+        self, prompt: Prompt, sampling_params: SamplingParams | None = None, n: int = 1, **options
+    ) -> list[int]:
+        """Queues `n` parallel samples of one prompt (`add_request`'s keywords but `request_id`)
+        and returns their ids. The prompt is computed once: the other samples wait until the
+        first has computed it and then reuse its KV through the prefix cache (so reuse must be
+        on). A seeded `sampling_params` gives sample i the seed `seed + i`. Safe from any thread.
+
+        Raises:
+            ValueError: as `add_request`; `n` not in [1, 128].
+        """
+        check_int("n", n, minimum=1, maximum=128)
+        prompt_token_ids = encode_prompt(prompt, self.tokenizer)
+        return self._queue.submit_group(n, prompt_token_ids, sampling_params, **options)
 
     def abort(self, request_id: int) -> RequestOutput:
         """Stops a queued or running request and frees its pages; returns what it generated.

@@ -104,7 +104,7 @@ def check_batch_agrees(step_index: int, batch, sampling, manager) -> None:
     """Raises on every process unless all scheduled the same batch (a `StepBatch` and its
     `SamplingInputs`) and moved the same pages (a collective, once per step)."""
     # After scheduling, the page moves have run: their digest stands in for them.
-    arrays = [*dataclasses.astuple(batch.inputs), *vars(sampling).values()]
+    arrays = [*dataclasses.astuple(batch.inputs), *sampling.arrays()]
     ids = [request.request_id for request in batch.requests]
     check_same_on_every_process(
         f"the batch of step {step_index}",
@@ -121,3 +121,13 @@ def check_tokenizer(model, tokenizer, eos_token_ids: Sequence[int] | None):
     if eos_token_ids is not None:
         return eos_token_ids
     return sorted({*model.config.eos_token_ids, *tokenizer.eos_token_ids})
+
+
+SAMPLER_VARIANTS = ("logprobs", "penalties")
+
+
+def check_sampler_variants(variants: Sequence[str]) -> tuple[str, ...]:
+    """The sampler variants to compile ahead, checked against `SAMPLER_VARIANTS`."""
+    if isinstance(variants, str) or any(v not in SAMPLER_VARIANTS for v in variants):
+        raise ValueError(f"sampler_variants={variants!r} must name some of {SAMPLER_VARIANTS}")
+    return tuple(sorted(set(variants)))

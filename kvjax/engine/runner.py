@@ -87,6 +87,8 @@ class StepRunner:
             Exception: the dispatch failed (the previous step's tokens are applied first).
         """
         start = time.perf_counter()
+        if any(r.sampling_params.penalized for r in output.generation_requests):
+            self.drain()  # penalties count every output: the pending ones must reach the host
         previous = self.inflight
         batch, sampling = self.build(output, 0, previous.feeds() if previous else None)
         try:
@@ -125,9 +127,13 @@ class StepRunner:
         """The padded step inputs and each row's sampling parameters."""
         engine = self.engine
         batch = build_step_batch(output, engine.manager, engine.buckets, draft_len, feeds)
-        sampling = SamplingInputs(batch.inputs.key.num_seqs)
+        sampling = SamplingInputs(batch.inputs.key.num_seqs, engine.manager.max_seq_len)
         requests = batch.requests
-        sampling.fill([r.sampling_params for r in requests], [r.num_outputs for r in requests])
+        params = [r.sampling_params for r in requests]
+        histories = None
+        if any(p.penalized for p in params):  # run() waited for the step in flight
+            histories = [(r.prompt_token_ids, r.output_token_ids) for r in requests]
+        sampling.fill(params, [r.num_outputs for r in requests], histories)
         if engine.check_agreement:
             check_batch_agrees(engine.metrics.num_steps, batch, sampling, engine.manager)
         return batch, sampling
@@ -152,6 +158,7 @@ class StepRunner:
         num_generated = apply_picks(
             step.batch.requests, step.emitting, tokens, eos_token_ids=engine.eos_token_ids,
             max_seq_len=engine.manager.max_seq_len, finish=engine._finish, now=now,
+            logprobs=step.sampled.fetch_logprobs(),
         )  # fmt: skip
         engine.metrics.record_step(step.start, now, step.batch, step.output, num_generated, 0)
 
@@ -161,7 +168,9 @@ class StepRunner:
         engine = self.engine
         start = time.perf_counter()
         batch, sampling = self.build(output, draft_len)
-        accepted, tokens = self._dispatch(batch, sampling, None).fetch()
+        sampled = self._dispatch(batch, sampling, None)
+        accepted, tokens = sampled.fetch()
+        logprobs = sampled.fetch_logprobs()
         now = time.perf_counter()
         self.recovering = False
         with interrupts_deferred():  # each cache advances with its request's tokens
@@ -169,6 +178,6 @@ class StepRunner:
                 batch.requests, batch.chunk_sizes, accepted, tokens, batch.draft_len,
                 engine.resources, eos_token_ids=engine.eos_token_ids,
                 max_seq_len=engine.manager.max_seq_len, finish=engine._finish, start=start,
-                now=now,
+                now=now, logprobs=logprobs,
             )  # fmt: skip
         engine.metrics.record_step(start, now, batch, output, num_generated, num_accepted)

@@ -6,7 +6,13 @@ acceptance, or rejection sampling that keeps the target distribution).
 Each row has its own parameters and its own random stream: the key of a row is its request's
 seed folded with the number of tokens it has generated, so a seeded request samples the same
 tokens whatever it is batched with, and with or without speculative drafts. Only the sampled ids
-leave the device.
+leave the device, and the log-probabilities where a row asks for them.
+
+Penalties (`kvjax.runtime.penalties`) change the logits first; temperature then scales them;
+top-k and top-p truncate last. Log-probabilities are those of the penalized, temperature-scaled
+logits (a greedy row's at temperature 1) before top-k and top-p truncation: vLLM's
+"processed" log-probabilities, except that truncated tokens keep their value rather than -inf,
+so the alternatives stay informative.
 """
 
 from __future__ import annotations
@@ -18,13 +24,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.runtime.penalties import Penalties, history_penalties, penalized
+
 __all__ = [
+    "MAX_TOP_LOGPROBS",
     "SampledTokens",
     "SamplingInputs",
+    "TokenLogprobs",
     "sample_tokens",
+    "token_logprobs",
     "verify_and_feed",
     "verify_tokens",
 ]
+
+MAX_TOP_LOGPROBS = 20  # alternatives a row may ask for (OpenAI's limit)
 
 
 def _filtered(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -130,19 +143,50 @@ def verify_tokens(
     return num_accepted, picks
 
 
-@functools.partial(jax.jit, static_argnames="feed_size")
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities of N picked tokens (see the module docstring for which distribution).
+
+    Arrays: `chosen` f32[N] the pick's; `top_ids` int32[N, K] and `top` f32[N, K] the K most
+    likely tokens', best first (K = min(MAX_TOP_LOGPROBS, vocab))."""
+
+    chosen: jax.Array
+    top_ids: jax.Array
+    top: jax.Array
+
+
+def token_logprobs(logits: jax.Array, temperature: jax.Array, picks: jax.Array) -> TokenLogprobs:
+    """`TokenLogprobs` of `picks` (int32[N]) under f32[N, vocab] `logits` divided by each row's
+    temperature f32[N] (0, greedy: 1)."""
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    logprobs = jax.nn.log_softmax(scaled, axis=-1)
+    chosen = jnp.take_along_axis(logprobs, picks[:, None], axis=-1)[:, 0]
+    top, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logits.shape[-1]))
+    return TokenLogprobs(chosen, top_ids.astype(jnp.int32), top)
+
+
+@functools.partial(jax.jit, static_argnames=("feed_size", "with_logprobs"))
 def verify_and_feed(
-    logits, draft_tokens, num_drafts, temperature, top_k, top_p, seeds, counters, *, feed_size
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`verify_tokens`, plus int32[feed_size] `fed`: row r's next input token (its pick after
-    its accepted drafts) at index r, zeros past the rows; the next step reads it on the
-    device (`kvjax.runtime.step.fed_tokens`)."""
+    logits, draft_tokens, num_drafts, temperature, top_k, top_p, seeds, counters,
+    penalties: Penalties | None = None, *, feed_size, with_logprobs: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, TokenLogprobs | None]:  # fmt: skip
+    """`verify_tokens` on the logits penalized where `penalties` are given (the drafts ahead of
+    each position count as outputs), plus int32[feed_size] `fed`: row r's next input token (its
+    pick after its accepted drafts) at index r, zeros past the rows; the next step reads it on
+    the device (`kvjax.runtime.step.fed_tokens`). With `with_logprobs`, the `TokenLogprobs` of
+    every position's pick (N = rows * (1 + W)), else None."""
+    if penalties is not None:
+        logits = penalized(logits, penalties, draft_tokens, num_drafts)
     args = (temperature, top_k, top_p, seeds, counters)
     num_accepted, picks = verify_tokens(logits, draft_tokens, num_drafts, *args)
-    rows = num_accepted.shape[0]
+    rows, width = picks.shape
     last = jnp.take_along_axis(picks, num_accepted[:, None], axis=1)[:, 0]
     fed = jnp.zeros(feed_size, jnp.int32).at[:rows].set(last[:feed_size])
-    return num_accepted, picks, fed
+    logprobs = None
+    if with_logprobs:
+        logprobs = token_logprobs(logits, jnp.repeat(temperature, width), picks.reshape(-1))
+    return num_accepted, picks, fed, logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,37 +197,63 @@ class SampledTokens:
     num_accepted: jax.Array  # int32[rows]
     tokens: jax.Array  # int32[rows, 1 + W]
     fed: jax.Array  # int32[feed_size]: each row's next input token
+    logprobs: TokenLogprobs | None = None  # N = rows * (1 + W), where a row asked
 
     def fetch(self) -> tuple[np.ndarray, np.ndarray]:
         """(num_accepted, tokens) as host arrays; waits for the step."""
         return np.asarray(self.num_accepted), np.asarray(self.tokens)
 
+    def fetch_logprobs(self) -> TokenLogprobs | None:
+        """The log-probabilities as host arrays shaped per row and position (`chosen`
+        f32[rows, 1 + W], `top_ids` and `top` [rows, 1 + W, K]), or None."""
+        if self.logprobs is None:
+            return None
+        rows, width = self.tokens.shape
+        arrays = (np.asarray(a) for a in jax.tree.leaves(self.logprobs))
+        chosen, top_ids, top = (a.reshape(rows, width, *a.shape[1:]) for a in arrays)
+        return TokenLogprobs(chosen, top_ids, top)
+
 
 class SamplingInputs:
-    """Host arrays of one step's sampling parameters, padded to `rows`."""
+    """Host arrays of one step's sampling parameters, padded to `rows`; penalized rows send
+    `history_width` tokens of history each (the engine's `max_seq_len`)."""
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, history_width: int = 0) -> None:
+        self.history_width = history_width
         self.temperature = np.zeros(rows, np.float32)
         self.top_k = np.zeros(rows, np.int32)
         self.top_p = np.ones(rows, np.float32)
         self.seeds = np.zeros(rows, np.uint32)
         self.counters = np.zeros(rows, np.int32)
+        self.penalties: Penalties | None = None  # none of the rows is penalized
+        self.with_logprobs = False
 
-    def fill(self, params: list, counters: list[int]) -> None:
+    def fill(self, params: list, counters: list[int], histories=None) -> None:
         """Rows `0..len(params) - 1` from each row's `SamplingParams` (seeded) and token count:
-        one assignment per field, not per row."""
+        one assignment per field, not per row. `histories`: each row's (prompt, outputs) token
+        ids, needed when a row is penalized (`SamplingParams.penalized`)."""
         rows = len(params)
         self.temperature[:rows] = [p.temperature for p in params]
         self.top_k[:rows] = [p.top_k for p in params]
         self.top_p[:rows] = [p.top_p for p in params]
         self.seeds[:rows] = [p.seed for p in params]
         self.counters[:rows] = counters
+        self.with_logprobs = any(p.logprobs is not None for p in params)
+        if any(p.penalized for p in params):
+            rows = len(self.temperature)
+            self.penalties = history_penalties(params, histories, rows, self.history_width)
+
+    def arrays(self) -> list[np.ndarray]:
+        """Every host array (what processes compare in lockstep)."""
+        arrays = [self.temperature, self.top_k, self.top_p, self.seeds, self.counters]
+        arrays.append(np.asarray([self.with_logprobs]))
+        return arrays + ([] if self.penalties is None else jax.tree.leaves(self.penalties))
 
     def verify(
         self, logits: jax.Array, draft_tokens: np.ndarray, num_drafts: np.ndarray, feed_size: int
     ) -> SampledTokens:
         """`verify_and_feed` on f32[rows * (1 + W), vocab] logits, without waiting for them."""
         args = (self.temperature, self.top_k, self.top_p, self.seeds, self.counters)
-        return SampledTokens(
-            *verify_and_feed(logits, draft_tokens, num_drafts, *args, feed_size=feed_size)
-        )
+        options = {"feed_size": feed_size, "with_logprobs": self.with_logprobs}
+        picked = verify_and_feed(logits, draft_tokens, num_drafts, *args, self.penalties, **options)
+        return SampledTokens(*picked)

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-from kvjax.cache.checks import check_int
 from kvjax.cache.eviction import check_priority
 from kvjax.cache.keys import Token
 from kvjax.cache.kv_cache import KVCache
 from kvjax.cache.multimodal import MultimodalItem
+from kvjax.serving.sampling_params import SamplingParams, TokenLogprob
 
 if TYPE_CHECKING:  # the text layer loads only where a tokenizer is used
     from kvjax.text.detokenizer import IncrementalDetokenizer
@@ -44,67 +41,10 @@ class RequestState(enum.Enum):
     COMPLETE = 3
 
 
-INT32_MAX = 2**31 - 1
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-
-
 class FinishReason(enum.Enum):
     STOP = "stop"  # a stop token (or EOS) was sampled
     LENGTH = "length"  # max_new_tokens reached, or the sequence reached max_seq_len
     ERROR = "error"  # it failed inside a step (`RequestOutput.error` says why); others ran on
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """How to pick each new token.
-
-    Args:
-        max_new_tokens: tokens to generate at most (>= 1).
-        temperature: 0 is greedy; otherwise logits are divided by it before sampling.
-        top_k: keep the k most likely tokens (0: all).
-        top_p: keep the smallest set of tokens whose probability reaches p (1.0: all).
-        seed: makes the request's samples reproducible whatever it is batched with; None draws
-            one from the engine's seed.
-        stop_token_ids: tokens that end the request (kept in the output).
-        ignore_eos: keep generating past the model's EOS tokens.
-        stop: strings that end the request, matched on its detokenized text (an engine with a
-            tokenizer): the text ends before the first one; the tokens stay in `token_ids`.
-    """
-
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        check_int("top_k", self.top_k, minimum=0, maximum=INT32_MAX)  # an int32 on the device
-        if not (_is_real(self.temperature) and 0 <= self.temperature < math.inf):
-            raise ValueError(f"temperature={self.temperature!r} must be a finite float >= 0")
-        if not (_is_real(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
-        if self.seed is not None:
-            check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
-        stop = self.stop_token_ids
-        if isinstance(stop, int | str | bytes) or not isinstance(stop, Iterable):
-            raise ValueError(f"stop_token_ids={stop!r} must be a sequence of token ids")
-        stop = tuple(check_int("stop token id", t, minimum=0, maximum=INT32_MAX) for t in stop)
-        object.__setattr__(self, "stop_token_ids", stop)
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos={self.ignore_eos!r} must be a bool")
-        if isinstance(self.stop, str | bytes) or not isinstance(self.stop, Iterable):
-            raise ValueError(f"stop={self.stop!r:.80} must be a sequence of strings")
-        object.__setattr__(self, "stop", tuple(self.stop))
-        for text in self.stop:
-            if not isinstance(text, str) or not text:
-                raise ValueError(f"stop string {text!r:.80} must be a non-empty str")
 
 
 @dataclasses.dataclass
@@ -140,6 +80,9 @@ class RequestOutput:
     # gets one per step it progressed in; others only their final output: everything).
     new_token_ids: tuple[int, ...] = ()
     new_text: str | None = None
+    # One per generated token where `SamplingParams.logprobs` asked (else None), and the new ones.
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    new_logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -183,6 +126,8 @@ class Request:
     # The generated text as it grows, with stop strings (an engine with a tokenizer).
     detokenizer: IncrementalDetokenizer | None = None
     stream: bool = False  # report progress after every step, not only the end
+    # One per output token where `SamplingParams.logprobs` asks (`results.append_token`).
+    logprobs: list[TokenLogprob] | None = None
     # Tokens and characters of text already reported (`output()`), for the next delta.
     num_reported_tokens: int = 0
     num_reported_chars: int = 0
@@ -206,6 +151,8 @@ class Request:
         if self.key_tokens is None:
             self.key_tokens = self.prompt_token_ids
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+        if self.sampling_params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
         # Outputs carry the prompt as a tuple of ints: made once, not at every report.
         self._prompt_tuple = tuple(int(t) for t in self.prompt_token_ids)
 
@@ -298,8 +245,10 @@ class Request:
             text = self.detokenizer.text
             new_text = text[self.num_reported_chars :]
             self.num_reported_chars = len(text)
-        new_token_ids = tuple(self.output_token_ids[self.num_reported_tokens :])
+        reported = self.num_reported_tokens
+        new_token_ids = tuple(self.output_token_ids[reported:])
         self.num_reported_tokens = len(self.output_token_ids)
+        logprobs = None if self.logprobs is None else tuple(self.logprobs)
         return RequestOutput(
             request_id=self.request_id,
             prompt_token_ids=self._prompt_tuple,
@@ -310,4 +259,6 @@ class Request:
             text=text,
             new_token_ids=new_token_ids,
             new_text=new_text,
+            logprobs=logprobs,
+            new_logprobs=() if logprobs is None else logprobs[reported:],
         )

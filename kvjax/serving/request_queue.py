@@ -1,16 +1,21 @@
 """The engine's requests: new ones wait in a pending queue until the stepping thread admits them
 at the start of a step, so that requests can be added from any thread while another steps.
 
+Parallel samples of one prompt (`submit_group`) share its KV through the prefix cache: the first
+sample is admitted alone, the others are held back until its prompt has been computed (its
+blocks are then in the radix tree), so the prompt is computed once.
+
 Host side, no JAX.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 
 from kvjax.serving.intake import RequestIntake
-from kvjax.serving.request import Request, RequestOutput
+from kvjax.serving.request import Request, RequestOutput, RequestState
 
 __all__ = ["RequestQueue"]
 
@@ -40,6 +45,8 @@ class RequestQueue:
         self._intake = intake
         self._lock = threading.Lock()
         self._pending: dict[int, Request] = {}  # submitted, not yet seen by a step
+        # Samples held until their first sibling's prompt is computed: id -> (request, first).
+        self._held: dict[int, tuple[Request, Request]] = {}
         self._live: dict[int, Request] = {}  # admitted, in arrival order
         self._unreturned: list[RequestOutput] = []  # finished, not yet handed to the caller
         self.closed = False
@@ -54,16 +61,56 @@ class RequestQueue:
         with self._lock:
             if self.closed:
                 raise RuntimeError("add_request() after shutdown(): this engine serves no more")
-            taken = _Taken(self._pending, self._live)
-            request = self._intake.make_request(*args, live=taken, **options)
+            request = self._make(*args, **options)
             self._pending[request.request_id] = request
         return request.request_id
 
+    def submit_group(self, n: int, prompt, params, **options) -> list[int]:
+        """Checks and queues `n` samples of one prompt (`RequestIntake.make_request` arguments;
+        no `request_id`); returns their ids. A seeded `params` gives sample i the seed
+        `seed + i`; unseeded samples each draw one. Samples after the first are held until the
+        first's prompt is computed (see the module docstring).
+
+        Raises:
+            RuntimeError: the queue is closed.
+            ValueError: a bad request or `n`; nothing is queued.
+        """
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("add_request() after shutdown(): this engine serves no more")
+            first = self._make(prompt, params, **options)
+            group = [first]
+            try:
+                for index in range(1, n):
+                    if params is not None and params.seed is not None:
+                        seed = (params.seed + index) % 2**32
+                        sample_params = dataclasses.replace(params, seed=seed)
+                    else:
+                        sample_params = params
+                    sample = self._make(first.prompt_token_ids, sample_params, **options)
+                    self._held[sample.request_id] = (sample, first)
+                    group.append(sample)
+            except Exception:
+                for sample in group[1:]:
+                    del self._held[sample.request_id]
+                raise
+            self._pending[first.request_id] = first
+        return [request.request_id for request in group]
+
+    def _make(self, *args, **options) -> Request:
+        taken = _Taken(self._pending, self._live, self._held)
+        return self._intake.make_request(*args, live=taken, **options)
+
     def admit(self) -> list[Request]:
-        """Pending requests become live; returns every live request, oldest first."""
+        """Pending requests become live, and held samples whose first sibling's prompt is
+        computed (or that ended); returns every live request, oldest first."""
         with self._lock:
             self._live.update(self._pending)
             self._pending.clear()
+            for request_id, (sample, first) in list(self._held.items()):
+                if first.state is not RequestState.CONTEXT_INIT:
+                    self._live[request_id] = sample
+                    del self._held[request_id]
             return list(self._live.values())
 
     def withdraw(self, request_id: int) -> tuple[Request, bool]:
@@ -74,6 +121,8 @@ class RequestQueue:
         """
         with self._lock:
             request = self._pending.pop(request_id, None)
+            if request is None and request_id in self._held:
+                request = self._held.pop(request_id)[0]
             if request is not None:
                 return request, False
             request = self._live.pop(request_id, None)
@@ -113,11 +162,11 @@ class RequestQueue:
             running = sum(
                 1 for r in self._live.values() if r.cache is not None and r.cache.is_active
             )
-            return running, len(self._pending) + len(self._live) - running
+            return running, len(self._pending) + len(self._held) + len(self._live) - running
 
     def live_ids(self) -> list[int]:
         with self._lock:
-            return [*self._live, *self._pending]
+            return [*self._live, *self._pending, *self._held]
 
     def close(self) -> None:
         """Refuses later submissions."""
@@ -126,4 +175,4 @@ class RequestQueue:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._pending) + len(self._live)
+            return len(self._pending) + len(self._held) + len(self._live)

@@ -12,6 +12,7 @@ import numpy as np
 
 from kvjax.serving.request import FinishReason, Request, RequestState
 from kvjax.serving.resources import CacheResources
+from kvjax.serving.sampling_params import TokenLogprob
 
 __all__ = [
     "advance_dispatched",
@@ -19,6 +20,7 @@ __all__ = [
     "apply_picks",
     "apply_results",
     "emitted_tokens",
+    "token_logprob",
 ]
 
 
@@ -109,6 +111,7 @@ def apply_picks(
     max_seq_len: int,
     finish: Callable[[Request, float], None],
     now: float,
+    logprobs=None,
 ) -> int:
     """The second half (`advance_dispatched`): each emitting row's pending token reaches its
     request, which may finish; the token of a request that ended meanwhile is dropped (its
@@ -116,6 +119,7 @@ def apply_picks(
 
     Args:
         tokens: int32[rows, 1] the step's picks.
+        logprobs: their log-probabilities where a row asked (`token_logprob`), else None.
     """
     num_generated = 0
     for row in emitting:
@@ -126,17 +130,43 @@ def apply_picks(
         if request.metrics.first_token_time is None:
             request.metrics.first_token_time = now
         num_generated += 1
-        if append_token(request, int(tokens[row, 0]), eos_token_ids, max_seq_len):
+        token = int(tokens[row, 0])
+        logprob = token_logprob(request, token, logprobs, row, 0)
+        if append_token(request, token, eos_token_ids, max_seq_len, logprob):
             finish(request, now)
     return num_generated
 
 
+def token_logprob(
+    request: Request, token: int, logprobs, row: int, position: int
+) -> TokenLogprob | None:
+    """The `TokenLogprob` of a pick where its request asks for log-probabilities, else None.
+
+    Args:
+        logprobs: the step's host arrays (`chosen` f32[rows, 1 + W], `top_ids` int32 and `top`
+            f32 [rows, 1 + W, K]), or None when no row asked.
+    """
+    wanted = request.sampling_params.logprobs
+    if wanted is None or logprobs is None:
+        return None
+    top_ids = logprobs.top_ids[row, position, :wanted].tolist()
+    top = tuple(zip(top_ids, logprobs.top[row, position, :wanted].tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs.chosen[row, position]), top)
+
+
 def append_token(
-    request: Request, token: int, eos_token_ids: Collection[int], max_seq_len: int
+    request: Request,
+    token: int,
+    eos_token_ids: Collection[int],
+    max_seq_len: int,
+    logprob: TokenLogprob | None = None,
 ) -> bool:
-    """Adds a sampled token to the outputs; True when it finishes the request (a stop token,
-    EOS unless ignored, a stop string in its text, `max_new_tokens`, or `max_seq_len` reached)."""
+    """Adds a sampled token (and its log-probability, where the request asks) to the outputs;
+    True when it finishes the request (a stop token, EOS unless ignored, a stop string in its
+    text, `max_new_tokens`, or `max_seq_len` reached)."""
     request.output_token_ids.append(token)
+    if request.logprobs is not None and logprob is not None:
+        request.logprobs.append(logprob)
     params = request.sampling_params
     stopped_by_text = False
     if request.detokenizer is not None:
@@ -166,6 +196,7 @@ def apply_results(
     finish: Callable[[Request, float], None],
     start: float,
     now: float,
+    logprobs=None,
 ) -> tuple[int, int]:
     """Advances every row's cache and outputs (`emitted_tokens`, `append_token`), calling
     `finish` for each request that ends (one whose update raises ends with
@@ -173,6 +204,7 @@ def apply_results(
 
     Args:
         accepted: int32[rows] drafts accepted per row; tokens: int32[rows, 1 + W] picks.
+        logprobs: their log-probabilities where a row asked (`token_logprob`), else None.
     """
     num_generated = num_accepted = 0
     for row, request in enumerate(requests):
@@ -188,7 +220,8 @@ def apply_results(
         for index, token in enumerate(new_tokens):
             num_generated += 1
             num_accepted += index < len(new_tokens) - 1  # a draft (not the last pick)
-            if append_token(request, int(token), eos_token_ids, max_seq_len):
+            logprob = token_logprob(request, int(token), logprobs, row, index)
+            if append_token(request, int(token), eos_token_ids, max_seq_len, logprob):
                 finish(request, now)
                 break
     return num_generated, num_accepted
