@@ -54,7 +54,10 @@ def build_server(args) -> tuple[EngineLoop, object]:
     scheduler = SchedulerConfig(
         max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens
     )
-    engine = Engine(model, cache, scheduler, max_seq_len=args.max_seq_len, tokenizer=tokenizer)
+    engine = Engine(
+        model, cache, scheduler, max_seq_len=args.max_seq_len, tokenizer=tokenizer,
+        sampler_variants=("logprobs", "penalties"),  # requests may ask: compile them ahead
+    )  # fmt: skip
     metrics = ServerMetrics(engine)
     loop = EngineLoop(engine, max_waiting=args.max_waiting, on_finished=metrics.observe)
     name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))

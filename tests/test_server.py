@@ -1,7 +1,8 @@
 """The OpenAI-compatible server, spoken to by the official `openai` client and plain HTTP: a tiny
 random model with a tokenizer the tests train; completions and chat, streamed and not, stop
-strings, errors as 400/429, a client leaving mid-stream (its pages freed), concurrent streams
-equal to the plain answers, and `/metrics` parsed by Prometheus' parser."""
+strings, log-probabilities, parallel samples, penalties, errors as 400/429, a client leaving
+mid-stream (its pages freed), 64 concurrent streams equal to the plain answers, and `/metrics`
+parsed by Prometheus' parser."""
 
 import concurrent.futures
 import json
@@ -50,7 +51,10 @@ class Server:
 def make_server(model, tokenizer, *, max_waiting=64) -> Server:
     cache = cache_config_for(model, tokens_per_block=4, device_pages=64, host_pages=64)
     scheduler = SchedulerConfig(max_batch_size=8, max_num_tokens=64, chunk_unit=4)
-    engine = Engine(model, cache, scheduler, max_seq_len=128, tokenizer=tokenizer)
+    engine = Engine(
+        model, cache, scheduler, max_seq_len=128, tokenizer=tokenizer,
+        sampler_variants=("logprobs", "penalties"),
+    )  # fmt: skip
     metrics = ServerMetrics(engine)
     return Server(EngineLoop(engine, max_waiting=max_waiting, on_finished=metrics.observe), metrics)
 
@@ -116,15 +120,22 @@ def test_chat_streamed_and_not_agree_and_stop_strings_cut(server):
     [
         ({"model": "gpt-4", "prompt": "hi"}, "model='gpt-4' is unknown"),
         ({"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature"),
-        ({"model": MODEL, "prompt": "hi", "n": 2}, "only n=1"),
+        ({"model": MODEL, "prompt": "hi", "n": 0}, "n=0 must be in [1, 128]"),
+        ({"model": MODEL, "prompt": "hi", "n": 2, "best_of": 3}, "best_of=3"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "prompt": ""}, "prompt must be"),
         ({"model": MODEL, "prompt": "word " * 400}, "max_seq_len"),
-        ({"model": MODEL, "prompt": "hi", "logprobs": 2}, "logprobs"),
+        ({"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs=21 must be in [0, 20]"),
+        ({"model": MODEL, "prompt": "hi", "presence_penalty": 3}, "presence_penalty=3.0"),
+        ({"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, "repetition_penalty=0.0"),
+        ({"model": MODEL, "prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs=1 is not"),
+        ({"model": MODEL, "messages": CHAT, "top_logprobs": 2}, "top_logprobs needs logprobs"),
+        ({"model": MODEL, "messages": CHAT, "logprobs": 3}, "logprobs=3 must be a boolean"),
     ],
 )
 def test_bad_requests_are_answered_400_naming_the_field(server, body, message):
-    response = httpx.post(f"{server.url}/v1/completions", json=body)
+    path = "chat/completions" if "messages" in body else "completions"
+    response = httpx.post(f"{server.url}/v1/{path}", json=body)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"]
     assert_nothing_held(server)
@@ -156,7 +167,7 @@ def test_a_client_leaving_mid_stream_frees_its_request(server):
 
 
 def test_concurrent_streams_equal_their_plain_answers(server):
-    prompts = [f"Story number {i}:" for i in range(16)]
+    prompts = [f"Story number {i}:" for i in range(64)]
 
     def plain(prompt):
         out = server.client.completions.create(model=MODEL, prompt=prompt, max_tokens=10,
@@ -168,10 +179,76 @@ def test_concurrent_streams_equal_their_plain_answers(server):
                                                   temperature=0, stream=True)  # fmt: skip
         return "".join(c.choices[0].text for c in stream)
 
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
         answers = list(pool.map(plain, prompts))
         streams = list(pool.map(streamed, prompts))
     assert streams == answers
+    assert_nothing_held(server)
+
+
+def test_logprobs_streamed_and_not_in_both_apis(server):
+    args = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=3,
+                extra_body={"ignore_eos": True})  # fmt: skip
+    plain = server.client.completions.create(**args).choices[0]
+    logprobs = plain.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 8
+    for chosen, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert len(top) == 3 and chosen == max(top.values())  # greedy picks the best
+    chunks = server.client.completions.create(**args, stream=True)
+    streamed = [c.choices[0].logprobs for c in chunks]
+    assert [lp for s in streamed for lp in s.token_logprobs] == logprobs.token_logprobs
+    assert [o for s in streamed for o in s.text_offset] == logprobs.text_offset
+    # The chat API's layout, with each token's bytes.
+    chat = dict(model=MODEL, messages=CHAT, max_tokens=6, temperature=0.8, seed=1)
+    answer = server.client.chat.completions.create(**chat, logprobs=True, top_logprobs=2)
+    content = answer.choices[0].logprobs.content
+    text = [e for e in content if e.token != "<|im_end|>"]  # the text leaves specials out
+    assert bytes(b for e in text for b in e.bytes).decode() == answer.choices[0].message.content
+    assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in content)
+    chunks = server.client.chat.completions.create(**chat, logprobs=True, top_logprobs=2,
+                                                   stream=True)  # fmt: skip
+    assert [e.logprob for c in chunks for e in c.choices[0].logprobs.content] == [
+        e.logprob for e in content
+    ]
+    plain_chat = server.client.chat.completions.create(**chat)
+    assert plain_chat.choices[0].logprobs is None
+    assert plain_chat.choices[0].message.content == answer.choices[0].message.content
+    assert_nothing_held(server)
+
+
+def test_parallel_samples_streamed_and_not_share_the_prompt(server):
+    totals = server.loop.engine.metrics.totals
+    args = dict(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, seed=7, n=3)
+    reused_before = totals.reused_tokens
+    answer = server.client.chat.completions.create(**args)
+    # Samples 2 and 3 reused the prompt the first computed (all of it but its partial block).
+    prompt_tokens = answer.usage.prompt_tokens
+    assert totals.reused_tokens - reused_before >= 2 * (prompt_tokens - 4)
+    texts = [c.message.content for c in answer.choices]
+    assert [c.index for c in answer.choices] == [0, 1, 2] and len(set(texts)) > 1
+    assert 3 <= answer.usage.completion_tokens <= 24
+    streamed = ["", "", ""]
+    chunks = server.client.chat.completions.create(
+        **args, stream=True, stream_options={"include_usage": True}
+    )
+    for c in chunks:
+        if c.choices:
+            streamed[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert streamed == texts and c.usage.completion_tokens == answer.usage.completion_tokens
+    # Sample i is the single request seeded seed + i.
+    single = server.client.chat.completions.create(**{**args, "n": 1, "seed": 8})
+    assert single.choices[0].message.content == texts[1]
+    assert_nothing_held(server)
+
+
+def test_penalties_change_a_greedy_answer(server):
+    args = dict(model=MODEL, prompt="Once upon a time", max_tokens=24, temperature=0)
+    plain = server.client.completions.create(**args, extra_body={"ignore_eos": True})
+    penalized = server.client.completions.create(
+        **args, frequency_penalty=2.0, presence_penalty=1.0,
+        extra_body={"ignore_eos": True, "repetition_penalty": 1.5},
+    )  # fmt: skip
+    assert penalized.choices[0].text != plain.choices[0].text
     assert_nothing_held(server)
 
 

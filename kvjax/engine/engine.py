@@ -208,10 +208,11 @@ class Engine(Generation):
     def add_samples(
         self, prompt: Prompt, sampling_params: SamplingParams | None = None, n: int = 1, **options
     ) -> list[int]:
-        """Queues `n` parallel samples of one prompt (`add_request`'s keywords but `request_id`)
-        and returns their ids. The prompt is computed once: the other samples wait until the
-        first has computed it and then reuse its KV through the prefix cache (so reuse must be
-        on). A seeded `sampling_params` gives sample i the seed `seed + i`. Safe from any thread.
+        """Queues `n` parallel samples of one prompt (`add_request`'s keywords, `request_ids`
+        for their ids) and returns their ids. The prompt is computed once: the other samples
+        wait until the first has computed it, then reuse its KV through the prefix cache (with
+        reuse on). A seeded `sampling_params` gives sample i the seed `seed + i`. Safe from any
+        thread.
 
         Raises:
             ValueError: as `add_request`; `n` not in [1, 128].

@@ -18,14 +18,8 @@ from starlette.routing import Route
 
 from kvjax.server.engine_loop import EngineLoop, Overloaded
 from kvjax.server.metrics import ServerMetrics
-from kvjax.server.protocol import (
-    BadRequest,
-    ParsedRequest,
-    chunk,
-    completion,
-    parse_request,
-    usage_chunk,
-)
+from kvjax.server.protocol import BadRequest, ParsedRequest, parse_request
+from kvjax.server.responses import chunk, completion, usage_chunk
 
 __all__ = ["build_app"]
 
@@ -40,6 +34,7 @@ class _Handlers:
 
     def __init__(self, loop: EngineLoop, metrics: ServerMetrics, model_name: str) -> None:
         self.loop, self.metrics, self.model_name = loop, metrics, model_name
+        self.tokenizer = loop.engine.tokenizer
 
     async def _parse(self, request: Request, chat: bool) -> ParsedRequest:
         try:
@@ -57,26 +52,29 @@ class _Handlers:
         try:
             parsed = await self._parse(request, chat)
             outputs = self.loop.generate(
-                parsed.prompt, parsed.params, salt=parsed.salt, stream=parsed.stream
+                parsed.prompt, parsed.params, parsed.n, salt=parsed.salt, stream=parsed.stream
             )
             # Until a stream starts, only a watcher notices a client leaving: it cancels the
             # wait, and `outputs` aborts the request.
-            wait = anext(outputs) if parsed.stream else _last(outputs)
-            output = await _unless_disconnected(request, wait)
+            wait = anext(outputs) if parsed.stream else _finals(outputs, parsed.n)
+            result = await _unless_disconnected(request, wait)
         except (BadRequest, ValueError, OverflowError) as error:
             return _error(400, str(error), "invalid_request_error")
         except Overloaded as error:
             return _error(429, str(error), "overloaded")
         except RuntimeError as error:
             return _error(503, str(error), "unavailable")
-        if output is None:  # the client left
+        if result is None:  # the client left
             return Response(status_code=499)
-        if output.error is not None:  # it failed inside a step (the others ran on)
-            return _error(500, output.error, "server_error")
+        failed = [o.error for o in ([result[1]] if parsed.stream else result) if o.error]
+        if failed:  # it failed inside a step (the others ran on)
+            if parsed.stream:
+                await outputs.aclose()  # its other samples are aborted
+            return _error(500, failed[0], "server_error")
         if parsed.stream:
-            events = _events(parsed, output, outputs, self.model_name)
+            events = _events(parsed, result, outputs, self.model_name, self.tokenizer)
             return StreamingResponse(events, media_type="text/event-stream")
-        return JSONResponse(completion(parsed, output, self.model_name))
+        return JSONResponse(completion(parsed, result, self.model_name, self.tokenizer))
 
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, chat=False)
@@ -108,11 +106,13 @@ def build_app(loop: EngineLoop, metrics: ServerMetrics, model_name: str) -> Star
     return Starlette(routes=routes)
 
 
-async def _last(outputs):
-    output = None
-    async for output in outputs:  # noqa: B007 (the last output is the answer)
-        pass
-    return output
+async def _finals(outputs, n: int) -> list:
+    """Each sample's finished output, in sample order."""
+    finals = [None] * n
+    async for index, output in outputs:
+        if output.finished:
+            finals[index] = output
+    return finals
 
 
 async def _unless_disconnected(request: Request, wait):
@@ -128,25 +128,32 @@ async def _unless_disconnected(request: Request, wait):
     return task.result()
 
 
-async def _events(parsed: ParsedRequest, first, outputs, model: str):
-    """Server-sent events: a chunk per output, the usage chunk if asked, then `[DONE]`; an
-    error event instead when the request fails. A client that goes away cancels this
-    generator, whose `outputs` then aborts the request."""
+async def _events(parsed: ParsedRequest, first, outputs, model: str, tokenizer):
+    """Server-sent events: a chunk per output of each sample, the usage chunk if asked, then
+    `[DONE]`; an error event instead when a sample fails. A client that goes away cancels this
+    generator, whose `outputs` then aborts the samples still running."""
     created = int(time.time())
-    last = first
+    finals = [None] * parsed.n
+    first_id = first[1].request_id - first[0]  # samples have consecutive ids
+
+    def event(index, output) -> str:
+        if output.finished:
+            finals[index] = output
+        return _event(chunk(parsed, index, output, model, created, tokenizer, first_id))
+
     try:
-        yield _event(chunk(parsed, first, model, created))
-        async for last in outputs:
-            if last.error is not None:
-                raise RuntimeError(last.error)
-            yield _event(chunk(parsed, last, model, created))
+        yield event(*first)
+        async for index, output in outputs:
+            if output.error is not None:
+                raise RuntimeError(output.error)
+            yield event(index, output)
     except RuntimeError as error:  # the request or the engine failed mid-stream
         yield _event({"error": {"message": str(error), "type": "server_error", "code": 500}})
         return
     finally:
         await outputs.aclose()
     if parsed.include_usage:
-        yield _event(usage_chunk(parsed, last, model, created))
+        yield _event(usage_chunk(parsed, finals, model, created))
     yield "data: [DONE]\n\n"
 
 

@@ -103,62 +103,69 @@ class EngineLoop:
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
             listeners = list(self._listeners.items())
-        for request_id, (loop, queue) in listeners:
-            self._abort(request_id)
-            _put((loop, queue), error)
+        for request_id, listener in listeners:
+            self._abort([request_id])
+            _put(listener, error)
 
     async def generate(
-        self, prompt, params: SamplingParams, **request_options
-    ) -> AsyncIterator[RequestOutput]:
-        """Submits a request and yields its progress (with `stream=True` in
-        `request_options`; else only its end), the last output finished.
-        Leaving early (the consumer cancelled or closed) aborts the request.
+        self, prompt, params: SamplingParams, n: int = 1, **request_options
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Submits `n` samples of a request (`Engine.add_samples`) and yields (sample index,
+        output) as they progress (with `stream=True` in `request_options`; else only their
+        ends), until every sample finished. Leaving early (the consumer cancelled or closed)
+        aborts the samples still running.
 
         Raises:
             Overloaded: `max_waiting` requests already wait.
             ValueError: a bad request (nothing is queued).
             RuntimeError: the engine failed while serving it.
         """
-        request_id = next(self._ids)
-        queue = self._listen(request_id)
+        with self._lock:  # consecutive: a response's id is its first sample's
+            ids = [next(self._ids) for _ in range(n)]
+        queue = self._listen(ids)
         # The prompt is tokenized in a worker thread, off the event loop. A cancel while it
-        # runs waits for it, so that the abort below finds the request it submitted.
+        # runs waits for it, so that the abort below finds the requests it submitted.
         submit = asyncio.ensure_future(asyncio.to_thread(
-            self.engine.add_request, prompt, params, request_id=request_id, **request_options
+            self.engine.add_samples, prompt, params, n, request_ids=ids, **request_options
         ))  # fmt: skip
-        finished = False
+        unfinished = set(ids)
         try:
             await asyncio.shield(submit)
             self._wake.set()
-            while not finished:
+            while unfinished:
                 output = await queue.get()
                 if isinstance(output, Exception):
                     raise RuntimeError(f"the engine failed: {output}") from output
-                finished = output.finished
-                yield output
+                if output.finished:
+                    unfinished.discard(output.request_id)
+                yield ids.index(output.request_id), output
         finally:
             with self._lock:
-                self._listeners.pop(request_id, None)
-            if not finished:
+                for request_id in ids:
+                    self._listeners.pop(request_id, None)
+            if unfinished:
                 with contextlib.suppress(BaseException):
                     await submit
-                await asyncio.shield(asyncio.to_thread(self._abort, request_id))
+                await asyncio.shield(asyncio.to_thread(self._abort, unfinished))
 
-    def _listen(self, request_id: int) -> asyncio.Queue:
-        """A queue for the request's outputs, registered before it is submitted (so that no
-        output can come first); raises when the server is closing, dead or full."""
+    def _listen(self, request_ids: list[int]) -> asyncio.Queue:
+        """One queue for the outputs of a request's samples, registered before they are
+        submitted (so that no output can come first); raises when the server is closing, dead
+        or full (`max_waiting` counts samples)."""
         if self._closing or not self._thread.is_alive():
             raise RuntimeError("the server is shutting down or its engine loop stopped")
         queue: asyncio.Queue = asyncio.Queue()
+        listener = (asyncio.get_running_loop(), queue)
         with self._lock:  # the count and the registration together: the bound is exact
-            if len(self._listeners) >= self.max_waiting:
+            if len(self._listeners) + len(request_ids) > self.max_waiting:
                 raise Overloaded(f"{len(self._listeners)} requests wait (max {self.max_waiting})")
-            self._listeners[request_id] = (asyncio.get_running_loop(), queue)
+            self._listeners.update(dict.fromkeys(request_ids, listener))
         return queue
 
-    def _abort(self, request_id: int) -> None:
-        with contextlib.suppress(ValueError):  # never queued (refused), or finished meanwhile
-            self.engine.abort(request_id)
+    def _abort(self, request_ids) -> None:
+        for request_id in request_ids:
+            with contextlib.suppress(ValueError):  # never queued (refused), or finished
+                self.engine.abort(request_id)
 
     def close(self, timeout: float = 30.0) -> None:
         """Refuses new requests, lets running ones finish for up to `timeout` seconds, aborts

@@ -1,20 +1,21 @@
-"""OpenAI's completions and chat completions, as plain dicts: a request body checked and turned
-into a prompt, `SamplingParams` and request options, and outputs turned into response bodies and
-stream chunks. No HTTP here (`kvjax.server.app` serves it).
+"""OpenAI's completions and chat completions requests: a body checked and turned into a prompt,
+`SamplingParams` and request options (`kvjax.server.responses` writes the answers). No HTTP here
+(`kvjax.server.app` serves it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from kvjax.serving.request import FinishReason, RequestOutput, SamplingParams
+from kvjax.serving.request import SamplingParams
+from kvjax.serving.sampling_params import MAX_LOGPROBS
 
-__all__ = ["BadRequest", "ParsedRequest", "chunk", "completion", "parse_request"]
+__all__ = ["MAX_SAMPLES", "BadRequest", "ParsedRequest", "parse_request"]
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's legacy completions default
+MAX_SAMPLES = 128  # n, OpenAI's limit
 
 
 class BadRequest(ValueError):
@@ -29,6 +30,7 @@ class ParsedRequest:
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
     salt: str | None  # `cache_salt`, else `user`: tenants never share cached prefixes
+    n: int = 1  # parallel samples (choices)
 
 
 def _number(body: Mapping, name: str, default, kind=float):
@@ -65,16 +67,33 @@ def _prompt(body: Mapping, chat: bool):
 
 
 def _refuse_unsupported(body: Mapping) -> None:
-    if _number(body, "n", 1, int) != 1:
-        raise BadRequest(f"n={body['n']!r}: only n=1 is supported")
-    if _number(body, "best_of", 1, int) != 1:
-        raise BadRequest(f"best_of={body['best_of']!r}: only 1 is supported")
-    for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "functions"):
-        if body.get(name) not in (None, False, []):
+    if _number(body, "best_of", 1, int) not in (1, _number(body, "n", 1, int)):
+        raise BadRequest(f"best_of={body['best_of']!r}: only best_of == n is supported")
+    for name in ("echo", "suffix", "tools", "functions", "logit_bias"):
+        if body.get(name) not in (None, False, [], {}):
             raise BadRequest(f"{name}={body[name]!r} is not supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0) != 0.0:
-            raise BadRequest(f"{name}={body[name]!r}: penalties are not supported yet")
+    if body.get("prompt_logprobs") is not None:
+        raise BadRequest(
+            f"prompt_logprobs={body['prompt_logprobs']!r} is not supported: kvjax computes no "
+            "logits for prompt positions (cached or not), so it never returns made-up ones"
+        )
+
+
+def _logprobs(body: Mapping, chat: bool) -> int | None:
+    """How many alternatives per token (None: no log-probabilities): the completions API's
+    `logprobs: int`, the chat API's `logprobs: bool` with `top_logprobs: int`."""
+    if not chat:
+        value = _number(body, "logprobs", None, int)
+    elif body.get("logprobs") not in (None, False, True):
+        raise BadRequest(f"logprobs={body['logprobs']!r} must be a boolean")
+    else:
+        value = _number(body, "top_logprobs", 0, int) if body.get("logprobs") else None
+        if not body.get("logprobs") and body.get("top_logprobs") is not None:
+            raise BadRequest("top_logprobs needs logprobs=true")
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        name = "logprobs" if not chat else "top_logprobs"
+        raise BadRequest(f"{name}={value!r} must be in [0, {MAX_LOGPROBS}]")
+    return value
 
 
 def parse_request(body: object, *, chat: bool, max_seq_len: int) -> ParsedRequest:
@@ -105,6 +124,10 @@ def parse_request(body: object, *, chat: bool, max_seq_len: int) -> ParsedReques
             stop=tuple(stop),
             stop_token_ids=tuple(body.get("stop_token_ids") or ()),
             ignore_eos=bool(body.get("ignore_eos", False)),
+            logprobs=_logprobs(body, chat),
+            presence_penalty=_number(body, "presence_penalty", 0.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0),  # vLLM's extension
         )
     except ValueError as error:
         raise BadRequest(str(error).replace("max_new_tokens", "max_tokens")) from None
@@ -112,64 +135,11 @@ def parse_request(body: object, *, chat: bool, max_seq_len: int) -> ParsedReques
     salt = body.get("cache_salt") or body.get("user")
     if salt is not None and not isinstance(salt, str):
         raise BadRequest(f"cache_salt/user={salt!r} must be a string")
+    n = _number(body, "n", 1, int)
+    if not 1 <= n <= MAX_SAMPLES:
+        raise BadRequest(f"n={n!r} must be in [1, {MAX_SAMPLES}]")
     return ParsedRequest(
         chat=chat, prompt=_prompt(body, chat), params=params, stream=bool(body.get("stream")),
         include_usage=bool(isinstance(options, Mapping) and options.get("include_usage")),
-        salt=salt,
+        salt=salt, n=n,
     )  # fmt: skip
-
-
-def _finish_reason(output: RequestOutput) -> str | None:
-    if output.finish_reason is None:
-        return None
-    return "length" if output.finish_reason is FinishReason.LENGTH else "stop"
-
-
-def usage(output: RequestOutput) -> dict:
-    prompt, generated = len(output.prompt_token_ids), len(output.token_ids)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": generated,
-        "total_tokens": prompt + generated,
-        "prompt_tokens_details": {"cached_tokens": output.metrics.num_reused_tokens},
-    }
-
-
-def _header(request: ParsedRequest, request_id: int, model: str, created: int) -> dict:
-    kind = "chatcmpl" if request.chat else "cmpl"
-    return {"id": f"{kind}-{request_id}", "created": created, "model": model}
-
-
-def completion(request: ParsedRequest, output: RequestOutput, model: str) -> dict:
-    """The response body of a finished, non-streamed request."""
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish_reason(output)}
-    if request.chat:
-        choice["message"] = {"role": "assistant", "content": output.text}
-        kind = "chat.completion"
-    else:
-        choice["text"] = output.text
-        kind = "text_completion"
-    header = _header(request, output.request_id, model, int(time.time()))
-    return {**header, "object": kind, "choices": [choice], "usage": usage(output)}
-
-
-def chunk(request: ParsedRequest, output: RequestOutput, model: str, created: int) -> dict:
-    """A stream chunk with what `output` adds (the first of a chat also gives the role)."""
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": _finish_reason(output)}
-    if request.chat:
-        choice["delta"] = {"content": output.new_text or ""}
-        if len(output.token_ids) == len(output.new_token_ids):  # the first chunk
-            choice["delta"]["role"] = "assistant"
-        kind = "chat.completion.chunk"
-    else:
-        choice["text"] = output.new_text or ""
-        kind = "text_completion"
-    return {**_header(request, output.request_id, model, created), "object": kind,
-            "choices": [choice]}  # fmt: skip
-
-
-def usage_chunk(request: ParsedRequest, output: RequestOutput, model: str, created: int) -> dict:
-    """The last chunk of a stream that asked for usage: no choices, the token counts."""
-    kind = "chat.completion.chunk" if request.chat else "text_completion"
-    return {**_header(request, output.request_id, model, created), "object": kind,
-            "choices": [], "usage": usage(output)}  # fmt: skip

@@ -65,11 +65,13 @@ class RequestQueue:
             self._pending[request.request_id] = request
         return request.request_id
 
-    def submit_group(self, n: int, prompt, params, **options) -> list[int]:
-        """Checks and queues `n` samples of one prompt (`RequestIntake.make_request` arguments;
-        no `request_id`); returns their ids. A seeded `params` gives sample i the seed
-        `seed + i`; unseeded samples each draw one. Samples after the first are held until the
-        first's prompt is computed (see the module docstring).
+    def submit_group(
+        self, n: int, prompt, params, request_ids: Sequence[int] | None = None, **options
+    ) -> list[int]:
+        """Checks and queues `n` samples of one prompt (`RequestIntake.make_request` arguments,
+        `request_ids` for their ids, default new ones); returns their ids. A seeded `params`
+        gives sample i the seed `seed + i`; unseeded samples each draw one. Samples after the
+        first are held until the first's prompt is computed (see the module docstring).
 
         Raises:
             RuntimeError: the queue is closed.
@@ -78,7 +80,10 @@ class RequestQueue:
         with self._lock:
             if self.closed:
                 raise RuntimeError("add_request() after shutdown(): this engine serves no more")
-            first = self._make(prompt, params, **options)
+            if request_ids is not None and len(request_ids) != n:
+                raise ValueError(f"{len(request_ids)} request_ids for n={n} samples")
+            ids = [None] * n if request_ids is None else list(request_ids)
+            first = self._make(prompt, params, request_id=ids[0], **options)
             group = [first]
             try:
                 for index in range(1, n):
@@ -87,7 +92,9 @@ class RequestQueue:
                         sample_params = dataclasses.replace(params, seed=seed)
                     else:
                         sample_params = params
-                    sample = self._make(first.prompt_token_ids, sample_params, **options)
+                    sample = self._make(
+                        first.prompt_token_ids, sample_params, request_id=ids[index], **options
+                    )
                     self._held[sample.request_id] = (sample, first)
                     group.append(sample)
             except Exception:

@@ -139,6 +139,14 @@ class Tokenizer:
             return ""
         return self._backend.decode([token_id], skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes of one token (a byte-level BPE token may hold part of a character,
+        which its text shows as U+FFFD)."""
+        piece = self._backend.id_to_token(token_id) or ""
+        if piece and all(char in _BYTE_OF_CHAR for char in piece):
+            return bytes(_BYTE_OF_CHAR[char] for char in piece)
+        return self.token_text(token_id).encode()
+
     def apply_chat_template(
         self, messages: list[dict], *, add_generation_prompt: bool = True, **extra: Any
     ) -> str:
@@ -170,6 +178,22 @@ class Tokenizer:
                 f"(vocab size {self.vocab_size}) but the model's vocabulary size is "
                 f"{model_vocab_size}"
             )
+
+
+def _byte_of_char() -> dict[str, int]:
+    """The inverse of byte-level BPE's byte -> printable character map (GPT-2's)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_of_char()
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
