@@ -12,6 +12,8 @@ requests are aborted and their pages freed).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
 import os
 
 import jax
@@ -27,6 +29,8 @@ from kvjax.server.metrics import ServerMetrics
 from kvjax.serving.scheduler import SchedulerConfig
 
 __all__ = ["build_server", "main"]
+
+_log = logging.getLogger("uvicorn.error")  # uvicorn's configured logger: the line shows
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,16 +68,33 @@ def build_server(args) -> tuple[EngineLoop, object]:
     return loop, build_app(loop, metrics, name)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, which closes the engine loop when it shuts down: after a SIGTERM
+    uvicorn re-raises the signal once shut down, so a `finally` after `run()` would not run."""
+
+    def __init__(self, config: uvicorn.Config, loop: EngineLoop, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.engine_loop, self.drain_seconds = loop, drain_seconds
+
+    async def shutdown(self, sockets=None) -> None:
+        try:  # connections drain, then open streams are cancelled (their requests aborted)
+            await super().shutdown(sockets)
+        finally:
+            await asyncio.to_thread(self.engine_loop.close, self.drain_seconds)
+            _log.info("kvjax: the engine loop is closed and the engine shut down")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     loop, app = build_server(args)
-    try:  # uvicorn handles SIGTERM and Ctrl-C: it stops taking connections and returns
-        uvicorn.run(
-            app, host=args.host, port=args.port, log_level="info",
-            timeout_graceful_shutdown=args.drain_seconds,  # then open streams are cancelled
-        )  # fmt: skip
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info",
+        timeout_graceful_shutdown=args.drain_seconds,
+    )  # fmt: skip
+    try:  # uvicorn handles SIGTERM and Ctrl-C: it stops taking connections and shuts down
+        _Server(config, loop, args.drain_seconds).run()
     finally:
-        loop.close(timeout=args.drain_seconds)
+        loop.close(timeout=args.drain_seconds)  # idempotent
 
 
 if __name__ == "__main__":

@@ -124,3 +124,28 @@ def test_a_chat_session_keeps_the_conversation_and_reuses_it(smollm2):
     session.reset()
     assert session.messages == [SYSTEM]
     assert_all_pages_free(engine)
+
+
+def test_the_server_answers_with_the_real_model(smollm2, cold_answers):
+    """The OpenAI client against the server on SmolLM2: the answer is the engine's greedy one,
+    streamed or not, and its log-probabilities are those of a confident model."""
+    from kvjax.server.engine_loop import EngineLoop
+    from kvjax.server.metrics import ServerMetrics
+    from tests.test_server import Server, assert_nothing_held
+
+    engine = engine_for(smollm2, sampler_variants=("logprobs",))
+    metrics = ServerMetrics(engine)
+    server = Server(EngineLoop(engine, on_finished=metrics.observe), metrics)
+    try:
+        args = dict(model="tiny", messages=chats()[0], max_tokens=24, temperature=0)
+        answer = server.client.chat.completions.create(**args, logprobs=True, top_logprobs=3)
+        content = answer.choices[0].message.content
+        assert content == cold_answers[0][0].text and "paris" in content.lower()
+        chunks = server.client.chat.completions.create(**args, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == content
+        entries = answer.choices[0].logprobs.content
+        assert all(e.logprob == e.top_logprobs[0].logprob for e in entries)  # greedy: the best
+        assert max(e.logprob for e in entries if "Paris" in e.token) > -0.5
+        assert_nothing_held(server)
+    finally:
+        server.close()
