@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,7 @@ from kvjax.server.engine_loop import EngineLoop
 from kvjax.server.metrics import ServerMetrics
 from kvjax.serving.scheduler import SchedulerConfig
 
-__all__ = ["build_server", "main"]
+__all__ = ["build_engine", "build_server", "main"]
 
 _log = logging.getLogger("uvicorn.error")  # uvicorn's configured logger: the line shows
 
@@ -45,11 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-num-tokens", type=int, default=512, help="tokens per step")
     p.add_argument("--max-waiting", type=int, default=1024, help="more are answered 429")
     p.add_argument("--drain-seconds", type=float, default=30.0)
+    p.add_argument("--switch-interval-ms", type=float, default=0.5, help="Python's GIL switch")
     return p.parse_args(argv)
 
 
-def build_server(args) -> tuple[EngineLoop, object]:
-    """The engine loop and the ASGI app for `args`."""
+def build_engine(args) -> Engine:
+    """The engine the server runs for `args` (`parse_args`' fields)."""
     dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
     model, tokenizer = load_model(args.model, dtype=dtype)
     if tokenizer is None:
@@ -58,10 +60,15 @@ def build_server(args) -> tuple[EngineLoop, object]:
     scheduler = SchedulerConfig(
         max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens
     )
-    engine = Engine(
+    return Engine(
         model, cache, scheduler, max_seq_len=args.max_seq_len, tokenizer=tokenizer,
         sampler_variants=("logprobs", "penalties"),  # requests may ask: compile them ahead
     )  # fmt: skip
+
+
+def build_server(args) -> tuple[EngineLoop, object]:
+    """The engine loop and the ASGI app for `args`."""
+    engine = build_engine(args)
     metrics = ServerMetrics(engine)
     loop = EngineLoop(engine, max_waiting=args.max_waiting, on_finished=metrics.observe)
     name = args.served_model_name or os.path.basename(os.path.normpath(str(args.model)))
@@ -86,6 +93,9 @@ class _Server(uvicorn.Server):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # The engine thread waits on the device without the GIL, then must win it back from the
+    # event loop: by default after up to 5 ms (a whole decode step of a small model).
+    sys.setswitchinterval(args.switch_interval_ms / 1000)
     loop, app = build_server(args)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info",

@@ -199,3 +199,51 @@ def test_parallel_samples_are_checked_and_aborted_as_a_group(model):
 def test_bad_sampling_values_are_refused_by_name(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def serve_all(engine, prompts, params):
+    """Serves to completion (scoring steps compile when first used: no compile check)."""
+    ids = [engine.add_request(p, params) for p in prompts]
+    outputs = {}
+    while engine.num_unfinished:
+        for output in engine.step():
+            outputs[output.request_id] = output
+        engine.manager.check_invariants()
+    return [outputs[i] for i in ids]
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
+def test_prompt_logprobs_equal_the_dense_forward_even_for_a_cached_prompt(model, overlap):
+    """Chunked prompts (a 64-token budget, 4-token chunks) scored token by token; a prompt
+    served before is computed again rather than taken from the cache, and scores the same."""
+    engine = make_engine(model, overlap=overlap)
+    long_prompt = np.random.default_rng(9).integers(0, 64, 40).tolist()
+    batch = [*prompts(), long_prompt]
+    plain = SamplingParams(max_new_tokens=3, temperature=0.0)
+    serve_all(engine, batch, plain)  # now cached
+    params = SamplingParams(max_new_tokens=3, temperature=0.0, prompt_logprobs=4)
+    outputs = serve_all(engine, batch, params)
+    for prompt, output in zip(batch, outputs, strict=True):
+        assert output.metrics.num_reused_tokens == 0
+        scored = output.prompt_logprobs
+        assert len(scored) == len(prompt) and scored[0] is None
+        expected = log_softmax(dense_logits(model, prompt))
+        for position, entry in enumerate(scored[1:]):
+            assert entry.token_id == prompt[position + 1]
+            np.testing.assert_allclose(entry.logprob, expected[position, prompt[position + 1]],
+                                       atol=2e-4)  # fmt: skip
+            best = np.sort(expected[position])[::-1][:4]
+            np.testing.assert_allclose([lp for _, lp in entry.top], best, atol=2e-4)
+    # The generated tokens are those of a plain request; the cache serves later ones again.
+    again = serve_all(engine, batch, plain)
+    assert [o.token_ids for o in again] == [o.token_ids for o in outputs]
+    assert all(o.metrics.num_reused_tokens > 0 for o in again[-1:])
+    assert all(o.prompt_logprobs is None for o in again)
+    assert_all_pages_free(engine)
+
+
+def test_prompt_logprobs_are_refused_with_speculative_decoding(model):
+    engine = make_engine(model, speculative=SpeculativeConfig(NgramDrafter(), 3))
+    with pytest.raises(ValueError, match="prompt_logprobs=0 is not supported with speculative"):
+        engine.add_request([1, 2, 3], SamplingParams(prompt_logprobs=0))
+    assert engine.num_unfinished == 0

@@ -128,7 +128,7 @@ def test_chat_streamed_and_not_agree_and_stop_strings_cut(server):
         ({"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs=21 must be in [0, 20]"),
         ({"model": MODEL, "prompt": "hi", "presence_penalty": 3}, "presence_penalty=3.0"),
         ({"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, "repetition_penalty=0.0"),
-        ({"model": MODEL, "prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs=1 is not"),
+        ({"model": MODEL, "prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs=21 must"),
         ({"model": MODEL, "messages": CHAT, "top_logprobs": 2}, "top_logprobs needs logprobs"),
         ({"model": MODEL, "messages": CHAT, "logprobs": 3}, "logprobs=3 must be a boolean"),
     ],
@@ -210,6 +210,16 @@ def test_logprobs_streamed_and_not_in_both_apis(server):
     assert [e.logprob for c in chunks for e in c.choices[0].logprobs.content] == [
         e.logprob for e in content
     ]
+    # The prompt's, vLLM's extension: the prompt computed again though it is cached now.
+    body = {**{k: v for k, v in args.items() if k != "extra_body"}, "ignore_eos": True}
+    scored = httpx.post(f"{server.url}/v1/completions", json={**body, "prompt_logprobs": 2})
+    scored = scored.json()
+    prompt = scored["choices"][0]["prompt_logprobs"]
+    assert scored["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert len(prompt) == scored["usage"]["prompt_tokens"] and prompt[0] is None
+    assert all(len(entry) in (2, 3) for entry in prompt[1:])  # the token and 2 alternatives
+    recomputed = scored["choices"][0]["logprobs"]["token_logprobs"]  # another batch shape:
+    assert recomputed == pytest.approx(logprobs.token_logprobs, abs=1e-4)  # rounding differs
     plain_chat = server.client.chat.completions.create(**chat)
     assert plain_chat.choices[0].logprobs is None
     assert plain_chat.choices[0].message.content == answer.choices[0].message.content

@@ -32,6 +32,11 @@ class StepBatch:
     draft_len: int  # every generation row's drafts are padded to this many tokens
     draft_tokens: np.ndarray  # int32[num_seqs_bucket, W]: real drafts, then padding 0
     num_drafts: np.ndarray  # int32[num_seqs_bucket]: real drafts per row (0 for context)
+    # A step that scores prompt tokens (`SamplingParams.prompt_logprobs`) returns a logit row
+    # per token: each sequence samples from row `sample_rows[r]`, and row i scores the prompt
+    # token `next_tokens[i]` (-1: none).
+    sample_rows: np.ndarray | None = None  # int32[num_seqs_bucket]
+    next_tokens: np.ndarray | None = None  # int32[num_tokens_bucket]
 
     @property
     def num_draft_padding(self) -> int:
@@ -80,6 +85,8 @@ def build_step_batch(
     requests, chunk_sizes, pieces, kv_lens = _scheduled_rows(output, draft_len, feeds or {})
     num_context = len(output.context_requests)
     num_seqs, num_tokens = len(requests), sum(map(len, pieces))
+    if not draft_len and any(r.needs_prompt_logprobs for r in requests[:num_context]):
+        return _scoring_batch(requests, chunk_sizes, pieces, kv_lens, manager, buckets)
     key = buckets.pad(num_seqs, num_tokens, num_seqs * (1 + draft_len), draft_len=draft_len)
     inputs = pack_rows(pieces, kv_lens, [r.cache for r in requests], manager, key)
     width = key.logits_per_seq
@@ -91,6 +98,31 @@ def build_step_batch(
         )
         inputs.logits_indices[:] = logits_indices.reshape(-1)
     return StepBatch(requests, chunk_sizes, inputs, draft_len, draft_tokens, num_drafts)
+
+
+def _scoring_batch(requests, chunk_sizes, pieces, kv_lens, manager, buckets) -> StepBatch:
+    """A step with a logit row per token (see `StepBatch`): its key is a bucket's shapes with
+    as many logit rows as tokens (compiled when first used)."""
+    key = buckets.pad(len(requests), sum(map(len, pieces)))
+    key = BucketKey(key.num_seqs, key.num_tokens, key.num_tokens)
+    inputs = pack_rows(pieces, kv_lens, [r.cache for r in requests], manager, key)
+    cu_q_lens = inputs.cu_q_lens
+    sample_rows = np.zeros(key.num_seqs, np.int32)
+    sample_rows[: len(requests)] = inputs.logits_indices[: len(requests)]
+    inputs.logits_indices[:] = np.arange(key.num_tokens)
+    next_tokens = np.full(key.num_tokens, -1, np.int32)
+    for row, request in enumerate(requests):
+        if not chunk_sizes[row] or not request.needs_prompt_logprobs:
+            continue
+        start = kv_lens[row] - chunk_sizes[row]
+        positions = np.arange(start, min(kv_lens[row], request.prompt_length - 1))
+        prompt = np.asarray(request.prompt_token_ids, np.int32)
+        next_tokens[cu_q_lens[row] + positions - start] = prompt[positions + 1]
+    no_drafts = np.zeros((key.num_seqs, 0), np.int32)
+    return StepBatch(
+        requests, chunk_sizes, inputs, 0, no_drafts, np.zeros(key.num_seqs, np.int32),
+        sample_rows, next_tokens,
+    )  # fmt: skip
 
 
 def _scheduled_rows(output: SchedulerOutput, draft_len: int, feeds: Mapping[int, int]):

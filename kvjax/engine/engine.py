@@ -162,8 +162,9 @@ class Engine(Generation):
             self.speculative, self.resources, config, self.vocab_size
         )
         intake = RequestIntake(
-            self.manager, config, self.vocab_size, self.lora_pages, seed, self.tokenizer
-        )
+            self.manager, config, self.vocab_size, self.lora_pages, seed, self.tokenizer,
+            speculative=bool(self._drafting),
+        )  # fmt: skip
         self._queue = RequestQueue(intake)
         # Held by a step and by what changes live requests: abort waits for a running step.
         self._step_lock = threading.RLock()

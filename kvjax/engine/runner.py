@@ -18,16 +18,23 @@ drafter needs the previous step's tokens on the host.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Collection
 
 from kvjax.engine.batch import StepBatch, build_step_batch
 from kvjax.engine.preflight import check_batch_agrees
-from kvjax.runtime.sampling import SampledTokens, SamplingInputs
+from kvjax.runtime.sampling import SampledTokens, SamplingInputs, score_rows
+from kvjax.runtime.step import allow_compile
 from kvjax.serving.interrupts import interrupts_deferred
 from kvjax.serving.request import Request
-from kvjax.serving.results import advance_dispatched, apply_picks, apply_results
+from kvjax.serving.results import (
+    advance_dispatched,
+    apply_picks,
+    apply_results,
+    record_prompt_logprobs,
+)
 from kvjax.serving.scheduler import SchedulerOutput
 
 __all__ = ["InFlightStep", "StepLost", "StepRunner"]
@@ -139,11 +146,18 @@ class StepRunner:
         return batch, sampling
 
     def _dispatch(self, batch: StepBatch, sampling: SamplingInputs, fed) -> SampledTokens:
-        """Runs the compiled step (the pool donated) and the sampler, without waiting."""
+        """Runs the compiled step (the pool donated) and the sampler, without waiting. A step
+        that scores prompt tokens has its own shapes, compiled when first used."""
         engine = self.engine
         manager, registry = engine.manager, engine.registry
-        logits, manager.pool = registry(engine._params, manager.pool, batch.inputs, fed)
-        return sampling.verify(logits, batch.draft_tokens, batch.num_drafts, engine.feed_size)
+        scoring = batch.sample_rows is not None
+        with allow_compile() if scoring else contextlib.nullcontext():
+            logits, manager.pool = registry(engine._params, manager.pool, batch.inputs, fed)
+        prompt_logprobs = None
+        if scoring:
+            logits, prompt_logprobs = score_rows(logits, batch.sample_rows, batch.next_tokens)
+        sampled = sampling.verify(logits, batch.draft_tokens, batch.num_drafts, engine.feed_size)
+        return dataclasses.replace(sampled, prompt_logprobs=prompt_logprobs)
 
     def _apply(self, step: InFlightStep) -> None:
         engine = self.engine
@@ -155,6 +169,7 @@ class StepRunner:
             raise StepLost(f"a step failed on the device: {error!r}") from error
         now = time.perf_counter()
         self.recovering = False
+        record_prompt_logprobs(step.batch, step.sampled.fetch_prompt_logprobs())
         num_generated = apply_picks(
             step.batch.requests, step.emitting, tokens, eos_token_ids=engine.eos_token_ids,
             max_seq_len=engine.manager.max_seq_len, finish=engine._finish, now=now,
@@ -171,6 +186,7 @@ class StepRunner:
         sampled = self._dispatch(batch, sampling, None)
         accepted, tokens = sampled.fetch()
         logprobs = sampled.fetch_logprobs()
+        record_prompt_logprobs(batch, sampled.fetch_prompt_logprobs())
         now = time.perf_counter()
         self.recovering = False
         with interrupts_deferred():  # each cache advances with its request's tokens

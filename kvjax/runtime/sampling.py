@@ -32,6 +32,7 @@ __all__ = [
     "SamplingInputs",
     "TokenLogprobs",
     "sample_tokens",
+    "score_rows",
     "token_logprobs",
     "verify_and_feed",
     "verify_tokens",
@@ -166,6 +167,17 @@ def token_logprobs(logits: jax.Array, temperature: jax.Array, picks: jax.Array) 
     return TokenLogprobs(chosen, top_ids.astype(jnp.int32), top)
 
 
+@jax.jit
+def score_rows(
+    logits: jax.Array, sample_rows: jax.Array, next_tokens: jax.Array
+) -> tuple[jax.Array, TokenLogprobs]:
+    """A step with a logit row per token: (f32[rows, vocab] the rows sequences sample from,
+    `TokenLogprobs` of each row's next token (int32[T] `next_tokens`; -1 rows are padding)
+    under f32[T, vocab] `logits` at temperature 1)."""
+    picks = jnp.maximum(next_tokens, 0)
+    return logits[sample_rows], token_logprobs(logits, jnp.ones(picks.shape), picks)
+
+
 @functools.partial(jax.jit, static_argnames=("feed_size", "with_logprobs"))
 def verify_and_feed(
     logits, draft_tokens, num_drafts, temperature, top_k, top_p, seeds, counters,
@@ -198,10 +210,17 @@ class SampledTokens:
     tokens: jax.Array  # int32[rows, 1 + W]
     fed: jax.Array  # int32[feed_size]: each row's next input token
     logprobs: TokenLogprobs | None = None  # N = rows * (1 + W), where a row asked
+    prompt_logprobs: TokenLogprobs | None = None  # N = the step's tokens (`score_rows`)
 
     def fetch(self) -> tuple[np.ndarray, np.ndarray]:
         """(num_accepted, tokens) as host arrays; waits for the step."""
         return np.asarray(self.num_accepted), np.asarray(self.tokens)
+
+    def fetch_prompt_logprobs(self) -> TokenLogprobs | None:
+        """The prompt tokens' log-probabilities as host arrays (N = the step's tokens)."""
+        if self.prompt_logprobs is None:
+            return None
+        return TokenLogprobs(*(np.asarray(a) for a in jax.tree.leaves(self.prompt_logprobs)))
 
     def fetch_logprobs(self) -> TokenLogprobs | None:
         """The log-probabilities as host arrays shaped per row and position (`chosen`

@@ -2,14 +2,17 @@
 
 The HTTP side never calls `Engine.step()`: it submits a request with an id it chose (so that its
 listener is in place before the first step can report), then awaits the outputs the loop thread
-hands over with `call_soon_threadsafe`. A task that stops listening (a client gone) aborts its
-request, which frees its pages at the next step boundary.
+hands over with `call_soon_threadsafe` (once per step and listener). A consumer that falls
+behind gets the outputs that piled up merged into one (their deltas joined), so a busy server
+sends fewer, larger stream chunks instead of falling further behind. A task that stops listening
+(a client gone) aborts its request, which frees its pages at the next step boundary.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
@@ -86,19 +89,28 @@ class EngineLoop:
                 _log.exception("an engine step failed; aborting the requests being served")
                 self._fail_all(error)
                 continue
-            for output in outputs:
-                try:
-                    self._deliver(output)
-                except Exception:  # one listener's trouble must not stop the loop
-                    _log.exception("delivering request %d's output failed", output.request_id)
+            try:
+                self._deliver(outputs)
+            except Exception:  # one listener's trouble must not stop the loop
+                _log.exception("delivering a step's outputs failed")
 
-    def _deliver(self, output: RequestOutput) -> None:
-        if output.finished and self._on_finished is not None:
-            self._on_finished(output)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hands each listener its outputs of this step, in one call per listener."""
+        batches: dict[int, tuple[tuple, list]] = {}
         with self._lock:
-            listener = self._listeners.get(output.request_id)
-        if listener is not None:
-            _put(listener, output)
+            for output in outputs:
+                listener = self._listeners.get(output.request_id)
+                if listener is not None:
+                    batches.setdefault(id(listener[1]), (listener, []))[1].append(output)
+        for listener, batch in batches.values():
+            _put(listener, batch)
+        if self._on_finished is not None:
+            for output in outputs:
+                if output.finished:
+                    try:
+                        self._on_finished(output)
+                    except Exception:
+                        _log.exception("observing request %d failed", output.request_id)
 
     def _fail_all(self, error: Exception) -> None:
         with self._lock:
@@ -133,12 +145,10 @@ class EngineLoop:
             await asyncio.shield(submit)
             self._wake.set()
             while unfinished:
-                output = await queue.get()
-                if isinstance(output, Exception):
-                    raise RuntimeError(f"the engine failed: {output}") from output
-                if output.finished:
-                    unfinished.discard(output.request_id)
-                yield ids.index(output.request_id), output
+                for output in _merged(await _take_all(queue)):
+                    if output.finished:
+                        unfinished.discard(output.request_id)
+                    yield ids.index(output.request_id), output
         finally:
             with self._lock:
                 for request_id in ids:
@@ -179,3 +189,34 @@ class EngineLoop:
         self._thread.join()
         self._fail_all(RuntimeError("the server shut down"))
         self.engine.shutdown()
+
+
+async def _take_all(queue: asyncio.Queue) -> list[RequestOutput]:
+    """Every output waiting in `queue` (at least one; waits for it); raises an engine failure."""
+    items = [await queue.get()]
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    outputs = []
+    for item in items:
+        if isinstance(item, Exception):
+            raise RuntimeError(f"the engine failed: {item}") from item
+        outputs += item
+    return outputs
+
+
+def _merged(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """One output per request: its latest, carrying the deltas of all (in first-seen order)."""
+    latest: dict[int, RequestOutput] = {}
+    for output in outputs:
+        earlier = latest.get(output.request_id)
+        if earlier is not None:
+            output = dataclasses.replace(
+                output,
+                new_token_ids=earlier.new_token_ids + output.new_token_ids,
+                new_text=None
+                if output.new_text is None
+                else (earlier.new_text or "") + output.new_text,
+                new_logprobs=earlier.new_logprobs + output.new_logprobs,
+            )
+        latest[output.request_id] = output
+    return list(latest.values())

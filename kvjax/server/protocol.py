@@ -72,11 +72,6 @@ def _refuse_unsupported(body: Mapping) -> None:
     for name in ("echo", "suffix", "tools", "functions", "logit_bias"):
         if body.get(name) not in (None, False, [], {}):
             raise BadRequest(f"{name}={body[name]!r} is not supported")
-    if body.get("prompt_logprobs") is not None:
-        raise BadRequest(
-            f"prompt_logprobs={body['prompt_logprobs']!r} is not supported: kvjax computes no "
-            "logits for prompt positions (cached or not), so it never returns made-up ones"
-        )
 
 
 def _logprobs(body: Mapping, chat: bool) -> int | None:
@@ -125,6 +120,7 @@ def parse_request(body: object, *, chat: bool, max_seq_len: int) -> ParsedReques
             stop_token_ids=tuple(body.get("stop_token_ids") or ()),
             ignore_eos=bool(body.get("ignore_eos", False)),
             logprobs=_logprobs(body, chat),
+            prompt_logprobs=_number(body, "prompt_logprobs", None, int),  # vLLM's extension
             presence_penalty=_number(body, "presence_penalty", 0.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0),
             repetition_penalty=_number(body, "repetition_penalty", 1.0),  # vLLM's extension

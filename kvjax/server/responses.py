@@ -87,6 +87,22 @@ def _completion_logprobs(entries: Sequence[TokenLogprob], tokenizer: Tokenizer, 
     }
 
 
+def prompt_logprobs(request: ParsedRequest, output: RequestOutput, tokenizer: Tokenizer):
+    """vLLM's layout of the prompt's log-probabilities: per prompt token None (the first) or
+    {token id: {logprob, decoded_token}} for the token and its alternatives."""
+    if request.params.prompt_logprobs is None or output.prompt_logprobs is None:
+        return None
+
+    def scored(entry: TokenLogprob) -> dict:
+        pairs = [(entry.token_id, entry.logprob), *entry.top]
+        return {
+            str(token): {"logprob": _logprob(lp), "decoded_token": tokenizer.token_text(token)}
+            for token, lp in pairs
+        }
+
+    return [None if entry is None else scored(entry) for entry in output.prompt_logprobs]
+
+
 def _choice_logprobs(request: ParsedRequest, entries, tokenizer: Tokenizer, offset: int = 0):
     if request.params.logprobs is None:
         return None
@@ -110,10 +126,14 @@ def completion(
             choice["message"] = {"role": "assistant", "content": output.text}
         else:
             choice["text"] = output.text
+            choice["prompt_logprobs"] = prompt_logprobs(request, output, tokenizer)
         choices.append(choice)
     kind = "chat.completion" if request.chat else "text_completion"
     header = _header(request, outputs[0].request_id, model, int(time.time()))
-    return {**header, "object": kind, "choices": choices, "usage": usage(outputs)}
+    body = {**header, "object": kind, "choices": choices, "usage": usage(outputs)}
+    if request.chat:  # vLLM gives the chat API's at the top
+        body["prompt_logprobs"] = prompt_logprobs(request, outputs[0], tokenizer)
+    return body
 
 
 def chunk(
@@ -145,6 +165,8 @@ def chunk(
     else:
         choice["text"] = output.new_text or ""
         kind = "text_completion"
+    if len(output.token_ids) == len(output.new_token_ids) and index == 0:  # the first chunk
+        choice["prompt_logprobs"] = prompt_logprobs(request, output, tokenizer)
     return {**_header(request, first_id, model, created), "object": kind, "choices": [choice]}
 
 

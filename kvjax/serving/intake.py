@@ -81,6 +81,7 @@ class RequestIntake:
         lora_pages: the known LoRA adapters; a request naming another is refused.
         seed: draws the seeds of requests that give none.
         tokenizer: gives each request its detokenizer (`RequestOutput.text`, stop strings).
+        speculative: the engine drafts (prompt log-probabilities are refused).
     """
 
     def __init__(
@@ -91,8 +92,10 @@ class RequestIntake:
         lora_pages: Mapping[int, int],
         seed: int,
         tokenizer: Tokenizer | None = None,
+        speculative: bool = False,
     ) -> None:
         self.manager = manager
+        self.speculative = speculative
         self.tokenizer = tokenizer
         self.config = config
         self.vocab_size = vocab_size
@@ -117,6 +120,11 @@ class RequestIntake:
         params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params={params!r} is not a SamplingParams")
+        if params.prompt_logprobs is not None and self.speculative:
+            raise ValueError(
+                f"prompt_logprobs={params.prompt_logprobs} is not supported with speculative "
+                "decoding (its steps have no logit row per prompt token)"
+            )
         prompt = prompt_ids(prompt_token_ids)
         self._check_prompt_length(len(prompt))
         key_tokens = splice_multimodal_tokens(prompt, multimodal_items, self.vocab_size)

@@ -83,6 +83,9 @@ class RequestOutput:
     # One per generated token where `SamplingParams.logprobs` asked (else None), and the new ones.
     logprobs: tuple[TokenLogprob, ...] | None = None
     new_logprobs: tuple[TokenLogprob, ...] = ()
+    # Where `SamplingParams.prompt_logprobs` asked, once the prompt is computed: one per
+    # prompt token, the first None (nothing scores it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -128,6 +131,8 @@ class Request:
     stream: bool = False  # report progress after every step, not only the end
     # One per output token where `SamplingParams.logprobs` asks (`results.append_token`).
     logprobs: list[TokenLogprob] | None = None
+    # Prompt tokens scored so far (`SamplingParams.prompt_logprobs`), the first None.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     # Tokens and characters of text already reported (`output()`), for the next delta.
     num_reported_tokens: int = 0
     num_reported_chars: int = 0
@@ -153,6 +158,8 @@ class Request:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
         if self.sampling_params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+        if self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
         # Outputs carry the prompt as a tuple of ints: made once, not at every report.
         self._prompt_tuple = tuple(int(t) for t in self.prompt_token_ids)
 
@@ -232,6 +239,12 @@ class Request:
         return self.prompt_length + self.sampling_params.max_new_tokens + self.num_draft_tokens
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """It asked for prompt log-probabilities and some prompt tokens are not scored yet."""
+        scored = self.prompt_logprobs
+        return scored is not None and len(scored) < self.prompt_length
+
+    @property
     def has_news(self) -> bool:
         """It generated tokens not reported yet."""
         return len(self.output_token_ids) > self.num_reported_tokens
@@ -261,4 +274,6 @@ class Request:
             new_text=new_text,
             logprobs=logprobs,
             new_logprobs=() if logprobs is None else logprobs[reported:],
-        )
+            prompt_logprobs=None if self.needs_prompt_logprobs or self.prompt_logprobs is None
+            else tuple(self.prompt_logprobs),
+        )  # fmt: skip

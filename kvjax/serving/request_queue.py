@@ -71,7 +71,8 @@ class RequestQueue:
         """Checks and queues `n` samples of one prompt (`RequestIntake.make_request` arguments,
         `request_ids` for their ids, default new ones); returns their ids. A seeded `params`
         gives sample i the seed `seed + i`; unseeded samples each draw one. Samples after the
-        first are held until the first's prompt is computed (see the module docstring).
+        first are held until the first's prompt is computed (see the module docstring); only
+        the first scores the prompt (`prompt_logprobs`).
 
         Raises:
             RuntimeError: the queue is closed.
@@ -87,11 +88,12 @@ class RequestQueue:
             group = [first]
             try:
                 for index in range(1, n):
+                    sample_params = params
+                    if params is not None:  # the first scores the prompt, if asked
+                        sample_params = dataclasses.replace(params, prompt_logprobs=None)
                     if params is not None and params.seed is not None:
                         seed = (params.seed + index) % 2**32
-                        sample_params = dataclasses.replace(params, seed=seed)
-                    else:
-                        sample_params = params
+                        sample_params = dataclasses.replace(sample_params, seed=seed)
                     sample = self._make(
                         first.prompt_token_ids, sample_params, request_id=ids[index], **options
                     )

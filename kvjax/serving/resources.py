@@ -59,7 +59,9 @@ class CacheResources:
         cache = request.cache
         if cache is not None:
             return cache.is_active or cache.resume()
-        lookup = request.context_key_tokens[:-1] if self.enable_block_reuse else None
+        # Prompt log-probabilities need every prompt token's logits: none come from the cache.
+        reuse = self.enable_block_reuse and not request.needs_prompt_logprobs
+        lookup = request.context_key_tokens[:-1] if reuse else None
         cache = self.manager.create_kv_cache(
             lookup, lora_id=request.lora_id, salt=request.salt, priority=request.priority
         )

@@ -20,6 +20,7 @@ __all__ = [
     "apply_picks",
     "apply_results",
     "emitted_tokens",
+    "record_prompt_logprobs",
     "token_logprob",
 ]
 
@@ -152,6 +153,37 @@ def token_logprob(
     top_ids = logprobs.top_ids[row, position, :wanted].tolist()
     top = tuple(zip(top_ids, logprobs.top[row, position, :wanted].tolist(), strict=True))
     return TokenLogprob(token, float(logprobs.chosen[row, position]), top)
+
+
+def record_prompt_logprobs(batch, logprobs) -> None:
+    """Adds the prompt tokens a scoring step scored (`StepBatch.next_tokens`) to their
+    requests' `prompt_logprobs`, skipping those already scored (a recomputed prompt) and
+    requests that ended meanwhile.
+
+    Args:
+        batch: the step's `StepBatch`; logprobs: host `chosen` f32[T], `top_ids` int32 and
+            `top` f32 [T, K] (None: the step scored nothing).
+    """
+    if logprobs is None:
+        return
+    cu_q_lens, kv_lens = batch.inputs.cu_q_lens, batch.inputs.kv_lens
+    for row, request in enumerate(batch.requests):
+        chunk = batch.chunk_sizes[row]
+        scored = request.prompt_logprobs
+        if not chunk or scored is None or request.state is RequestState.COMPLETE:
+            continue
+        start = int(kv_lens[row]) - chunk
+        if start > len(scored) - 1:  # a gap (never: such prompts take nothing from the cache)
+            continue
+        wanted = request.sampling_params.prompt_logprobs
+        for position in range(max(start, len(scored) - 1), int(kv_lens[row])):
+            if position + 1 >= request.prompt_length:
+                break
+            index = int(cu_q_lens[row]) + position - start
+            top_ids = logprobs.top_ids[index, :wanted].tolist()
+            top = tuple(zip(top_ids, logprobs.top[index, :wanted].tolist(), strict=True))
+            token = int(request.prompt_token_ids[position + 1])
+            scored.append(TokenLogprob(token, float(logprobs.chosen[index]), top))
 
 
 def append_token(

@@ -44,6 +44,11 @@ class SamplingParams:
             likely alternatives (0 to 20; `RequestOutput.logprobs`). They are those of the
             penalized logits divided by the temperature (1 for greedy), before top-k and top-p
             truncation (`kvjax.runtime.sampling`).
+        prompt_logprobs: None, or report the log-probability of each prompt token after the
+            first (and this many alternatives, 0 to 20) as the model scores it
+            (`RequestOutput.prompt_logprobs`): at temperature 1, without penalties. The whole
+            prompt is then computed, none of it taken from the prefix cache (whose KV has no
+            logits); not with speculative decoding.
         presence_penalty, frequency_penalty: in [-2, 2], subtracted from the logit of each
             generated token once, and once per occurrence (vLLM's and OpenAI's definitions).
         repetition_penalty: > 0; the logits of tokens in the prompt or the output are divided
@@ -59,6 +64,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -85,8 +91,9 @@ class SamplingParams:
         for text in self.stop:
             if not isinstance(text, str) or not text:
                 raise ValueError(f"stop string {text!r:.80} must be a non-empty str")
-        if self.logprobs is not None:
-            check_int("logprobs", self.logprobs, minimum=0, maximum=MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), minimum=0, maximum=MAX_LOGPROBS)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (_is_real(value) and -2 <= value <= 2):

@@ -30,6 +30,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip_special_tokens = skip_special_tokens
         self._stops = _validated_stops(stop)
+        self._longest_stop = max((len(stop) for stop in self._stops), default=0)
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -73,6 +74,9 @@ class IncrementalDetokenizer:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens)
 
     def _emit(self, new_text: str, *, final: bool) -> str:
+        if not self._stops:  # nothing to hold back or search (the common case)
+            self._text += new_text
+            return new_text
         # Text emitted earlier cannot hold the start of a stop string: the longest such tail is
         # always held back, so searching the held text and the new text is enough.
         pending, self._held = self._held + new_text, ""
@@ -98,8 +102,7 @@ class IncrementalDetokenizer:
 
     def _stop_prefix_length(self, text: str) -> int:
         """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-        longest = max((len(stop) for stop in self._stops), default=1)
-        for length in range(min(len(text), longest - 1), 0, -1):
+        for length in range(min(len(text), self._longest_stop - 1), 0, -1):
             tail = text[-length:]
             if any(len(stop) > length and stop.startswith(tail) for stop in self._stops):
                 return length
