@@ -131,6 +131,10 @@ def test_chat_streamed_and_not_agree_and_stop_strings_cut(server):
         ({"model": MODEL, "prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs=21 must"),
         ({"model": MODEL, "messages": CHAT, "top_logprobs": 2}, "top_logprobs needs logprobs"),
         ({"model": MODEL, "messages": CHAT, "logprobs": 3}, "logprobs=3 must be a boolean"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0]: type='image_url' is not supported",
+        ),
     ],
 )
 def test_bad_requests_are_answered_400_naming_the_field(server, body, message):
@@ -224,6 +228,19 @@ def test_logprobs_streamed_and_not_in_both_apis(server):
     assert plain_chat.choices[0].logprobs is None
     assert plain_chat.choices[0].message.content == answer.choices[0].message.content
     assert_nothing_held(server)
+
+
+def test_chat_content_parts_are_joined_as_text(server):
+    chat = dict(model=MODEL, max_tokens=6, temperature=0)
+    parts = [{"type": "text", "text": "Café au lait,"}, {"type": "text", "text": "12 croissants"}]
+    as_parts = server.client.chat.completions.create(
+        **chat, messages=[{"role": "user", "content": parts}]
+    )
+    joined = server.client.chat.completions.create(
+        **chat, messages=[{"role": "user", "content": "Café au lait,\n12 croissants"}]
+    )
+    assert as_parts.choices[0].message.content == joined.choices[0].message.content
+    assert as_parts.usage.prompt_tokens == joined.usage.prompt_tokens
 
 
 def test_parallel_samples_streamed_and_not_share_the_prompt(server):

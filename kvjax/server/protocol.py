@@ -55,7 +55,7 @@ def _prompt(body: Mapping, chat: bool):
             or not all(isinstance(message, Mapping) for message in messages)
         ):
             raise BadRequest("messages must be a non-empty list of {role, content} objects")
-        return messages
+        return [_text_message(message, index) for index, message in enumerate(messages)]
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
@@ -64,6 +64,23 @@ def _prompt(body: Mapping, chat: bool):
     if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         return prompt
     raise BadRequest("prompt must be a non-empty string or list of token ids (one prompt)")
+
+
+def _text_message(message: Mapping, index: int) -> dict:
+    """The message with a list of content parts joined into its text (newline-separated, as
+    vLLM does); parts other than text are refused by name."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return dict(message)
+    texts = []
+    for number, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise BadRequest(
+                f"messages[{index}].content[{number}]: type={kind!r} is not supported (text only)"
+            )
+        texts.append(part["text"])
+    return {**message, "content": "\n".join(texts)}
 
 
 def _refuse_unsupported(body: Mapping) -> None:
