@@ -82,6 +82,7 @@ def summarize(records: list[dict], elapsed: float) -> dict:
     tokens = sum(r["tokens"] for r in records)
     return {
         "requests": len(records),
+        "output_tokens": tokens,
         "seconds": elapsed,
         "requests_per_s": len(records) / elapsed,
         "output_tokens_per_s": tokens / elapsed,

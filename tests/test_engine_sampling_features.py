@@ -146,14 +146,19 @@ def test_streamed_logprobs_add_up_to_the_final_ones(model):
     assert engine.generate(prompts()[:1], SamplingParams(max_new_tokens=2))[0].logprobs is None
 
 
-def run_samples(engine, prompt, params, n):
-    ids = engine.add_samples(prompt, params, n)
+def finish_all(engine, ids):
+    """Steps until nothing is left (scoring steps compile when first used: no compile check);
+    the outputs of `ids`, checking the cache's invariants after every step."""
     outputs = {}
     while engine.num_unfinished:
         for output in engine.step():
             outputs[output.request_id] = output
         engine.manager.check_invariants()
     return [outputs[i] for i in ids]
+
+
+def run_samples(engine, prompt, params, n):
+    return finish_all(engine, engine.add_samples(prompt, params, n))
 
 
 def test_parallel_samples_compute_the_prompt_once(model):
@@ -202,14 +207,7 @@ def test_bad_sampling_values_are_refused_by_name(field, value):
 
 
 def serve_all(engine, prompts, params):
-    """Serves to completion (scoring steps compile when first used: no compile check)."""
-    ids = [engine.add_request(p, params) for p in prompts]
-    outputs = {}
-    while engine.num_unfinished:
-        for output in engine.step():
-            outputs[output.request_id] = output
-        engine.manager.check_invariants()
-    return [outputs[i] for i in ids]
+    return finish_all(engine, [engine.add_request(p, params) for p in prompts])
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])

@@ -131,3 +131,23 @@ def test_serve_benchmark_on_the_real_model(tmp_path, compile_cache):
     answers = json.loads((tmp_path / "serve.json").read_text())["answers"]
     assert len(answers) == 4 and all(a["answer"] for a in answers)
     assert {a["question"] for a in answers} <= set(QUESTIONS + FOLLOW_UPS)
+
+
+def test_http_load_generator_measures_the_server_and_the_engine(tmp_path, compile_cache):
+    """The load generator on a bounded run: a `kvjax.serve` process on the tiny model, then the
+    engine directly; every request streams all its tokens on both paths."""
+    from benchmarks.http_load import main as http_load
+
+    argv = [
+        "--requests", "8", "--rate", "50", "--max-concurrency", "4", "--max-tokens", "6",
+        "--groups", "2", "--system-len", "32", "--user-len", "4", "8", "--device-mib", "4",
+        "--max-batch-size", "4", "--max-num-tokens", "64", "--out", str(tmp_path),
+    ]  # fmt: skip
+    result = http_load(argv)
+    assert json.loads((tmp_path / "http_load.json").read_text())["tpot_overhead"] == (
+        pytest.approx(result["tpot_overhead"])
+    )
+    for path in ("server", "engine"):
+        summary = result[path]
+        assert summary["requests"] == 8 and summary["output_tokens"] == 8 * 6
+        assert summary["tpot_s"]["p50"] > 0 and summary["ttft_s"]["p50"] > 0
