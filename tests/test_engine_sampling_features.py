@@ -245,3 +245,22 @@ def test_prompt_logprobs_are_refused_with_speculative_decoding(model):
     with pytest.raises(ValueError, match="prompt_logprobs=0 is not supported with speculative"):
         engine.add_request([1, 2, 3], SamplingParams(prompt_logprobs=0))
     assert engine.num_unfinished == 0
+
+
+def test_prompt_logprobs_survive_preemption_by_recomputation(model):
+    """Without a host tier, pressure drops requests' KV and computes their prompts again: the
+    prompt is scored once, and equals the dense forward's scores."""
+    rng = np.random.default_rng(2)
+    batch = [rng.integers(0, 64, n).tolist() for n in (9, 12, 10, 11)]
+    engine = make_engine(model, device_pages=13, host_pages=0)
+    params = SamplingParams(max_new_tokens=13, temperature=0.0, prompt_logprobs=1)
+    outputs = serve_all(engine, batch, params)
+    assert sum(o.metrics.num_recomputations for o in outputs) > 0
+    for prompt, output in zip(batch, outputs, strict=True):
+        expected = log_softmax(dense_logits(model, prompt))
+        scored = [entry.logprob for entry in output.prompt_logprobs[1:]]
+        positions = range(len(prompt) - 1)
+        np.testing.assert_allclose(
+            scored, [expected[p, prompt[p + 1]] for p in positions], atol=2e-4
+        )
+    engine.manager.check_no_leaks()

@@ -168,7 +168,10 @@ class EngineLoop:
         listener = (asyncio.get_running_loop(), queue)
         with self._lock:  # the count and the registration together: the bound is exact
             if len(self._listeners) + len(request_ids) > self.max_waiting:
-                raise Overloaded(f"{len(self._listeners)} requests wait (max {self.max_waiting})")
+                extra = f" (and n={len(request_ids)} asked)" if len(request_ids) > 1 else ""
+                raise Overloaded(
+                    f"{len(self._listeners)} requests wait (max {self.max_waiting}){extra}"
+                )
             self._listeners.update(dict.fromkeys(request_ids, listener))
         return queue
 
