@@ -264,3 +264,32 @@ def test_prompt_logprobs_survive_preemption_by_recomputation(model):
             scored, [expected[p, prompt[p + 1]] for p in positions], atol=2e-4
         )
     engine.manager.check_no_leaks()
+
+
+def test_penalized_and_plain_requests_ending_by_a_stop_token_in_the_overlapped_loop(model):
+    """A penalized row waits for the step in flight before scheduling: requests that step
+    ends (by a stop token, not by length) leave before the next batch is built."""
+    serial = serve_checked(make_engine(model, overlap=False), prompts(), PENALIZED)
+    plain_params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
+    plain = serve_checked(make_engine(model, overlap=False), prompts(), plain_params)
+    stops = [
+        dataclasses.replace(PENALIZED, stop_token_ids=(serial[0].token_ids[2],)),
+        dataclasses.replace(plain_params, stop_token_ids=(plain[1].token_ids[1],)),
+        PENALIZED,
+    ]
+    engine = make_engine(model, overlap=True)
+    ids = [engine.add_request(p, params) for p, params in zip(prompts(), stops, strict=True)]
+    outputs = finish_all(engine, ids)
+    first_stop = serial[0].token_ids.index(serial[0].token_ids[2]) + 1
+    assert outputs[0].token_ids == serial[0].token_ids[:first_stop]
+    assert outputs[1].token_ids == plain[1].token_ids[: plain[1].token_ids.index(
+        plain[1].token_ids[1]) + 1]  # fmt: skip
+    assert outputs[2].token_ids == serial[2].token_ids
+    assert_all_pages_free(engine)
+
+
+def test_parallel_sample_ids_must_be_distinct(model):
+    engine = make_engine(model)
+    with pytest.raises(ValueError, match="request_ids=\\[7, 7\\]"):
+        engine.add_samples([1, 2, 3], None, 2, request_ids=[7, 7])
+    assert engine.num_unfinished == 0

@@ -263,6 +263,9 @@ class Engine(Generation):
             return self._queue.take_finished()
 
     def _step(self, queue: list[Request]) -> None:
+        queue = self._runner.settle_penalized(queue)
+        if not queue:  # the step in flight ended every request
+            return
         draft_len = self._drafting.propose(queue) if self._drafting else 0
         with interrupts_deferred():  # the books change: no Ctrl-C half way
             output = self._schedule(queue, draft_len)

@@ -28,7 +28,7 @@ from kvjax.engine.preflight import check_batch_agrees
 from kvjax.runtime.sampling import SampledTokens, SamplingInputs, score_rows
 from kvjax.runtime.step import allow_compile
 from kvjax.serving.interrupts import interrupts_deferred
-from kvjax.serving.request import Request
+from kvjax.serving.request import Request, RequestState
 from kvjax.serving.results import (
     advance_dispatched,
     apply_picks,
@@ -94,8 +94,6 @@ class StepRunner:
             Exception: the dispatch failed (the previous step's tokens are applied first).
         """
         start = time.perf_counter()
-        if any(r.sampling_params.penalized for r in output.generation_requests):
-            self.drain()  # penalties count every output: the pending ones must reach the host
         previous = self.inflight
         batch, sampling = self.build(output, 0, previous.feeds() if previous else None)
         try:
@@ -115,6 +113,18 @@ class StepRunner:
             self.inflight = step
         if not self.overlap:
             self.drain()
+
+    def settle_penalized(self, queue: list[Request]) -> list[Request]:
+        """Before scheduling: penalties count every output, so when a penalized request has a
+        token in flight, waits for that step and applies it (the requests it finishes leave
+        the returned queue). Done before scheduling, so no scheduled row's request can end
+        under it."""
+        if self.inflight is None or not any(
+            r.num_pending_tokens and r.sampling_params.penalized for r in queue
+        ):
+            return queue
+        self.drain()
+        return [r for r in queue if r.state is not RequestState.COMPLETE]
 
     def drain(self) -> None:
         """Waits for the step in flight, if any, and applies its tokens."""

@@ -81,8 +81,8 @@ class RequestQueue:
         with self._lock:
             if self.closed:
                 raise RuntimeError("add_request() after shutdown(): this engine serves no more")
-            if request_ids is not None and len(request_ids) != n:
-                raise ValueError(f"{len(request_ids)} request_ids for n={n} samples")
+            if request_ids is not None and (len(request_ids) != n or len(set(request_ids)) != n):
+                raise ValueError(f"request_ids={list(request_ids)!r} must be {n} distinct ids")
             ids = [None] * n if request_ids is None else list(request_ids)
             first = self._make(prompt, params, request_id=ids[0], **options)
             group = [first]
