@@ -126,6 +126,8 @@ def test_chat_streamed_and_not_agree_and_stop_strings_cut(server):
         ({"model": MODEL, "prompt": ""}, "prompt must be"),
         ({"model": MODEL, "prompt": "word " * 400}, "max_seq_len"),
         ({"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs=21 must be in [0, 20]"),
+        ({"model": MODEL, "prompt": "hi", "stop_token_ids": 5}, "stop_token_ids=5 must be"),
+        ({"model": MODEL, "prompt": "hi", "ignore_eos": "false"}, "ignore_eos='false' must"),
         ({"model": MODEL, "prompt": "hi", "presence_penalty": 3}, "presence_penalty=3.0"),
         ({"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, "repetition_penalty=0.0"),
         ({"model": MODEL, "prompt": "hi", "prompt_logprobs": 21}, "prompt_logprobs=21 must"),

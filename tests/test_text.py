@@ -521,3 +521,33 @@ def test_a_config_turning_bos_off_wins_over_the_post_processor(tmp_path):
     off = load_tokenizer(write_tokenizer_dir(tmp_path / "off", backend, config))
     assert not off.add_bos and off.encode("hi") == writes.encode("hi")[1:]
     assert off.special_tokens["<|im_start|>"] == off.bos_token_id
+
+
+def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies():
+    """Byte-level pieces map back to their bytes (a piece may end mid-character); SentencePiece
+    pieces: byte-fallback `<0xNN>` is the byte, `▁` a space, other characters as UTF-8."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    byte_level = chatml_tokenizer_for_bytes()
+    ids = byte_level.encode("héllo 日本")
+    assert b"".join(byte_level.token_bytes(i) for i in ids) == "héllo 日本".encode()
+    vocab = {"<unk>": 0, "<0x0A>": 1, "\u2581hi": 2, "é": 3, "</s>": 4}
+    backend = Backend(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.add_special_tokens(["</s>"])
+    spm = Tokenizer(
+        backend, bos_token_id=None, eos_token_ids=[4], add_bos=False, chat_template=None,
+        source="spm",
+    )  # fmt: skip
+    assert [spm.token_bytes(i) for i in range(5)] == [b"<unk>", b"\n", b" hi", "é".encode(),
+                                                      b"</s>"]  # fmt: skip
+
+
+def chatml_tokenizer_for_bytes() -> Tokenizer:
+    backend = original_tokenizer("qwen2")
+    return Tokenizer(
+        backend, bos_token_id=None, eos_token_ids=[], add_bos=False, chat_template=None,
+        source="trained",
+    )  # fmt: skip

@@ -134,12 +134,17 @@ async def _events(parsed: ParsedRequest, first, outputs, model: str, tokenizer):
     generator, whose `outputs` then aborts the samples still running."""
     created = int(time.time())
     finals = [None] * parsed.n
+    offsets = [0] * parsed.n  # characters of each sample's token strings sent so far
     first_id = first[1].request_id - first[0]  # samples have consecutive ids
 
     def event(index, output) -> str:
         if output.finished:
             finals[index] = output
-        return _event(chunk(parsed, index, output, model, created, tokenizer, first_id))
+        body = chunk(parsed, index, output, model, created, tokenizer, first_id, offsets[index])
+        logprobs = body["choices"][0]["logprobs"]
+        if logprobs is not None and "tokens" in logprobs:
+            offsets[index] += sum(map(len, logprobs["tokens"]))
+        return _event(body)
 
     try:
         yield event(*first)

@@ -46,6 +46,22 @@ def _number(body: Mapping, name: str, default, kind=float):
     return kind(value)
 
 
+def _flag(body: Mapping, name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name}={value!r} must be a boolean")
+    return value
+
+
+def _token_ids(body: Mapping, name: str) -> tuple[int, ...]:
+    value = body.get(name) or []
+    if not isinstance(value, list) or not all(type(t) is int for t in value):
+        raise BadRequest(f"{name}={value!r} must be a list of token ids")
+    return tuple(value)
+
+
 def _prompt(body: Mapping, chat: bool):
     if chat:
         messages = body.get("messages")
@@ -134,8 +150,8 @@ def parse_request(body: object, *, chat: bool, max_seq_len: int) -> ParsedReques
             top_k=max(_number(body, "top_k", 0, int), 0),  # vLLM's extension; -1 is "all"
             seed=None if seed is None else _number(body, "seed", 0, int),
             stop=tuple(stop),
-            stop_token_ids=tuple(body.get("stop_token_ids") or ()),
-            ignore_eos=bool(body.get("ignore_eos", False)),
+            stop_token_ids=_token_ids(body, "stop_token_ids"),
+            ignore_eos=_flag(body, "ignore_eos"),
             logprobs=_logprobs(body, chat),
             prompt_logprobs=_number(body, "prompt_logprobs", None, int),  # vLLM's extension
             presence_penalty=_number(body, "presence_penalty", 0.0),
@@ -152,7 +168,7 @@ def parse_request(body: object, *, chat: bool, max_seq_len: int) -> ParsedReques
     if not 1 <= n <= MAX_SAMPLES:
         raise BadRequest(f"n={n!r} must be in [1, {MAX_SAMPLES}]")
     return ParsedRequest(
-        chat=chat, prompt=_prompt(body, chat), params=params, stream=bool(body.get("stream")),
+        chat=chat, prompt=_prompt(body, chat), params=params, stream=_flag(body, "stream"),
         include_usage=bool(isinstance(options, Mapping) and options.get("include_usage")),
         salt=salt, n=n,
     )  # fmt: skip

@@ -116,7 +116,7 @@ def completion(
 ) -> dict:
     """The response body of a finished, non-streamed request (its samples in index order)."""
     choices = []
-    for index, output in enumerate(outputs):
+    for index, output in enumerate(outputs):  # the first sample scored the prompt for all
         choice: dict[str, Any] = {
             "index": index,
             "logprobs": _choice_logprobs(request, output.logprobs, tokenizer),
@@ -126,7 +126,7 @@ def completion(
             choice["message"] = {"role": "assistant", "content": output.text}
         else:
             choice["text"] = output.text
-            choice["prompt_logprobs"] = prompt_logprobs(request, output, tokenizer)
+            choice["prompt_logprobs"] = prompt_logprobs(request, outputs[0], tokenizer)
         choices.append(choice)
     kind = "chat.completion" if request.chat else "text_completion"
     header = _header(request, outputs[0].request_id, model, int(time.time()))
@@ -144,13 +144,11 @@ def chunk(
     created: int,
     tokenizer: Tokenizer,
     first_id: int,
+    offset: int = 0,
 ) -> dict:
     """A stream chunk with what `output` (sample `index` of the request whose first sample is
-    `first_id`) adds; a sample's first chat chunk also gives the role."""
-    offset = 0  # where this chunk's first token string starts among the sample's
-    if output.logprobs and not request.chat:
-        earlier = output.logprobs[: len(output.logprobs) - len(output.new_logprobs)]
-        offset = sum(len(_token_string(tokenizer, e.token_id)) for e in earlier)
+    `first_id`) adds; a sample's first chat chunk also gives the role. `offset`: characters of
+    the sample's token strings in its earlier chunks (the completions API's `text_offset`)."""
     logprobs = _choice_logprobs(request, output.new_logprobs, tokenizer, offset)
     choice: dict[str, Any] = {
         "index": index,

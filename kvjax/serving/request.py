@@ -274,6 +274,13 @@ class Request:
             new_text=new_text,
             logprobs=logprobs,
             new_logprobs=() if logprobs is None else logprobs[reported:],
-            prompt_logprobs=None if self.needs_prompt_logprobs or self.prompt_logprobs is None
-            else tuple(self.prompt_logprobs),
-        )  # fmt: skip
+            prompt_logprobs=self._scored_prompt(),
+        )
+
+    def _scored_prompt(self) -> tuple[TokenLogprob | None, ...] | None:
+        """The prompt's log-probabilities once complete (made into a tuple once)."""
+        if self.prompt_logprobs is None or self.needs_prompt_logprobs:
+            return None
+        if len(getattr(self, "_prompt_scores", ())) != len(self.prompt_logprobs):
+            self._prompt_scores = tuple(self.prompt_logprobs)
+        return self._prompt_scores

@@ -34,6 +34,8 @@ class Tokenizer:
         source: str,
     ):
         self._backend = backend
+        # Token pieces are GPT-2's byte characters only under a byte-level decoder.
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
         self._bos_token_id = bos_token_id
         self._eos_token_ids = tuple(dict.fromkeys(eos_token_ids))
         self._add_bos = add_bos and bos_token_id is not None
@@ -140,12 +142,20 @@ class Tokenizer:
         return self._backend.decode([token_id], skip_special_tokens=False)
 
     def token_bytes(self, token_id: int) -> bytes:
-        """The exact bytes of one token (a byte-level BPE token may hold part of a character,
-        which its text shows as U+FFFD)."""
+        """The exact bytes of one token (a token may hold part of a character, which its text
+        shows as U+FFFD): a byte-level BPE piece mapped back to its bytes, a SentencePiece
+        byte-fallback piece `<0xNN>` as that byte, `▁` as a space; a special token's text."""
         piece = self._backend.id_to_token(token_id) or ""
-        if piece and all(char in _BYTE_OF_CHAR for char in piece):
+        if not piece or token_id in self._special_token_ids:
+            return self.token_text(token_id).encode()
+        if self._byte_level and all(char in _BYTE_OF_CHAR for char in piece):
             return bytes(_BYTE_OF_CHAR[char] for char in piece)
-        return self.token_text(token_id).encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                return bytes([int(piece[3:5], 16)])
+            except ValueError:
+                pass
+        return piece.replace("\u2581", " ").encode()
 
     def apply_chat_template(
         self, messages: list[dict], *, add_generation_prompt: bool = True, **extra: Any
