@@ -62,7 +62,8 @@ def build_engine(args) -> Engine:
     )
     return Engine(
         model, cache, scheduler, max_seq_len=args.max_seq_len, tokenizer=tokenizer,
-        sampler_variants=("logprobs", "penalties"),  # requests may ask: compile them ahead
+        # Requests may ask for any: compile them ahead, so that serving never compiles.
+        sampler_variants=("logprobs", "penalties", "prompt_logprobs"),
     )  # fmt: skip
 
 

@@ -212,15 +212,17 @@ def serve_all(engine, prompts, params):
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
 def test_prompt_logprobs_equal_the_dense_forward_even_for_a_cached_prompt(model, overlap):
-    """Chunked prompts (a 64-token budget, 4-token chunks) scored token by token; a prompt
-    served before is computed again rather than taken from the cache, and scores the same."""
-    engine = make_engine(model, overlap=overlap)
+    """Chunked prompts (a 32-token budget, 4-token chunks) scored token by token; a prompt
+    served before is computed again rather than taken from the cache, and scores the same; the
+    scoring steps were compiled at construction."""
+    variants = ("logprobs", "penalties", "prompt_logprobs")  # the scoring steps too
+    engine = make_plain_engine(model, overlap=overlap, sampler_variants=variants)
     long_prompt = np.random.default_rng(9).integers(0, 64, 40).tolist()
     batch = [*prompts(), long_prompt]
     plain = SamplingParams(max_new_tokens=3, temperature=0.0)
     serve_all(engine, batch, plain)  # now cached
     params = SamplingParams(max_new_tokens=3, temperature=0.0, prompt_logprobs=4)
-    outputs = serve_all(engine, batch, params)
+    outputs = serve_checked(engine, batch, params)  # nothing compiles: warmed up
     for prompt, output in zip(batch, outputs, strict=True):
         assert output.metrics.num_reused_tokens == 0
         scored = output.prompt_logprobs

@@ -10,10 +10,10 @@ import numpy as np
 from flax import nnx
 
 from kvjax.cache.manager import KVCacheManager
-from kvjax.runtime.buckets import Buckets
+from kvjax.runtime.buckets import BucketKey, Buckets
 from kvjax.runtime.page_ops import default_impl
 from kvjax.runtime.penalties import no_penalties
-from kvjax.runtime.sampling import verify_and_feed
+from kvjax.runtime.sampling import score_rows, verify_and_feed
 from kvjax.runtime.sharding import place, replicated, shard_params
 from kvjax.runtime.step import StepInputs, StepRegistry, allow_compile
 
@@ -85,6 +85,8 @@ def warm_up(
     with allow_compile():
         compile_steps(registry, params, manager, buckets.keys)
         vocab = manager.config.vocab_size
+        if "prompt_logprobs" in sampler_variants:
+            _compile_scoring_steps(registry, params, manager, buckets, mesh)
         for rows, width in sorted({(k.num_seqs, k.logits_per_seq) for k in buckets.keys}):
             zeros = np.zeros(rows, np.float32)
             ints = np.zeros(rows, np.int32)
@@ -101,6 +103,22 @@ def warm_up(
                     verify_and_feed(
                         *args, penalty, feed_size=registry.feed_size, with_logprobs=with_logprobs
                     )
+
+
+def _compile_scoring_steps(registry, params, manager, buckets: Buckets, mesh) -> None:
+    """The steps that score prompt tokens (a logit row per token, `batch._scoring_batch`) and
+    `score_rows`, for every bucket of one logit row per sequence."""
+    keys = {
+        BucketKey(k.num_seqs, k.num_tokens, k.num_tokens)
+        for k in buckets.keys
+        if k.logits_per_seq == 1
+    }
+    compile_steps(registry, params, manager, sorted(keys))
+    for key in sorted(keys):
+        logits = np.zeros((key.num_tokens, manager.config.vocab_size), np.float32)
+        logits = place(logits, mesh and replicated(mesh))
+        rows = np.zeros(key.num_seqs, np.int32)
+        score_rows(logits, rows, np.zeros(key.num_tokens, np.int32))
 
 
 class CompileCounter:

@@ -87,8 +87,9 @@ class Engine(Generation):
             `jax.distributed.initialize()` the devices of every process count: each process
             builds the same engine and adds the same requests in the same order, so all make
             the same scheduling decisions and page ids without exchanging them.
-        sampler_variants: also compile the sampler for requests asking for "logprobs" or
-            "penalties" at construction (else their first step compiles it).
+        sampler_variants: also compile, at construction, the sampler for requests asking for
+            "logprobs" or "penalties", and the steps that score prompts ("prompt_logprobs");
+            else the first step needing one compiles it.
         compile_cache: JAX's persistent compilation cache: True (default) uses the directory
             of `kvjax.runtime.compile_cache`, a path that directory, False leaves JAX as is.
         overlap: schedule and build each step while the device runs the previous one (its

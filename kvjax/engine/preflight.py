@@ -123,7 +123,7 @@ def check_tokenizer(model, tokenizer, eos_token_ids: Sequence[int] | None):
     return sorted({*model.config.eos_token_ids, *tokenizer.eos_token_ids})
 
 
-SAMPLER_VARIANTS = ("logprobs", "penalties")
+SAMPLER_VARIANTS = ("logprobs", "penalties", "prompt_logprobs")
 
 
 def check_sampler_variants(variants: Sequence[str]) -> tuple[str, ...]:
