@@ -71,15 +71,16 @@ def requests_of(args, vocab_size: int) -> tuple[list[list[int]], list[float]]:
     return prompts, np.cumsum(gaps).tolist()
 
 
-def warm_up_prompts(args) -> list[list[int]]:
+def warm_up_prompts(args, vocab_size: int) -> list[list[int]]:
     """`--max-concurrency` prompts shaped as the workload's, of other random tokens."""
     other = argparse.Namespace(**{**vars(args), "seed": args.seed + 1})
-    return requests_of(other, args.vocab)[0][: args.max_concurrency]
+    return requests_of(other, vocab_size)[0][: args.max_concurrency]
 
 
 def summarize(records: list[dict], elapsed: float) -> dict:
     """Throughput and percentiles of per-request records (`ttft`, `tpot`, `tokens`)."""
     tokens = sum(r["tokens"] for r in records)
+    tpots = [r["tpot"] for r in records if r["tpot"] is not None]
     return {
         "requests": len(records),
         "output_tokens": tokens,
@@ -87,8 +88,8 @@ def summarize(records: list[dict], elapsed: float) -> dict:
         "requests_per_s": len(records) / elapsed,
         "output_tokens_per_s": tokens / elapsed,
         "ttft_s": percentiles([r["ttft"] for r in records]),
-        "tpot_s": percentiles([r["tpot"] for r in records if r["tpot"] is not None]),
-        "tpot_mean_s": float(np.mean([r["tpot"] for r in records if r["tpot"] is not None])),
+        "tpot_s": percentiles(tpots),
+        "tpot_mean_s": float(np.mean(tpots)),
     }
 
 
@@ -98,7 +99,6 @@ def summarize(records: list[dict], elapsed: float) -> dict:
 async def _one_request(client, url, prompt, max_tokens, arrival, start, slots) -> dict:
     await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
     async with slots:
-        sent = time.perf_counter()
         body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                 "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
         first = last = None
@@ -118,16 +118,17 @@ async def _one_request(client, url, prompt, max_tokens, arrival, start, slots) -
                     first = first or last
     # TTFT from the arrival (queueing behind the concurrency limit counts, as in the engine run)
     tpot = (last - first) / (tokens - 1) if tokens > 1 else None
-    return {"ttft": first - (start + arrival), "tpot": tpot, "tokens": tokens, "sent": sent}
+    return {"ttft": first - (start + arrival), "tpot": tpot, "tokens": tokens}
 
 
-async def _through_server(url, prompts, arrivals, args) -> dict:
+async def _through_server(url, prompts, arrivals, args, vocab_size: int) -> dict:
     slots = asyncio.Semaphore(args.max_concurrency)
     limits = httpx.Limits(max_connections=args.max_concurrency + 8)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         warm = time.perf_counter()
         await asyncio.gather(*(
-            _one_request(client, url, p, 4, 0.0, warm, slots) for p in warm_up_prompts(args)
+            _one_request(client, url, p, 4, 0.0, warm, slots)
+            for p in warm_up_prompts(args, vocab_size)
         ))  # fmt: skip
         start = time.perf_counter()
         records = await asyncio.gather(*(
@@ -136,6 +137,8 @@ async def _through_server(url, prompts, arrivals, args) -> dict:
         ))  # fmt: skip
         return summarize(list(records), time.perf_counter() - start)
 
+
+_FIRST_MEASURED_ID = 1 << 20  # past the warm-up's ids
 
 # -- through the engine -------------------------------------------------------------------------
 
@@ -147,16 +150,18 @@ def _through_engine(engine, prompts, arrivals, args) -> dict:
 
     params = SamplingParams(max_new_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     warm = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
-    engine.generate(warm_up_prompts(args), warm, use_tqdm=False)
+    engine.generate(warm_up_prompts(args, engine.vocab_size), warm, use_tqdm=False)
     slots = threading.Semaphore(args.max_concurrency)
     arrival_of: dict[int, float] = {}
     start = time.perf_counter()
 
-    def submit():
-        for prompt, arrival in zip(prompts, arrivals, strict=True):
+    def submit():  # ids chosen here, so each arrival is known before its request exists
+        for index, (prompt, arrival) in enumerate(zip(prompts, arrivals, strict=True)):
             time.sleep(max(0.0, start + arrival - time.perf_counter()))
             slots.acquire()
-            arrival_of[engine.add_request(prompt, params, stream=True)] = start + arrival
+            request_id = _FIRST_MEASURED_ID + index
+            arrival_of[request_id] = start + arrival
+            engine.add_request(prompt, params, stream=True, request_id=request_id)
 
     submitter = threading.Thread(target=submit)
     submitter.start()
@@ -247,9 +252,11 @@ def main(argv=None) -> dict:
     if args.url:
         from benchmarks.serve import TINY
 
-        args.vocab = args.vocab_size or TINY.vocab_size
-        prompts, arrivals = requests_of(args, args.vocab)
-        result["server"] = asyncio.run(_through_server(args.url, prompts, arrivals, args))
+        vocab_size = args.vocab_size or TINY.vocab_size
+        prompts, arrivals = requests_of(args, vocab_size)
+        result["server"] = asyncio.run(
+            _through_server(args.url, prompts, arrivals, args, vocab_size)
+        )
     else:
         with tempfile.TemporaryDirectory() as directory:
             model_name = args.model
@@ -257,15 +264,16 @@ def main(argv=None) -> dict:
                 write_tiny_checkpoint(Path(directory), args.seed)
                 model_name = directory
             engine = engine_for(model_name, args)  # first: it also checks the flags
-            args.vocab = engine.vocab_size
-            prompts, arrivals = requests_of(args, args.vocab)
+            prompts, arrivals = requests_of(args, engine.vocab_size)
             try:
                 result["engine"] = _through_engine(engine, prompts, arrivals, args)
             finally:
                 engine.shutdown()
             server, url = start_server(model_name, args)
             try:
-                result["server"] = asyncio.run(_through_server(url, prompts, arrivals, args))
+                result["server"] = asyncio.run(
+                    _through_server(url, prompts, arrivals, args, engine.vocab_size)
+                )
             finally:
                 server.terminate()
                 server.wait(timeout=60)

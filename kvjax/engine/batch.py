@@ -102,7 +102,7 @@ def build_step_batch(
 
 def _scoring_batch(requests, chunk_sizes, pieces, kv_lens, manager, buckets) -> StepBatch:
     """A step with a logit row per token (see `StepBatch`): its key is a bucket's shapes with
-    as many logit rows as tokens (compiled when first used)."""
+    as many logit rows as tokens (`compile._compile_scoring_steps`)."""
     key = buckets.pad(len(requests), sum(map(len, pieces)))
     key = BucketKey(key.num_seqs, key.num_tokens, key.num_tokens)
     inputs = pack_rows(pieces, kv_lens, [r.cache for r in requests], manager, key)

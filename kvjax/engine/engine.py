@@ -22,7 +22,6 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from kvjax.cache.checks import check_int
 from kvjax.cache.config import CacheConfig
 from kvjax.cache.multimodal import MultimodalItem
 from kvjax.engine.assembly import EngineOptions, EngineParts, assemble
@@ -219,7 +218,6 @@ class Engine(Generation):
         Raises:
             ValueError: as `add_request`; `n` not in [1, 128].
         """
-        check_int("n", n, minimum=1, maximum=128)
         prompt_token_ids = encode_prompt(prompt, self.tokenizer)
         return self._queue.submit_group(n, prompt_token_ids, sampling_params, **options)
 

@@ -148,7 +148,7 @@ class StepRunner:
         requests = batch.requests
         params = [r.sampling_params for r in requests]
         histories = None
-        if any(p.penalized for p in params):  # run() waited for the step in flight
+        if any(p.penalized for p in params):  # settle_penalized left no token pending
             histories = [(r.prompt_token_ids, r.output_token_ids) for r in requests]
         sampling.fill(params, [r.num_outputs for r in requests], histories)
         if engine.check_agreement:
@@ -157,7 +157,8 @@ class StepRunner:
 
     def _dispatch(self, batch: StepBatch, sampling: SamplingInputs, fed) -> SampledTokens:
         """Runs the compiled step (the pool donated) and the sampler, without waiting. A step
-        that scores prompt tokens has its own shapes, compiled when first used."""
+        that scores prompt tokens has its own shapes, compiled here unless warm-up did
+        (`sampler_variants`)."""
         engine = self.engine
         manager, registry = engine.manager, engine.registry
         scoring = batch.sample_rows is not None

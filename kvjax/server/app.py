@@ -66,11 +66,12 @@ class _Handlers:
             return _error(503, str(error), "unavailable")
         if result is None:  # the client left
             return Response(status_code=499)
-        failed = [o.error for o in ([result[1]] if parsed.stream else result) if o.error]
-        if failed:  # it failed inside a step (the others ran on)
+        answered = [result[1]] if parsed.stream else result  # the first output, or every final
+        error = next((output.error for output in answered if output.error), None)
+        if error is not None:  # it failed inside a step (the others ran on)
             if parsed.stream:
                 await outputs.aclose()  # its other samples are aborted
-            return _error(500, failed[0], "server_error")
+            return _error(500, error, "server_error")
         if parsed.stream:
             events = _events(parsed, result, outputs, self.model_name, self.tokenizer)
             return StreamingResponse(events, media_type="text/event-stream")

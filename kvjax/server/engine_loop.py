@@ -148,7 +148,7 @@ class EngineLoop:
                 for output in _merged(await _take_all(queue)):
                     if output.finished:
                         unfinished.discard(output.request_id)
-                    yield ids.index(output.request_id), output
+                    yield output.request_id - ids[0], output  # consecutive ids
         finally:
             with self._lock:
                 for request_id in ids:

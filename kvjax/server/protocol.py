@@ -10,12 +10,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvjax.serving.request import SamplingParams
+from kvjax.serving.request_queue import MAX_SAMPLES
 from kvjax.serving.sampling_params import MAX_LOGPROBS
 
 __all__ = ["MAX_SAMPLES", "BadRequest", "ParsedRequest", "parse_request"]
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's legacy completions default
-MAX_SAMPLES = 128  # n, OpenAI's limit
 
 
 class BadRequest(ValueError):

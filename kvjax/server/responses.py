@@ -46,21 +46,24 @@ def _logprob(value: float) -> float:
     return max(value, _LOWEST_LOGPROB)
 
 
-def _token_string(tokenizer: Tokenizer, token_id: int) -> str:
-    """A token's text; a token holding part of a character is shown by its bytes, as OpenAI
-    does ("bytes:\\xe6\\x97"), so that distinct tokens never share a string."""
+def _token_string(tokenizer: Tokenizer, token_id: int, data: bytes | None = None) -> str:
+    """A token's text (`data`: its bytes, if known); a token holding part of a character is
+    shown by its bytes, as OpenAI does ("bytes:\\xe6\\x97"), so that distinct tokens never
+    share a string."""
+    data = tokenizer.token_bytes(token_id) if data is None else data
     try:
-        return tokenizer.token_bytes(token_id).decode()
+        return data.decode()
     except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in tokenizer.token_bytes(token_id))
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
 
 
 def _chat_logprobs(entries: Sequence[TokenLogprob], tokenizer: Tokenizer) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
+        data = tokenizer.token_bytes(token_id)
         return {
-            "token": _token_string(tokenizer, token_id),
+            "token": _token_string(tokenizer, token_id, data),
             "logprob": _logprob(logprob),
-            "bytes": list(tokenizer.token_bytes(token_id)),
+            "bytes": list(data),
         }
 
     content = [

@@ -160,6 +160,7 @@ class Request:
             self.logprobs = []
         if self.sampling_params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]
+        self._prompt_scores: tuple[TokenLogprob | None, ...] | None = None  # once complete
         # Outputs carry the prompt as a tuple of ints: made once, not at every report.
         self._prompt_tuple = tuple(int(t) for t in self.prompt_token_ids)
 
@@ -281,6 +282,6 @@ class Request:
         """The prompt's log-probabilities once complete (made into a tuple once)."""
         if self.prompt_logprobs is None or self.needs_prompt_logprobs:
             return None
-        if len(getattr(self, "_prompt_scores", ())) != len(self.prompt_logprobs):
+        if self._prompt_scores is None:  # complete: the list grows no more
             self._prompt_scores = tuple(self.prompt_logprobs)
         return self._prompt_scores

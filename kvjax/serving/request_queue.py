@@ -14,10 +14,13 @@ import dataclasses
 import threading
 from collections.abc import Sequence
 
+from kvjax.cache.checks import check_int
 from kvjax.serving.intake import RequestIntake
 from kvjax.serving.request import Request, RequestOutput, RequestState
 
-__all__ = ["RequestQueue"]
+__all__ = ["MAX_SAMPLES", "RequestQueue"]
+
+MAX_SAMPLES = 128  # parallel samples of one prompt (OpenAI's limit on n)
 
 
 class _Taken:
@@ -59,8 +62,7 @@ class RequestQueue:
             ValueError: a bad request; nothing is queued.
         """
         with self._lock:
-            if self.closed:
-                raise RuntimeError("add_request() after shutdown(): this engine serves no more")
+            self._check_open()
             request = self._make(*args, **options)
             self._pending[request.request_id] = request
         return request.request_id
@@ -78,9 +80,9 @@ class RequestQueue:
             RuntimeError: the queue is closed.
             ValueError: a bad request or `n`; nothing is queued.
         """
+        check_int("n", n, minimum=1, maximum=MAX_SAMPLES)
         with self._lock:
-            if self.closed:
-                raise RuntimeError("add_request() after shutdown(): this engine serves no more")
+            self._check_open()
             if request_ids is not None and (len(request_ids) != n or len(set(request_ids)) != n):
                 raise ValueError(f"request_ids={list(request_ids)!r} must be {n} distinct ids")
             ids = [None] * n if request_ids is None else list(request_ids)
@@ -90,10 +92,8 @@ class RequestQueue:
                 for index in range(1, n):
                     sample_params = params
                     if params is not None:  # the first scores the prompt, if asked
-                        sample_params = dataclasses.replace(params, prompt_logprobs=None)
-                    if params is not None and params.seed is not None:
-                        seed = (params.seed + index) % 2**32
-                        sample_params = dataclasses.replace(sample_params, seed=seed)
+                        seed = None if params.seed is None else (params.seed + index) % 2**32
+                        sample_params = dataclasses.replace(params, prompt_logprobs=None, seed=seed)
                     sample = self._make(
                         first.prompt_token_ids, sample_params, request_id=ids[index], **options
                     )
@@ -105,6 +105,10 @@ class RequestQueue:
                 raise
             self._pending[first.request_id] = first
         return [request.request_id for request in group]
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("add_request() after shutdown(): this engine serves no more")
 
     def _make(self, *args, **options) -> Request:
         taken = _Taken(self._pending, self._live, self._held)

@@ -150,9 +150,14 @@ def token_logprob(
     wanted = request.sampling_params.logprobs
     if wanted is None or logprobs is None:
         return None
-    top_ids = logprobs.top_ids[row, position, :wanted].tolist()
-    top = tuple(zip(top_ids, logprobs.top[row, position, :wanted].tolist(), strict=True))
-    return TokenLogprob(token, float(logprobs.chosen[row, position]), top)
+    return _entry(token, logprobs, (row, position), wanted)
+
+
+def _entry(token: int, logprobs, index: tuple, wanted: int) -> TokenLogprob:
+    """`token`'s `TokenLogprob` from the host arrays at `index`, with `wanted` alternatives."""
+    top_ids = logprobs.top_ids[index][:wanted].tolist()
+    top = tuple(zip(top_ids, logprobs.top[index][:wanted].tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs.chosen[index]), top)
 
 
 def record_prompt_logprobs(batch, logprobs) -> None:
@@ -179,11 +184,9 @@ def record_prompt_logprobs(batch, logprobs) -> None:
         for position in range(max(start, len(scored) - 1), int(kv_lens[row])):
             if position + 1 >= request.prompt_length:
                 break
-            index = int(cu_q_lens[row]) + position - start
-            top_ids = logprobs.top_ids[index, :wanted].tolist()
-            top = tuple(zip(top_ids, logprobs.top[index, :wanted].tolist(), strict=True))
+            index = (int(cu_q_lens[row]) + position - start,)
             token = int(request.prompt_token_ids[position + 1])
-            scored.append(TokenLogprob(token, float(logprobs.chosen[index]), top))
+            scored.append(_entry(token, logprobs, index, wanted))
 
 
 def append_token(

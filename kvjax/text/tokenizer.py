@@ -35,7 +35,8 @@ class Tokenizer:
     ):
         self._backend = backend
         # Token pieces are GPT-2's byte characters only under a byte-level decoder.
-        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
+        decoder = backend.decoder
+        self._byte_level = decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
         self._bos_token_id = bos_token_id
         self._eos_token_ids = tuple(dict.fromkeys(eos_token_ids))
         self._add_bos = add_bos and bos_token_id is not None
