@@ -254,7 +254,7 @@ def test_prompt_logprobs_survive_preemption_by_recomputation(model):
     prompt is scored once, and equals the dense forward's scores."""
     rng = np.random.default_rng(2)
     batch = [rng.integers(0, 64, n).tolist() for n in (9, 12, 10, 11)]
-    engine = make_engine(model, device_pages=13, host_pages=0)
+    engine = make_plain_engine(model, device_pages=13, host_pages=0)  # no sampler variants
     params = SamplingParams(max_new_tokens=13, temperature=0.0, prompt_logprobs=1)
     outputs = serve_all(engine, batch, params)
     assert sum(o.metrics.num_recomputations for o in outputs) > 0

@@ -139,9 +139,9 @@ def test_http_load_generator_measures_the_server_and_the_engine(tmp_path, compil
     from benchmarks.http_load import main as http_load
 
     argv = [
-        "--requests", "8", "--rate", "50", "--max-concurrency", "4", "--max-tokens", "6",
-        "--groups", "2", "--system-len", "32", "--user-len", "4", "8", "--device-mib", "4",
-        "--max-batch-size", "4", "--max-num-tokens", "64", "--out", str(tmp_path),
+        "--requests", "4", "--rate", "50", "--max-concurrency", "2", "--max-tokens", "6",
+        "--groups", "2", "--system-len", "24", "--user-len", "4", "8", "--device-mib", "4",
+        "--max-batch-size", "2", "--max-num-tokens", "32", "--out", str(tmp_path),
     ]  # fmt: skip
     result = http_load(argv)
     assert json.loads((tmp_path / "http_load.json").read_text())["tpot_overhead"] == (
@@ -149,5 +149,5 @@ def test_http_load_generator_measures_the_server_and_the_engine(tmp_path, compil
     )
     for path in ("server", "engine"):
         summary = result[path]
-        assert summary["requests"] == 8 and summary["output_tokens"] == 8 * 6
+        assert summary["requests"] == 4 and summary["output_tokens"] == 4 * 6
         assert summary["tpot_s"]["p50"] > 0 and summary["ttft_s"]["p50"] > 0
