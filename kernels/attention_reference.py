@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from kernels.common import in_window
+from kernels.kv_quant import dequantize, split_pool
 
 __all__ = ["dense_paged_attention"]
 
@@ -19,7 +20,8 @@ def dense_paged_attention(
 
     Args:
         q: [rows, q_heads, head_dim].
-        kv_pool: [pages, layers, 2, kv_heads, tokens_per_block, head_dim].
+        kv_pool: [pages, layers, 2, kv_heads, tokens_per_block, head_dim], or a
+            `kv_quant.QuantizedPool` of them (dequantized).
         row_tables: int32[rows, max_blocks], the page table of each row's sequence.
         row_kv_lens: int32[rows]; keys past it are masked and their values zeroed (0: none).
         row_positions: int32[rows]; a row sees keys at positions up to its own (causal).
@@ -33,11 +35,16 @@ def dense_paged_attention(
     num_kv_heads = kv_pool.shape[3]
     group = num_q_heads // num_kv_heads
     # [rows, max_blocks, kv_heads, page, head_dim] -> [rows, kv_heads, context, head_dim]
+    pool_values, pool_scales = split_pool(kv_pool)
+
+    def gathered(kind):  # f32 [rows, max_blocks, kv_heads, page, head_dim]
+        pages = pool_values[row_tables, layer, kind]
+        if pool_scales is None:
+            return pages.astype(jnp.float32)
+        return dequantize(pages, pool_scales[row_tables, layer, kind])
+
     keys, values = (
-        kv_pool[row_tables, layer, kind]
-        .transpose(0, 2, 1, 3, 4)
-        .reshape(rows, num_kv_heads, -1, head_dim)
-        .astype(jnp.float32)
+        gathered(kind).transpose(0, 2, 1, 3, 4).reshape(rows, num_kv_heads, -1, head_dim)
         for kind in (0, 1)
     )
     key_position = jnp.arange(keys.shape[2])

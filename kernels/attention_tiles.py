@@ -23,15 +23,17 @@ def _uses_dot(rows: int, cols: int, depth: int) -> bool:
     return rows >= _MIN_DOT and cols >= _MIN_DOT and depth >= _MIN_DOT
 
 
-def page_scores(q, k, *, sm_scale: float, soft_cap: float | None):
-    """float32[rows, tokens] scores of q[rows, head_dim] against k[tokens, head_dim]."""
+def page_scores(q, k, *, sm_scale: float, soft_cap: float | None, k_scale=None):
+    """float32[rows, tokens] scores of q[rows, head_dim] against k[tokens, head_dim]; dequantized
+    keys (fp8 cast to q's dtype, exact) come with `k_scale` f32[tokens], their rows' scales,
+    applied to the scores' columns."""
     if _uses_dot(q.shape[0], k.shape[0], q.shape[1]):
         scores = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     else:
         scores = jnp.sum(
             q[:, None, :].astype(jnp.float32) * k[None, :, :].astype(jnp.float32), axis=-1
         )
-    scores = scores * sm_scale
+    scores = scores * sm_scale if k_scale is None else scores * (k_scale * sm_scale)[None, :]
     if soft_cap is not None:
         scores = soft_cap * jnp.tanh(scores / soft_cap)
     return scores
@@ -55,7 +57,7 @@ def empty_state(rows: int, head_dim: int):
     )
 
 
-def online_softmax_step(state, scores, visible, v, v_valid):
+def online_softmax_step(state, scores, visible, v, v_valid, v_scale=None):
     """Folds one page into the state.
 
     Args:
@@ -65,6 +67,8 @@ def online_softmax_step(state, scores, visible, v, v_valid):
         v: [tokens, head_dim] values of the page.
         v_valid: bool[tokens], keys inside the sequence; V past it is zeroed, so NaN in unused
             slots cannot reach the output through 0 * NaN.
+        v_scale: f32[tokens] scales of dequantized values (fp8 cast to the compute dtype;
+            None: not quantized); they weight the probabilities, so the values are only cast.
     """
     running_max, running_sum, out = state
     scores = jnp.where(visible, scores, MASK_VALUE)
@@ -72,7 +76,8 @@ def online_softmax_step(state, scores, visible, v, v_valid):
     rescale = jnp.exp(running_max - new_max)
     p = jnp.where(visible, jnp.exp(scores - new_max[:, None]), 0.0)
     v = jnp.where(v_valid[:, None], v, jnp.zeros_like(v))
-    out = out * rescale[:, None] + _weighted_values(p, v)
+    weights = p if v_scale is None else p * jnp.where(v_valid, v_scale, 0.0)[None, :]
+    out = out * rescale[:, None] + _weighted_values(weights, v)
     return new_max, running_sum * rescale + jnp.sum(p, axis=1), out
 
 

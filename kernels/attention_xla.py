@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.common import NULL_PAGE, in_window
+from kernels.kv_quant import dequantize, split_pool
 
 __all__ = ["context_paged_attention"]
 
@@ -31,7 +32,8 @@ def context_paged_attention(
 
     Args:
         q: [rows, q_heads, head_dim].
-        kv_pool: [pages, layers, 2, kv_heads, tokens_per_block, head_dim].
+        kv_pool: [pages, layers, 2, kv_heads, tokens_per_block, head_dim], or a
+            `kv_quant.QuantizedPool` of them.
         row_tables: int32[rows, max_blocks], the page table of each row's sequence.
         row_kv_lens: int32[rows]; keys past it are not read (0: none).
         row_positions: int32[rows]; a row sees keys at positions up to its own (causal).
@@ -57,10 +59,13 @@ def context_paged_attention(
     # A pool of one layer enters the loop without its unit axis: XLA on the CPU gives that axis
     # a layout of its own and would copy the whole pool into the loop at every call.
     one_layer = kv_pool.shape[1] == 1
-    pool = kv_pool[:, 0] if one_layer else kv_pool
+    values, scales = split_pool(kv_pool[:, 0] if one_layer else kv_pool)
 
-    def pages(chunk, kind):  # [rows, columns, kv_heads, page, head_dim]
-        return pool[chunk, kind] if one_layer else pool[chunk, layer, kind]
+    def pages(chunk, kind):  # f32 [rows, columns, kv_heads, page, head_dim]
+        index = (chunk, kind) if one_layer else (chunk, layer, kind)
+        if scales is None:
+            return values[index].astype(jnp.float32)
+        return dequantize(values[index], scales[index])  # only the chunk, never the pool
 
     def chunk_step(state):
         step, running_max, total, out = state
@@ -70,7 +75,6 @@ def context_paged_attention(
             pages(chunk, kind)
             .transpose(0, 2, 1, 3, 4)
             .reshape(rows, num_kv_heads, chunk_keys, head_dim)
-            .astype(jnp.float32)
             for kind in (0, 1)
         )
         position = index * chunk_keys + jnp.arange(chunk_keys)

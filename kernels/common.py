@@ -5,6 +5,8 @@ Imports nothing of kvjax: page 0 of a pool is the null page by convention (`NULL
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as pl_triton
@@ -33,24 +35,50 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def check_pool(kv_pool: jax.Array, *, layer: int | None = None) -> tuple[int, ...]:
-    """`kv_pool[num_pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim]`; returns the
-    shape. Triton tiles need power-of-two tokens per block and head dims."""
-    if kv_pool.ndim != 6 or kv_pool.shape[2] != 2:
+def check_pool(kv_pool, *, layer: int | None = None) -> tuple[int, ...]:
+    """`kv_pool[num_pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim]` (an array,
+    or a `kv_quant.QuantizedPool` of fp8 values and their scales); returns the shape. Triton
+    tiles need power-of-two tokens per block and head dims."""
+    from kernels.kv_quant import FP8_DTYPES, SCALE_DTYPE, split_pool  # (imports nothing here)
+
+    values, scales = split_pool(kv_pool)
+    if values.ndim != 6 or values.shape[2] != 2:
         raise ValueError(
-            f"kv_pool {list(kv_pool.shape)} must be [pages, layers, 2, kv_heads, tokens, head_dim]"
+            f"kv_pool {list(values.shape)} must be [pages, layers, 2, kv_heads, tokens, head_dim]"
         )
-    if kv_pool.dtype.itemsize not in (2, 4):
-        # Triton switches to 64-bit offsets by bytes, so 1-byte pools over 2 GiB would overflow.
-        raise ValueError(f"kv_pool dtype {kv_pool.dtype} must be float32, float16 or bfloat16")
-    _, num_layers, _, _, tokens_per_block, head_dim = kv_pool.shape
+    if scales is None and values.dtype.itemsize not in (2, 4):
+        raise ValueError(
+            f"kv_pool dtype {values.dtype} must be float32, float16 or bfloat16 (fp8 pages come "
+            "as a QuantizedPool with their scales)"
+        )
+    if scales is not None:
+        if values.dtype not in FP8_DTYPES:
+            raise ValueError(f"QuantizedPool values {values.dtype} must be float8_e4m3fn or e5m2")
+        if scales.shape != values.shape[:-1] or scales.dtype != SCALE_DTYPE:
+            raise ValueError(
+                f"QuantizedPool scales {scales.dtype}{list(scales.shape)} must be bfloat16"
+                f"{list(values.shape[:-1])}"
+            )
+        check_byte_array_size("QuantizedPool values", values.shape)
+    _, num_layers, _, _, tokens_per_block, head_dim = values.shape
     if not is_power_of_two(tokens_per_block) or not is_power_of_two(head_dim):
         raise ValueError(
             f"tokens_per_block={tokens_per_block} and head_dim={head_dim} must be powers of two"
         )
     if layer is not None and not 0 <= layer < num_layers:
         raise ValueError(f"layer={layer} is outside [0, {num_layers})")
-    return kv_pool.shape
+    return values.shape
+
+
+def check_byte_array_size(name: str, shape) -> None:
+    """Triton indexes an array with 32-bit signed offsets unless it exceeds 2**32 bytes: a
+    1-byte array of (2**31, 2**32] bytes would overflow them."""
+    size = math.prod(shape)
+    if 2**31 < size <= 2**32:
+        raise ValueError(
+            f"{name} of {size} bytes: a 1-byte array between 2 GiB and 4 GiB overflows Triton's "
+            "32-bit offsets; size the pool at most 2 GiB or over 4 GiB"
+        )
 
 
 def check_window(window: int | None, sink_tokens: int) -> None:

@@ -6,6 +6,8 @@ buckets by the caller; `num_valid` is a device scalar, so a varying count never 
 Pallas kernels move one `[tokens_per_block, head_dim]` tile per program, grid `(bucket, layers * 2 *
 kv_heads)`, and update the pool in place (aliased); the XLA path is the reference and fallback.
 Preconditions of a batch: destinations distinct, and no page both read and written.
+A `kv_quant.QuantizedPool` moves its scales with its values: the same page ids, the values by
+`impl`, the scales (1/32 of the bytes or less) by the XLA path.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kernels.common import (
     num_valid_array,
     resolve_interpret,
 )
+from kernels.kv_quant import QuantizedPool, is_quantized
 
 __all__ = [
     "copy_pages",
@@ -113,12 +116,22 @@ def copy_pages(kv_pool, src, dst, num_valid, *, impl="pallas", interpret=None):
     """Copies page `src[i]` to page `dst[i]` for `i < num_valid`, in place.
 
     Args:
-        kv_pool: dtype[pages, layers, 2, kv_heads, tokens, head_dim], donated; returned updated.
+        kv_pool: dtype[pages, layers, 2, kv_heads, tokens, head_dim] (or a `QuantizedPool`),
+            donated; returned updated.
         src, dst: int32[bucket]; `dst[:num_valid]` distinct and disjoint from `src[:num_valid]`.
         num_valid: int32 scalar (or int32[1]): live entries; the rest are ignored.
     """
     _check_ids(kv_pool, src, dst)
     num_valid = num_valid_array(num_valid)
+    if is_quantized(kv_pool):
+        return QuantizedPool(
+            _copy_values(kv_pool.values, src, dst, num_valid, impl, interpret),
+            copy_pages_reference(kv_pool.scales, src, dst, num_valid),
+        )
+    return _copy_values(kv_pool, src, dst, num_valid, impl, interpret)
+
+
+def _copy_values(kv_pool, src, dst, num_valid, impl, interpret):
     if check_impl(impl) == "xla":
         return copy_pages_reference(kv_pool, src, dst, num_valid)
     return _call(
@@ -135,10 +148,20 @@ def copy_pages(kv_pool, src, dst, num_valid, *, impl="pallas", interpret=None):
 
 @functools.partial(jax.jit, static_argnames=("impl", "interpret"))
 def gather_pages(kv_pool, page_ids, num_valid, *, impl="pallas", interpret=None):
-    """Returns staging dtype[bucket, layers, 2, kv_heads, tokens, head_dim]: row i is page
-    `page_ids[i]` for `i < num_valid`; later rows are junk."""
+    """Returns staging dtype[bucket, layers, 2, kv_heads, tokens, head_dim] (a `QuantizedPool`
+    of a quantized pool): row i is page `page_ids[i]` for `i < num_valid`; later rows are
+    junk."""
     _check_ids(kv_pool, page_ids)
     num_valid = num_valid_array(num_valid)
+    if is_quantized(kv_pool):
+        return QuantizedPool(
+            _gather_values(kv_pool.values, page_ids, num_valid, impl, interpret),
+            gather_pages_reference(kv_pool.scales, page_ids, num_valid),
+        )
+    return _gather_values(kv_pool, page_ids, num_valid, impl, interpret)
+
+
+def _gather_values(kv_pool, page_ids, num_valid, impl, interpret):
     if check_impl(impl) == "xla":
         return gather_pages_reference(kv_pool, page_ids, num_valid)
     bucket = page_ids.shape[0]
@@ -159,18 +182,34 @@ def scatter_pages(kv_pool, staging, page_ids, num_valid, *, impl="pallas", inter
     """Writes `staging[i]` to page `page_ids[i]` for `i < num_valid`, in place.
 
     Args:
-        kv_pool: dtype[pages, layers, 2, kv_heads, tokens, head_dim], donated; returned updated.
-        staging: dtype[bucket, layers, 2, kv_heads, tokens, head_dim].
+        kv_pool: dtype[pages, layers, 2, kv_heads, tokens, head_dim] (or a `QuantizedPool`),
+            donated; returned updated.
+        staging: dtype[bucket, layers, 2, kv_heads, tokens, head_dim] (a `QuantizedPool` for a
+            quantized pool).
         page_ids: int32[bucket]; `page_ids[:num_valid]` distinct.
         num_valid: int32 scalar (or int32[1]).
     """
     _check_ids(kv_pool, page_ids)
-    if staging.shape != (page_ids.shape[0], *kv_pool.shape[1:]) or staging.dtype != kv_pool.dtype:
+    if (
+        staging.shape != (page_ids.shape[0], *kv_pool.shape[1:])
+        or staging.dtype != kv_pool.dtype
+        or is_quantized(staging) != is_quantized(kv_pool)
+    ):
         raise ValueError(
-            f"staging {staging.dtype}{list(staging.shape)} must be {kv_pool.dtype}"
-            f"{[page_ids.shape[0], *kv_pool.shape[1:]]} for pool {list(kv_pool.shape)}"
+            f"staging {type(staging).__name__} {staging.dtype}{list(staging.shape)} must be "
+            f"{type(kv_pool).__name__} {kv_pool.dtype}{[page_ids.shape[0], *kv_pool.shape[1:]]} "
+            f"for pool {list(kv_pool.shape)}"
         )
     num_valid = num_valid_array(num_valid)
+    if is_quantized(kv_pool):
+        return QuantizedPool(
+            _scatter_values(kv_pool.values, staging.values, page_ids, num_valid, impl, interpret),
+            scatter_pages_reference(kv_pool.scales, staging.scales, page_ids, num_valid),
+        )
+    return _scatter_values(kv_pool, staging, page_ids, num_valid, impl, interpret)
+
+
+def _scatter_values(kv_pool, staging, page_ids, num_valid, impl, interpret):
     if check_impl(impl) == "xla":
         return scatter_pages_reference(kv_pool, staging, page_ids, num_valid)
     return _call(

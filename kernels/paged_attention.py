@@ -30,6 +30,7 @@ from kernels.common import (
     compiler_params,
     resolve_interpret,
 )
+from kernels.kv_quant import split_pool
 
 __all__ = [
     "paged_decode_attention",
@@ -64,13 +65,16 @@ def _needed_chunks(kv_len, tokens_per_block, pages_per_chunk, window, sink_token
 
 
 def _decode_kernel(
-    page_table_ref, kv_lens_ref, q_ref, keys_ref, values_ref, out_ref, max_ref, sum_ref, *,
-    sm_scale, soft_cap, pages_per_chunk, chunks_per_split, window, sink_tokens,
+    page_table_ref, kv_lens_ref, q_ref, keys_ref, values_ref, *refs, sm_scale, soft_cap,
+    pages_per_chunk, chunks_per_split, window, sink_tokens, quantized,
 ):  # fmt: skip
     # page_table_ref: int32[batch, splits * chunks_per_split * pages_per_chunk] (NULL_PAGE padded)
     # kv_lens_ref: int32[batch]; q_ref: [rows, head_dim] query heads of one KV group (zero rows
     # pad it); keys_ref, values_ref: [pages, tokens_per_block, head_dim] of this layer and KV head
+    # (fp8 when `quantized`: then refs start with their scales, [pages, tokens_per_block] each)
     # out_ref: f32[rows, head_dim]; max_ref, sum_ref: f32[rows] (this split's partials)
+    k_scales_ref, v_scales_ref = refs[:2] if quantized else (None, None)
+    out_ref, max_ref, sum_ref = refs[-3:]
     seq, split = pl.program_id(0), pl.program_id(2)
     tokens_per_block, head_dim = keys_ref.shape[1], keys_ref.shape[2]
     chunk_tokens = pages_per_chunk * tokens_per_block
@@ -87,14 +91,20 @@ def _decode_kernel(
         page_index = chunk * pages_per_chunk + jnp.arange(pages_per_chunk)
         pages = page_table_ref[seq, pl.ds(chunk * pages_per_chunk, pages_per_chunk)]
         pages = jnp.where(is_read(page_index), pages, NULL_PAGE)  # never a stale id
-        keys = keys_ref[pages].reshape(chunk_tokens, head_dim)
-        values = values_ref[pages].reshape(chunk_tokens, head_dim)
+        keys = keys_ref[pages].reshape(chunk_tokens, head_dim).astype(q.dtype)
+        values = values_ref[pages].reshape(chunk_tokens, head_dim).astype(q.dtype)
+        k_scale = v_scale = None
+        if quantized:  # fp8 -> q's dtype is exact; the rows' scales go on scores and weights
+            k_scale, v_scale = (
+                ref[pages].reshape(chunk_tokens).astype(jnp.float32)
+                for ref in (k_scales_ref, v_scales_ref)
+            )
         key_positions = chunk * chunk_tokens + jnp.arange(chunk_tokens)
         visible = (key_positions < kv_len) & is_read(key_positions // tokens_per_block)
         if window is not None:  # the query at kv_len - 1: its window, or a sink
             visible &= (key_positions >= kv_len - window) | (key_positions < sink_tokens)
-        scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap)
-        return online_softmax_step(state, scores, visible[None, :], values, visible)
+        scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap, k_scale=k_scale)
+        return online_softmax_step(state, scores, visible[None, :], values, visible, v_scale)
 
     state = jax.lax.fori_loop(first, jnp.maximum(first, end), fold_chunk, empty_state(*q_ref.shape))
     max_ref[...], sum_ref[...], out_ref[...] = state
@@ -166,7 +176,9 @@ def paged_decode_attention(
 
     Args:
         q: [batch, q_heads, head_dim]; q_heads a multiple of kv_heads (GQA).
-        kv_pool: [pages, layers, 2, kv_heads, tokens_per_block, head_dim], same dtype as q.
+        kv_pool: [pages, layers, 2, kv_heads, tokens_per_block, head_dim], same dtype as q, or a
+            `kv_quant.QuantizedPool` (fp8 pages and their scales, dequantized as they are read;
+            q of a float dtype).
         page_table: int32[batch, max_blocks]; row b holds the pages of sequence b.
         kv_lens: int32[batch]; keys of sequence b (the new token's included); 0 for padding rows,
             which give zeros.
@@ -190,6 +202,7 @@ def paged_decode_attention(
         )  # fmt: skip
     batch, num_q_heads, head_dim = q.shape
     num_pages, _, _, num_kv_heads, tokens_per_block, _ = kv_pool.shape
+    values, scales = split_pool(kv_pool)
     max_blocks = page_table.shape[1]
     group = num_q_heads // num_kv_heads
     # The dot needs 16 rows: a smaller group is padded with zero rows. Decode is bound by
@@ -207,11 +220,15 @@ def paged_decode_attention(
     grouped = jnp.pad(grouped, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     partial_shape = (batch, num_kv_heads, splits, rows)
 
-    def kv_view(kind):  # one layer and KV head of K or V, selected without copying the pool
+    def kv_view(kind, row=(head_dim,)):  # one layer and KV head of K or V, not copied
         return pl.BlockSpec(
-            (num_pages, None, None, None, tokens_per_block, head_dim),
-            lambda b, h, s: (0, layer, kind, h, 0, 0),
+            (num_pages, None, None, None, tokens_per_block, *row),
+            lambda b, h, s: (0, layer, kind, h, 0, *[0] * len(row)),
         )
+
+    scale_views, scale_arrays = [], []
+    if scales is not None:
+        scale_views, scale_arrays = [kv_view(0, ()), kv_view(1, ())], [scales, scales]
 
     out, running_max, running_sum = pl.pallas_call(
         functools.partial(
@@ -222,6 +239,7 @@ def paged_decode_attention(
             chunks_per_split=chunks_per_split,
             window=window,
             sink_tokens=sink_tokens,
+            quantized=scales is not None,
         ),
         grid=(batch, num_kv_heads, splits),
         in_specs=[
@@ -230,6 +248,7 @@ def paged_decode_attention(
             pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
             kv_view(0),
             kv_view(1),
+            *scale_views,
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
@@ -243,7 +262,7 @@ def paged_decode_attention(
         ],
         compiler_params=compiler_params(num_warps=num_warps, num_stages=num_stages),
         interpret=resolve_interpret(interpret),
-    )(table, kv_lens, grouped, kv_pool, kv_pool)
+    )(table, kv_lens, grouped, values, values, *scale_arrays)
     merged = _merge_splits(out, running_max, running_sum)[:, :, :group]
     return merged.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 

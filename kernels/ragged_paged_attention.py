@@ -34,17 +34,21 @@ from kernels.common import (
     in_window,
     resolve_interpret,
 )
+from kernels.kv_quant import split_pool
 
 __all__ = ["ragged_paged_attention", "ragged_paged_attention_reference"]
 
 
 def _ragged_kernel(
-    cu_q_lens_ref, kv_lens_ref, num_seqs_ref, page_table_ref, q_ref, pool_ref, out_ref, *,
-    layer, sm_scale, soft_cap, tile_q, group, search_steps, window, sink_tokens,
+    cu_q_lens_ref, kv_lens_ref, num_seqs_ref, page_table_ref, q_ref, pool_ref, *refs, layer,
+    sm_scale, soft_cap, tile_q, group, search_steps, window, sink_tokens,
 ):  # fmt: skip
     # cu_q_lens_ref: int32[seqs + 1]; kv_lens_ref: int32[seqs]; num_seqs_ref: int32[1]
     # page_table_ref: int32[seqs, max_blocks]; q_ref, out_ref: [tokens, q_heads, head_dim]
-    # pool_ref: the whole pool [pages, layers, 2, kv_heads, tokens_per_block, head_dim]
+    # pool_ref: the whole pool [pages, layers, 2, kv_heads, tokens_per_block, head_dim]; fp8
+    # pages come with scales_ref [pages, layers, 2, kv_heads, tokens_per_block] (refs[0])
+    scales_ref = refs[0] if len(refs) == 2 else None
+    out_ref = refs[-1]
     program, head = pl.program_id(0), pl.program_id(1)
     num_seqs = jnp.minimum(num_seqs_ref[0], kv_lens_ref.shape[0])  # never read past the arrays
     tokens_per_block, head_dim = pool_ref.shape[4], pool_ref.shape[5]
@@ -77,13 +81,18 @@ def _ragged_kernel(
 
         def fold_page(block, state):
             page = page_table_ref[seq, block]
-            keys = pool_ref[page, layer, 0, head]
-            values = pool_ref[page, layer, 1, head]
+            keys = pool_ref[page, layer, 0, head].astype(q.dtype)  # fp8 -> q's dtype: exact
+            values = pool_ref[page, layer, 1, head].astype(q.dtype)
+            k_scale = v_scale = None
+            if scales_ref is not None:
+                k_scale, v_scale = (
+                    scales_ref[page, layer, kind, head].astype(jnp.float32) for kind in (0, 1)
+                )
             key_positions = block * tokens_per_block + jnp.arange(tokens_per_block)
             valid = key_positions < kv_len
             visible = valid[None, :] & in_window(key_positions, positions, window, sink_tokens)
-            scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap)
-            return online_softmax_step(state, scores, visible, values, valid)
+            scores = page_scores(q, keys, sm_scale=sm_scale, soft_cap=soft_cap, k_scale=k_scale)
+            return online_softmax_step(state, scores, visible, values, valid, v_scale)
 
         num_pages = jnp.minimum(last_position // tokens_per_block + 1, page_table_ref.shape[1])
         state = empty_state(*q.shape)
@@ -135,8 +144,9 @@ def ragged_paged_attention(
 
     Args:
         q: [tokens, q_heads, head_dim], the new tokens of all sequences back to back (padded).
-        kv_pool: [pages, layers, 2, kv_heads, tokens_per_block, head_dim]; holds the new tokens'
-            K/V already (written by `write_kv`).
+        kv_pool: [pages, layers, 2, kv_heads, tokens_per_block, head_dim], or a
+            `kv_quant.QuantizedPool` (fp8, dequantized as read); holds the new tokens' K/V
+            already (written by `write_kv`).
         page_table: int32[seqs, max_blocks].
         kv_lens: int32[seqs]; keys of each sequence, its new tokens included (>= its q_len).
         cu_q_lens: int32[seqs + 1]; query rows of sequence s are `cu_q_lens[s]:cu_q_lens[s + 1]`.
@@ -161,6 +171,7 @@ def ragged_paged_attention(
     num_tokens, num_q_heads, _ = q.shape
     seqs = page_table.shape[0]
     group = num_q_heads // kv_pool.shape[3]
+    arrays = [a for a in split_pool(kv_pool) if a is not None]
     tile_q = tile_q or max(1, 32 // pl.next_power_of_2(group))
     if tile_q & (tile_q - 1):
         raise ValueError(f"tile_q={tile_q} must be a power of two")
@@ -177,12 +188,12 @@ def ragged_paged_attention(
             sink_tokens=sink_tokens,
         ),
         grid=(num_tokens // tile_q + seqs, kv_pool.shape[3]),
-        in_specs=[pl.no_block_spec] * 6,
+        in_specs=[pl.no_block_spec] * (5 + len(arrays)),
         out_specs=pl.no_block_spec,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=compiler_params(num_warps=4, num_stages=2),
         interpret=resolve_interpret(interpret),
-    )(cu_q_lens, kv_lens, num_seqs, page_table, q, kv_pool)
+    )(cu_q_lens, kv_lens, num_seqs, page_table, q, *arrays)
 
 
 def ragged_paged_attention_reference(

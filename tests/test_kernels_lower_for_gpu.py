@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from kernels.kv_quant import SCALE_DTYPE, QuantizedPool
 from kernels.kv_write import write_kv
 from kernels.page_copy import copy_pages, gather_pages, scatter_pages
 from kernels.paged_attention import paged_decode_attention
@@ -33,11 +34,23 @@ ATTENTION_SHAPES = [
 ]
 
 
+FP8 = (jnp.float8_e4m3fn, jnp.float8_e5m2)
+# fp8 pages (with their scales) read by bf16 queries: the shapes of Llama-3-8B, small pages, MHA.
+FP8_SHAPES = [(32, 8, 128, 16, fp8) for fp8 in FP8] + [(32, 32, 64, 8, jnp.float8_e4m3fn)]
+
+
 def pool_struct(kv_heads, head_dim, tokens_per_block, dtype, num_pages=8192, num_layers=32):
-    return S((num_pages, num_layers, 2, kv_heads, tokens_per_block, head_dim), dtype)
+    shape = (num_pages, num_layers, 2, kv_heads, tokens_per_block, head_dim)
+    if dtype in FP8:
+        return QuantizedPool(S(shape, dtype), S(shape[:-1], SCALE_DTYPE))
+    return S(shape, dtype)
 
 
-@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+def query_dtype(dtype):
+    return jnp.bfloat16 if dtype in FP8 else dtype
+
+
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES + FP8_SHAPES, ids=str)
 @pytest.mark.parametrize("batch", [1, 128])
 @pytest.mark.parametrize(("window", "sink_tokens"), [(None, 0), (4096, 4)])
 def test_decode_attention_lowers(shape, batch, window, sink_tokens):
@@ -48,7 +61,7 @@ def test_decode_attention_lowers(shape, batch, window, sink_tokens):
         interpret=False, window=window, sink_tokens=sink_tokens,
     )  # fmt: skip
     args = (
-        S((batch, q_heads, head_dim), dtype),
+        S((batch, q_heads, head_dim), query_dtype(dtype)),
         pool_struct(kv_heads, head_dim, tokens_per_block, dtype),
         S((batch, max_blocks), I32),
         S((batch,), I32),
@@ -56,7 +69,7 @@ def test_decode_attention_lowers(shape, batch, window, sink_tokens):
     assert num_triton_kernels(lower_for_gpu(fn, *args)) == 1
 
 
-@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES + FP8_SHAPES, ids=str)
 @pytest.mark.parametrize(("tokens", "seqs", "tile_q"), [(2048, 64, None), (256, 256, 1)])
 @pytest.mark.parametrize(("window", "sink_tokens"), [(None, 0), (1024, 4)])
 def test_ragged_attention_lowers(shape, tokens, seqs, tile_q, window, sink_tokens):
@@ -66,7 +79,7 @@ def test_ragged_attention_lowers(shape, tokens, seqs, tile_q, window, sink_token
         interpret=False, window=window, sink_tokens=sink_tokens,
     )  # fmt: skip
     args = (
-        S((tokens, q_heads, head_dim), dtype),
+        S((tokens, q_heads, head_dim), query_dtype(dtype)),
         pool_struct(kv_heads, head_dim, tokens_per_block, dtype),
         S((seqs, 8192 // tokens_per_block), I32),
         S((seqs,), I32),
@@ -76,12 +89,12 @@ def test_ragged_attention_lowers(shape, tokens, seqs, tile_q, window, sink_token
     assert num_triton_kernels(lower_for_gpu(fn, *args)) == 1
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float8_e4m3fn])
 @pytest.mark.parametrize("bucket", [1, 512])
 def test_block_copies_lower(dtype, bucket):
     pool = pool_struct(8, 128, 16, dtype, num_pages=2048)
     ids, count = S((bucket,), I32), S((), I32)
-    staging = S((bucket, *pool.shape[1:]), dtype)
+    staging = jax.tree.map(lambda a: S((bucket, *a.shape[1:]), a.dtype), pool)
     for fn, args in (
         (copy_pages, (pool, ids, ids, count)),
         (gather_pages, (pool, ids, count)),
@@ -92,8 +105,9 @@ def test_block_copies_lower(dtype, bucket):
 
 
 @pytest.mark.parametrize("tokens", [1, 8192])
-def test_kv_write_lowers(tokens):
-    pool = pool_struct(8, 128, 16, jnp.bfloat16)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, *FP8])
+def test_kv_write_lowers(tokens, dtype):
+    pool = pool_struct(8, 128, 16, dtype)
     new = S((tokens, 8, 128), jnp.bfloat16)
     fn = functools.partial(write_kv, layer=5, interpret=False)
     lowered = lower_for_gpu(fn, pool, new, new, S((tokens,), I32))

@@ -1,0 +1,122 @@
+"""fp8 KV pages: a `QuantizedPool` holds fp8 values and one scale per token and KV head, and the
+quantize/dequantize math every kernel and reference shares.
+
+A token's row of `head_dim` values (one KV head, K or V) gets its own bfloat16 scale: its largest
+magnitude over the format's maximum (448 for e4m3, 57344 for e5m2), rounded up to a bfloat16 so
+no value overflows. The row is divided by it, rounded to nearest (even) and saturated. A scale per
+row keeps writes independent: a page's bytes do not depend on the order its tokens came in, so
+nothing is ever requantized. Measured on SmolLM2's K/V, a scale per row gives 2.1% relative error
+where one per page and head gives 2.6% (and a power-of-two scale 2.6%); its two bytes per row of
+64 or 128 cost 3% (1.6%) of an fp8 page.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "FP8_DTYPES",
+    "SCALE_DTYPE",
+    "QuantizedPool",
+    "dequantize",
+    "fp8_max",
+    "is_quantized",
+    "quantize",
+    "split_pool",
+]
+
+FP8_DTYPES = {  # the largest finite value of each fp8 format
+    np.dtype(jnp.float8_e4m3fn): 448.0,
+    np.dtype(jnp.float8_e5m2): 57344.0,
+}
+SCALE_DTYPE = jnp.bfloat16
+_MIN_SCALE = 2.0**-126  # the smallest normal float: a GPU flushes subnormal scales to zero
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedPool:
+    """A pool of fp8 pages with their scales; quacks like the values array for geometry.
+
+    Attributes:
+        values: float8[pages, layers, 2, kv_heads, tokens_per_block, head_dim].
+        scales: bfloat16[pages, layers, 2, kv_heads, tokens_per_block], each row's scale.
+
+    Indexing and reshapes apply to the leading (page and layer) axes of both arrays, so code
+    that views a pool as rows of one layer (`pool.reshape(-1, *pool.shape[2:])`, `rows[:, None]`)
+    works on either kind of pool.
+    """
+
+    values: jax.Array
+    scales: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.values.shape
+
+    @property
+    def dtype(self):
+        return self.values.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.values.ndim
+
+    def reshape(self, *shape) -> QuantizedPool:
+        """Reshapes the values to `shape` and the scales to `shape` without head_dim (the
+        last axis must stay)."""
+        shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+        if shape[-1] != self.values.shape[-1]:
+            raise ValueError(f"reshape {shape} must keep head_dim={self.values.shape[-1]} last")
+        return QuantizedPool(self.values.reshape(shape), self.scales.reshape(shape[:-1]))
+
+    def __getitem__(self, index) -> QuantizedPool:
+        return QuantizedPool(self.values[index], self.scales[index])
+
+
+def is_quantized(kv_pool) -> bool:
+    return isinstance(kv_pool, QuantizedPool)
+
+
+def split_pool(kv_pool):
+    """(values, scales or None) of a pool of either kind."""
+    if is_quantized(kv_pool):
+        return kv_pool.values, kv_pool.scales
+    return kv_pool, None
+
+
+def fp8_max(dtype) -> float:
+    dtype = np.dtype(dtype)
+    if dtype not in FP8_DTYPES:
+        names = [d.name for d in FP8_DTYPES]
+        raise ValueError(f"dtype={dtype.name} is not an fp8 format {names}")
+    return FP8_DTYPES[dtype]
+
+
+def _round_up_to_bfloat16(x):
+    """The smallest bfloat16 >= `x` (positive finite float32), from the float's bits (a
+    bfloat16 is a float32 with its low 16 bits zero)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    bits = (bits + 0xFFFF) & jnp.int32(-0x10000)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def quantize(rows, dtype):
+    """(fp8 values of `rows` [..., head_dim], bfloat16 scales [...]) with one scale per row."""
+    limit = fp8_max(dtype)
+    rows = rows.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(rows), axis=-1)
+    # Times the reciprocal (what XLA makes of a division by a constant, on every backend): a
+    # ratio low by an ulp saturates its largest value by that ulp at most.
+    scale = _round_up_to_bfloat16(jnp.maximum(amax * (1.0 / limit), _MIN_SCALE))
+    scaled = jnp.clip(rows / scale[..., None], -limit, limit)  # saturate, never NaN
+    return scaled.astype(dtype), scale.astype(SCALE_DTYPE)
+
+
+def dequantize(values, scales):
+    """float32 values [..., head_dim] of fp8 `values` and their rows' `scales` [...]."""
+    return values.astype(jnp.float32) * scales.astype(jnp.float32)[..., None]
