@@ -20,6 +20,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jax.sharding import PartitionSpec as P
 
 from kernels.common import check_impl
+from kernels.kv_quant import is_quantized
 from kernels.kv_write import write_kv, write_kv_rows_reference
 from kernels.ragged_paged_attention import ragged_paged_attention
 from kvjax.runtime.page_table import slot_mapping, token_positions
@@ -94,8 +95,9 @@ class Llama(nnx.Module):
 
         Args:
             inputs: device `StepInputs`; `kv_lens` count the keys once this step's are written.
-            kv_pool: [pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim], or a
-                tuple of each layer group's pool (its layers only) when `layer_groups` gives
+            kv_pool: [pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim] (or a
+                `kernels.kv_quant.QuantizedPool` of fp8 pages and their scales), or a tuple of
+                each layer group's pool (its layers only) when `layer_groups` gives
                 each layer's group; the page table then holds each group's table side by side.
             embeddings, embedding_mask: optional [tokens, hidden_size] and bool[tokens]: rows
                 where the mask is set take these embeddings instead of the token's (images).
@@ -186,7 +188,8 @@ class Llama(nnx.Module):
                 attend, mesh=mesh, in_specs=(rows, heads, heads, heads, *[P()] * 6),
                 out_specs=(heads, rows), check_vma=False,
             )  # fmt: skip
-        dtype = kv_pool.dtype
+        # fp8 pages take rows of the model's dtype and quantize them as they are written.
+        dtype = x.dtype if is_quantized(kv_pool) else kv_pool.dtype
         out, kv_pool = attend(
             kv_pool, q.astype(dtype), k.astype(dtype), v.astype(dtype), slots[group],
             tables[group], inputs.kv_lens, inputs.cu_q_lens, inputs.num_seqs, local[index],

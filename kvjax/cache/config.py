@@ -16,10 +16,13 @@ import numpy as np
 from kvjax.cache.checks import check_int
 from kvjax.cache.life_cycles import LayerAttention
 
-__all__ = ["KV_DTYPES", "CacheConfig"]
+__all__ = ["FP8_KV_DTYPES", "KV_DTYPES", "SCALE_BYTES", "CacheConfig"]
 
-# The dtypes the attention kernels read; fp8 would need per-page scales the pool does not carry.
-KV_DTYPES = ("float32", "float16", "bfloat16")
+# The dtypes the attention kernels read. fp8 pages carry a bfloat16 scale per token row of each
+# KV head (`kernels.kv_quant`), stored with the page on every tier.
+FP8_KV_DTYPES = ("float8_e4m3fn", "float8_e5m2")
+KV_DTYPES = ("float32", "float16", "bfloat16", *FP8_KV_DTYPES)
+SCALE_BYTES = 2  # one bfloat16 scale per token row of an fp8 page
 
 _MAX_TOKEN_ID = 2**32 - 1  # keys encode token ids as uint32
 
@@ -46,6 +49,9 @@ class CacheConfig:
 
     One page holds one block of `tokens_per_block` tokens for every layer, K and V:
     `[num_layers, 2, num_kv_heads, tokens_per_block, head_dim]` of `dtype`, `page_bytes` in all.
+    An fp8 `dtype` ("float8_e4m3fn", "float8_e5m2") also stores one bfloat16 scale per token
+    row of each layer, K/V and KV head, counted in `page_bytes` (so in every byte quota): an
+    fp8 page of head_dim 64 takes 66/128 of a bfloat16 one.
 
     Tiers: the device quota is given as `device_pages` or `device_bytes` (exactly one); the device
     pool counts `NULL_PAGE`, so it holds one page fewer than that for requests. The host tier is
@@ -174,9 +180,15 @@ class CacheConfig:
         return (self.num_layers, 2, self.num_kv_heads, self.tokens_per_block, self.head_dim)
 
     @property
+    def quantized(self) -> bool:
+        """Whether pages are fp8 with per-row scales."""
+        return self.dtype.name in FP8_KV_DTYPES
+
+    @property
     def page_bytes(self) -> int:
-        """Bytes of one page (every layer, K and V, of one block)."""
-        return math.prod(self.page_shape) * self.dtype.itemsize
+        """Bytes of one page (every layer, K and V, of one block; fp8 scales included)."""
+        values = math.prod(self.page_shape) * self.dtype.itemsize
+        return values + (math.prod(self.page_shape[:-1]) * SCALE_BYTES if self.quantized else 0)
 
     @property
     def num_device_pages(self) -> int:

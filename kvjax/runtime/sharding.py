@@ -99,8 +99,9 @@ def check_heads(num_heads: int, num_kv_heads: int, mesh: Mesh) -> None:
 
 
 def pool_spec() -> PartitionSpec:
-    """Pools and staging arrays `[pages, layers, 2, kv_heads, page, head_dim]`: KV heads split."""
-    return PartitionSpec(None, None, None, TP_AXIS, None, None)
+    """Pools and staging arrays `[pages, layers, 2, kv_heads, page, head_dim]`, and fp8 pools'
+    scales `[pages, layers, 2, kv_heads, page]`: KV heads split."""
+    return PartitionSpec(None, None, None, TP_AXIS)
 
 
 def pool_sharding(mesh: Mesh) -> NamedSharding:
@@ -170,7 +171,7 @@ class LocalHeads:
     """The KV heads of pool-sharded arrays (`pool_spec`) that this process's devices hold.
 
     Host and disk tiers keep pages of these heads only, in head order: all of them on one host,
-    this host's share across several. Arrays are `[pages, layers, 2, kv_heads, page, head_dim]`.
+    this host's share across several. Arrays are `[pages, layers, 2, kv_heads, ...]`.
     """
 
     def __init__(self, mesh: Mesh, num_kv_heads: int) -> None:
@@ -185,7 +186,7 @@ class LocalHeads:
             self.count += stop - start
 
     def local_shape(self, shape) -> tuple[int, ...]:
-        """The shape of this process's heads of an array of `shape` (6 dimensions)."""
+        """The shape of this process's heads of an array of `shape` (heads on axis 3)."""
         return (*shape[:3], self.count, *shape[4:])
 
     def _local(self, heads: slice) -> slice:

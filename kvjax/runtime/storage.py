@@ -9,13 +9,11 @@ compiled code.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import Counter
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache.checks import check_int
@@ -31,6 +29,7 @@ from kvjax.runtime.page_ops import (
     page_bucket,
     page_ops,
 )
+from kvjax.runtime.pool_layout import PoolLayout
 from kvjax.runtime.sharding import LocalHeads, zeros
 
 __all__ = ["KVStorage"]
@@ -39,8 +38,10 @@ __all__ = ["KVStorage"]
 class KVStorage:
     """Pages of every tier: `pool` on the device, `host` in RAM, `disk` in a memmapped temp file.
 
-    Each tier is an array `[num_pages, *page_shape]` of `dtype`. Page 0 of the device is
-    `NULL_PAGE`: never a move's destination. Over a mesh spanning several processes, the host
+    Each tier holds `[num_pages, *page_shape]` of `dtype`; an fp8 dtype keeps a bfloat16 scale
+    per token row beside the values, on the device as a `QuantizedPool` and on the colder tiers
+    in the same row of bytes as its page (`PoolLayout`). Page 0 of the device is `NULL_PAGE`:
+    never a move's destination. Over a mesh spanning several processes, the host
     and disk tiers of each process hold only its devices' KV heads (`local_page_shape`).
 
     Args:
@@ -82,24 +83,18 @@ class KVStorage:
         self.impl = default_impl() if impl is None else impl
         if self.impl not in ("pallas", "xla"):
             raise ValueError(f"impl={impl!r} must be 'pallas', 'xla' or None (the default)")
-        tokens_per_block, head_dim = self.page_shape[3], self.page_shape[4]
-        if self.impl == "pallas" and (
-            tokens_per_block & (tokens_per_block - 1) or head_dim & (head_dim - 1)
-        ):
-            raise ValueError(
-                f"impl='pallas' needs power-of-two tokens_per_block={tokens_per_block} and "
-                f"head_dim={head_dim} (Triton tiles); use impl='xla'"
-            )
         self._heads = None if mesh is None else LocalHeads(mesh, self.page_shape[2])
         self._sharding = None if mesh is None else self._heads.sharding
         # A page of the host and disk tiers: `page_shape` with this process's KV heads.
         self.local_page_shape = self.page_shape
         if self._heads is not None:
             self.local_page_shape = self._heads.local_shape((0, *self.page_shape))[1:]
+        self.layout = PoolLayout(self.page_shape, self.dtype, self.local_page_shape)
+        if self.impl == "pallas":  # before anything is allocated
+            self.layout.check_kernel_limits(num_device_pages)
         self._copy, self._gather, self._scatter = page_ops(self.impl, mesh)
         self._pool = self._zeros(num_device_pages)
-        host_shape = (num_host_pages, *self.local_page_shape)
-        self._host = np.zeros(host_shape, self.dtype) if num_host_pages else None
+        self._host = self._host_rows(num_host_pages) if num_host_pages else None
         self._disk = self._new_disk(num_disk_pages) if num_disk_pages else None
         self._closed = False
 
@@ -123,52 +118,50 @@ class KVStorage:
             mesh=mesh,
         )
 
-    def _zeros(self, num_pages: int) -> jax.Array:
+    def _zeros(self, num_pages: int):
         """Zero device pages, created sharded over KV heads when there is a mesh."""
-        return zeros((num_pages, *self.page_shape), self.dtype, self._sharding)
+        return self.layout.device_zeros(
+            num_pages, lambda shape, dtype: zeros(shape, dtype, self._sharding)
+        )
 
-    def _to_host(self, pages: jax.Array) -> np.ndarray:
-        """This process's heads of device pages."""
-        if self._heads is None:
-            return np.asarray(jax.device_get(pages))
-        return self._heads.to_host(pages)
+    def _host_rows(self, num_pages: int) -> np.ndarray:
+        return np.zeros((num_pages, *self.layout.host_page_shape), self.layout.host_dtype)
 
-    def _to_device(self, pages: np.ndarray) -> jax.Array:
-        """Device pages from this process's heads of them (every process passes its own)."""
-        if self._heads is None:
-            return jax.device_put(pages)
-        return self._heads.to_device(pages)
+    def _to_host(self, pages) -> np.ndarray:
+        """Host rows of this process's heads of device pages."""
+        return self.layout.to_host(pages, self._heads)
 
-    def _resized(self, pool: jax.Array, num_pages: int) -> jax.Array:
+    def _to_device(self, rows: np.ndarray):
+        """Device pages from host rows of this process's heads (every process passes its own)."""
+        return self.layout.to_device(rows, self._heads)
+
+    def _resized(self, pool, num_pages: int):
         """`pool` cut or grown with zero pages to `num_pages`, keeping its layout (donated)."""
-        keep = min(num_pages, pool.shape[0])
-
-        def resize(pool):
-            grow = jnp.zeros((num_pages - keep, *self.page_shape), self.dtype)
-            return jnp.concatenate([pool[:keep], grow])
-
-        return jax.jit(resize, out_shardings=self._sharding, donate_argnums=0)(pool)
+        return jax.jit(
+            lambda pool: self.layout.resized(pool, num_pages),
+            out_shardings=self._sharding,
+            donate_argnums=0,
+        )(pool)
 
     # -- tiers --------------------------------------------------------------------------------
 
     @property
-    def pool(self) -> jax.Array:
-        """The device pool, dtype[num_device_pages, *page_shape]; donated by every update."""
+    def pool(self):
+        """The device pool, dtype[num_device_pages, *page_shape] (a `QuantizedPool` of fp8
+        values and their scales for an fp8 dtype); donated by every update."""
         self._check_open()
         return self._pool
 
     @pool.setter
-    def pool(self, value: jax.Array) -> None:
+    def pool(self, value) -> None:
         self._check_open()
-        old = self._pool
-        if not isinstance(value, jax.Array) or (value.shape, value.dtype) != (old.shape, old.dtype):
-            got = f"{value.dtype}{list(value.shape)}" if hasattr(value, "shape") else repr(value)
-            raise ValueError(f"pool {got} must be a jax.Array {old.dtype}{list(old.shape)}")
+        self.layout.check_pool(value, self._pool)
         self._pool = value
 
     @property
     def host(self) -> np.ndarray | None:
-        """The host tier, dtype[num_host_pages, *local_page_shape], or None when absent."""
+        """The host tier, dtype[num_host_pages, *local_page_shape] (rows of bytes, scales
+        included, for fp8: `layout.host_page_shape`), or None when absent."""
         self._check_open()
         return self._host
 
@@ -180,8 +173,8 @@ class KVStorage:
 
     @property
     def page_bytes(self) -> int:
-        """Bytes of one whole page (every KV head, whichever process holds it)."""
-        return math.prod(self.page_shape) * self.dtype.itemsize
+        """Bytes of one whole page (every KV head, whichever process holds it; scales too)."""
+        return self.layout.page_bytes
 
     def num_pages(self, tier: Tier) -> int:
         """Pages of `tier`, `NULL_PAGE` included; 0 when the tier is absent."""
@@ -192,8 +185,8 @@ class KVStorage:
         return self.num_pages(tier) * self.page_bytes
 
     def read_pages(self, tier: Tier, page_ids: Sequence[int]) -> np.ndarray:
-        """A host copy of the pages, dtype[len(page_ids), *local_page_shape] (for tests and
-        debugging)."""
+        """A host copy of the pages, as the host tier holds them: `[len(page_ids),
+        *layout.host_page_shape]` (for tests and debugging)."""
         tier = self._check_tier(tier)
         ids = [self._check_page(tier, p, "page_ids") for p in page_ids]
         if tier is Tier.DEVICE:
@@ -214,7 +207,7 @@ class KVStorage:
             pool, self._pool = self._pool, None  # the old pool is freed once dropped here
             self._pool = self._resized(pool, num_pages)
         elif tier is Tier.HOST:
-            host, self._host = self._host, np.zeros((num_pages, *self.local_page_shape), self.dtype)
+            host, self._host = self._host, self._host_rows(num_pages)
             self._host[:keep] = host[:keep]
         else:
             disk, self._disk = self._disk, self._new_disk(num_pages)
@@ -250,7 +243,7 @@ class KVStorage:
             count += 1
             if colder:
                 jax.block_until_ready(self._gather(self._pool, ids, none))
-                staging = self._to_device(np.zeros((bucket, *self.local_page_shape), self.dtype))
+                staging = self._to_device(self._host_rows(bucket))
                 self._pool = self._scatter(self._pool, staging, ids, none)
                 count += 2
             bucket *= 2
@@ -291,12 +284,12 @@ class KVStorage:
             staging = self._gather(self._pool, padded_page_ids(src_ids), num_valid)
             return self._put(dst_tier, dst_ids, self._to_host(staging)[: len(batch)])
         if dst_tier is Tier.DEVICE:
-            staging = np.zeros((page_bucket(len(batch)), *self.local_page_shape), self.dtype)
+            staging = self._host_rows(page_bucket(len(batch)))
             failed = self._take(src_tier, src_ids, staging[: len(batch)])
             staging = self._to_device(staging)  # padding rows are dropped by scatter_pages
             self._pool = self._scatter(self._pool, staging, padded_page_ids(dst_ids), num_valid)
             return failed
-        pages = np.empty((len(batch), *self.local_page_shape), self.dtype)
+        pages = np.empty((len(batch), *self.layout.host_page_shape), self.layout.host_dtype)
         failed = self._take(src_tier, src_ids, pages)
         return sorted({*failed, *self._put(dst_tier, dst_ids, pages)})
 
@@ -317,7 +310,9 @@ class KVStorage:
     # -- checks -------------------------------------------------------------------------------
 
     def _new_disk(self, num_pages: int) -> DiskPages:
-        return DiskPages(self._disk_dir, num_pages, self.local_page_shape, self.dtype)
+        return DiskPages(
+            self._disk_dir, num_pages, self.layout.host_page_shape, self.layout.host_dtype
+        )
 
     def _array(self, tier: Tier) -> jax.Array | np.ndarray | None:
         self._check_open()
