@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.kv_quant import dequantize, quantize
 from models.llama import Llama
 
 
@@ -30,10 +31,13 @@ def dense_logits(model: Llama, tokens, embeddings=None, embedding_mask=None) -> 
     return np.asarray(dense_logits_jnp(model, tokens, embeddings, embedding_mask))
 
 
-def dense_greedy(model: Llama, prompt, num_tokens: int, padded_length: int = 64) -> list[int]:
+def dense_greedy(
+    model: Llama, prompt, num_tokens: int, padded_length: int = 64, kv_dtype=None
+) -> list[int]:
     """Greedy continuation of one prompt by the dense forward (jitted once per model and
-    `padded_length`: causal attention leaves a row unaffected by the padding after it)."""
-    forward = _jitted_forward(model, padded_length)
+    `padded_length`: causal attention leaves a row unaffected by the padding after it);
+    `kv_dtype` (fp8) quantizes K and V as fp8 pages store them."""
+    forward = _jitted_forward(model, padded_length, kv_dtype)
     tokens = [int(t) for t in prompt]
     for _ in range(num_tokens):
         if len(tokens) > padded_length:
@@ -45,11 +49,13 @@ def dense_greedy(model: Llama, prompt, num_tokens: int, padded_length: int = 64)
 
 
 @functools.cache
-def _jitted_forward(model: Llama, padded_length: int):
-    return jax.jit(lambda tokens: dense_logits_jnp(model, tokens))
+def _jitted_forward(model: Llama, padded_length: int, kv_dtype=None):
+    return jax.jit(lambda tokens: dense_logits_jnp(model, tokens, kv_dtype=kv_dtype))
 
 
-def dense_logits_jnp(model: Llama, tokens, embeddings=None, embedding_mask=None):
+def dense_logits_jnp(model: Llama, tokens, embeddings=None, embedding_mask=None, kv_dtype=None):
+    """`kv_dtype` (an fp8 dtype): K and V each token row quantized and dequantized as
+    `kernels.kv_quant` stores them in fp8 pages."""
     c = model.config
     tokens = jnp.asarray(tokens, jnp.int32)
     length = tokens.shape[0]
@@ -76,8 +82,10 @@ def dense_logits_jnp(model: Llama, tokens, embeddings=None, embedding_mask=None)
         v = _linear(h, attn.v_proj).reshape(length, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = _norm(attn.q_norm, q, c), _norm(attn.k_norm, k, c)
-        q = _rope(q, positions, inv_freq)
-        k = jnp.repeat(_rope(k, positions, inv_freq), group, axis=1)
+        q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
+        if kv_dtype is not None:
+            k, v = (dequantize(*quantize(x, kv_dtype)) for x in (k, v))
+        k = jnp.repeat(k, group, axis=1)
         v = jnp.repeat(v, group, axis=1)
         scores = jnp.einsum("qhd,khd->hqk", q, k) * scale
         weights = jax_softmax(jnp.where(mask[None], scores, -jnp.inf))

@@ -22,10 +22,11 @@ def model(compile_cache):
     return random_model(tiny_config(vocab_size=64))
 
 
-def make_engine(model, *, device_pages=40, host_pages=40, scheduler=None, **options):
+def make_engine(model, *, device_pages=40, host_pages=40, scheduler=None, kv_dtype=None, **options):
     config = cache_config_for(
-        model, tokens_per_block=TPB, device_pages=device_pages, host_pages=host_pages
-    )
+        model, tokens_per_block=TPB, device_pages=device_pages, host_pages=host_pages,
+        dtype=kv_dtype,
+    )  # fmt: skip
     scheduler = scheduler or SchedulerConfig(max_batch_size=4, max_num_tokens=32, chunk_unit=4)
     return Engine(model, config, scheduler, **options)
 

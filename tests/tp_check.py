@@ -28,10 +28,11 @@ def serve(engine, prompts, params, tp):
         for output in engine.step():
             outputs[output.request_id] = output
         engine.manager.check_invariants()
-        if tp:  # still sharded over KV heads: nothing gathered it to one device
-            sharding = engine.manager.pool.sharding
+        # Still sharded over KV heads (fp8 scales too): nothing gathered it to one device.
+        for array in jax.tree.leaves(engine.manager.pool) if tp else ():
+            sharding = array.sharding
             expected = NamedSharding(engine.mesh, POOL_SPEC)
-            assert sharding.is_equivalent_to(expected, 6), sharding
+            assert sharding.is_equivalent_to(expected, array.ndim), sharding
             assert sharding.mesh.shape[TP_AXIS] == tp, sharding
     assert engine.compiles.after_warmup == 0
     return [outputs[i] for i in ids]
@@ -69,6 +70,7 @@ def main() -> None:
         print(f"tp={tp}: {len(outputs)} requests, pool {engine.mesh and POOL_SPEC}")
     assert results[None] == results[2] == results[4]
     assert results[None][0] == tuple(dense_greedy(model, prompts[0], 10))
+    check_fp8_shards(model, prompts, params)
     odd_mlp = random_model(tiny_config(num_heads=8, num_kv_heads=4, head_dim=8,
                                        intermediate_size=66))  # fmt: skip
     expect_error(
@@ -86,6 +88,22 @@ def main() -> None:
     )
     check_benchmark()
     print("tensor parallel ok")
+
+
+def check_fp8_shards(model, prompts, params) -> None:
+    """fp8 pages sharded over KV heads, their scales with them, suspended to the host and
+    resumed: the same tokens as on one device."""
+    results = {}
+    for tp in (None, 2):
+        engine = make_engine(
+            model, device_pages=13, host_pages=64, tensor_parallel=tp, kv_dtype="float8_e4m3fn"
+        )
+        outputs = serve(engine, prompts, params, tp)
+        assert sum(o.metrics.num_preemptions for o in outputs) > 0
+        results[tp] = [o.token_ids for o in outputs]
+        assert_all_pages_free(engine)
+    assert results[None] == results[2]
+    print(f"fp8 pages: tp=2 equals one device over {len(prompts)} requests")
 
 
 def loaded_sharded(model, mesh):
