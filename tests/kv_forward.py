@@ -50,8 +50,8 @@ def chunked_logits(model, tokens, kv_dtype, *, chunk=64, tokens_per_block=16, im
 def _forward(model, impl):
     graphdef, state = nnx.split(model)
 
-    @functools.partial(jax.jit, donate_argnums=0)
-    def forward(pool, inputs):
+    @functools.partial(jax.jit, donate_argnums=1)
+    def forward(state, pool, inputs):  # the weights an argument, not constants of the program
         return nnx.merge(graphdef, state)(inputs, pool, impl=impl)
 
-    return forward
+    return functools.partial(forward, state)
