@@ -5,7 +5,8 @@ One run on a GPU measures, in this order: the device-to-device copy ceiling (byt
 and a bf16 matmul ceiling; decode attention for batch x context (Hq/Hkv/D = 32/8/128, bf16, 16
 tokens per block) with ours, the XLA path and `jax.experimental.pallas.ops.gpu.paged_attention`
 (head-major layout built outside the timed region); a mixed batch (decode rows plus a prefill
-chunk); page copies, gathers and scatters of 1 to 512 whole pages. It prints a table and writes
+chunk); page copies, gathers and scatters of 1 to 512 whole pages; fp8 decode (e4m3 pages with
+their per-row scales) against bf16 decode on the same data. It prints a table and writes
 JSON and Markdown under `--out`. `--smoke` runs tiny shapes (in Pallas interpret mode on a CPU) to
 check the script itself; its timings mean nothing.
 
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.kv_quant import QuantizedPool, quantize
 from kernels.page_copy import copy_pages, gather_pages, scatter_pages
 from kernels.paged_attention import paged_decode_attention
 from kernels.ragged_paged_attention import ragged_paged_attention
@@ -119,6 +121,27 @@ def bench_decode(batch, context, args, interpret, ceiling) -> dict:
     for other in ("xla", "jax_pallas"):
         if row.get(f"{other}_us"):
             row[f"speedup_vs_{other}"] = row[f"{other}_us"] / row["ours_us"]
+    return row
+
+
+def bench_fp8_decode(batch, context, args, interpret, ceiling) -> dict:
+    """Ours over e4m3 pages (and their scales) against ours over the bf16 pages they quantize."""
+    q_heads, kv_heads, head_dim, tokens_per_block = 32, 8, 128, 16
+    q, pool, table, lengths = decode_inputs(
+        0, batch, context, q_heads, kv_heads, tokens_per_block, head_dim
+    )
+    fp8_pool = QuantizedPool(*jax.jit(quantize, static_argnums=1)(pool, jnp.float8_e4m3fn))
+    ours = functools.partial(
+        paged_decode_attention, layer=0, sm_scale=head_dim**-0.5, interpret=interpret,
+        num_warps=args.num_warps, num_stages=args.num_stages,
+    )  # fmt: skip
+    row = {"batch": batch, "context": context}
+    row["bf16_us"] = 1e6 * median_seconds(lambda: ours(q, pool, table, lengths), args.repeats)
+    row["fp8_us"] = 1e6 * median_seconds(lambda: ours(q, fp8_pool, table, lengths), args.repeats)
+    fp8_bytes = batch * context * 2 * kv_heads * (head_dim + 2)  # values and bf16 scales
+    row["fp8_gb_s"] = fp8_bytes / row["fp8_us"] / 1e3
+    row["fp8_fraction_of_copy"] = row["fp8_gb_s"] / ceiling
+    row["fp8_speedup"] = row["bf16_us"] / row["fp8_us"]
     return row
 
 
@@ -261,6 +284,14 @@ def markdown(result: dict) -> str:
             f"{r['copy_speedup_vs_xla']:.2f} | {r['gather_speedup_vs_xla']:.2f} | "
             f"{r['scatter_speedup_vs_xla']:.2f} |"
         )
+    if result.get("fp8_decode"):
+        lines += ["", "| B | context | bf16 us | fp8 us | fp8 GB/s | of copy | fp8 speedup |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result.get("fp8_decode", []):
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['bf16_us']:.1f} | {r['fp8_us']:.1f} | "
+            f"{r['fp8_gb_s']:.0f} | {r['fp8_fraction_of_copy']:.0%} | {r['fp8_speedup']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -274,7 +305,10 @@ def main() -> None:
     parser.add_argument("--num-stages", type=int, default=3, help="decode tuning")
     parser.add_argument("--waves", type=int, default=None, help="decode splits: programs per SM")
     parser.add_argument(
-        "--sections", nargs="+", default=["decode", "mixed", "copies"], help="what to run"
+        "--sections",
+        nargs="+",
+        default=["decode", "mixed", "copies", "fp8_decode"],
+        help="what to run",
     )
     args = parser.parse_args()
     smoke = args.smoke
@@ -300,7 +334,7 @@ def main() -> None:
         print(json.dumps({section: row}), flush=True)
         path.write_text(json.dumps(result, indent=2))
 
-    result["decode"], result["copies"] = [], []
+    result["decode"], result["copies"], result["fp8_decode"] = [], [], []
     if "decode" in args.sections:
         for batch in batches:
             for context in contexts:
@@ -310,6 +344,10 @@ def main() -> None:
     if "copies" in args.sections:
         for count in [1, 4] if smoke else [1, 8, 64, 512]:
             record("copies", bench_copies(count, args, interpret, ceiling, smoke))
+    if "fp8_decode" in args.sections:
+        for batch in batches[1:]:  # B >= 8 (and 2 in the smoke run)
+            for context in contexts[-2:]:
+                record("fp8_decode", bench_fp8_decode(batch, context, args, interpret, ceiling))
     table = markdown(result)
     (args.out / "bench_kernels.md").write_text(table)
     print(table)

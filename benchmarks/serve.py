@@ -37,6 +37,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from benchmarks.chat_workload import FOLLOW_UPS, QUESTIONS, ChatWorkload
+from benchmarks.kv_capacity import KV_DTYPE_NAMES, fixed_quota_bytes, kv_capacity, report_capacity
 from benchmarks.workload import RepetitiveWorkload, Workload, ideal_hit_rate
 from kvjax.engine.draft_model import DraftModelDrafter
 from kvjax.engine.engine import Engine
@@ -61,6 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model", help="a model with a tokenizer: smollm2, a .gguf file or a Hugging Face dir"
     )
     p.add_argument("--device-pages", type=int, default=160)
+    p.add_argument(
+        "--kv-dtype", choices=["model", *KV_DTYPE_NAMES], default="model",
+        help="KV page dtype (fp8: e4m3 pages with per-row scales); other than 'model', the "
+        "device quota is bytes (--device-mib, or --device-pages bf16 pages) and the report "
+        "compares the requests that fit with bf16",
+    )  # fmt: skip
+    p.add_argument("--device-mib", type=float, default=None, help="device quota in MiB")
     p.add_argument("--host-pages", type=int, default=None, help="default: provisioned")
     p.add_argument("--tokens-per-block", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the workload's")
@@ -202,9 +210,16 @@ def build_engine(model, args, **options) -> tuple[Engine, float]:
 
 def cache_config(model, args):
     quotas = {"device_pages": args.device_pages}
+    dtype = KV_DTYPE_NAMES.get(args.kv_dtype)
+    if dtype is not None or args.device_mib is not None:  # a byte quota, the same for any dtype
+        quotas = {"device_bytes": kv_quota(model, args)}
     if args.host_pages is not None:
         quotas["host_pages"] = args.host_pages
-    return cache_config_for(model, tokens_per_block=args.tokens_per_block, **quotas)
+    return cache_config_for(model, tokens_per_block=args.tokens_per_block, dtype=dtype, **quotas)
+
+
+def kv_quota(model, args) -> int:
+    return fixed_quota_bytes(model, args.tokens_per_block, args.device_pages, args.device_mib)
 
 
 def join_processes(args) -> None:
@@ -268,6 +283,11 @@ def main(argv=None) -> dict:
     summary["devices"] = args.tensor_parallel or 1
     summary["processes"] = jax.process_count()
     summary["output_tokens_per_s_per_device"] = summary["output_tokens_per_s"] / summary["devices"]
+    if args.kv_dtype != "model":
+        summary["kv_capacity"] = kv_capacity(
+            model, args.tokens_per_block, KV_DTYPE_NAMES[args.kv_dtype], kv_quota(model, args),
+            served,
+        )  # fmt: skip
     steps = engine.metrics.steps
     engine.shutdown()
     report(summary)
@@ -400,6 +420,8 @@ def report(s: dict) -> None:
     print(f"preemptions         {s['preemptions']} ({s['recomputations']} by recomputation)")
     print(f"padding waste       {s['padding_waste']:.1%} of token rows")
     print(f"compilations after warm-up: {s['compilations_after_warmup']}")
+    if "kv_capacity" in s:
+        report_capacity(s["kv_capacity"])
     if s["devices"] > 1:
         processes = f"{s['processes']} process" + ("es" if s["processes"] > 1 else "")
         print(f"tensor parallel     {s['devices']} devices in {processes}, "

@@ -80,3 +80,17 @@ def test_a_byte_quota_holds_nearly_twice_the_tokens_in_fp8(head_dim):
     ratio = (fp8.num_device_pages - 1) / (bf16.num_device_pages - 1)
     assert ratio >= 1.9
     assert ratio == pytest.approx(2 * head_dim / (head_dim + 2), rel=2e-3)
+
+
+def test_the_serving_benchmark_compares_requests_that_fit_a_byte_quota(model):
+    from benchmarks.kv_capacity import fixed_quota_bytes, kv_capacity
+
+    quota = fixed_quota_bytes(model, TPB, device_pages=65, device_mib=None)
+    sequences = [[0] * 30, [0] * 50]  # 8 and 13 pages of 4 tokens
+    capacity = kv_capacity(model, TPB, "float8_e4m3fn", quota, sequences)
+    assert capacity["pages_per_request"] == 10.5
+    bf16, fp8 = capacity["dtypes"]["bfloat16"], capacity["dtypes"]["float8_e4m3fn"]
+    assert bf16["pages"] == 64 and bf16["requests_that_fit"] == 6  # 64 // 10.5
+    # head_dim 16: an fp8 page is (16 + 2) / 32 of a bf16 one.
+    assert fp8["page_bytes"] * 32 == bf16["page_bytes"] * 18
+    assert fp8["requests_that_fit"] == int(fp8["pages"] // 10.5) > bf16["requests_that_fit"]
