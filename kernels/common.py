@@ -59,7 +59,6 @@ def check_pool(kv_pool, *, layer: int | None = None) -> tuple[int, ...]:
                 f"QuantizedPool scales {scales.dtype}{list(scales.shape)} must be bfloat16"
                 f"{list(values.shape[:-1])}"
             )
-        check_byte_array_size("QuantizedPool values", values.shape)
     _, num_layers, _, _, tokens_per_block, head_dim = values.shape
     if not is_power_of_two(tokens_per_block) or not is_power_of_two(head_dim):
         raise ValueError(
@@ -68,6 +67,13 @@ def check_pool(kv_pool, *, layer: int | None = None) -> tuple[int, ...]:
     if layer is not None and not 0 <= layer < num_layers:
         raise ValueError(f"layer={layer} is outside [0, {num_layers})")
     return values.shape
+
+
+def check_triton_offsets(kv_pool) -> None:
+    """For the Pallas path: a pool Triton can index (`check_byte_array_size` of 1-byte values)."""
+    values = getattr(kv_pool, "values", kv_pool)
+    if values.dtype.itemsize == 1:
+        check_byte_array_size("the fp8 pool's values", values.shape)
 
 
 def check_byte_array_size(name: str, shape) -> None:

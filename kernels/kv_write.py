@@ -22,6 +22,7 @@ from kernels.common import (
     check_impl,
     check_int32,
     check_pool,
+    check_triton_offsets,
     compiler_params,
     resolve_interpret,
 )
@@ -97,6 +98,7 @@ def write_kv(kv_pool, k, v, slots, *, layer, impl="pallas", interpret=None):
     _check(kv_pool, k, v, slots, layer)
     if check_impl(impl) == "xla":
         return write_kv_reference(kv_pool, k, v, slots, layer=layer)
+    check_triton_offsets(kv_pool)
     num_tokens, num_kv_heads, head_dim = k.shape
     row = pl.BlockSpec((None, None, head_dim), lambda t, h: (t, h, 0))
     values, scales = split_pool(kv_pool)

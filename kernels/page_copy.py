@@ -23,6 +23,7 @@ from kernels.common import (
     check_impl,
     check_int32,
     check_pool,
+    check_triton_offsets,
     compiler_params,
     num_valid_array,
     resolve_interpret,
@@ -90,6 +91,7 @@ def _call(
     kernel, kv_pool, bucket, operands, *, out_shape, out_specs, aliases, interpret, in_specs=None
 ):
     """One program per (page entry, tile of a page); whole arrays unless `in_specs` says."""
+    check_triton_offsets(kv_pool)
     grid = (bucket, kv_pool.shape[1] * 2 * kv_pool.shape[3])
     return pl.pallas_call(
         kernel,

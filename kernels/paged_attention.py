@@ -26,6 +26,7 @@ from kernels.common import (
     check_int32,
     check_pool,
     check_soft_cap,
+    check_triton_offsets,
     check_window,
     compiler_params,
     resolve_interpret,
@@ -200,6 +201,7 @@ def paged_decode_attention(
             q, kv_pool, page_table, kv_lens, kv_lens - 1, layer=layer, sm_scale=sm_scale,
             soft_cap=soft_cap, window=window, sink_tokens=sink_tokens,
         )  # fmt: skip
+    check_triton_offsets(kv_pool)
     batch, num_q_heads, head_dim = q.shape
     num_pages, _, _, num_kv_heads, tokens_per_block, _ = kv_pool.shape
     values, scales = split_pool(kv_pool)

@@ -29,6 +29,7 @@ from kernels.common import (
     check_int32,
     check_pool,
     check_soft_cap,
+    check_triton_offsets,
     check_window,
     compiler_params,
     in_window,
@@ -168,6 +169,7 @@ def ragged_paged_attention(
             soft_cap=soft_cap, attend=context_paged_attention, window=window,
             sink_tokens=sink_tokens,
         )  # fmt: skip
+    check_triton_offsets(kv_pool)
     num_tokens, num_q_heads, _ = q.shape
     seqs = page_table.shape[0]
     group = num_q_heads // kv_pool.shape[3]
