@@ -130,7 +130,7 @@ def bench_fp8_decode(batch, context, args, interpret, ceiling) -> dict:
     q, pool, table, lengths = decode_inputs(
         0, batch, context, q_heads, kv_heads, tokens_per_block, head_dim
     )
-    fp8_pool = QuantizedPool(*jax.jit(quantize, static_argnums=1)(pool, jnp.float8_e4m3fn))
+    fp8_pool = QuantizedPool.of(*jax.jit(quantize, static_argnums=1)(pool, jnp.float8_e4m3fn))
     ours = functools.partial(
         paged_decode_attention, layer=0, sm_scale=head_dim**-0.5, interpret=interpret,
         num_warps=args.num_warps, num_stages=args.num_stages,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from kernels.common import in_window
-from kernels.kv_quant import dequantize, split_pool
+from kernels.kv_quant import dequantize, from_bytes, split_pool
 
 __all__ = ["dense_paged_attention"]
 
@@ -38,9 +38,9 @@ def dense_paged_attention(
     pool_values, pool_scales = split_pool(kv_pool)
 
     def gathered(kind):  # f32 [rows, max_blocks, kv_heads, page, head_dim]
-        pages = pool_values[row_tables, layer, kind]
         if pool_scales is None:
-            return pages.astype(jnp.float32)
+            return pool_values[row_tables, layer, kind].astype(jnp.float32)
+        pages = from_bytes(pool_values[row_tables, layer, kind], kv_pool.dtype)
         return dequantize(pages, pool_scales[row_tables, layer, kind])
 
     keys, values = (

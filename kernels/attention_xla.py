@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.common import NULL_PAGE, in_window
-from kernels.kv_quant import dequantize, split_pool
+from kernels.kv_quant import dequantize, from_bytes, split_pool
 
 __all__ = ["context_paged_attention"]
 
@@ -65,7 +65,8 @@ def context_paged_attention(
         index = (chunk, kind) if one_layer else (chunk, layer, kind)
         if scales is None:
             return values[index].astype(jnp.float32)
-        return dequantize(values[index], scales[index])  # only the chunk, never the pool
+        # Only the chunk is dequantized, never the pool.
+        return dequantize(from_bytes(values[index], kv_pool.dtype), scales[index])
 
     def chunk_step(state):
         step, running_max, total, out = state

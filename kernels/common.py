@@ -52,8 +52,11 @@ def check_pool(kv_pool, *, layer: int | None = None) -> tuple[int, ...]:
             "as a QuantizedPool with their scales)"
         )
     if scales is not None:
-        if values.dtype not in FP8_DTYPES:
-            raise ValueError(f"QuantizedPool values {values.dtype} must be float8_e4m3fn or e5m2")
+        if kv_pool.dtype not in FP8_DTYPES or values.dtype != jnp.uint8:
+            raise ValueError(
+                f"QuantizedPool values {values.dtype} of format {kv_pool.format} must be the "
+                "uint8 bits of float8_e4m3fn or float8_e5m2"
+            )
         if scales.shape != values.shape[:-1] or scales.dtype != SCALE_DTYPE:
             raise ValueError(
                 f"QuantizedPool scales {scales.dtype}{list(scales.shape)} must be bfloat16"

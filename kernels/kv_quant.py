@@ -13,6 +13,7 @@ where one per page and head gives 2.6% (and a power-of-two scale 2.6%); its two 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +23,11 @@ __all__ = [
     "FP8_DTYPES",
     "SCALE_DTYPE",
     "QuantizedPool",
+    "byte_view",
+    "cast_page",
     "dequantize",
     "fp8_max",
+    "from_bytes",
     "is_quantized",
     "quantize",
     "split_pool",
@@ -37,14 +41,19 @@ SCALE_DTYPE = jnp.bfloat16
 _MIN_SCALE = 2.0**-126  # the smallest normal float: a GPU flushes subnormal scales to zero
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["values", "scales"], meta_fields=["format"]
+)
 @dataclasses.dataclass(frozen=True)
 class QuantizedPool:
-    """A pool of fp8 pages with their scales; quacks like the values array for geometry.
+    """A pool of fp8 pages with their scales; quacks like an fp8 array for geometry.
 
     Attributes:
-        values: float8[pages, layers, 2, kv_heads, tokens_per_block, head_dim].
+        values: uint8[pages, layers, 2, kv_heads, tokens_per_block, head_dim], the fp8 bits
+            (stored as bytes: XLA on the CPU has no fp8 gather or update and would convert the
+            whole pool around each one; kernels bitcast what they read).
         scales: bfloat16[pages, layers, 2, kv_heads, tokens_per_block], each row's scale.
+        format: "float8_e4m3fn" or "float8_e5m2" (static).
 
     Indexing and reshapes apply to the leading (page and layer) axes of both arrays, so code
     that views a pool as rows of one layer (`pool.reshape(-1, *pool.shape[2:])`, `rows[:, None]`)
@@ -53,6 +62,24 @@ class QuantizedPool:
 
     values: jax.Array
     scales: jax.Array
+    format: str = "float8_e4m3fn"
+
+    @classmethod
+    def zeros(cls, shape, dtype) -> QuantizedPool:
+        """A zero pool of `shape` `[pages, layers, 2, kv_heads, tokens_per_block, head_dim]`."""
+        fp8_max(dtype)  # checks the format
+        return cls(jnp.zeros(shape, jnp.uint8), jnp.zeros(shape[:-1], SCALE_DTYPE),
+                   np.dtype(dtype).name)  # fmt: skip
+
+    @classmethod
+    def of(cls, values, scales) -> QuantizedPool:
+        """The pool of fp8 `values` and their `scales` (as `quantize` returns them)."""
+        return cls(byte_view(values), scales, np.dtype(values.dtype).name)
+
+    @property
+    def fp8_values(self):
+        """The values as fp8 (a bitcast)."""
+        return from_bytes(self.values, self.dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -60,7 +87,7 @@ class QuantizedPool:
 
     @property
     def dtype(self):
-        return self.values.dtype
+        return np.dtype(self.format)
 
     @property
     def ndim(self) -> int:
@@ -72,10 +99,12 @@ class QuantizedPool:
         shape = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
         if shape[-1] != self.values.shape[-1]:
             raise ValueError(f"reshape {shape} must keep head_dim={self.values.shape[-1]} last")
-        return QuantizedPool(self.values.reshape(shape), self.scales.reshape(shape[:-1]))
+        return dataclasses.replace(
+            self, values=self.values.reshape(shape), scales=self.scales.reshape(shape[:-1])
+        )
 
     def __getitem__(self, index) -> QuantizedPool:
-        return QuantizedPool(self.values[index], self.scales[index])
+        return dataclasses.replace(self, values=self.values[index], scales=self.scales[index])
 
 
 def is_quantized(kv_pool) -> bool:
@@ -115,6 +144,24 @@ def quantize(rows, dtype):
     scale = _round_up_to_bfloat16(jnp.maximum(amax * (1.0 / limit), _MIN_SCALE))
     scaled = jnp.clip(rows / scale[..., None], -limit, limit)  # saturate, never NaN
     return scaled.astype(dtype), scale.astype(SCALE_DTYPE)
+
+
+def byte_view(values):
+    """uint8 view of fp8 values (how a `QuantizedPool` stores them)."""
+    return jax.lax.bitcast_convert_type(values, jnp.uint8)
+
+
+def from_bytes(array, dtype):
+    """fp8 values of `dtype` from their uint8 view."""
+    return jax.lax.bitcast_convert_type(array, dtype)
+
+
+def cast_page(page, fp8, dtype):
+    """A page tile read from a pool, in `dtype`: fp8 bits (uint8) of format `fp8` reinterpreted
+    and cast (exact for any float dtype), or a plain tile (`fp8` None) cast."""
+    if fp8 is not None:
+        page = from_bytes(page, fp8)
+    return page.astype(dtype)
 
 
 def dequantize(values, scales):

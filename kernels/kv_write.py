@@ -11,6 +11,7 @@ it, so a write never reads the page it writes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -26,7 +27,7 @@ from kernels.common import (
     compiler_params,
     resolve_interpret,
 )
-from kernels.kv_quant import QuantizedPool, is_quantized, quantize, split_pool
+from kernels.kv_quant import byte_view, is_quantized, quantize, split_pool
 
 __all__ = ["write_kv", "write_kv_reference", "write_kv_rows_reference"]
 
@@ -50,16 +51,16 @@ def _write_kernel(slots_ref, k_ref, v_ref, pool_ref, out_ref, *, layer: int):
 
 
 def _quantized_write_kernel(
-    slots_ref, k_ref, v_ref, values_ref, scales_ref, values_out, scales_out, *, layer: int
+    slots_ref, k_ref, v_ref, values_ref, scales_ref, values_out, scales_out, *, layer: int, fp8
 ):
-    # As `_write_kernel`, into fp8 values (aliased) and their bfloat16 scales
+    # As `_write_kernel`, into fp8 values (their uint8 bits, aliased) and their bfloat16 scales
     # scales[pages, layers, 2, kv_heads, tokens_per_block] (aliased).
     del values_ref, scales_ref
     token, head = pl.program_id(0), pl.program_id(1)
     page, offset = _slot_place(slots_ref[token], values_out.shape[0], values_out.shape[4])
     for kind, row in ((0, k_ref[...]), (1, v_ref[...])):
-        values, scale = quantize(row, values_out.dtype)
-        values_out[page, layer, kind, head, offset] = values
+        values, scale = quantize(row, fp8)
+        values_out[page, layer, kind, head, offset] = byte_view(values)
         scales_out[page, layer, kind, head, offset] = scale
 
 
@@ -103,9 +104,12 @@ def write_kv(kv_pool, k, v, slots, *, layer, impl="pallas", interpret=None):
     row = pl.BlockSpec((None, None, head_dim), lambda t, h: (t, h, 0))
     values, scales = split_pool(kv_pool)
     arrays = (values,) if scales is None else (values, scales)
-    kernel = _write_kernel if scales is None else _quantized_write_kernel
+    if scales is None:
+        kernel = functools.partial(_write_kernel, layer=layer)
+    else:
+        kernel = functools.partial(_quantized_write_kernel, layer=layer, fp8=kv_pool.dtype)
     written = pl.pallas_call(
-        functools.partial(kernel, layer=layer),
+        kernel,
         grid=(num_tokens, num_kv_heads),
         in_specs=[pl.no_block_spec, row, row, *[pl.no_block_spec] * len(arrays)],
         out_specs=[pl.no_block_spec] * len(arrays),
@@ -114,20 +118,28 @@ def write_kv(kv_pool, k, v, slots, *, layer, impl="pallas", interpret=None):
         compiler_params=compiler_params(num_warps=1, num_stages=1),
         interpret=resolve_interpret(interpret),
     )(slots, k, v, *arrays)
-    return written[0] if scales is None else QuantizedPool(*written)
+    return (
+        written[0]
+        if scales is None
+        else dataclasses.replace(kv_pool, values=written[0], scales=written[1])
+    )
 
 
 def _scatter_rows(pool, pages, offsets, k, v, at):
     """Writes k and v (quantized into a `QuantizedPool`) at `at(array, kind)`'s indices."""
     values, scales = split_pool(pool)
-    for kind, new in ((0, k), (1, v)):
-        if scales is None:
+    if scales is None:
+        for kind, new in ((0, k), (1, v)):
             values = at(values, kind).set(new)
-        else:
-            quantized, row_scales = quantize(new, values.dtype)
-            values = at(values, kind).set(quantized)
-            scales = at(scales, kind).set(row_scales)
-    return values if scales is None else QuantizedPool(values, scales)
+        return values
+    row_scales = []
+    for kind, new in ((0, k), (1, v)):
+        quantized, kind_scales = quantize(new, pool.dtype)
+        values = at(values, kind).set(byte_view(quantized))
+        row_scales.append(kind_scales)
+    # K's and V's scales in one update: two would make XLA on the CPU copy the scales.
+    scales = at(scales, slice(None)).set(jnp.stack(row_scales, axis=1))  # [tokens, 2, heads]
+    return dataclasses.replace(pool, values=values, scales=scales)
 
 
 def write_kv_reference(kv_pool, k, v, slots, *, layer):

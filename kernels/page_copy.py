@@ -12,6 +12,7 @@ A `kv_quant.QuantizedPool` moves its scales with its values: the same page ids, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,7 +29,7 @@ from kernels.common import (
     num_valid_array,
     resolve_interpret,
 )
-from kernels.kv_quant import QuantizedPool, is_quantized
+from kernels.kv_quant import is_quantized
 
 __all__ = [
     "copy_pages",
@@ -126,9 +127,10 @@ def copy_pages(kv_pool, src, dst, num_valid, *, impl="pallas", interpret=None):
     _check_ids(kv_pool, src, dst)
     num_valid = num_valid_array(num_valid)
     if is_quantized(kv_pool):
-        return QuantizedPool(
-            _copy_values(kv_pool.values, src, dst, num_valid, impl, interpret),
-            copy_pages_reference(kv_pool.scales, src, dst, num_valid),
+        return dataclasses.replace(
+            kv_pool,
+            values=_copy_values(kv_pool.values, src, dst, num_valid, impl, interpret),
+            scales=copy_pages_reference(kv_pool.scales, src, dst, num_valid),
         )
     return _copy_values(kv_pool, src, dst, num_valid, impl, interpret)
 
@@ -156,9 +158,10 @@ def gather_pages(kv_pool, page_ids, num_valid, *, impl="pallas", interpret=None)
     _check_ids(kv_pool, page_ids)
     num_valid = num_valid_array(num_valid)
     if is_quantized(kv_pool):
-        return QuantizedPool(
-            _gather_values(kv_pool.values, page_ids, num_valid, impl, interpret),
-            gather_pages_reference(kv_pool.scales, page_ids, num_valid),
+        return dataclasses.replace(
+            kv_pool,
+            values=_gather_values(kv_pool.values, page_ids, num_valid, impl, interpret),
+            scales=gather_pages_reference(kv_pool.scales, page_ids, num_valid),
         )
     return _gather_values(kv_pool, page_ids, num_valid, impl, interpret)
 
@@ -204,10 +207,10 @@ def scatter_pages(kv_pool, staging, page_ids, num_valid, *, impl="pallas", inter
         )
     num_valid = num_valid_array(num_valid)
     if is_quantized(kv_pool):
-        return QuantizedPool(
-            _scatter_values(kv_pool.values, staging.values, page_ids, num_valid, impl, interpret),
-            scatter_pages_reference(kv_pool.scales, staging.scales, page_ids, num_valid),
-        )
+        values = _scatter_values(kv_pool.values, staging.values, page_ids, num_valid, impl,
+                                 interpret)  # fmt: skip
+        scales = scatter_pages_reference(kv_pool.scales, staging.scales, page_ids, num_valid)
+        return dataclasses.replace(kv_pool, values=values, scales=scales)
     return _scatter_values(kv_pool, staging, page_ids, num_valid, impl, interpret)
 
 

@@ -31,7 +31,7 @@ from kernels.common import (
     compiler_params,
     resolve_interpret,
 )
-from kernels.kv_quant import split_pool
+from kernels.kv_quant import cast_page, split_pool
 
 __all__ = [
     "paged_decode_attention",
@@ -67,14 +67,15 @@ def _needed_chunks(kv_len, tokens_per_block, pages_per_chunk, window, sink_token
 
 def _decode_kernel(
     page_table_ref, kv_lens_ref, q_ref, keys_ref, values_ref, *refs, sm_scale, soft_cap,
-    pages_per_chunk, chunks_per_split, window, sink_tokens, quantized,
+    pages_per_chunk, chunks_per_split, window, sink_tokens, fp8,
 ):  # fmt: skip
     # page_table_ref: int32[batch, splits * chunks_per_split * pages_per_chunk] (NULL_PAGE padded)
     # kv_lens_ref: int32[batch]; q_ref: [rows, head_dim] query heads of one KV group (zero rows
     # pad it); keys_ref, values_ref: [pages, tokens_per_block, head_dim] of this layer and KV head
-    # (fp8 when `quantized`: then refs start with their scales, [pages, tokens_per_block] each)
+    # (fp8 bits as uint8 when `fp8` names the format: then refs start with their scales,
+    # [pages, tokens_per_block] each)
     # out_ref: f32[rows, head_dim]; max_ref, sum_ref: f32[rows] (this split's partials)
-    k_scales_ref, v_scales_ref = refs[:2] if quantized else (None, None)
+    k_scales_ref, v_scales_ref = refs[:2] if fp8 else (None, None)
     out_ref, max_ref, sum_ref = refs[-3:]
     seq, split = pl.program_id(0), pl.program_id(2)
     tokens_per_block, head_dim = keys_ref.shape[1], keys_ref.shape[2]
@@ -92,10 +93,12 @@ def _decode_kernel(
         page_index = chunk * pages_per_chunk + jnp.arange(pages_per_chunk)
         pages = page_table_ref[seq, pl.ds(chunk * pages_per_chunk, pages_per_chunk)]
         pages = jnp.where(is_read(page_index), pages, NULL_PAGE)  # never a stale id
-        keys = keys_ref[pages].reshape(chunk_tokens, head_dim).astype(q.dtype)
-        values = values_ref[pages].reshape(chunk_tokens, head_dim).astype(q.dtype)
+        keys, values = (
+            cast_page(ref[pages].reshape(chunk_tokens, head_dim), fp8, q.dtype)
+            for ref in (keys_ref, values_ref)
+        )
         k_scale = v_scale = None
-        if quantized:  # fp8 -> q's dtype is exact; the rows' scales go on scores and weights
+        if fp8:  # the rows' scales go on scores and weights
             k_scale, v_scale = (
                 ref[pages].reshape(chunk_tokens).astype(jnp.float32)
                 for ref in (k_scales_ref, v_scales_ref)
@@ -241,7 +244,7 @@ def paged_decode_attention(
             chunks_per_split=chunks_per_split,
             window=window,
             sink_tokens=sink_tokens,
-            quantized=scales is not None,
+            fp8=None if scales is None else kv_pool.format,
         ),
         grid=(batch, num_kv_heads, splits),
         in_specs=[

@@ -35,19 +35,20 @@ from kernels.common import (
     in_window,
     resolve_interpret,
 )
-from kernels.kv_quant import split_pool
+from kernels.kv_quant import cast_page, split_pool
 
 __all__ = ["ragged_paged_attention", "ragged_paged_attention_reference"]
 
 
 def _ragged_kernel(
     cu_q_lens_ref, kv_lens_ref, num_seqs_ref, page_table_ref, q_ref, pool_ref, *refs, layer,
-    sm_scale, soft_cap, tile_q, group, search_steps, window, sink_tokens,
+    sm_scale, soft_cap, tile_q, group, search_steps, window, sink_tokens, fp8,
 ):  # fmt: skip
     # cu_q_lens_ref: int32[seqs + 1]; kv_lens_ref: int32[seqs]; num_seqs_ref: int32[1]
     # page_table_ref: int32[seqs, max_blocks]; q_ref, out_ref: [tokens, q_heads, head_dim]
     # pool_ref: the whole pool [pages, layers, 2, kv_heads, tokens_per_block, head_dim]; fp8
-    # pages come with scales_ref [pages, layers, 2, kv_heads, tokens_per_block] (refs[0])
+    # pages (their uint8 bits, `fp8` the format) come with scales_ref [pages, layers, 2,
+    # kv_heads, tokens_per_block] (refs[0])
     scales_ref = refs[0] if len(refs) == 2 else None
     out_ref = refs[-1]
     program, head = pl.program_id(0), pl.program_id(1)
@@ -82,8 +83,9 @@ def _ragged_kernel(
 
         def fold_page(block, state):
             page = page_table_ref[seq, block]
-            keys = pool_ref[page, layer, 0, head].astype(q.dtype)  # fp8 -> q's dtype: exact
-            values = pool_ref[page, layer, 1, head].astype(q.dtype)
+            keys, values = (
+                cast_page(pool_ref[page, layer, kind, head], fp8, q.dtype) for kind in (0, 1)
+            )
             k_scale = v_scale = None
             if scales_ref is not None:
                 k_scale, v_scale = (
@@ -188,6 +190,7 @@ def ragged_paged_attention(
             search_steps=max(1, math.ceil(math.log2(seqs))) + 1,
             window=window,
             sink_tokens=sink_tokens,
+            fp8=kv_pool.format if len(arrays) == 2 else None,
         ),
         grid=(num_tokens // tile_q + seqs, kv_pool.shape[3]),
         in_specs=[pl.no_block_spec] * (5 + len(arrays)),

@@ -42,7 +42,7 @@ FP8_SHAPES = [(32, 8, 128, 16, fp8) for fp8 in FP8] + [(32, 32, 64, 8, jnp.float
 def pool_struct(kv_heads, head_dim, tokens_per_block, dtype, num_pages=8192, num_layers=32):
     shape = (num_pages, num_layers, 2, kv_heads, tokens_per_block, head_dim)
     if dtype in FP8:
-        return QuantizedPool(S(shape, dtype), S(shape[:-1], SCALE_DTYPE))
+        return QuantizedPool(S(shape, jnp.uint8), S(shape[:-1], SCALE_DTYPE), jnp.dtype(dtype).name)
     return S(shape, dtype)
 
 

@@ -25,8 +25,7 @@ UNIT_ROUNDOFF = {E4M3: 2.0**-4, E5M2: 2.0**-3}
 
 def quantized_pool(pool: np.ndarray, dtype) -> QuantizedPool:
     """A `QuantizedPool` of a float pool; NaN rows (bytes no kernel may read) stay NaN."""
-    values, scales = quantize(jnp.asarray(pool), dtype)
-    return QuantizedPool(values, scales)
+    return QuantizedPool.of(*quantize(jnp.asarray(pool), dtype))
 
 
 def host(array) -> np.ndarray:
@@ -63,7 +62,7 @@ def test_rows_round_to_nearest_with_the_smallest_scale_that_cannot_overflow(dtyp
 def test_write_kv_quantizes_each_row_independently(impl, dtype, interpret):
     rng = np.random.default_rng(1)
     shape = (5, 2, 2, 2, 8, 32)  # pages, layers, K/V, kv_heads, tokens_per_block, head_dim
-    pool = QuantizedPool(jnp.zeros(shape, dtype), jnp.zeros(shape[:-1], SCALE_DTYPE))
+    pool = QuantizedPool.zeros(shape, dtype)
     k = rng.standard_normal((6, 2, 32)).astype(np.float32) * [[1.0], [300.0]]
     v = rng.standard_normal((6, 2, 32)).astype(np.float32)
     slots = np.array([8, 9, 10, 17, 30, -1], np.int32)  # page 1, page 2, page 3, padding
@@ -75,7 +74,7 @@ def test_write_kv_quantizes_each_row_independently(impl, dtype, interpret):
 
     together = run(pool, np.arange(6))
     # The same rows written one at a time, in reverse: the bytes do not depend on the order.
-    pool = QuantizedPool(jnp.zeros(shape, dtype), jnp.zeros(shape[:-1], SCALE_DTYPE))
+    pool = QuantizedPool.zeros(shape, dtype)
     for token in reversed(range(5)):
         pool = run(pool, np.array([token]))
     for a, b in zip(jax.tree.leaves(together), jax.tree.leaves(pool), strict=True):
@@ -84,12 +83,12 @@ def test_write_kv_quantizes_each_row_independently(impl, dtype, interpret):
         values, scales = quantize(jnp.asarray(new[:5]), dtype)
         pages, offsets = slots[:5] // 8, slots[:5] % 8
         np.testing.assert_array_equal(
-            host(together.values[pages, 1, kind, :, offsets]), host(values)
+            host(together.fp8_values[pages, 1, kind, :, offsets]), host(values)
         )
         np.testing.assert_array_equal(
             host(together.scales[pages, 1, kind, :, offsets]), host(scales)
         )
-    assert not host(together.values[1:, 0]).any()  # layer 0 untouched
+    assert not host(together.fp8_values[1:, 0]).any()  # layer 0 untouched
 
 
 def attention_case(rng, dtype, tokens_per_block=8, head_dim=64):
@@ -99,7 +98,7 @@ def attention_case(rng, dtype, tokens_per_block=8, head_dim=64):
         head_dim=head_dim, dtype=np.float32, max_blocks=6,
     )  # fmt: skip
     pool = quantized_pool(batch.pool, dtype)
-    dequantized = dataclasses.replace(batch, pool=host(dequantize(pool.values, pool.scales)))
+    dequantized = dataclasses.replace(batch, pool=host(dequantize(pool.fp8_values, pool.scales)))
     return batch, dequantized, pool
 
 
@@ -171,11 +170,20 @@ def test_ragged_attention_over_fp8_pages(impl, dtype, interpret):
 
 def test_fp8_pools_are_checked():
     values = jnp.zeros((4, 1, 2, 2, 8, 16), E4M3)
+    bits = jnp.zeros(values.shape, jnp.uint8)
     with pytest.raises(ValueError, match=r"scales float32.* must be bfloat16"):
         paged_decode_attention(
-            jnp.zeros((1, 2, 16)), QuantizedPool(values, jnp.zeros(values.shape[:-1])),
+            jnp.zeros((1, 2, 16)), QuantizedPool(bits, jnp.zeros(values.shape[:-1])),
             jnp.zeros((1, 2), jnp.int32), jnp.ones((1,), jnp.int32), layer=0, sm_scale=1.0,
         )  # fmt: skip
+    with pytest.raises(ValueError, match="must be the uint8 bits of float8"):
+        write_kv(
+            QuantizedPool(values, jnp.zeros(values.shape[:-1], SCALE_DTYPE)),
+            jnp.zeros((1, 2, 16)),
+            jnp.zeros((1, 2, 16)),
+            jnp.zeros(1, jnp.int32),
+            layer=0,
+        )
     with pytest.raises(ValueError, match="fp8 pages come as a QuantizedPool"):
         write_kv(values, jnp.zeros((1, 2, 16)), jnp.zeros((1, 2, 16)), jnp.zeros(1, jnp.int32),
                  layer=0)  # fmt: skip

@@ -42,11 +42,11 @@ class PoolLayout:
             self.host_page_shape, self.host_dtype = tuple(local_page_shape), self.dtype
 
     def _parts(self, page_shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], np.dtype]]:
-        """(shape, dtype) of each array of one page: the values, then the scales if fp8."""
-        parts = [(page_shape, self.dtype)]
-        if self.quantized:
-            parts.append((page_shape[:-1], np.dtype(SCALE_DTYPE)))
-        return parts
+        """(shape, dtype) of each array of one page: the values (fp8 ones as their uint8 bits),
+        then the scales if fp8."""
+        if not self.quantized:
+            return [(page_shape, self.dtype)]
+        return [(page_shape, np.dtype(np.uint8)), (page_shape[:-1], np.dtype(SCALE_DTYPE))]
 
     @property
     def page_bytes(self) -> int:
@@ -56,7 +56,7 @@ class PoolLayout:
     def device_zeros(self, num_pages: int, make_zeros):
         """A zero pool: `make_zeros(shape, dtype)` for each array."""
         arrays = [make_zeros((num_pages, *shape), d) for shape, d in self._parts(self.page_shape)]
-        return QuantizedPool(*arrays) if self.quantized else arrays[0]
+        return self.pool_of(arrays)
 
     def check_pool(self, value, current) -> None:
         """Raises unless `value` is a pool of `current`'s kind, shapes and dtypes."""
@@ -120,7 +120,7 @@ class PoolLayout:
 
     def pool_of(self, arrays):
         """A pool from its device arrays (as `device_zeros` orders them)."""
-        return QuantizedPool(*arrays) if self.quantized else arrays[0]
+        return QuantizedPool(*arrays, self.dtype.name) if self.quantized else arrays[0]
 
     def resized(self, pool, num_pages: int):
         """`pool` cut or grown with zero pages to `num_pages` (traced inside a jit)."""
