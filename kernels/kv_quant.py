@@ -142,7 +142,7 @@ def quantize(rows, dtype):
     # Times the reciprocal (what XLA makes of a division by a constant, on every backend): a
     # ratio low by an ulp saturates its largest value by that ulp at most.
     scale = _round_up_to_bfloat16(jnp.maximum(amax * (1.0 / limit), _MIN_SCALE))
-    scaled = jnp.clip(rows / scale[..., None], -limit, limit)  # saturate, never NaN
+    scaled = jnp.clip(rows / scale[..., None], -limit, limit)  # saturate: no overflow to NaN
     return scaled.astype(dtype), scale.astype(SCALE_DTYPE)
 
 
