@@ -38,7 +38,11 @@ def quantized_greedy(model, prompt, kv_dtype, num_tokens=GREEDY.max_new_tokens):
 
 @pytest.mark.parametrize(
     ("kv_dtype", "overlap"),
-    [("float8_e4m3fn", True), ("float8_e4m3fn", False), ("float8_e5m2", False)],
+    [
+        ("float8_e4m3fn", True),
+        ("float8_e4m3fn", False),
+        pytest.param("float8_e5m2", False, marks=pytest.mark.slow),  # the kernels test e5m2
+    ],
 )
 def test_greedy_tokens_equal_a_dense_reference_that_quantizes_alike(model, kv_dtype, overlap):
     rng = np.random.default_rng(0)
@@ -99,6 +103,7 @@ def test_the_serving_benchmark_compares_requests_that_fit_a_byte_quota(model):
     assert fp8["requests_that_fit"] == int(fp8["pages"] // 10.5) > bf16["requests_that_fit"]
 
 
+@pytest.mark.slow  # 25 s of compilation; CI keeps the pages' paths, speculation is tested at f32
 def test_speculative_decoding_over_fp8_pages_keeps_the_tokens(model):
     """A row's scale depends on that row only: drafts written and rejected change nothing."""
     rng = np.random.default_rng(3)
@@ -113,6 +118,7 @@ def test_speculative_decoding_over_fp8_pages_keeps_the_tokens(model):
     assert_all_pages_free(engine)
 
 
+@pytest.mark.slow  # 25 s of compilation; the grouped pools are tested at f32 in CI
 def test_gemma_layer_groups_keep_fp8_pages_in_each_groups_pool():
     """Gemma's windowed and global layers in their own pools, both fp8, under suspensions."""
     from tests.test_gemma import random_gemma

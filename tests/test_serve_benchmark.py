@@ -29,7 +29,7 @@ def test_serve_benchmark_writes_its_report(tmp_path, compile_cache):
         "--groups", "2", "--per-group", "2", "--system-len", "40", "--user-len", "4", "12",
         "--new-tokens", "5", "--max-batch-size", "2", "--max-num-tokens", "32",
         "--device-pages", "24", "--tokens-per-block", "8", "--follow-up-fraction", "1.0",
-        "--out", str(tmp_path), "--no-progress",
+        "--out", str(tmp_path), "--no-progress", "--kv-dtype", "fp8",
     ]  # fmt: skip
     result = main(argv)
     summary = json.loads((tmp_path / "serve.json").read_text())["summary"]
@@ -39,6 +39,11 @@ def test_serve_benchmark_writes_its_report(tmp_path, compile_cache):
     assert summary["compilations_after_warmup"] == 0
     assert 0 < summary["prefix_hit_rate"] <= summary["ideal_prefix_hit_rate"] + 1e-9
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+    # fp8 pages under the bytes of 24 bf16 pages (head_dim 32: (32 + 2) / 64 of a bf16 page).
+    capacity = summary["kv_capacity"]
+    assert capacity["dtypes"]["bfloat16"]["pages"] == 23
+    assert capacity["dtypes"]["float8_e4m3fn"]["pages"] == 24 * 64 // 34 - 1
+    assert capacity["tokens_vs_bf16"] > 1.8
 
 
 def test_repetitive_workload_repeats_a_phrase_per_prompt():
@@ -110,6 +115,7 @@ def test_chat_workload_renders_turns_and_follow_ups_with_the_template():
     assert follow_up.endswith("<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.slow  # 45 s; the real model is served in test_smollm2, the fp8 flag below
 def test_serve_benchmark_on_the_real_model(tmp_path, compile_cache):
     import importlib.metadata
 
@@ -121,10 +127,17 @@ def test_serve_benchmark_on_the_real_model(tmp_path, compile_cache):
         "--model", "smollm2", "--groups", "2", "--per-group", "1", "--new-tokens", "8",
         "--max-batch-size", "2", "--max-num-tokens", "64", "--device-pages", "32",
         "--follow-up-fraction", "1.0", "--out", str(tmp_path), "--no-progress",
+        "--kv-dtype", "fp8",
     ]  # fmt: skip
     result = main(argv)
     summary = result["summary"]
     assert summary["requests"] == 4 and summary["compilations_after_warmup"] == 0
+    # fp8 pages under the bytes of 32 bf16 pages: twice the pages, so twice the requests fit.
+    capacity = summary["kv_capacity"]["dtypes"]
+    assert capacity["bfloat16"]["pages"] == 31
+    assert capacity["float8_e4m3fn"]["pages"] == 61  # 32 * 128 / 66 pages, less the null page
+    fit = capacity["float8_e4m3fn"]["requests_that_fit"]
+    assert fit >= 2 * capacity["bfloat16"]["requests_that_fit"] - 1
     assert summary["load_s"] > 0
     # Follow-ups hold their first turn: most of their prompts come from the tree.
     assert summary["prefix_hit_rate"] > 0.3
