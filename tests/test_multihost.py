@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.test_tensor_parallel import ROOT, cpu_devices_env
 
 TIMEOUT_S = 900
@@ -27,6 +29,7 @@ def launch(pid: int, port: str, out) -> subprocess.Popen:
         )  # fmt: skip
 
 
+@pytest.mark.slow  # 75 s (two processes compiling); tensor parallelism in one process runs in CI
 def test_two_processes_serve_in_lockstep(tmp_path, compile_cache):
     port = str(free_port())
     processes = [launch(pid, port, tmp_path) for pid in (0, 1)]
