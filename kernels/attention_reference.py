@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from kernels.common import in_window
-from kernels.kv_quant import dequantize, from_bytes, split_pool
+from kernels.kv_quant import pages_f32
 
 __all__ = ["dense_paged_attention"]
 
@@ -35,16 +35,10 @@ def dense_paged_attention(
     num_kv_heads = kv_pool.shape[3]
     group = num_q_heads // num_kv_heads
     # [rows, max_blocks, kv_heads, page, head_dim] -> [rows, kv_heads, context, head_dim]
-    pool_values, pool_scales = split_pool(kv_pool)
-
-    def gathered(kind):  # f32 [rows, max_blocks, kv_heads, page, head_dim]
-        if pool_scales is None:
-            return pool_values[row_tables, layer, kind].astype(jnp.float32)
-        pages = from_bytes(pool_values[row_tables, layer, kind], kv_pool.dtype)
-        return dequantize(pages, pool_scales[row_tables, layer, kind])
-
     keys, values = (
-        gathered(kind).transpose(0, 2, 1, 3, 4).reshape(rows, num_kv_heads, -1, head_dim)
+        pages_f32(kv_pool, (row_tables, layer, kind))
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(rows, num_kv_heads, -1, head_dim)
         for kind in (0, 1)
     )
     key_position = jnp.arange(keys.shape[2])

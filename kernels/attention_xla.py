@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.common import NULL_PAGE, in_window
-from kernels.kv_quant import dequantize, from_bytes, split_pool
+from kernels.kv_quant import pages_f32
 
 __all__ = ["context_paged_attention"]
 
@@ -59,14 +59,10 @@ def context_paged_attention(
     # A pool of one layer enters the loop without its unit axis: XLA on the CPU gives that axis
     # a layout of its own and would copy the whole pool into the loop at every call.
     one_layer = kv_pool.shape[1] == 1
-    values, scales = split_pool(kv_pool[:, 0] if one_layer else kv_pool)
+    pool = kv_pool[:, 0] if one_layer else kv_pool
 
-    def pages(chunk, kind):  # f32 [rows, columns, kv_heads, page, head_dim]
-        index = (chunk, kind) if one_layer else (chunk, layer, kind)
-        if scales is None:
-            return values[index].astype(jnp.float32)
-        # Only the chunk is dequantized, never the pool.
-        return dequantize(from_bytes(values[index], kv_pool.dtype), scales[index])
+    def pages(chunk, kind):  # f32 [rows, columns, kv_heads, page, head_dim], only the chunk's
+        return pages_f32(pool, (chunk, kind) if one_layer else (chunk, layer, kind))
 
     def chunk_step(state):
         step, running_max, total, out = state

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import triton as pl_triton
 
+from kernels.kv_quant import FP8_DTYPES, SCALE_DTYPE, split_pool
+
 NULL_PAGE = 0  # the pool's scratch page: padding rows read and write only here
 IMPLS = ("pallas", "xla")
 
@@ -39,8 +41,6 @@ def check_pool(kv_pool, *, layer: int | None = None) -> tuple[int, ...]:
     """`kv_pool[num_pages, num_layers, 2, num_kv_heads, tokens_per_block, head_dim]` (an array,
     or a `kv_quant.QuantizedPool` of fp8 values and their scales); returns the shape. Triton
     tiles need power-of-two tokens per block and head dims."""
-    from kernels.kv_quant import FP8_DTYPES, SCALE_DTYPE, split_pool  # (imports nothing here)
-
     values, scales = split_pool(kv_pool)
     if values.ndim != 6 or values.shape[2] != 2:
         raise ValueError(
@@ -74,7 +74,7 @@ def check_pool(kv_pool, *, layer: int | None = None) -> tuple[int, ...]:
 
 def check_triton_offsets(kv_pool) -> None:
     """For the Pallas path: a pool Triton can index (`check_byte_array_size` of 1-byte values)."""
-    values = getattr(kv_pool, "values", kv_pool)
+    values, _ = split_pool(kv_pool)
     if values.dtype.itemsize == 1:
         check_byte_array_size("the fp8 pool's values", values.shape)
 

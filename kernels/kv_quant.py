@@ -29,6 +29,7 @@ __all__ = [
     "fp8_max",
     "from_bytes",
     "is_quantized",
+    "pages_f32",
     "quantize",
     "split_pool",
 ]
@@ -162,6 +163,15 @@ def cast_page(page, fp8, dtype):
     if fp8 is not None:
         page = from_bytes(page, fp8)
     return page.astype(dtype)
+
+
+def pages_f32(kv_pool, index):
+    """float32 pages of either kind of pool at `index` (over its leading axes): a plain pool's
+    cast, a `QuantizedPool`'s dequantized (only what `index` selects)."""
+    values, scales = split_pool(kv_pool)
+    if scales is None:
+        return values[index].astype(jnp.float32)
+    return dequantize(from_bytes(values[index], kv_pool.dtype), scales[index])
 
 
 def dequantize(values, scales):

@@ -102,12 +102,11 @@ def write_kv(kv_pool, k, v, slots, *, layer, impl="pallas", interpret=None):
     check_triton_offsets(kv_pool)
     num_tokens, num_kv_heads, head_dim = k.shape
     row = pl.BlockSpec((None, None, head_dim), lambda t, h: (t, h, 0))
-    values, scales = split_pool(kv_pool)
-    arrays = (values,) if scales is None else (values, scales)
-    if scales is None:
-        kernel = functools.partial(_write_kernel, layer=layer)
-    else:
+    arrays = [a for a in split_pool(kv_pool) if a is not None]
+    if is_quantized(kv_pool):
         kernel = functools.partial(_quantized_write_kernel, layer=layer, fp8=kv_pool.dtype)
+    else:
+        kernel = functools.partial(_write_kernel, layer=layer)
     written = pl.pallas_call(
         kernel,
         grid=(num_tokens, num_kv_heads),
@@ -118,11 +117,9 @@ def write_kv(kv_pool, k, v, slots, *, layer, impl="pallas", interpret=None):
         compiler_params=compiler_params(num_warps=1, num_stages=1),
         interpret=resolve_interpret(interpret),
     )(slots, k, v, *arrays)
-    return (
-        written[0]
-        if scales is None
-        else dataclasses.replace(kv_pool, values=written[0], scales=written[1])
-    )
+    if is_quantized(kv_pool):
+        return dataclasses.replace(kv_pool, values=written[0], scales=written[1])
+    return written[0]
 
 
 def _scatter_rows(pool, pages, offsets, k, v, at):

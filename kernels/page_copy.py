@@ -29,7 +29,7 @@ from kernels.common import (
     num_valid_array,
     resolve_interpret,
 )
-from kernels.kv_quant import is_quantized
+from kernels.kv_quant import is_quantized, split_pool
 
 __all__ = [
     "copy_pages",
@@ -106,6 +106,16 @@ def _call(
     )(*operands)
 
 
+def _per_part(kv_pool, move_values, move_scales):
+    """`move_values` on the pool (a plain one), or on a `QuantizedPool`'s values and
+    `move_scales` on its scales (the same pages)."""
+    if not is_quantized(kv_pool):
+        return move_values(kv_pool)
+    return dataclasses.replace(
+        kv_pool, values=move_values(kv_pool.values), scales=move_scales(kv_pool.scales)
+    )
+
+
 def _check_ids(kv_pool, *ids):
     check_pool(kv_pool)
     for name, array in zip(("page ids", "dst"), ids, strict=False):
@@ -126,13 +136,11 @@ def copy_pages(kv_pool, src, dst, num_valid, *, impl="pallas", interpret=None):
     """
     _check_ids(kv_pool, src, dst)
     num_valid = num_valid_array(num_valid)
-    if is_quantized(kv_pool):
-        return dataclasses.replace(
-            kv_pool,
-            values=_copy_values(kv_pool.values, src, dst, num_valid, impl, interpret),
-            scales=copy_pages_reference(kv_pool.scales, src, dst, num_valid),
-        )
-    return _copy_values(kv_pool, src, dst, num_valid, impl, interpret)
+    return _per_part(
+        kv_pool,
+        lambda values: _copy_values(values, src, dst, num_valid, impl, interpret),
+        lambda scales: copy_pages_reference(scales, src, dst, num_valid),
+    )
 
 
 def _copy_values(kv_pool, src, dst, num_valid, impl, interpret):
@@ -157,13 +165,11 @@ def gather_pages(kv_pool, page_ids, num_valid, *, impl="pallas", interpret=None)
     junk."""
     _check_ids(kv_pool, page_ids)
     num_valid = num_valid_array(num_valid)
-    if is_quantized(kv_pool):
-        return dataclasses.replace(
-            kv_pool,
-            values=_gather_values(kv_pool.values, page_ids, num_valid, impl, interpret),
-            scales=gather_pages_reference(kv_pool.scales, page_ids, num_valid),
-        )
-    return _gather_values(kv_pool, page_ids, num_valid, impl, interpret)
+    return _per_part(
+        kv_pool,
+        lambda values: _gather_values(values, page_ids, num_valid, impl, interpret),
+        lambda scales: gather_pages_reference(scales, page_ids, num_valid),
+    )
 
 
 def _gather_values(kv_pool, page_ids, num_valid, impl, interpret):
@@ -206,12 +212,12 @@ def scatter_pages(kv_pool, staging, page_ids, num_valid, *, impl="pallas", inter
             f"for pool {list(kv_pool.shape)}"
         )
     num_valid = num_valid_array(num_valid)
-    if is_quantized(kv_pool):
-        values = _scatter_values(kv_pool.values, staging.values, page_ids, num_valid, impl,
-                                 interpret)  # fmt: skip
-        scales = scatter_pages_reference(kv_pool.scales, staging.scales, page_ids, num_valid)
-        return dataclasses.replace(kv_pool, values=values, scales=scales)
-    return _scatter_values(kv_pool, staging, page_ids, num_valid, impl, interpret)
+    values, scales = split_pool(staging)
+    return _per_part(
+        kv_pool,
+        lambda pool: _scatter_values(pool, values, page_ids, num_valid, impl, interpret),
+        lambda pool: scatter_pages_reference(pool, scales, page_ids, num_valid),
+    )
 
 
 def _scatter_values(kv_pool, staging, page_ids, num_valid, impl, interpret):

@@ -3,6 +3,7 @@ quantizes K and V alike (each token row, as the pages store it) in both loops, u
 with copy-on-write and chunked prefill; pages suspended to the host and spilled to the disk come
 back with their scales; a byte quota holds ~1.94x the tokens of bfloat16."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from kvjax.cache.config import CacheConfig
 from kvjax.cache.grouped import GroupedKVCacheManager
 from kvjax.engine.engine import Engine
 from kvjax.engine.geometry import cache_config_for
+from kvjax.runtime.storage import KVStorage
 from kvjax.serving.request import SamplingParams
 from kvjax.serving.scheduler import SchedulerConfig
 from kvjax.serving.speculative import NgramDrafter, SpeculativeConfig
@@ -87,6 +89,12 @@ def test_a_byte_quota_holds_nearly_twice_the_tokens_in_fp8(head_dim):
     ratio = (fp8.num_device_pages - 1) / (bf16.num_device_pages - 1)
     assert ratio >= 1.9
     assert ratio == pytest.approx(2 * head_dim / (head_dim + 2), rel=2e-3)
+    # The host-side formula and the storage's arrays agree on a page's bytes.
+    small = CacheConfig(dtype="float8_e4m3fn", **{**geometry, "device_bytes": 4 * fp8.page_bytes})
+    storage = KVStorage.for_config(small, auto_host_tier=False)
+    assert storage.page_bytes == small.page_bytes
+    assert sum(a.nbytes for a in jax.tree.leaves(storage.pool)) == 4 * small.page_bytes
+    storage.close()
 
 
 def test_the_serving_benchmark_compares_requests_that_fit_a_byte_quota(model):

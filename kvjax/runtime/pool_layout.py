@@ -15,10 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.common import check_byte_array_size
+from kernels.common import check_byte_array_size, is_power_of_two
 from kernels.kv_quant import FP8_DTYPES, SCALE_DTYPE, QuantizedPool, is_quantized
 
 __all__ = ["PoolLayout"]
+
+
+def _nbytes(parts) -> int:
+    """Bytes of one page's arrays, given as (shape, dtype) pairs."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in parts)
 
 
 class PoolLayout:
@@ -36,8 +41,8 @@ class PoolLayout:
         self.quantized = self.dtype in FP8_DTYPES
         self._local_parts = self._parts(tuple(local_page_shape))
         if self.quantized:
-            local_bytes = sum(math.prod(shape) * d.itemsize for shape, d in self._local_parts)
-            self.host_page_shape, self.host_dtype = (local_bytes,), np.dtype(np.uint8)
+            self.host_page_shape = (_nbytes(self._local_parts),)
+            self.host_dtype = np.dtype(np.uint8)
         else:
             self.host_page_shape, self.host_dtype = tuple(local_page_shape), self.dtype
 
@@ -51,7 +56,7 @@ class PoolLayout:
     @property
     def page_bytes(self) -> int:
         """Bytes of one whole page, scales included."""
-        return sum(math.prod(shape) * d.itemsize for shape, d in self._parts(self.page_shape))
+        return _nbytes(self._parts(self.page_shape))
 
     def device_zeros(self, num_pages: int, make_zeros):
         """A zero pool: `make_zeros(shape, dtype)` for each array."""
@@ -77,7 +82,7 @@ class PoolLayout:
     def check_kernel_limits(self, num_pages: int) -> None:
         """Raises when the Pallas kernels cannot run on a pool of `num_pages`."""
         tokens_per_block, head_dim = self.page_shape[3], self.page_shape[4]
-        if tokens_per_block & (tokens_per_block - 1) or head_dim & (head_dim - 1):
+        if not is_power_of_two(tokens_per_block) or not is_power_of_two(head_dim):
             raise ValueError(
                 f"impl='pallas' needs power-of-two tokens_per_block={tokens_per_block} and "
                 f"head_dim={head_dim} (Triton tiles); use impl='xla'"
